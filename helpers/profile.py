@@ -1,0 +1,134 @@
+"""Which models, data and sizes a run uses: the `full` profile (Colab, real weights) or `tiny` (CI, random).
+
+Every Hub id, size, count and path that differs between the two profiles lives here and nowhere else;
+the notebooks and `helpers` read them from the `Profile` that `get_profile()` returns.
+
+    full  Stable Diffusion 1.5 + IP-Adapter Plus + the Rick and Morty drawings, 512 px: real results.
+    tiny  the same code on small random models and a synthetic cartoon dataset built offline
+          (helpers.tiny): every number and picture it gives is meaningless, by design.
+    auto  full with a CUDA GPU, tiny without. IPA_PROFILE=full|tiny|auto overrides the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+
+PROFILE_ENV = "IPA_PROFILE"
+NAMES = ("auto", "full", "tiny")
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str  # "full" or "tiny"
+    reason: str  # why this profile was chosen (printed in the banner)
+    random_weights: bool  # True: outputs are noise with the right shape, label them so
+    # models (Hub ids or local folders)
+    base_model: str
+    ip_adapter: str  # official IP-Adapter Plus file: local path or "hub_id/subfolder/weight_name"
+    image_encoder: str | None  # None = the image_encoder folder next to ip_adapter
+    eval_clip: str  # CLIP for CLIP-T / CLIP-I
+    dino: str  # ViT for DINO similarity
+    captioner: str | None  # BLIP for missing captions (None: a deterministic stand-in)
+    # data
+    dataset: str  # Hub id or local dataset folder
+    resolution: int  # pixels
+    test_fraction: float = 0.1
+    # training (the seed's recipe)
+    train_batch_size: int = 4
+    num_epochs: int = 6
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    checkpoint_every: int = 200  # steps
+    max_train_steps: int | None = None  # None: num_epochs over the training split
+    # sampling and evaluation
+    num_inference_steps: int = 30
+    guidance_scale: float = 7.5
+    eval_scales: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0)
+    eval_num_references: int = 16
+    eval_seeds: tuple[int, ...] = (0,)
+
+    def replace(self, **overrides) -> "Profile":
+        """A copy with the given fields changed; None, 0 and "" mean "keep the profile's value", so a
+        notebook's form fields can default to them."""
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v not in (None, 0, "")})
+
+    def banner(self) -> str:
+        if self.random_weights:
+            return (f"Profile: {self.name} ({self.reason}). Small RANDOM-weight models and synthetic data: "
+                    "pictures and scores below are meaningless; they only show that the code runs.")
+        return f"Profile: {self.name} ({self.reason}). Real models from the Hugging Face Hub."
+
+
+def full_profile(reason: str) -> Profile:
+    return Profile(
+        name="full",
+        reason=reason,
+        random_weights=False,
+        base_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        ip_adapter="h94/IP-Adapter/models/ip-adapter-plus_sd15.safetensors",
+        image_encoder=None,  # h94/IP-Adapter/models/image_encoder (OpenCLIP ViT-H/14)
+        eval_clip="openai/clip-vit-large-patch14",
+        dino="facebook/dino-vits16",
+        captioner="Salesforce/blip-image-captioning-base",
+        dataset="Norod78/RickAndMorty-HorizontalMirror-blip-captions",
+        resolution=512,
+    )
+
+
+def tiny_profile(reason: str) -> Profile:
+    from . import tiny
+
+    root = tiny.build_tiny_assets()
+    return Profile(
+        name="tiny",
+        reason=reason,
+        random_weights=True,
+        base_model=str(root / "sd15"),
+        ip_adapter=str(root / "ip_adapter" / tiny.IP_ADAPTER_FILE),
+        image_encoder=None,
+        eval_clip=str(root / "clip"),
+        dino=str(root / "dino"),
+        captioner=None,
+        dataset=str(root / "dataset"),
+        resolution=tiny.RESOLUTION,
+        test_fraction=0.25,
+        num_epochs=1,
+        checkpoint_every=4,
+        max_train_steps=8,
+        num_inference_steps=4,
+        eval_scales=(0.5, 1.0),
+        eval_num_references=4,
+    )
+
+
+def get_profile(name: str | None = None, *, announce: bool = True, **overrides) -> Profile:
+    """Resolve a profile: `name` ("full"/"tiny"), else $IPA_PROFILE, else auto (full with a CUDA GPU, tiny
+    without).
+
+    Prints one line saying which profile and why (announce=False to stay quiet). Keyword overrides
+    replace fields; None, 0 and "" keep the profile's value (see Profile.replace).
+    """
+    name = (name or "").strip().lower()
+    env_name = os.environ.get(PROFILE_ENV, "").strip().lower()
+    # an explicit full/tiny wins; "auto" (a notebook's default) leaves the choice to $IPA_PROFILE
+    requested = name if name not in ("", "auto") else (env_name or "auto")
+    if requested not in NAMES:
+        raise ValueError(f"unknown profile {requested!r}: choose one of {', '.join(NAMES)} (argument or ${PROFILE_ENV})")
+    source = "asked for" if requested == name else f"${PROFILE_ENV}={env_name}"
+    if requested == "auto":
+        if torch.cuda.is_available():
+            profile = full_profile(f"auto: CUDA GPU found ({torch.cuda.get_device_name(0)})")
+        else:
+            profile = tiny_profile(f"auto: no CUDA GPU, so the offline tiny models; set {PROFILE_ENV}=full to override")
+    elif requested == "full":
+        profile = full_profile(f"{source}")
+    else:
+        profile = tiny_profile(f"{source}")
+    profile = profile.replace(**overrides)
+    if announce:
+        print(profile.banner())
+    return profile

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Set up a virtual environment in .venv, then
+#   ./run.sh        run the five notebooks in order (the main job; results go to outputs/)
+#   ./run.sh test   run the unit tests and every notebook, offline, on the tiny profile
+# Without a CUDA GPU the notebooks use the tiny profile (small random models); IPA_PROFILE overrides.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+# torch first, pinned: on our CI disk this is the small CPU build; in Colab torch is already installed.
+python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
+python -m pip install -q -r requirements.txt
+python -m pip install -q .  # the helpers package, installed as Colab installs it (not editable)
+NBVAL="--nbval-lax --nbval-current-env -p no:cacheprovider"
+case "${1:-main}" in
+  main)
+    python -m pytest $NBVAL notebooks/ ;;
+  test)
+    export IPA_PROFILE=tiny HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+    python -m pytest $NBVAL -ra tests/ notebooks/ ;;
+  *)
+    echo "usage: ./run.sh [main|test]" >&2; exit 2 ;;
+esac

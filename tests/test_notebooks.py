@@ -1,0 +1,51 @@
+"""The notebooks' shared conventions; nbval runs them end to end (see README's test command)."""
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from helpers import env
+
+ROOT = Path(__file__).parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+EXPECTED = ["01_data_prep", "02_architecture", "03_train", "04_sampling", "05_evaluation"]
+
+
+def test_the_five_notebooks_exist():
+    assert [p.stem for p in NOTEBOOKS] == EXPECTED
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_without_outputs(path):
+    nb = nbformat.read(path, 4)
+    dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count)]
+    assert not dirty, f"{path.name}: cells {dirty} carry outputs; clear them before committing"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_badge_setup_and_config_cells(path):
+    nb = nbformat.read(path, 4)
+    assert nb.cells[0].cell_type == "markdown" and env.colab_badge(path.name) in nb.cells[0].source
+    code = [c.source for c in nb.cells if c.cell_type == "code"]
+    assert env.install_command() in code[0] and 'if "google.colab" in sys.modules' in code[0]
+    config = next((c for c in code if "#@param" in c), None)
+    assert config is not None and "get_profile(" in config and "setup(" in config, "one config cell with form fields"
+    assert sum("#@param" in c for c in code) and sum("get_profile(" in c for c in code) == 1
+
+
+def test_readme_badges_point_at_repo_and_notebooks():
+    readme = (ROOT / "README.md").read_text()
+    assert env.repo_urls(readme) == {env.REPO}
+    for name in EXPECTED:
+        assert env.colab_badge(f"{name}.ipynb") in readme
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_tutorial_shape(path):
+    """Prose between code cells, as in the style guide (about 1.5 markdown cells per code cell, at least 1)."""
+    nb = nbformat.read(path, 4)
+    md = sum(c.cell_type == "markdown" for c in nb.cells)
+    code = sum(c.cell_type == "code" for c in nb.cells)
+    assert md >= code - 1, f"{path.name}: {md} markdown cells for {code} code cells"
+    assert re.search(r"you will need", nb.cells[0].source, re.I)

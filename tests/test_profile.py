@@ -1,0 +1,51 @@
+"""helpers.profile: auto picks full with a GPU and tiny without, says so, and the override works."""
+import pytest
+import torch
+
+from helpers import profile as P
+
+
+def test_auto_without_gpu_is_tiny_with_banner(monkeypatch, capsys):
+    monkeypatch.delenv(P.PROFILE_ENV, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    prof = P.get_profile()
+    line = capsys.readouterr().out.strip()
+    assert prof.name == "tiny" and prof.random_weights
+    assert line.startswith("Profile: tiny") and "RANDOM" in line and "no CUDA GPU" in line and "\n" not in line
+
+
+def test_auto_with_gpu_is_full(monkeypatch, capsys):
+    monkeypatch.delenv(P.PROFILE_ENV, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Tesla T4")
+    prof = P.get_profile()
+    assert prof.name == "full" and not prof.random_weights and "Tesla T4" in capsys.readouterr().out
+    assert prof.base_model == "stable-diffusion-v1-5/stable-diffusion-v1-5" and prof.resolution == 512
+    assert (prof.train_batch_size, prof.num_epochs, prof.learning_rate) == (4, 6, 1e-4)
+
+
+def test_environment_variable_and_argument_override(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv(P.PROFILE_ENV, "tiny")
+    assert P.get_profile(announce=False).name == "tiny"
+    assert P.get_profile("auto", announce=False).name == "tiny"  # a config cell left on "auto" defers to it
+    assert P.get_profile("full", announce=False).name == "full"  # an explicit choice in the cell wins
+
+
+def test_form_field_overrides_keep_defaults_for_empty_values():
+    prof = P.get_profile("full", announce=False, train_batch_size=0, num_inference_steps=20, dataset="")
+    assert prof.train_batch_size == 4 and prof.num_inference_steps == 20
+    assert prof.dataset == "Norod78/RickAndMorty-HorizontalMirror-blip-captions"
+
+
+def test_unknown_profile_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv(P.PROFILE_ENV, "huge")
+    with pytest.raises(ValueError, match="unknown profile 'huge'.*auto, full, tiny"):
+        P.get_profile()
+
+
+def test_tiny_profile_points_at_local_assets(tiny_profile):
+    from pathlib import Path
+
+    for path in (tiny_profile.base_model, tiny_profile.ip_adapter, tiny_profile.eval_clip, tiny_profile.dataset):
+        assert Path(path).exists()
