@@ -37,6 +37,7 @@ class Profile:
     dataset: str  # Hub id or local dataset folder
     resolution: int  # pixels
     test_fraction: float = 0.1
+    feature_batch_size: int = 16  # images per batch when caching VAE/CLIP features (helpers.data)
     # training (the seed's recipe)
     train_batch_size: int = 4
     num_epochs: int = 6
