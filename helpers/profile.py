@@ -49,8 +49,9 @@ class Profile:
     num_inference_steps: int = 30
     guidance_scale: float = 7.5
     eval_scales: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0)
-    eval_num_references: int = 16
+    eval_num_references: int = 10  # held-out references (one per near-duplicate group); 240 images on a T4
     eval_seeds: tuple[int, ...] = (0,)
+    eval_edits_per_reference: int = 1  # edit prompts per reference, besides its own caption
 
     def replace(self, **overrides) -> "Profile":
         """A copy with the given fields changed; None, 0 and "" mean "keep the profile's value", so a
