@@ -1,0 +1,204 @@
+"""helpers.evaluation: the protocol on plain data, with a stand-in for generation (no diffusion here)."""
+from dataclasses import dataclass
+
+import datasets
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image, ImageOps
+
+from helpers import evaluation as ev
+
+
+@dataclass
+class FakeSample:  # the fields of helpers.sampling.Sample that the evaluation reads
+    image: Image.Image
+    model: str
+    reference: str
+    prompt: str
+    scale: float
+    seed: int
+    steps: int = 2
+    guidance: float = 7.5
+
+
+def fake_generate(bank, references, prompts, *, models=None, scales=(1.0,), seeds=(0,), **kwargs):
+    """Like helpers.sampling.generate: models x scales x references x prompts x seeds, in that order.
+    The "image" is the reference blended towards grey, more so at low scale."""
+    out = []
+    for m in models or bank:
+        for s in scales:
+            for r, image in references.items():
+                grey = Image.new("RGB", image.size, (128, 128, 128))
+                for p in prompts[r]:
+                    for seed in seeds:
+                        out.append(FakeSample(Image.blend(grey, image, s), m, r, p, s, seed))
+    return out
+
+
+@pytest.fixture(scope="module")
+def split(tiny_profile):
+    """A leak-free split of the tiny dataset by caption (mirrored copies share one), with group and id."""
+    ds = datasets.load_dataset(tiny_profile.dataset, split="train")
+    groups = {t: f"g{i}" for i, t in enumerate(dict.fromkeys(ds["text"]))}
+    rows = [{"image": ds[i]["image"], "text": ds[i]["text"], "group": groups[ds[i]["text"]], "id": f"r{i}"}
+            for i in range(len(ds))]
+    test_groups = sorted(groups.values())[:6]
+    return ([r for r in rows if r["group"] not in test_groups], [r for r in rows if r["group"] in test_groups])
+
+
+EDITS = {"setting": ["a cartoon character on a beach", "a cartoon character in a forest at night"],
+         "outfit": ["a cartoon character wearing a red hat", "a cartoon character wearing a black coat"],
+         "action": ["a cartoon character dancing", "a cartoon character eating"],
+         "style": ["a watercolor painting of a character", "a pixel art character"]}
+
+
+def test_references_one_per_group_from_the_test_split(split):
+    train, test = split
+    refs = ev.pick_references(test, 4, seed=0)
+    assert len(refs) == 4 and len({r.group for r in refs}) == 4
+    assert len(ev.pick_references(test, 100)) == len({r["group"] for r in test})
+    ev.check_held_out(refs, train)  # held-out references pass
+
+
+def test_training_references_are_refused(split):
+    train, test = split
+    row = train[0]
+    same = ev.Reference(row["id"], row["image"], row["text"], row["group"])
+    with pytest.raises(ev.TrainingImageError, match=f"reference {row['id']!r}.*id is in the training split"):
+        ev.check_held_out([same], train)
+    # a mirrored, resized copy under a new id and group is still found (thumbnail check), also when the
+    # training split does not hold the mirrored twin
+    copy = ev.Reference("new", ImageOps.mirror(row["image"]).resize((64, 64)), row["text"], "new-group")
+    with pytest.raises(ev.TrainingImageError, match="reference 'new': it matches training image"):
+        ev.check_held_out([copy], train)
+    no_twin = [r for r in train if r["group"] != row["group"] or r["id"] == row["id"]]
+    with pytest.raises(ev.TrainingImageError, match=f"mirrored it matches training image {row['id']!r}"):
+        ev.check_held_out([copy], no_twin)
+    # and the whole evaluation refuses before generating anything
+    called = []
+    with pytest.raises(ev.TrainingImageError, match="held-out test split"):
+        ev.run_grid(["m"], [copy], [ev.PromptSpec("new", "x", ev.OWN)], train=train, scales=(1.0,),
+                    generate=lambda *a, **k: called.append(1))
+    assert not called
+
+
+def test_prompts_own_caption_plus_rotating_edits(split):
+    refs = ev.pick_references(split[1], 6)
+    specs = ev.build_prompts(refs, EDITS, 2)
+    for r in refs:
+        mine = [s for s in specs if s.reference == r.id]
+        assert [s.kind for s in mine] == [ev.OWN, ev.EDIT, ev.EDIT] and mine[0].prompt == r.caption
+    edits = [s.prompt for s in specs if s.kind == ev.EDIT]
+    n = sum(len(v) for v in EDITS.values())
+    assert sorted(edits[:n]) == sorted(p for v in EDITS.values() for p in v)  # all used before any repeats
+    assert len({s.edit for s in specs[:3 * 2] if s.kind == ev.EDIT}) == 4  # categories interleaved
+    with pytest.raises(ValueError, match="edits_per_reference"):
+        ev.build_prompts(refs, EDITS, 9)
+
+
+def test_grid_writes_one_csv_row_per_image(split, tiny_profile, tmp_path):
+    train, test = split
+    refs = ev.pick_references(test, 3)
+    specs = ev.build_prompts(refs, EDITS, 1)
+    models, scales, seeds = ["pretrained", "finetuned-vanilla"], (0.5, 1.0), (0, 1)
+    result = ev.run_grid(models, refs, specs, train=train, scales=scales, seeds=seeds, out_dir=tmp_path,
+                         clip=tiny_profile.eval_clip, dino=tiny_profile.dino, generate=fake_generate)
+    n = ev.grid_size(len(specs), len(models), len(scales), len(seeds))
+    assert len(result.samples) == len(result.rows) == n
+    table = pd.read_csv(result.csv)
+    assert len(table) == n and list(table.columns) == list(ev.CSV_COLUMNS)
+    assert set(table["prompt_kind"]) == {ev.OWN, ev.EDIT} and (table["clip_model"] == tiny_profile.eval_clip).all()
+    assert all((tmp_path / f).is_file() for f in table["file"])
+    # the rows carry the metrics of their own image
+    from helpers import metrics
+
+    k = 5
+    s = result.samples[k]
+    ref = next(r for r in refs if r.id == s.reference)
+    assert table["clip_i"][k] == pytest.approx(float(metrics.clip_i([s.image], [ref.image], clip=tiny_profile.eval_clip)[0]), abs=1e-5)
+    assert table["clip_t"][k] == pytest.approx(float(metrics.clip_t([s.image], [s.prompt], clip=tiny_profile.eval_clip)[0]), abs=1e-5)
+    assert ev.read_csv(result.csv)[k]["prompt"] == s.prompt
+
+
+def test_bootstrap_contains_the_mean_and_narrows_with_more_references():
+    rng = np.random.default_rng(0)
+    widths = []
+    for n in (8, 200):
+        values = rng.normal(0.3, 0.05, n)
+        mean, lo, hi = ev.bootstrap_ci(values, seed=1)
+        assert lo < mean < hi and mean == pytest.approx(values.mean())
+        widths.append(hi - lo)
+    assert widths[1] < widths[0] / 2
+
+
+def test_bootstrap_resamples_references_not_images():
+    rng = np.random.default_rng(1)
+    per_reference = rng.normal(0.3, 0.05, 10)
+    # 50 images per reference, nearly identical: they are not 500 independent samples
+    values = np.repeat(per_reference, 50) + rng.normal(0, 1e-6, 500)
+    groups = np.repeat([f"ref{i}" for i in range(10)], 50)
+    grouped = ev.bootstrap_ci(values, groups, seed=2)
+    alone = ev.bootstrap_ci(per_reference, seed=2)
+    assert grouped == pytest.approx(alone, abs=1e-5)
+    naive = ev.bootstrap_ci(values, seed=2)
+    assert naive[2] - naive[1] < (grouped[2] - grouped[1]) / 3
+    assert np.isnan(ev.bootstrap_ci([0.3, 0.4], ["a", "a"])[1])  # one reference: no interval
+
+
+def synthetic_rows(offsets, n_refs=12, scales=(0.3, 0.5, 0.7, 1.0), seed=0):
+    """Rows whose curves have the same shape, model m shifted by offsets[m] along CLIP-T."""
+    rng = np.random.default_rng(seed)
+    ref_t, ref_i = rng.normal(0, 0.01, n_refs), rng.normal(0, 0.01, n_refs)
+    rows = []
+    for model, off in offsets.items():
+        for s in scales:
+            for r in range(n_refs):
+                for kind in (ev.OWN, ev.EDIT):
+                    rows.append({"model": model, "scale": s, "reference": f"ref{r}", "prompt": kind, "prompt_kind": kind,
+                                 "seed": 0, "clip_t": 0.32 - 0.08 * s + off + ref_t[r], "clip_i": 0.6 + 0.3 * s + ref_i[r],
+                                 "dino": 0.4 + 0.4 * s + ref_i[r], "clip_model": "tiny-clip"})
+    return rows
+
+
+def test_headline_is_computed_from_the_rows():
+    rows = synthetic_rows({"pretrained": 0.0, "finetuned-vanilla": 0.01, "finetuned-text-aware": 0.03})
+    g = ev.matched_gain(rows, "finetuned-text-aware", "finetuned-vanilla")
+    assert g.gain == pytest.approx(0.02, abs=1e-9) and g.low <= g.gain <= g.high and g.n_references == 12
+    text = ev.headline(rows)
+    assert f"{g.gain:.3f} higher than finetuned-vanilla" in text and "tiny-clip" in text
+    # change the rows: the headline follows
+    for r in rows:
+        if r["model"] == "finetuned-text-aware":
+            r["clip_t"] -= 0.05
+    g2 = ev.matched_gain(rows, "finetuned-text-aware", "finetuned-vanilla")
+    assert g2.gain == pytest.approx(g.gain - 0.05, abs=1e-9)
+    assert ev.headline(rows) != text and f"{abs(g2.gain):.3f} lower than finetuned-vanilla" in ev.headline(rows)
+    assert ev.headline(rows, random_weights=True).startswith("RANDOM WEIGHTS")
+
+
+def test_headline_says_when_a_model_is_missing_or_curves_do_not_meet():
+    rows = synthetic_rows({"pretrained": 0.0, "finetuned-vanilla": 0.01})
+    text = ev.headline(rows)
+    assert "finetuned-text-aware was not evaluated" in text and "finetuned-vanilla has a CLIP-T" in text
+    apart = synthetic_rows({"finetuned-vanilla": 0.0, "finetuned-text-aware": 0.0})
+    for r in apart:
+        if r["model"] == "finetuned-text-aware":
+            r["clip_i"] += 1.0  # no CLIP-I in common
+    assert ev.matched_gain(apart, "finetuned-text-aware", "finetuned-vanilla") is None
+    assert "cannot be compared at matched CLIP-I" in ev.headline(apart)
+
+
+def test_summary_plot_and_seed_table():
+    rows = synthetic_rows({"pretrained": 0.0, "finetuned-text-aware": 0.03}, n_refs=5)
+    summary = ev.summarize(rows, prompt_kind=ev.EDIT, n_boot=200)
+    assert len(summary) == 2 * 4 and (summary["n_references"] == 5).all() and (summary["n_images"] == 5).all()
+    frame = pd.DataFrame(rows)
+    cell = frame[(frame["model"] == "pretrained") & (frame["scale"] == 0.5) & (frame["prompt_kind"] == ev.EDIT)]
+    line = summary[(summary["model"] == "pretrained") & (summary["scale"] == 0.5)].iloc[0]
+    assert line["clip_t"] == pytest.approx(cell["clip_t"].mean()) and line["clip_t_lo"] <= line["clip_t"] <= line["clip_t_hi"]
+    assert line["clip_t_x100"] == pytest.approx(100 * cell["clip_t"].mean())
+    fig = ev.tradeoff_plot(summary, clip_model="tiny-clip")
+    assert len(fig.axes) == 2 and [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["pretrained", "finetuned-text-aware"]
+    table = ev.seed_comparison(rows)
+    assert table["CLIP-T (plain cosine)"].iloc[0] == f"{ev.SEED_PROJECT_CLIP_T:.2f}" and len(table) == 1 + 2 * 2
