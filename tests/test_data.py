@@ -1,0 +1,396 @@
+"""helpers.data: every conversion and skip reason on files written here, the leakage-free split on the tiny
+dataset (mirror pairs found independently, by pixel equality), the feature cache against diffusers' own
+encoders, its reuse and rebuild, and the tiny profile's data through prepare_for_training."""
+import io
+import json
+import os
+import shutil
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from helpers import data
+from helpers.data import (DataSourceError, cache_features, feature_fingerprint, hash_distances, load_feature_cache,
+                          load_prepared, prepare_dataset, prepare_for_training, split_by_group)
+from helpers.tiny import draw_character
+
+RES = 32  # training resolution for the hand-made folders (images are 48 px: shorter side >= RES / 2)
+
+
+def png_bytes(im, fmt="PNG", **kw):
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def halves(mode, left, right, size=(48, 48)):
+    """An image whose left half is `left` and right half `right` (colours in `mode`)."""
+    im = Image.new(mode, size, right)
+    im.paste(Image.new(mode, (size[0] // 2, size[1]), left), (0, 0))
+    return im
+
+
+def prepared_by_id(prep):
+    rows = {}
+    for split in (prep.train, prep.test):
+        for row in split:
+            rows[row["id"]] = row
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Conversions: each unusual but valid image is kept, as RGB, with the right pixels
+# --------------------------------------------------------------------------------------------------
+
+
+def _exif_rotated_jpeg():
+    """Stored 64 x 32, left half red, right half blue, EXIF orientation 6 (display = rotate 90 degrees
+    clockwise): shown upright it is 32 x 64, red on top, blue below."""
+    im = halves("RGB", (255, 0, 0), (0, 0, 255), size=(64, 32))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return png_bytes(im, "JPEG", quality=95, exif=exif)
+
+
+UNUSUAL = {  # file name -> (bytes, mode PIL opens it in)
+    "rgba.png": (lambda: png_bytes(halves("RGBA", (255, 0, 0, 255), (0, 0, 0, 0))), "RGBA"),
+    "la.png": (lambda: png_bytes(halves("LA", (0, 255), (0, 0))), "LA"),
+    "palette.png": (lambda: png_bytes(halves("P", 1, 0), transparency=0), "P"),
+    "grey.png": (lambda: png_bytes(Image.fromarray(np.tile(np.linspace(0, 255, 48).astype(np.uint8), (48, 1)))), "L"),
+    "cmyk.jpg": (lambda: png_bytes(Image.new("CMYK", (48, 48), (0, 255, 255, 0)), "JPEG"), "CMYK"),
+    "sixteen.png": (lambda: png_bytes(Image.fromarray(np.tile(np.linspace(0, 65535, 48).astype(np.uint16), (48, 1)))),
+                    "I;16"),
+    "int32.tif": (lambda: png_bytes(Image.fromarray(np.tile(np.linspace(0, 65535, 48).astype(np.int32), (48, 1))), "TIFF"),
+                  "I"),
+    "exif.jpg": (_exif_rotated_jpeg, "RGB"),
+    "wide.png": (lambda: png_bytes(Image.fromarray(np.concatenate(
+        [np.full((32, 32, 3), c, np.uint8) for c in ((0, 255, 0), (255, 0, 0), (0, 0, 255))], axis=1))), "RGB"),
+}
+
+
+@pytest.fixture(scope="module")
+def unusual(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("unusual")
+    for name, (make, mode) in UNUSUAL.items():
+        (folder / name).write_bytes(make())
+        assert Image.open(folder / name).mode == mode  # the file really is the kind the test claims
+    prep = prepare_dataset(folder, tmp_path_factory.mktemp("unusual_out"), resolution=RES, test_fraction=0,
+                           progress=False)
+    return prep, folder
+
+
+def test_unusual_images_are_all_kept(unusual):
+    prep, _ = unusual
+    assert prep.skipped == []
+    assert sorted(prep.train["id"]) == sorted(UNUSUAL) and len(prep.test) == 0
+    for im in prep.train["image"]:
+        assert im.mode == "RGB" and im.size == (RES, RES)
+
+
+def pixels(unusual, name):
+    return np.asarray(prepared_by_id(unusual[0])[name]["image"]).astype(int)
+
+
+@pytest.mark.parametrize("name", ["rgba.png", "la.png", "palette.png"])
+def test_transparency_is_composited_on_white(unusual, name):
+    a = pixels(unusual, name)
+    # the transparent right half holds black pixels: a plain convert("RGB") would show them
+    assert (a[:, -4:] == 255).all(), f"{name}: transparent pixels are not white"
+    assert a[:, :4].mean() < 200, f"{name}: the opaque half was lost"
+
+
+def test_greyscale_keeps_its_values(unusual, tmp_path):
+    a = pixels(unusual, "grey.png")
+    assert (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all()
+    source = np.asarray(Image.open(unusual[1] / "grey.png").resize((RES, RES), Image.Resampling.LANCZOS)).astype(int)
+    assert np.abs(a[..., 0] - source).max() <= 1
+
+
+def test_cmyk_becomes_rgb(unusual):
+    expected = np.asarray(Image.open(unusual[1] / "cmyk.jpg").convert("RGB")).astype(int).mean((0, 1))
+    assert np.abs(pixels(unusual, "cmyk.jpg").mean((0, 1)) - expected).max() < 2
+    assert expected[0] > 200 and expected[1:].max() < 60  # cyan 0, magenta and yellow full: red
+
+
+@pytest.mark.parametrize("name", ["sixteen.png", "int32.tif"])
+def test_16_bit_greyscale_is_scaled_not_clipped(unusual, name):
+    a = pixels(unusual, name)[..., 0]
+    # a 0..65535 ramp: clipping at 255 would make nearly every pixel white
+    assert a[:, 0].mean() < 20 and a[:, -1].mean() > 235
+    assert abs(a.mean() - 127.5) < 10
+    assert (np.diff(a.mean(0)) >= -1).all()  # still a left-to-right ramp
+
+
+def test_exif_orientation_is_applied(unusual):
+    a = pixels(unusual, "exif.jpg")
+    top, bottom = a[:4].mean((0, 1)), a[-4:].mean((0, 1))
+    assert top[0] > 200 and top[2] < 60, "EXIF orientation ignored: red should be on top"
+    assert bottom[2] > 200 and bottom[0] < 60
+
+
+def test_non_square_images_are_centre_cropped(unusual):
+    a = pixels(unusual, "wide.png")  # green | red | blue thirds: the centre square is the red third
+    assert (a[..., 0] > 200).all() and (a[..., 1:] < 60).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# Broken inputs: skipped with a reason, never raised; bad sources raise naming the path
+# --------------------------------------------------------------------------------------------------
+
+
+def test_broken_inputs_are_skipped_with_reasons(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    good = png_bytes(draw_character(0, "standing", 0, size=48))
+    jpeg = png_bytes(draw_character(1, "waving", 1, size=48), "JPEG")
+    (src / "good.png").write_bytes(good)
+    (src / "nocaption.png").write_bytes(png_bytes(draw_character(2, "jumping", 2, size=48)))
+    (src / "empty.png").write_bytes(b"")
+    (src / "notes.png").write_text("this is text, not a picture")
+    (src / "readme.txt").write_text("neither is this")
+    (src / "cut.png").write_bytes(good[: len(good) // 2])
+    (src / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (src / "small.png").write_bytes(png_bytes(Image.new("RGB", (RES // 2 - 1, 48), (9, 9, 9))))
+    (src / "metadata.jsonl").write_text("\n".join([
+        json.dumps({"file_name": "good.png", "text": "a scientist"}),
+        json.dumps({"file_name": "gone.png", "text": "a file that is not there"}),
+        "{not json",
+    ]) + "\n")
+    prep = prepare_dataset(src, tmp_path / "out", resolution=RES, test_fraction=0, progress=False)
+    reasons = dict(prep.skipped)
+    expected = {"empty.png": "empty file", "notes.png": "not an image", "readme.txt": "not an image",
+                "cut.png": "truncated or corrupt", "cut.jpg": "truncated or corrupt", "small.png": "too small",
+                "gone.png": "missing file", "metadata.jsonl line 3": "bad metadata"}
+    for item, kind in expected.items():
+        assert item in reasons and reasons[item].startswith(kind), (item, reasons.get(item))
+    rows = prepared_by_id(prep)
+    assert sorted(rows) == ["good.png", "nocaption.png"]
+    assert (rows["good.png"]["text"], rows["good.png"]["caption_source"]) == ("a scientist", "metadata.jsonl")
+    assert rows["nocaption.png"]["caption_source"] == "placeholder"
+    assert "placeholder" in rows["nocaption.png"]["text"]
+    # nothing dropped silently: every file is kept or reported
+    files = {p.name for p in src.iterdir()} - {"metadata.jsonl"}
+    assert files <= set(rows) | set(reasons)
+    assert json.loads((tmp_path / "out" / "skipped.json").read_text()) == [
+        {"item": n, "reason": r} for n, r in prep.skipped]
+
+
+def test_broken_row_of_a_parquet_dataset_is_skipped(tmp_path):
+    ims = [png_bytes(draw_character(i, "standing", i % 3, size=48)) for i in range(3)]
+    ds = datasets.Dataset.from_dict(
+        {"image": [{"bytes": ims[0], "path": None}, {"bytes": b"garbage", "path": None},
+                   {"bytes": ims[1], "path": None}, {"bytes": ims[2], "path": None}],
+         "text": ["first", "broken", None, "fourth"]},
+        features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")}))
+    path = tmp_path / "set.parquet"
+    ds.to_parquet(str(path))
+    prep = prepare_dataset(path, tmp_path / "out", resolution=RES, test_fraction=0, progress=False)
+    assert prep.skipped == [("row 1", prep.skipped[0][1])] and prep.skipped[0][1].startswith("not an image")
+    rows = prepared_by_id(prep)
+    assert sorted(rows) == ["row-00000", "row-00002", "row-00003"]
+    assert [rows[i]["caption_source"] for i in sorted(rows)] == ["dataset", "placeholder", "dataset"]
+
+
+def test_bad_sources_raise_naming_the_path(tmp_path):
+    missing = tmp_path / "no_such_folder"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        prepare_dataset(missing, tmp_path / "out", resolution=RES)
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(DataSourceError, match=str(bad)):
+        prepare_dataset(bad, tmp_path / "out", resolution=RES)
+    only_broken = tmp_path / "broken"
+    only_broken.mkdir()
+    (only_broken / "a.png").write_bytes(b"")
+    with pytest.raises(DataSourceError, match="none of its 1 inputs"):
+        prepare_dataset(only_broken, tmp_path / "out", resolution=RES)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        prepare_dataset(only_broken, tmp_path / "out", resolution=30)
+
+
+def test_missing_captions_come_from_a_blip_model(tmp_path):
+    """A tiny random BLIP, saved and loaded like the Hub one, goes through the captioning path."""
+    from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
+                              BlipProcessor)
+
+    blip = tmp_path / "blip"
+    blip.mkdir()
+    (blip / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "drawing",
+                                               "of", "cat", "green"]) + "\n")
+    tok = BertTokenizer(str(blip / "vocab.txt"))
+    tok.add_special_tokens({"bos_token": "[DEC]"})
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                encoder_hidden_size=32, bos_token_id=tok.bos_token_id, pad_token_id=0, sep_token_id=3,
+                max_position_embeddings=64)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=32,
+                  patch_size=8)
+    torch.manual_seed(0)
+    BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(blip)
+    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok).save_pretrained(blip)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(2):
+        (src / f"{i}.png").write_bytes(png_bytes(draw_character(i, "waving", i, size=48)))
+    prep = prepare_dataset(src, tmp_path / "out", resolution=RES, test_fraction=0, captioner=str(blip), progress=False)
+    assert list(prep.train["caption_source"]) == ["blip", "blip"]
+    words = set(tok.vocab) - set(tok.all_special_tokens)
+    for caption in prep.train["text"]:
+        assert caption and set(caption.split()) <= words  # decoded from the model's vocabulary
+
+
+# --------------------------------------------------------------------------------------------------
+# Leakage: mirror pairs and near duplicates stay on one side
+# --------------------------------------------------------------------------------------------------
+
+
+def test_hashes_find_mirrors_and_near_duplicates_but_not_other_drawings():
+    im = draw_character(0, "standing", 0)
+    jpeg = Image.open(io.BytesIO(png_bytes(im.resize((100, 100)), "JPEG", quality=60))).convert("RGB")
+    other = draw_character(3, "waving", 2)
+    _, d = hash_distances([im, ImageOps.mirror(im), jpeg, other])
+    assert d[0, 1] == 0 and d[1, 0] == 0  # an exact mirror
+    assert d[0, 2] <= data.MAX_HASH_DISTANCE  # re-encoded and rescaled
+    assert d[0, 3] > data.MAX_HASH_DISTANCE and d[1, 3] > data.MAX_HASH_DISTANCE
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tiny_profile, tmp_path_factory):
+    """The tiny profile's data through the whole path, as training gets it."""
+    folder = tmp_path_factory.mktemp("tiny_data")
+    prep, cache = prepare_for_training(tiny_profile, folder, progress=False)
+    return prep, cache, folder
+
+
+def test_split_never_separates_a_mirror_pair(tiny_profile, tiny_data):
+    prep = tiny_data[0]
+    raw = datasets.load_dataset(tiny_profile.dataset, split="train")
+    arrays = [np.asarray(im.convert("RGB")) for im in raw["image"]]
+    pairs = [(i, j) for i in range(len(arrays)) for j in range(i + 1, len(arrays))
+             if np.array_equal(arrays[i], arrays[j][:, ::-1])]
+    assert len(pairs) == len(arrays) // 2  # the tiny dataset is all mirror pairs
+    side = {id_: "train" for id_ in prep.train["id"]} | {id_: "test" for id_ in prep.test["id"]}
+    group = dict(zip(list(prep.train["id"]) + list(prep.test["id"]), list(prep.train["group"]) + list(prep.test["group"])))
+    for i, j in pairs:
+        a, b = f"row-{i:05d}", f"row-{j:05d}"
+        assert side[a] == side[b], f"mirror pair {a}, {b} is split"
+        assert group[a] == group[b]
+    assert not set(prep.train["group"]) & set(prep.test["group"])
+    assert len(prep.test) > 0 and abs(len(prep.test) - tiny_profile.test_fraction * len(arrays)) <= 4
+    assert len(set(group.values())) >= len(pairs) // 2  # grouping found pairs, not one big blob
+    # any seed: whole groups only
+    groups = np.array(list(group.values()))
+    for seed in range(20):
+        is_test = split_by_group(groups, 0.25, seed)
+        assert not set(groups[is_test]) & set(groups[~is_test]) and is_test.any() and not is_test.all()
+
+
+def test_prepared_data_is_reused_and_redone_when_the_source_changes(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        (src / f"{i}.png").write_bytes(png_bytes(draw_character(i, "standing", i % 3, size=48)))
+    out = tmp_path / "out"
+    first = prepare_dataset(src, out, resolution=RES, test_fraction=0.25, progress=False)
+    stamp = (out / "prepared.json").stat().st_mtime_ns
+
+    def no_decoding(*a, **k):
+        raise AssertionError("prepare_dataset decoded images although nothing changed")
+
+    with monkeypatch.context() as m:
+        m.setattr(data, "decode_image", no_decoding)
+        again = prepare_dataset(src, out, resolution=RES, test_fraction=0.25, progress=False)
+        loaded = load_prepared(out)
+    assert (out / "prepared.json").stat().st_mtime_ns == stamp
+    for p in (again, loaded):
+        assert list(p.train["id"]) == list(first.train["id"]) and list(p.test["id"]) == list(first.test["id"])
+        assert list(p.train["text"]) == list(first.train["text"]) and p.skipped == first.skipped
+    (src / "0.png").write_bytes(png_bytes(draw_character(5, "jumping", 1, size=48)))
+    changed = prepare_dataset(src, out, resolution=RES, test_fraction=0.25, progress=False)
+    before, after = prepared_by_id(first)["0.png"]["hash"], prepared_by_id(changed)["0.png"]["hash"]
+    assert before != after
+
+
+# --------------------------------------------------------------------------------------------------
+# Feature cache
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_profile):
+    from helpers.adapter import load_pipeline
+
+    return load_pipeline(tiny_profile.base_model, tiny_profile.ip_adapter, device="cpu")
+
+
+def test_feature_cache_equals_diffusers_encoders(tiny_data, tiny_pipe):
+    prep, path, _ = tiny_data
+    tensors, meta = load_feature_cache(path)
+    pipe, n, r = tiny_pipe, len(prep.train), prep.info["resolution"]
+    images, texts = list(prep.train["image"]), list(prep.train["text"])
+    assert json.loads(meta["ids"]) == list(prep.train["id"]) and meta["resolution"] == str(r)
+    assert all(t.dtype == torch.float16 for t in tensors.values())
+    with torch.no_grad():
+        cond, uncond = pipe.encode_image(images, "cpu", 1, output_hidden_states=True)
+        text, _ = pipe.encode_prompt(texts, "cpu", 1, False)
+        empty, _ = pipe.encode_prompt([""], "cpu", 1, False)
+        pixels = torch.tensor(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        dist = pipe.vae.encode(pixels).latent_dist
+    reference = {"latent_mean": dist.mean, "latent_std": dist.std, "image_embeds": cond, "text_embeds": text,
+                 "null_image_embeds": uncond[:1], "null_text_embeds": empty}
+    assert set(tensors) == set(reference)
+    assert tensors["latent_mean"].shape == (n, 4, r // 8, r // 8) and tensors["text_embeds"].shape[:2] == (n, 77)
+    for k, ref in reference.items():
+        assert tensors[k].shape == ref.shape, k
+        torch.testing.assert_close(tensors[k].float(), ref.float(), rtol=2e-3, atol=2e-3, msg=k)
+    assert not torch.equal(tensors["image_embeds"][0], tensors["null_image_embeds"][0])
+
+
+def test_feature_cache_is_reused_and_rebuilt_when_data_changes(tiny_profile, tiny_data, tmp_path, monkeypatch):
+    prep, path, _ = tiny_data
+    copy = tmp_path / path.name
+    shutil.copy2(path, copy)
+    stamp = copy.stat().st_mtime_ns
+    kw = dict(base_model=tiny_profile.base_model, ip_adapter=tiny_profile.ip_adapter, resolution=tiny_profile.resolution,
+              filename=path.name, progress=False)
+    loads = []
+    real_load = data.load_pipeline
+    monkeypatch.setattr(data, "load_pipeline", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    assert cache_features(prep.train, tmp_path, **kw) == copy
+    assert loads == [] and copy.stat().st_mtime_ns == stamp  # same data and models: no model loaded, file untouched
+    n = 6  # a smaller split keeps the rebuild quick; its first caption changes
+    changed = prep.train.select(range(n)).map(
+        lambda row, i: {"text": row["text"] + " in the rain" if i == 0 else row["text"]}, with_indices=True)
+    cache_features(changed, tmp_path, **kw)
+    assert loads == [1] and copy.stat().st_mtime_ns != stamp
+    old, new = load_feature_cache(path)[0], load_feature_cache(copy)[0]
+    assert new["text_embeds"].shape[0] == n
+    assert not torch.equal(old["text_embeds"][0], new["text_embeds"][0])
+    torch.testing.assert_close(old["text_embeds"][1:n], new["text_embeds"][1:])
+    torch.testing.assert_close(old["image_embeds"][:n], new["image_embeds"])
+    assert not list(tmp_path.glob(".*tmp*"))  # written atomically: no temporary file left
+
+
+def test_model_changes_change_the_fingerprint(tiny_profile, tiny_data, tmp_path):
+    prep = tiny_data[0]
+    kw = dict(base_model=tiny_profile.base_model, resolution=tiny_profile.resolution)
+    adapter = tmp_path / "ip_adapter" / os.path.basename(tiny_profile.ip_adapter)
+    shutil.copytree(os.path.dirname(tiny_profile.ip_adapter), adapter.parent)
+    a = feature_fingerprint(prep.train, ip_adapter=tiny_profile.ip_adapter, **kw)["fingerprint"]
+    assert feature_fingerprint(prep.train, ip_adapter=tiny_profile.ip_adapter, **kw)["fingerprint"] == a
+    b = feature_fingerprint(prep.train, ip_adapter=str(adapter), **kw)["fingerprint"]
+    os.utime(adapter, ns=(adapter.stat().st_atime_ns, adapter.stat().st_mtime_ns + 10**9))
+    c = feature_fingerprint(prep.train, ip_adapter=str(adapter), **kw)["fingerprint"]
+    assert len({a, b, c}) == 3
+
+
+def test_prepare_for_training_is_idempotent(tiny_profile, tiny_data, monkeypatch):
+    prep, path, folder = tiny_data
+    assert path.parent == folder and (folder / "train").is_dir() and (folder / "test").is_dir()
+    assert {"dataset"} == set(prep.train["caption_source"])  # the tiny dataset has captions
+    monkeypatch.setattr(data, "load_pipeline", lambda *a, **k: pytest.fail("cache rebuilt although nothing changed"))
+    monkeypatch.setattr(data, "decode_image", lambda *a, **k: pytest.fail("data re-prepared although nothing changed"))
+    again, again_path = prepare_for_training(tiny_profile, folder, progress=False)
+    assert again_path == path and list(again.train["id"]) == list(prep.train["id"])
