@@ -54,6 +54,7 @@ HASH_SIZE = 16  # dHash grid: 16 x 16 = 256 bits
 MAX_HASH_DISTANCE = 6  # bits; JPEG re-encoding and rescaling move a 256-bit dHash by <= 3 bits
 PLACEHOLDER_CAPTION = "a drawing (placeholder caption: no captioner in this profile)"
 TRAIN_FEATURES = "train_features.safetensors"
+DATA_SEED = 0  # the split seed prepare_for_training uses (notebook 01 uses the same, so training reuses its work)
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 METADATA_FILE = "metadata.jsonl"
 # skip reasons start with one of these, so a report can be grouped by kind
@@ -809,7 +810,7 @@ def prepare_for_training(profile, data_dir, *, device=None, progress: bool = Tru
     """Everything training needs, built only if missing or stale: the prepared splits of profile.dataset in
     data_dir, and the train split's feature cache data_dir/train_features.safetensors. Returns (prep, path)."""
     prep = prepare_dataset(profile.dataset, data_dir, resolution=profile.resolution,
-                           test_fraction=profile.test_fraction, seed=0, captioner=profile.captioner,
+                           test_fraction=profile.test_fraction, seed=DATA_SEED, captioner=profile.captioner,
                            progress=progress)
     path = cache_features(prep.train, data_dir, base_model=profile.base_model, ip_adapter=profile.ip_adapter,
                           image_encoder=profile.image_encoder, resolution=profile.resolution,
