@@ -1,0 +1,25 @@
+"""Test support: fine-tuned-looking adapter files, as notebook 03 writes them, without training."""
+from pathlib import Path
+
+import torch
+
+from helpers.adapter import load_pipeline, save_adapter
+from helpers.sampling import ADAPTER_FILE, FINETUNED, adapter_parameters
+
+
+def write_finetuned_adapters(profile, runs_dir, *, seed: int = 0) -> dict[str, Path]:
+    """runs_dir/vanilla/adapter.safetensors and runs_dir/text_aware/adapter.safetensors: the profile's
+    IP-Adapter with every adapter weight perturbed (and, for text-aware, a block that is not the identity),
+    saved with helpers.adapter.save_adapter. Returns model name -> file."""
+    g = torch.Generator().manual_seed(seed)
+    paths = {}
+    for name, (folder, variant) in FINETUNED.items():
+        pipe = load_pipeline(profile.base_model, profile.ip_adapter, variant=variant, device="cpu")
+        params = list(adapter_parameters(pipe.unet).values())
+        if variant == "text_aware":
+            params += list(pipe.unet.text_image_attn.parameters())
+        with torch.no_grad():
+            for p in params:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        paths[name] = save_adapter(pipe, Path(runs_dir) / folder / ADAPTER_FILE, metadata={"test": True})
+    return paths
