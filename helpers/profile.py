@@ -52,6 +52,7 @@ class Profile:
     eval_num_references: int = 10  # held-out references (one per near-duplicate group); 240 images on a T4
     eval_seeds: tuple[int, ...] = (0,)
     eval_edits_per_reference: int = 1  # edit prompts per reference, besides its own caption
+    eval_batch_size: int | None = None  # images per pipeline call in the evaluation; None: sampling's choice
 
     def replace(self, **overrides) -> "Profile":
         """A copy with the given fields changed; None, 0 and "" mean "keep the profile's value", so a
@@ -104,6 +105,7 @@ def tiny_profile(reason: str) -> Profile:
         num_inference_steps=4,
         eval_scales=(0.5, 1.0),
         eval_num_references=4,
+        eval_batch_size=16,  # tiny models on a CPU: one call per model and scale is much faster than one per image
     )
 
 
