@@ -112,7 +112,8 @@ class TextAwareUNet2DConditionModel(UNet2DConditionModel):
     `add_text_image_attn()` is called (or with no IP-Adapter loaded) it is exactly the stock UNet.
     """
 
-    text_image_attn: TextImageCrossAttention | None = None
+    # `text_image_attn` is a submodule registered by add_text_image_attn() (no class attribute: it would
+    # shadow the registered module); set it to None to get the stock UNet back.
 
     def add_text_image_attn(self, heads: int) -> TextImageCrossAttention:
         dim = self.config.cross_attention_dim
@@ -122,10 +123,11 @@ class TextAwareUNet2DConditionModel(UNet2DConditionModel):
 
     def process_encoder_hidden_states(self, encoder_hidden_states, added_cond_kwargs):
         out = super().process_encoder_hidden_states(encoder_hidden_states, added_cond_kwargs)
-        if self.text_image_attn is None or not isinstance(out, tuple):
+        block = self._modules.get("text_image_attn")
+        if block is None or not isinstance(out, tuple):
             return out
         text, ip_tokens = out  # (B, 77, C), list of (B, [M,] 16, D), one per adapter
-        return text, [self.text_image_attn(tokens, text) for tokens in ip_tokens]
+        return text, [block(tokens, text) for tokens in ip_tokens]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -200,6 +202,16 @@ def adapter_state_dict(unet) -> dict[str, torch.Tensor]:
     if block is not None:
         sd.update({BLOCK_PREFIX + k: v for k, v in block.state_dict().items()})
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
+
+
+def split_official(sd: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Flat official keys -> {"image_proj": {...}, "ip_adapter": {...}}, the dict diffusers' loader takes."""
+    out = {"image_proj": {}, "ip_adapter": {}}
+    for k, v in sd.items():
+        group, _, rest = k.partition(".")
+        if group in out:
+            out[group][rest] = v
+    return out
 
 
 def save_adapter(pipe, path: str | os.PathLike, *, metadata: dict | None = None) -> Path:
@@ -316,9 +328,9 @@ def check_adapter_tensors(tensors, unet, *, image_encoder_dim: int, variant: str
     if missing or extra or problems:
         lines = []
         if missing:
-            lines.append(f"missing {len(missing)} tensors: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+            lines.append(f"{len(missing)} missing: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
         if extra:
-            lines.append(f"unexpected {len(extra)} tensors: {', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}")
+            lines.append(f"{len(extra)} unexpected: {', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}")
         lines += problems[:6]
         n = len(ip_adapter_layer_keys(unet))
         raise AdapterFileError(
@@ -410,12 +422,7 @@ def load_pipeline(base_model, ip_adapter, *, variant="vanilla", adapter=None, im
         **{_DTYPE_KW: dtype}, **kwargs)
     check_adapter_tensors(tensors, pipe.unet, image_encoder_dim=encoder.config.hidden_size, variant=variant,
                           path=weights_path, as_finetuned=adapter is not None)
-    groups = {"image_proj": {}, "ip_adapter": {}}
-    for k, v in tensors.items():
-        group, _, rest = k.partition(".")
-        if group in groups:
-            groups[group][rest] = v
-    pipe.load_ip_adapter(groups, subfolder="", weight_name="", image_encoder_folder=None)
+    pipe.load_ip_adapter(split_official(tensors), subfolder="", weight_name="", image_encoder_folder=None)
     if variant == "text_aware":
         resampler = pipe.unet.encoder_hid_proj.image_projection_layers[0]
         heads = int(meta.get("text_image_attn_heads", resampler.layers[0].attn.heads))

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import ip_adapter_layer_keys
+from .shapes import random_ip_adapter_plus
 
 TINY_VERSION = "v1"  # bump when anything below changes, so caches are rebuilt
 
@@ -228,47 +228,6 @@ def _tiny_vision_config():
     )
 
 
-def tiny_ip_adapter_state_dict(unet, seed: int = 3) -> dict[str, torch.Tensor]:
-    """A random IP-Adapter Plus checkpoint with the official keys (tencent-ailab's Resampler layout).
-
-    image_proj.latents (1, 16, D), proj_in (D <- encoder width), proj_out (cross_attention_dim <- D),
-    norm_out, and per layer i in 0..3: i.0 = PerceiverAttention(norm1, norm2, to_q, to_kv, to_out),
-    i.1 = FeedForward(LayerNorm, Linear, GELU, Linear). ip_adapter.{k}.to_{k,v}_ip with k = 1, 3, ..., 31
-    (the cross-attention processors; hidden sizes follow the UNet's blocks).
-    """
-    g = torch.Generator().manual_seed(seed)
-    d, ff = RESAMPLER_DIM, RESAMPLER_DIM * 4
-
-    def rand(*shape, scale=0.05):
-        return torch.randn(*shape, generator=g) * scale
-
-    sd = {
-        "image_proj.latents": rand(1, RESAMPLER_QUERIES, d, scale=d**-0.5),
-        "image_proj.proj_in.weight": rand(d, IMAGE_ENCODER_DIM),
-        "image_proj.proj_in.bias": torch.zeros(d),
-        "image_proj.proj_out.weight": rand(TEXT_DIM, d),
-        "image_proj.proj_out.bias": torch.zeros(TEXT_DIM),
-        "image_proj.norm_out.weight": torch.ones(TEXT_DIM),
-        "image_proj.norm_out.bias": torch.zeros(TEXT_DIM),
-    }
-    for i in range(4):
-        p = f"image_proj.layers.{i}"
-        for norm in ("norm1", "norm2"):
-            sd[f"{p}.0.{norm}.weight"] = torch.ones(d)
-            sd[f"{p}.0.{norm}.bias"] = torch.zeros(d)
-        sd[f"{p}.0.to_q.weight"] = rand(d, d)
-        sd[f"{p}.0.to_kv.weight"] = rand(2 * d, d)
-        sd[f"{p}.0.to_out.weight"] = rand(d, d)
-        sd[f"{p}.1.0.weight"] = torch.ones(d)
-        sd[f"{p}.1.0.bias"] = torch.zeros(d)
-        sd[f"{p}.1.1.weight"] = rand(ff, d)
-        sd[f"{p}.1.3.weight"] = rand(d, ff)
-    for k, (name, hidden) in ip_adapter_layer_keys(unet).items():
-        sd[f"ip_adapter.{k}.to_k_ip.weight"] = rand(hidden, TEXT_DIM)
-        sd[f"ip_adapter.{k}.to_v_ip.weight"] = rand(hidden, TEXT_DIM)
-    return sd
-
-
 def _build_ip_adapter(folder: Path):
     from safetensors.torch import save_file
     from transformers import CLIPVisionModelWithProjection
@@ -279,7 +238,9 @@ def _build_ip_adapter(folder: Path):
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(folder.parent / "sd15", subfolder="unet", local_files_only=True)
-    save_file(tiny_ip_adapter_state_dict(unet), folder / IP_ADAPTER_FILE)
+    sd = random_ip_adapter_plus(unet, image_encoder_dim=IMAGE_ENCODER_DIM, dim=RESAMPLER_DIM,
+                                queries=RESAMPLER_QUERIES, seed=3)
+    save_file(sd, folder / IP_ADAPTER_FILE)
 
 
 def _build_clip(folder: Path):
