@@ -269,7 +269,7 @@ class _Item:
 
 
 def _looks_local(source: str) -> bool:
-    return (source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1
+    return (source.startswith((".", "/", "~")) or "\\" in source or source.count("/") != 1 or source.endswith("/")
             or source.endswith((".parquet", ".arrow", ".jsonl", ".csv")))
 
 
@@ -521,8 +521,8 @@ def prepare_dataset(source, out_dir, *, resolution: int, test_fraction: float = 
         try:
             if json.loads(manifest.read_text()).get("key") == key:
                 return load_prepared(out_dir)
-        except (json.JSONDecodeError, OSError, FileNotFoundError):
-            pass  # unreadable or incomplete: prepare again
+        except Exception:  # noqa: BLE001  (unreadable or incomplete folder: prepare again)
+            pass
 
     from tqdm.auto import tqdm
 
@@ -722,13 +722,13 @@ def encode_batch(pipe, images: Sequence[Image.Image], texts: Sequence[str], reso
             "text_embeds": encode_text(pipe, texts)}
 
 
-def null_features(pipe, image_size: int | None = None) -> dict[str, torch.Tensor]:
-    """The dropped conditions: null_image_embeds (1, 257, 1280), features of a zero pixel tensor (diffusers'
-    unconditional image branch for Plus), and null_text_embeds (1, 77, 768), the empty prompt."""
+def null_features(pipe) -> dict[str, torch.Tensor]:
+    """The dropped conditions: null_image_embeds (1, 257, 1280), features of a zero pixel tensor shaped like
+    the feature_extractor's output (diffusers' unconditional image branch for Plus: torch.zeros_like of the
+    pixel values), and null_text_embeds (1, 77, 768), the empty prompt."""
     enc = pipe.image_encoder
-    fe = pipe.feature_extractor
-    size = image_size or (fe.crop_size["height"] if getattr(fe, "do_center_crop", True) else fe.size["shortest_edge"])
-    zeros = torch.zeros(1, 3, size, size, device=enc.device, dtype=next(enc.parameters()).dtype)
+    pixels = pipe.feature_extractor(Image.new("RGB", (64, 64)), return_tensors="pt").pixel_values  # (1, 3, 224, 224)
+    zeros = torch.zeros_like(pixels).to(enc.device, next(enc.parameters()).dtype)
     return {"null_image_embeds": enc(zeros, output_hidden_states=True).hidden_states[-2],
             "null_text_embeds": encode_text(pipe, [""])}
 

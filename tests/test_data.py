@@ -207,6 +207,10 @@ def test_bad_sources_raise_naming_the_path(tmp_path):
     (only_broken / "a.png").write_bytes(b"")
     with pytest.raises(DataSourceError, match="none of its 1 inputs"):
         prepare_dataset(only_broken, tmp_path / "out", resolution=RES)
+    with pytest.raises(DataSourceError, match="nobody/no-such-dataset"):  # offline (conftest): the Hub is not reached
+        prepare_dataset("nobody/no-such-dataset", tmp_path / "out", resolution=RES)
+    with pytest.raises(FileNotFoundError, match="not_here/"):
+        prepare_dataset("not_here/", tmp_path / "out", resolution=RES)
     with pytest.raises(ValueError, match="multiple of 8"):
         prepare_dataset(only_broken, tmp_path / "out", resolution=30)
 
