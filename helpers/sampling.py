@@ -13,7 +13,8 @@ in memory, a `TextAwareUNet2DConditionModel` whose text-image block is set to No
 model, its block. Each model's copy of them stays on the device, and `ModelBank.use(name)` points the
 live parameters at that copy (`param.data = tensor`): no copy, no rounding, so a bank model computes
 exactly what a standalone `load_pipeline(..., adapter=file)` computes. Three models at fp16 cost the
-base pipeline (~2.6 GB with the ViT-H image encoder) plus ~0.1 GB per adapter: they fit a T4.
+base pipeline (~3.4 GB: UNet 860M, ViT-H/14 image encoder 632M, text encoder 123M, VAE 84M parameters)
+plus ~0.1 GB per adapter (~49M parameters): they fit a T4's 15 GB.
 
 `generate` runs diffusers' stock pipeline with precomputed image features (each reference goes through
 the image encoder once, the same call the pipeline makes), in batches, one `torch.Generator` per image,
@@ -311,7 +312,10 @@ def pick_batch_size(device, resolution: int = 512, guidance: float = 7.5) -> int
 
 
 def _as_list(x) -> list:
-    return list(x) if isinstance(x, (list, tuple)) else [x]
+    """A value or an iterable of values (a string is one value) -> list."""
+    if isinstance(x, (str, bytes)) or not hasattr(x, "__iter__"):
+        return [x]
+    return list(x)
 
 
 def _prompt_table(references: dict, prompts) -> dict[str, list[str]]:
@@ -452,14 +456,16 @@ def image_grid(samples: list[Sample], rows=("reference", "prompt"), cols=("model
     row_labels = [_label(first_of_row[rk], rows) for rk in row_keys]
     col_labels = [_label(next(s for (_, c), s in cells.items() if c == ck), cols) for ck in col_keys]
     wrap = lambda text, width: "\n".join(textwrap.fill(t, width) for t in text.split("\n"))  # noqa: E731
-    header_lines = max(len(wrap(c, chars).split("\n")) for c in col_labels) + (1 if title else 0)
-    header = line_h * header_lines + 8
     x0 = label_width + (cell if show_ref else 0)
-    grid = Image.new("RGB", (x0 + cell * len(col_keys), header + cell * len(row_keys)), "white")
+    width = x0 + cell * len(col_keys)
+    title_lines = textwrap.wrap(title, max(12, int(chars * width / cell))) if title else []
+    label_lines = max(len(wrap(c, chars).split("\n")) for c in col_labels)
+    header = line_h * (len(title_lines) + label_lines) + 8
+    grid = Image.new("RGB", (width, header + cell * len(row_keys)), "white")
     draw = ImageDraw.Draw(grid)
-    if title:
-        draw.text((4, 2), title, fill="black", font=font)
-    top = header - line_h * (header_lines - (1 if title else 0)) - 4
+    if title_lines:
+        draw.multiline_text((4, 2), "\n".join(title_lines), fill="black", font=font, spacing=2)
+    top = 4 + line_h * len(title_lines)
     if show_ref:
         draw.text((label_width + 4, top), "reference", fill="black", font=font)
     for j, text in enumerate(col_labels):
@@ -580,39 +586,33 @@ GALLERY_PROMPTS = (
 )
 
 
-def held_out_references(profile, data_dir=None, n: int = 4) -> tuple[dict[str, Image.Image], str]:
-    """Up to n reference images from notebook 01's test split, and a sentence saying where they came from.
+def held_out_references(profile, data_dir, n: int = 4) -> tuple[dict[str, Image.Image], str]:
+    """Up to n held-out reference images {id: PIL image}, one per near-duplicate group (a mirrored copy is
+    not a second reference), from notebook 01's test split in data_dir, and a sentence saying where they
+    came from.
 
-    Reads `helpers.data.load_prepared(data_dir).test` when helpers.data exists and data_dir holds a
-    prepared dataset; otherwise falls back to the first rows of the raw dataset (profile.dataset), one per
-    caption (mirrored copies share a caption), and says so: those may be training images.
+    If data_dir holds no prepared data yet, it is prepared here with the call notebooks 01 and 03 make
+    (helpers.data.prepare_dataset with the profile's values and DATA_SEED), so the split is the same.
     """
-    reason = "no data folder given"
-    if data_dir is not None:
-        try:
-            from . import data as hdata
+    from . import data as hdata
 
-            test = hdata.load_prepared(data_dir).test
-            idx = [round(i * (len(test) - 1) / max(1, n - 1)) for i in range(min(n, len(test)))] if len(test) else []
-            ids = test["id"] if "id" in test.column_names else [f"test{i}" for i in range(len(test))]
-            refs = {str(ids[i]): test[i]["image"].convert("RGB") for i in dict.fromkeys(idx)}
-            if refs:
-                return refs, f"{len(refs)} references from the held-out test split in {data_dir}"
-            reason = f"the test split in {data_dir} is empty"
-        except ImportError:
-            reason = "helpers.data is not available"
-        except (FileNotFoundError, OSError, ValueError, KeyError) as e:
-            reason = f"no prepared dataset in {data_dir} ({e})"
-    import datasets
-
-    ds = datasets.load_dataset(profile.dataset, split="train")
-    refs, seen = {}, set()
-    for i, text in enumerate(ds["text"]):
-        if text in seen:
-            continue
-        seen.add(text)
-        refs[f"row{i}"] = ds[i]["image"].convert("RGB")
-        if len(refs) == n:
-            break
-    return refs, (f"{reason}: using the first {len(refs)} distinct rows of {profile.dataset} instead "
-                  "(they may be training images; run notebook 01 for held-out references)")
+    data_dir = Path(data_dir)
+    try:
+        prep = hdata.load_prepared(data_dir)
+        where = f"the test split notebook 01 wrote in {data_dir}"
+    except FileNotFoundError:
+        prep = hdata.prepare_dataset(profile.dataset, data_dir, resolution=profile.resolution,
+                                     test_fraction=profile.test_fraction, seed=hdata.DATA_SEED,
+                                     captioner=profile.captioner, progress=False)
+        where = f"the test split, prepared now in {data_dir} as notebook 01 does (it had not run)"
+    test = prep.test
+    if len(test) == 0:
+        raise ValueError(f"{data_dir}: the test split is empty (test_fraction={prep.info.get('test_fraction')}); "
+                         "prepare the data with a test_fraction above 0")
+    ids = [str(i) for i in test["id"]]
+    groups = test["group"]
+    first = list(dict.fromkeys(groups))  # groups in split order
+    pick = [first[round(k * (len(first) - 1) / max(1, n - 1))] for k in range(min(n, len(first)))]
+    rows = [groups.index(g) for g in dict.fromkeys(pick)]
+    refs = {ids[i]: test[i]["image"].convert("RGB") for i in rows}
+    return refs, f"{len(refs)} held-out references (one per group) from {where}"

@@ -106,6 +106,11 @@ def test_same_seed_same_image_different_seeds_differ_batching_does_not_matter(ba
         "finetuned-text-aware", STEPS, bank.profile.guidance_scale, 1.0, "text_aware", (64, 64))
 
 
+def test_at_scale_zero_every_model_is_plain_stable_diffusion(bank, reference_image):
+    out = sampling.generate(bank, {"r": reference_image}, ["a cat"], scales=(0.0,), steps=STEPS, progress=False)
+    assert len(out) == 3 and all(np.array_equal(pixels(s.image), pixels(out[0].image)) for s in out)
+
+
 def test_per_reference_prompts_and_progress_callback(bank, references):
     calls = []
     out = sampling.generate(bank, references, {"ref": ["a cat"], "flipped": ["a dog", "a robot"]},
@@ -197,10 +202,16 @@ def test_saved_settings_round_trip(tmp_path):
         sampling.read_settings(tmp_path / "plain.png")
 
 
-def test_held_out_references_fall_back_to_the_raw_dataset(tiny_profile, tmp_path):
-    refs, message = sampling.held_out_references(tiny_profile, tmp_path / "no-data", n=3)
-    assert len(refs) == 3 and all(isinstance(im, Image.Image) for im in refs.values())
-    assert "may be training images" in message
+def test_held_out_references_come_from_the_test_split(tiny_profile, tmp_path):
+    from helpers.data import load_prepared
+
+    refs, message = sampling.held_out_references(tiny_profile, tmp_path / "data", n=3)
+    assert "prepared now" in message  # no notebook 01 output: prepared with the same call
+    test = load_prepared(tmp_path / "data").test
+    groups = dict(zip(map(str, test["id"]), test["group"]))
+    assert len(refs) == 3 and set(refs) <= set(groups) and len({groups[i] for i in refs}) == 3
+    again, message = sampling.held_out_references(tiny_profile, tmp_path / "data", n=3)
+    assert "notebook 01 wrote" in message and list(again) == list(refs)
 
 
 def test_batch_size_is_one_on_cpu():
