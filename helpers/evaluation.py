@@ -86,47 +86,42 @@ def pick_references(test, n: int, *, seed: int = 0) -> list[Reference]:
     return [Reference(ids[i], test[i]["image"].convert("RGB"), str(test[i]["text"]), groups[i]) for i in rows]
 
 
-def thumbnail(image: Image.Image, size: int = 16) -> np.ndarray:
-    """A size x size RGB thumbnail (box-filtered), flattened to float32: the fingerprint for near-duplicates."""
-    return np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BOX), dtype=np.float32).reshape(-1)
-
-
-def check_held_out(references: Sequence[Reference], train, *, max_difference: float = 3.0) -> None:
+def check_held_out(references: Sequence[Reference], train, *, max_distance: int | None = None) -> None:
     """Raise TrainingImageError if any reference is a training image.
 
     A reference counts as a training image when its `id` or its `group` appears in the training split, or
-    when its 16 x 16 colour thumbnail, or its mirror's, is within `max_difference` (mean absolute
-    difference, 0-255 scale) of a training image's thumbnail: the same picture resized, re-encoded or
-    mirrored. (On the tiny dataset a resize moves thumbnails by < 1; different drawings differ by > 8.)
+    when its perceptual hash, or its mirror's, is within `max_distance` bits of a training image's: the
+    rule helpers.data uses to keep near-duplicates (mirrored copies, re-encodings) on one side of the split
+    (256-bit dHash, default max distance helpers.data.MAX_HASH_DISTANCE).
 
-    train: the training split (datasets.Dataset or a list of dicts with image, and id / group if known).
+    train: the training split (datasets.Dataset, or a list of dicts with image and, if known, id / group).
     """
+    from .data import MAX_HASH_DISTANCE, dhash
+
+    max_distance = MAX_HASH_DISTANCE if max_distance is None else max_distance
     refs = list(references)
-    if not refs:
+    if not refs or not len(train):
         return
-    n = len(train)
     train_ids = {str(i) for i in (_column(train, "id") or [])}
     train_groups = {str(g) for g in (_column(train, "group") or [])}
+    images = _column(train, "image")
+    if images is None:
+        raise KeyError("the training split has no 'image' column: cannot check the references against it")
+    hashes = np.stack([dhash(im) for im in images])  # (n_train, 256) bool
+    train_ref = _column(train, "id", default=lambda i: f"train row {i}")
     problems = []
-    if n:
-        images = _column(train, "image")
-        if images is None:
-            raise KeyError("the training split has no 'image' column: cannot check the references against it")
-        thumbs = np.stack([thumbnail(im) for im in images])  # (n_train, 16 * 16 * 3)
-        train_ref = _column(train, "id", default=lambda i: f"train row {i}")
     for ref in refs:
         why = []
         if ref.id in train_ids:
             why.append("its id is in the training split")
         if ref.group and ref.group in train_groups:
             why.append(f"its group {ref.group!r} is in the training split")
-        if n:
-            for label, im in (("", ref.image), ("mirrored ", ImageOps.mirror(ref.image))):
-                diff = np.abs(thumbs - thumbnail(im)).mean(axis=1)
-                j = int(diff.argmin())
-                if diff[j] <= max_difference:
-                    why.append(f"{label}it matches training image {train_ref[j]!r} (thumbnail difference {diff[j]:.2f})")
-                    break
+        for label, im in (("", ref.image), ("mirrored ", ImageOps.mirror(ref.image))):
+            distance = (hashes != dhash(im)).sum(axis=1)
+            j = int(distance.argmin())
+            if distance[j] <= max_distance:
+                why.append(f"{label}it matches training image {train_ref[j]!r} (dHash distance {distance[j]} bits)")
+                break
         if why:
             problems.append(f"reference {ref.id!r}: " + "; ".join(why))
     if problems:
@@ -223,6 +218,21 @@ def score_samples(samples, references: Sequence[Reference], prompts: Sequence[Pr
             "file": files[k] if files is not None else "",
         })
     return rows
+
+
+def copy_baseline(references: Sequence[Reference], prompts: Sequence[PromptSpec], *,
+                  clip="openai/clip-vit-large-patch14") -> dict[str, tuple[float, float, float]]:
+    """CLIP-T of the reference images themselves with each of their prompts, per prompt kind:
+    {kind: (mean, low, high)} over references. It is what a model that copies the reference and ignores
+    the prompt would score (its CLIP-I and DINO would be 1)."""
+    by_id = {r.id: r for r in references}
+    scores = metrics.get_clip(clip).text_image([by_id[p.reference].image for p in prompts], [p.prompt for p in prompts])
+    out = {}
+    for kind in (OWN, EDIT):
+        keep = [k for k, p in enumerate(prompts) if p.kind == kind]
+        if keep:
+            out[kind] = bootstrap_ci(scores[keep].numpy(), [prompts[k].reference for k in keep])
+    return out
 
 
 def save_images(samples, folder) -> list[str]:
@@ -399,10 +409,13 @@ def format_summary(summary, digits: int = 3):
 
 
 def tradeoff_plot(summary, *, y: Sequence[str] = ("clip_i", "dino"), x: str = "clip_t", title: str | None = None,
-                  clip_model: str = "", note: str = ""):
+                  clip_model: str = "", note: str = "", copy_clip_t: float | None = None):
     """One panel per consistency metric in `y` against `x` (CLIP-T): one curve per model through its IP
     scales (labelled at each point), 95% bootstrap intervals as error bars. Returns the matplotlib Figure.
-    Up and to the right is better: more like the reference and more like the prompt."""
+    Up and to the right is better: more like the reference and more like the prompt.
+
+    copy_clip_t: CLIP-T of the unedited references with the same prompts (copy_baseline), drawn as a
+    dashed line: left of it, an image follows the prompt less than the reference itself does."""
     import matplotlib.pyplot as plt
 
     ys = [m for m in ([y] if isinstance(y, str) else y) if m in summary]
@@ -413,9 +426,13 @@ def tradeoff_plot(summary, *, y: Sequence[str] = ("clip_i", "dino"), x: str = "c
             xerr = np.abs(np.array([part[x] - part[f"{x}_lo"], part[f"{x}_hi"] - part[x]]))
             yerr = np.abs(np.array([part[ym] - part[f"{ym}_lo"], part[f"{ym}_hi"] - part[ym]]))
             ax.errorbar(part[x], part[ym], xerr=np.nan_to_num(xerr), yerr=np.nan_to_num(yerr), marker="o",
-                        capsize=3, label=model)
+                        capsize=3, elinewidth=0.8, label=model)
             for _, r in part.iterrows():
                 ax.annotate(f"{r['scale']:g}", (r[x], r[ym]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        if copy_clip_t is not None:
+            ax.axvline(copy_clip_t, color="grey", linestyle="--", linewidth=1)
+            ax.annotate("reference itself", (copy_clip_t, 1), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                        textcoords="offset points", fontsize=8, color="grey")
         ax.set_xlabel(METRIC_LABELS.get(x, x))
         ax.set_ylabel(METRIC_LABELS.get(ym, ym))
         ax.grid(alpha=0.3)
@@ -554,7 +571,7 @@ def describe_gain(g: MatchedGain, clip_model: str = "") -> str:
     kind = {EDIT: "edit prompts", OWN: "the references' own captions", None: "all prompts"}[g.prompt_kind]
     sign = "higher" if g.gain >= 0 else "lower"
     if math.isnan(g.low):
-        ci, verdict = "no bootstrap interval (too few references or overlapping resamples)", ""
+        ci, verdict = "no bootstrap interval: too few references, or the curves rarely overlap in resamples", ""
     else:
         ci = f"95% interval {g.low:+.3f} to {g.high:+.3f}"
         verdict = (" - larger than the resampling noise" if g.low > 0 or g.high < 0 else
@@ -563,6 +580,17 @@ def describe_gain(g: MatchedGain, clip_model: str = "") -> str:
             f"overlap), {g.model} has a {_short(g.x)} {abs(g.gain):.3f} {sign} than {g.baseline} "
             f"({ci}, over {g.n_references} references; plain cosine"
             f"{', CLIP ' + clip_model if clip_model else ''}){verdict}.")
+
+
+def _why_no_overlap(frame, a: str, b: str, y: str, prompt_kind: str | None) -> str:
+    """Why matched_gain found nothing: too few scales, or the two curves' y ranges (given) do not meet."""
+    if prompt_kind is not None:
+        frame = frame[frame["prompt_kind"] == prompt_kind]
+    means = {m: frame[frame["model"] == m].groupby("scale")[y].mean() for m in (a, b)}
+    if any(len(v) < 2 for v in means.values()):
+        return "a curve needs at least two IP scales"
+    ranges = ", ".join(f"{m} {v.min():.3f} to {v.max():.3f}" for m, v in means.items())
+    return f"their {_short(y)} ranges do not overlap ({ranges})"
 
 
 def headline(rows, *, model: str = "finetuned-text-aware", baselines: Sequence[str] = ("finetuned-vanilla", "pretrained"),
@@ -591,8 +619,8 @@ def headline(rows, *, model: str = "finetuned-text-aware", baselines: Sequence[s
         for y in (("clip_i", "dino") if i == 0 and "dino" in frame else ("clip_i",)):
             g = matched_gain(frame, model, base, y=y, prompt_kind=prompt_kind, n_boot=n_boot, seed=seed)
             if g is None:
-                lines.append(f"{model} and {base} cannot be compared at matched {_short(y)}: their curves do not "
-                             "overlap (or have fewer than two scales).")
+                lines.append(f"{model} and {base} cannot be compared at matched {_short(y)}: "
+                             f"{_why_no_overlap(frame, model, base, y, prompt_kind)}.")
             else:
                 lines.append(describe_gain(g, clip_model))
     return " ".join(lines)

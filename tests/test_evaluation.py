@@ -1,7 +1,6 @@
 """helpers.evaluation: the protocol on plain data, with a stand-in for generation (no diffusion here)."""
 from dataclasses import dataclass
 
-import datasets
 import numpy as np
 import pandas as pd
 import pytest
@@ -37,14 +36,13 @@ def fake_generate(bank, references, prompts, *, models=None, scales=(1.0,), seed
 
 
 @pytest.fixture(scope="module")
-def split(tiny_profile):
-    """A leak-free split of the tiny dataset by caption (mirrored copies share one), with group and id."""
-    ds = datasets.load_dataset(tiny_profile.dataset, split="train")
-    groups = {t: f"g{i}" for i, t in enumerate(dict.fromkeys(ds["text"]))}
-    rows = [{"image": ds[i]["image"], "text": ds[i]["text"], "group": groups[ds[i]["text"]], "id": f"r{i}"}
-            for i in range(len(ds))]
-    test_groups = sorted(groups.values())[:6]
-    return ([r for r in rows if r["group"] not in test_groups], [r for r in rows if r["group"] in test_groups])
+def split(tiny_profile, tmp_path_factory):
+    """Notebook 01's leak-free split of the tiny dataset (helpers.data), as lists of rows."""
+    from helpers.data import prepare_dataset
+
+    prep = prepare_dataset(tiny_profile.dataset, tmp_path_factory.mktemp("data"), resolution=tiny_profile.resolution,
+                           test_fraction=tiny_profile.test_fraction, seed=0, progress=False)
+    return [prep.train[i] for i in range(len(prep.train))], [prep.test[i] for i in range(len(prep.test))]
 
 
 EDITS = {"setting": ["a cartoon character on a beach", "a cartoon character in a forest at night"],
@@ -64,12 +62,12 @@ def test_references_one_per_group_from_the_test_split(split):
 def test_training_references_are_refused(split):
     train, test = split
     row = train[0]
-    same = ev.Reference(row["id"], row["image"], row["text"], row["group"])
+    same = ev.Reference(row["id"], row["image"], row["text"], str(row["group"]))
     with pytest.raises(ev.TrainingImageError, match=f"reference {row['id']!r}.*id is in the training split"):
         ev.check_held_out([same], train)
-    # a mirrored, resized copy under a new id and group is still found (thumbnail check), also when the
+    # a mirrored, resized copy under a new id and group is still found (perceptual hash), also when the
     # training split does not hold the mirrored twin
-    copy = ev.Reference("new", ImageOps.mirror(row["image"]).resize((64, 64)), row["text"], "new-group")
+    copy = ev.Reference("new", ImageOps.mirror(row["image"]).resize((96, 96)), row["text"], "new-group")
     with pytest.raises(ev.TrainingImageError, match="reference 'new': it matches training image"):
         ev.check_held_out([copy], train)
     no_twin = [r for r in train if r["group"] != row["group"] or r["id"] == row["id"]]
@@ -119,6 +117,11 @@ def test_grid_writes_one_csv_row_per_image(split, tiny_profile, tmp_path):
     assert table["clip_i"][k] == pytest.approx(float(metrics.clip_i([s.image], [ref.image], clip=tiny_profile.eval_clip)[0]), abs=1e-5)
     assert table["clip_t"][k] == pytest.approx(float(metrics.clip_t([s.image], [s.prompt], clip=tiny_profile.eval_clip)[0]), abs=1e-5)
     assert ev.read_csv(result.csv)[k]["prompt"] == s.prompt
+    # the "copy the reference" line: CLIP-T of the references themselves with their edit prompts
+    edits = [p for p in specs if p.kind == ev.EDIT]
+    by_id = {r.id: r.image for r in refs}
+    direct = metrics.clip_t([by_id[p.reference] for p in edits], [p.prompt for p in edits], clip=tiny_profile.eval_clip)
+    assert ev.copy_baseline(refs, specs, clip=tiny_profile.eval_clip)[ev.EDIT][0] == pytest.approx(float(direct.mean()), abs=1e-6)
 
 
 def test_bootstrap_contains_the_mean_and_narrows_with_more_references():
@@ -186,7 +189,7 @@ def test_headline_says_when_a_model_is_missing_or_curves_do_not_meet():
         if r["model"] == "finetuned-text-aware":
             r["clip_i"] += 1.0  # no CLIP-I in common
     assert ev.matched_gain(apart, "finetuned-text-aware", "finetuned-vanilla") is None
-    assert "cannot be compared at matched CLIP-I" in ev.headline(apart)
+    assert "cannot be compared at matched CLIP-I: their CLIP-I ranges do not overlap" in ev.headline(apart)
 
 
 def test_summary_plot_and_seed_table():
@@ -202,3 +205,19 @@ def test_summary_plot_and_seed_table():
     assert len(fig.axes) == 2 and [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["pretrained", "finetuned-text-aware"]
     table = ev.seed_comparison(rows)
     assert table["CLIP-T (plain cosine)"].iloc[0] == f"{ev.SEED_PROJECT_CLIP_T:.2f}" and len(table) == 1 + 2 * 2
+
+
+def test_side_by_side_and_scale_sweep_grids(split):
+    sampling = pytest.importorskip("helpers.sampling")
+    refs = ev.pick_references(split[1], 3)
+    specs = ev.build_prompts(refs, EDITS, 1)
+    fakes = fake_generate(list(ev.MODELS), {r.id: r.image for r in refs},
+                          {r.id: [p.prompt for p in specs if p.reference == r.id] for r in refs}, scales=(0.3, 0.5, 1.0))
+    ref_image = {r.id: r.image for r in refs}
+    samples = [sampling.Sample(f.image, f.model, f.reference, f.prompt, f.scale, f.seed, f.steps, f.guidance,
+                               reference_image=ref_image[f.reference]) for f in fakes]
+    grid = ev.side_by_side(samples, n_rows=2, prompts=specs)
+    assert grid.info["cols"] == list(ev.MODELS) and len(grid.info["rows"]) == 2
+    assert all(any(p.prompt in row for p in specs if p.kind == ev.EDIT) for row in grid.info["rows"])
+    sweep = ev.scale_sweep(samples, refs[0].id, refs[0].caption)
+    assert sweep.info["rows"] == list(ev.MODELS) and sweep.info["cols"] == ["scale 0.3", "scale 0.5", "scale 1"]
