@@ -115,10 +115,15 @@ class TextAwareUNet2DConditionModel(UNet2DConditionModel):
     # `text_image_attn` is a submodule registered by add_text_image_attn() (no class attribute: it would
     # shadow the registered module); set it to None to get the stock UNet back.
 
-    def add_text_image_attn(self, heads: int) -> TextImageCrossAttention:
+    def add_text_image_attn(self, heads: int, seed: int = 0) -> TextImageCrossAttention:
+        """Register a fresh block (identity at start). Its q/k/v initialisation is seeded, so the same
+        pretrained adapter always gives the same text-aware starting point; the global RNG is untouched."""
         dim = self.config.cross_attention_dim
         param = next(self.parameters())
-        self.text_image_attn = TextImageCrossAttention(dim, dim, heads).to(device=param.device, dtype=param.dtype)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            block = TextImageCrossAttention(dim, dim, heads)
+        self.text_image_attn = block.to(device=param.device, dtype=param.dtype)
         return self.text_image_attn
 
     def process_encoder_hidden_states(self, encoder_hidden_states, added_cond_kwargs):
@@ -198,7 +203,7 @@ def adapter_state_dict(unet) -> dict[str, torch.Tensor]:
     for k, (name, _) in ip_adapter_layer_keys(unet).items():
         sd[f"ip_adapter.{k}.to_k_ip.weight"] = procs[name].to_k_ip[0].weight
         sd[f"ip_adapter.{k}.to_v_ip.weight"] = procs[name].to_v_ip[0].weight
-    block = getattr(unet, "text_image_attn", None)
+    block = unet._modules.get("text_image_attn")
     if block is not None:
         sd.update({BLOCK_PREFIX + k: v for k, v in block.state_dict().items()})
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
@@ -224,11 +229,11 @@ def save_adapter(pipe, path: str | os.PathLike, *, metadata: dict | None = None)
 
     unet = getattr(pipe, "unet", pipe)
     tensors = adapter_state_dict(unet)
-    block = getattr(unet, "text_image_attn", None)
+    block = unet._modules.get("text_image_attn")
     meta = {
         "format": "ip-adapter-plus",
         "variant": "text_aware" if block is not None else "vanilla",
-        "base_model": str(getattr(pipe, "name_or_path", "") or ""),
+        "base_model": str(getattr(pipe, "name_or_path", "") or unet.config.get("_name_or_path", "") or ""),
     }
     if block is not None:
         meta["text_image_attn_heads"] = str(block.heads)
@@ -424,15 +429,43 @@ def load_pipeline(base_model, ip_adapter, *, variant="vanilla", adapter=None, im
                           path=weights_path, as_finetuned=adapter is not None)
     pipe.load_ip_adapter(split_official(tensors), subfolder="", weight_name="", image_encoder_folder=None)
     if variant == "text_aware":
-        resampler = pipe.unet.encoder_hid_proj.image_projection_layers[0]
-        heads = int(meta.get("text_image_attn_heads", resampler.layers[0].attn.heads))
-        block = pipe.unet.add_text_image_attn(heads)
-        block_sd = {k[len(BLOCK_PREFIX):]: v for k, v in tensors.items() if k.startswith(BLOCK_PREFIX)}
-        if block_sd:
-            block.load_state_dict(block_sd, strict=True)
+        _attach_block(pipe.unet, tensors, meta)
     pipe.to(device)
     pipe.adapter_info = {"variant": variant, "weights": str(weights_path), **meta}
     return pipe
+
+
+def _attach_block(unet, tensors, meta) -> TextImageCrossAttention:
+    """Add the text-image block (as many heads as the Resampler: 12 for SD 1.5 Plus) with the file's
+    weights, or zero-initialised when the file has none."""
+    resampler = unet.encoder_hid_proj.image_projection_layers[0]
+    block = unet.add_text_image_attn(int(meta.get("text_image_attn_heads", resampler.layers[0].attn.heads)))
+    block_sd = {k[len(BLOCK_PREFIX):]: v for k, v in tensors.items() if k.startswith(BLOCK_PREFIX)}
+    if block_sd:
+        block.load_state_dict(block_sd, strict=True)
+    return block
+
+
+def load_unet(base_model, ip_adapter, *, variant="vanilla", adapter=None, image_encoder_dim: int, device=None,
+              dtype=None):
+    """The UNet alone with the adapter attached: what training from cached features needs (no VAE, no
+    text or image encoder in memory). Same modules and weights as `load_pipeline(...).unet` (tested);
+    the adapter is attached by diffusers' `_load_ip_adapter_weights`, the call `pipe.load_ip_adapter` makes.
+    image_encoder_dim: width of the image features the Resampler reads (1280 for ViT-H/14)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, not {variant!r}")
+    device, dtype = default_device_dtype(device, dtype)
+    weights_path = Path(adapter) if adapter is not None else resolve_ip_adapter(ip_adapter)[0]
+    tensors, meta = read_adapter_file(weights_path)
+    cls = TextAwareUNet2DConditionModel if variant == "text_aware" else UNet2DConditionModel
+    unet = cls.from_pretrained(base_model, subfolder="unet", **{_DTYPE_KW: dtype})
+    check_adapter_tensors(tensors, unet, image_encoder_dim=image_encoder_dim, variant=variant, path=weights_path,
+                          as_finetuned=adapter is not None)
+    unet._load_ip_adapter_weights([split_official(tensors)], low_cpu_mem_usage=False)
+    if variant == "text_aware":
+        _attach_block(unet, tensors, meta)
+    unet.adapter_info = {"variant": variant, "weights": str(weights_path), **meta}
+    return unet.to(device=device, dtype=dtype)
 
 
 @contextlib.contextmanager

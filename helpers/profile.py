@@ -45,6 +45,7 @@ class Profile:
     weight_decay: float = 0.01
     checkpoint_every: int = 200  # steps
     max_train_steps: int | None = None  # None: num_epochs over the training split
+    gradient_checkpointing: bool = False  # trade ~30% speed for activation memory (the OOM knob, with batch size)
     # sampling and evaluation
     num_inference_steps: int = 30
     guidance_scale: float = 7.5

@@ -262,3 +262,15 @@ def test_real_sd15_shapes_one_denoising_step_both_variants():
         out_text_aware = unet(latents, 999, encoder_hidden_states=text, added_cond_kwargs=cond).sample
     assert out_vanilla.shape == out_text_aware.shape == (1, 4, 64, 64)
     assert torch.isfinite(out_text_aware).all() and not torch.equal(out_vanilla, out_text_aware)
+
+
+@pytest.mark.parametrize("variant", ["vanilla", "text_aware"])
+def test_load_unet_matches_the_pipelines_unet(paths, variant):
+    """Training builds the UNet alone (no VAE/encoders); it must be the same model load_pipeline builds."""
+    from helpers.adapter import load_unet
+
+    unet = load_unet(*paths, variant=variant, image_encoder_dim=tiny.IMAGE_ENCODER_DIM)
+    pipe_unet = load_pipeline(*paths, variant=variant).unet
+    a, b = unet.state_dict(), pipe_unet.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [type(p) for p in unet.attn_processors.values()] == [type(p) for p in pipe_unet.attn_processors.values()]
