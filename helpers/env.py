@@ -94,11 +94,16 @@ def quiet_libraries() -> None:
     """Keep library warnings out of the notebooks (errors still show; progress bars stay)."""
     import warnings
 
+    import importlib
+
     for mod in ("diffusers", "transformers", "datasets"):
         try:
-            __import__(mod).utils.logging.set_verbosity_error()
-        except (ImportError, AttributeError):
-            pass
+            logging = importlib.import_module(f"{mod}.utils.logging")
+        except ImportError:
+            continue
+        logging.set_verbosity_error()
+        if mod != "datasets":  # model-loading bars; the denoising and training bars stay
+            logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*torchvision.*")
 
