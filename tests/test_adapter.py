@@ -1,4 +1,5 @@
 """helpers.adapter: vanilla is diffusers' own path, text-aware starts as vanilla, files round-trip, errors are clear."""
+import os
 import shutil
 
 import pytest
@@ -245,6 +246,15 @@ def test_real_sd15_shapes_one_denoising_step_both_variants():
     guided denoising step at 512 px. Catches head-count and shape mistakes the tiny sizes hide."""
     from helpers.shapes import RESAMPLER_DIM, SD15_UNET, TEXT_LEN, real_size_models
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)  # run.sh pins tiny runs to 1 thread; this one is big
+    try:
+        _real_size_step(real_size_models, RESAMPLER_DIM, SD15_UNET, TEXT_LEN)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _real_size_step(real_size_models, RESAMPLER_DIM, SD15_UNET, TEXT_LEN):
     unet, encoder = real_size_models("vanilla")
     assert sum(p.numel() for n, p in unet.named_parameters() if not n.startswith("encoder_hid_proj")) > 8.5e8
     with torch.no_grad():  # batch 1: guided batches are covered at tiny size
