@@ -5,6 +5,18 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # any Hub access fails loudly
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine two OpenMP threads that wait
+    for each other make every step many times slower. (The real-size test raises it for itself.)"""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_profile():
     from helpers.profile import get_profile

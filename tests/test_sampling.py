@@ -15,16 +15,6 @@ from helpers.sampling import Sample
 STEPS = 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine two OpenMP threads that
-    wait for each other make every step ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def runs(tiny_profile, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")

@@ -13,15 +13,6 @@ from helpers import sampling
 from helpers.widgets import SamplingPanel, parse_upload
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; two waiting OpenMP threads on a shared 2-core machine are slow."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def bank(tiny_profile, tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
