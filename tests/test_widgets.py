@@ -5,7 +5,6 @@ from datetime import datetime
 import ipywidgets
 import numpy as np
 import pytest
-import torch
 from _adapters import write_finetuned_adapters
 from PIL import Image
 
