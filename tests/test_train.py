@@ -135,3 +135,13 @@ def test_cli_under_torchrun_two_processes_builds_data_and_writes_once(tmp_path):
 
     assert json.loads((tmp_path / "run" / "config.json").read_text())["num_processes"] == 2
     assert len(T.read_loss_log(tmp_path / "run")) == 2  # one row per step, written by the main process only
+
+
+def test_gradient_checkpointing_gives_the_same_step(data_dir, tmp_path):
+    """Checkpointing recomputes activations; gradients must still reach the adapter inside every block."""
+    plain = T.train(config(tmp_path / "a", data_dir, max_steps=1), progress=False)
+    ckpt = T.train(config(tmp_path / "b", data_dir, max_steps=1, gradient_checkpointing=True), progress=False)
+    a, b = dict(plain.model.named_parameters()), dict(ckpt.model.named_parameters())
+    for name in T.trainable_parameters(plain.model):
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+    assert torch.count_nonzero(b["text_image_attn.to_out.weight"]) > 0
