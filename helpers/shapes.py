@@ -71,7 +71,9 @@ def random_ip_adapter_plus(unet, *, image_encoder_dim: int, dim: int, queries: i
     return sd
 
 
-def _no_init():
+def no_init():
+    """A context in which transformers and diffusers models are built without running their initialisers
+    (then fill them with `random_init`)."""
     try:
         from transformers.initialization import no_init_weights  # transformers >= 5
     except ImportError:
@@ -80,7 +82,7 @@ def _no_init():
 
 
 @torch.no_grad()
-def _random_init(model: torch.nn.Module, seed: int) -> None:
+def random_init(model: torch.nn.Module, seed: int) -> None:
     """Fast, scale-preserving random weights: N(0, 1/fan_in) for matrices and kernels, zero biases, unit
     norms. Values are tiled from a pool of 1,000,003 (prime) normal draws: torch's seeded normal_ runs on
     one core (~30 s for these 1.5B parameters); shape and speed checks only need the right scale."""
@@ -102,6 +104,9 @@ def _random_init(model: torch.nn.Module, seed: int) -> None:
             p.fill_(1.0)
 
 
+_no_init, _random_init = no_init, random_init  # the former private names
+
+
 def real_size_models(variant: str = "vanilla", *, dtype=torch.float32, device="cpu", seed: int = 0):
     """(unet, image_encoder) at SD 1.5 / ViT-H/14 size with random weights and a random IP-Adapter Plus
     loaded through diffusers' own loader; variant "text_aware" adds the text-image block (12 heads)."""
@@ -109,11 +114,11 @@ def real_size_models(variant: str = "vanilla", *, dtype=torch.float32, device="c
 
     from .adapter import TextAwareUNet2DConditionModel
 
-    with _no_init():  # the libraries' own initialisers take ~30 s for these 1.5B parameters on a CPU
+    with no_init():  # the libraries' own initialisers take ~30 s for these 1.5B parameters on a CPU
         unet = TextAwareUNet2DConditionModel(**SD15_UNET)
         encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**VIT_H14))
-    _random_init(unet, seed)
-    _random_init(encoder, seed + 1)
+    random_init(unet, seed)
+    random_init(encoder, seed + 1)
     sd = random_ip_adapter_plus(unet, image_encoder_dim=VIT_H14["hidden_size"], dim=RESAMPLER_DIM, seed=seed)
     unet._load_ip_adapter_weights([split_official(sd)], low_cpu_mem_usage=False)
     if variant == "text_aware":
