@@ -229,12 +229,12 @@ def ddpm_scheduler():
 
 
 def make_trainable(unet, device: torch.device, dtype: torch.dtype) -> dict[str, torch.nn.Parameter]:
-    """As helpers.train: the UNet frozen in `dtype`, the adapter's parameters (helpers.train's
-    trainable_parameters, including the text-image block when it is attached) trainable in fp32."""
-    from helpers.train import trainable_parameters
+    """As helpers.train: the UNet frozen in `dtype`, the adapter's parameters (helpers.adapter_file's
+    adapter_parameters, including the text-image block when it is attached) trainable in fp32."""
+    from helpers.adapter_file import adapter_parameters
 
     unet.requires_grad_(False)
-    params = trainable_parameters(unet)
+    params = adapter_parameters(unet)
     for p in params.values():
         p.data = p.data.float()
         p.requires_grad_(True)

@@ -14,7 +14,7 @@ stock path) and attached, so every other weight and every input is identical.
     rows, 512 px (64 x 64 latents), text states (2, 77, 768), image features (2, 1, 257, 1280); the call
     includes process_encoder_hidden_states (Resampler, and the block when attached). Target: text-aware
     <= 1.03x vanilla.
-(b) Training: one helpers.train step (helpers.train.diffusion_loss, backward to the adapter's parameters
+(b) Training: one helpers.train step (helpers.loss.diffusion_loss, backward to the adapter's parameters
     only, gradient clipping, AdamW) at --batch; frozen UNet in the run's dtype, trainable parameters in fp32
     (autocast + GradScaler with fp16, as Accelerate does). Target: text-aware <= 1.05x vanilla.
 
@@ -60,7 +60,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from helpers.shapes import RESAMPLER_DIM, SD15_UNET, TEXT_LEN, real_size_models
-    from helpers.train import diffusion_loss
+    from helpers.loss import diffusion_loss
 
     device, dtype = C.pick_device(args.device, args.dtype)
     gpu = device.type == "cuda"

@@ -1,4 +1,4 @@
-"""How fast helpers.data.cache_features encodes images on this machine (images per second).
+"""How fast helpers.features.cache_features encodes images on this machine (images per second).
 
     python bench/bench_cache.py                         # active profile (tiny without a GPU): end to end
     python bench/bench_cache.py --profile full          # the real models and data (needs the Hub, a GPU)
@@ -6,7 +6,7 @@
                                                         # random weights: real compute, no download
 
 Two figures: end to end (cache_features into an empty folder: loading the models, encoding, writing the
-file) and encoding alone (helpers.data.encode_batch on already-loaded models, the part that grows with the
+file) and encoding alone (helpers.features.encode_batch on already-loaded models, the part that grows with the
 data). The issue's target: the 529 Rick and Morty images in under 5 minutes on a T4. Say the machine when
 you quote a figure; the script prints it.
 """
@@ -41,7 +41,7 @@ def images_for(n: int, split):
 
 
 def time_encoding(pipe, images, texts, resolution, batch_size, device) -> float:
-    from helpers.data import encode_batch
+    from helpers.features import encode_batch
 
     with torch.no_grad():
         encode_batch(pipe, images[:1], texts[:1], resolution)  # warm-up (kernels, allocator)
@@ -87,7 +87,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from helpers.adapter import default_device_dtype, load_pipeline
-    from helpers.data import cache_features, prepare_dataset
+    from helpers.data import prepare_dataset
+    from helpers.features import cache_features
     from helpers.profile import get_profile
 
     profile = get_profile(args.profile)

@@ -6,7 +6,7 @@ measured side by side in one process (issue 5, "Speed and memory").
 
 cached      what helpers.train does: latents sampled from the cached VAE mean/std, cached text states
             (B, 77, 768) and image features (B, 257, 1280) (fp16, as notebook 01's cache holds them); only
-            the UNet runs (helpers.train.diffusion_loss, backward, clipping, AdamW).
+            the UNet runs (helpers.loss.diffusion_loss, backward, clipping, AdamW).
 on-the-fly  what the reference IP-Adapter training script (tutorial_train_plus.py) does in each step: the
             VAE encoder on the 512 x 512 pixels, CLIP ViT-H/14 on the 224 x 224 crop (penultimate hidden
             states) and the CLIP text encoder on the token ids, all frozen under no_grad, then the same
@@ -82,7 +82,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from helpers.shapes import SD15_UNET, TEXT_LEN, real_size_models
-    from helpers.train import diffusion_loss
+    from helpers.loss import diffusion_loss
 
     device, dtype = C.pick_device(args.device, args.dtype)
     gpu = device.type == "cuda"

@@ -9,8 +9,8 @@ pair, the convention of DreamBooth's CLIP-T / CLIP-I and (almost certainly) of t
 "CLIP-T 0.32". torchmetrics' `CLIPScore` reports `max(100 * cosine, 0)` instead; `x100()` converts.
 Always name the CLIP model next to a number: scores from different CLIP models are not comparable.
 
-CLIP goes through torchmetrics' own CLIP score code (`_clip_score_update`: processor, features,
-normalisation), fed by the callable `model_name_or_path` hook of `CLIPScore`. With transformers 5,
+CLIP goes through torchmetrics' own CLIP score code (`_clip_score_update`, wrapped in helpers.compat:
+processor, features, normalisation), fed by the callable `model_name_or_path` hook of `CLIPScore`. With transformers 5,
 `CLIPModel.get_{image,text}_features` return output objects (the projected embedding is in
 `.pooler_output`) where torchmetrics expects tensors; `TensorFeatures` is the thin wrapper that fixes
 that (and exposes `.config`, which torchmetrics reads). torchmetrics' public `clip_score` / `CLIPScore`
@@ -30,6 +30,8 @@ from typing import Union
 import numpy as np
 import torch
 from PIL import Image
+
+from .compat import clip_score_update
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # IP-Adapter paper's and torchmetrics' default
 DEFAULT_DINO = "facebook/dino-vits16"  # DreamBooth's DINO metric
@@ -100,20 +102,6 @@ class TensorFeatures(torch.nn.Module):
         return _as_tensor(self.model.get_image_features(pixel_values=pixel_values, **kwargs))
 
 
-def _clip_score_update():
-    """torchmetrics' per-sample CLIP score function (100 * cosine per pair, unclamped)."""
-    try:
-        from torchmetrics.functional.multimodal.clip_score import _clip_score_update as update, _detect_modality  # noqa: F401
-    except ImportError as e:  # image-image scoring arrived with modality detection
-        import torchmetrics
-
-        raise ImportError(
-            f"helpers.metrics needs torchmetrics' CLIP score with image-image support (torchmetrics 1.9 "
-            f"works; found {torchmetrics.__version__}): pip install -U torchmetrics"
-        ) from e
-    return update
-
-
 class CLIPScorer:
     """One CLIP model, loaded once, scoring image-text and image-image pairs in batches.
 
@@ -141,7 +129,7 @@ class CLIPScorer:
         self.model = TensorFeatures(model).to(self.device).eval()
         self.processor = processor
         self.metric = CLIPScore(model_name_or_path=lambda: (self.model, self.processor))
-        self._update = _clip_score_update()
+        self._update = clip_score_update()
 
     def __repr__(self) -> str:
         return f"CLIPScorer({self.name!r}, device={self.device})"

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from .adapter import ip_adapter_layer_keys, split_official
+from .adapter_file import ip_adapter_layer_keys, split_official
+from .block import TextAwareUNet2DConditionModel
+from .compat import load_ip_adapter_weights
 
 SD15_UNET = dict(
     sample_size=64,
@@ -104,15 +106,10 @@ def random_init(model: torch.nn.Module, seed: int) -> None:
             p.fill_(1.0)
 
 
-_no_init, _random_init = no_init, random_init  # the former private names
-
-
 def real_size_models(variant: str = "vanilla", *, dtype=torch.float32, device="cpu", seed: int = 0):
     """(unet, image_encoder) at SD 1.5 / ViT-H/14 size with random weights and a random IP-Adapter Plus
     loaded through diffusers' own loader; variant "text_aware" adds the text-image block (12 heads)."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    from .adapter import TextAwareUNet2DConditionModel
 
     with no_init():  # the libraries' own initialisers take ~30 s for these 1.5B parameters on a CPU
         unet = TextAwareUNet2DConditionModel(**SD15_UNET)
@@ -120,7 +117,7 @@ def real_size_models(variant: str = "vanilla", *, dtype=torch.float32, device="c
     random_init(unet, seed)
     random_init(encoder, seed + 1)
     sd = random_ip_adapter_plus(unet, image_encoder_dim=VIT_H14["hidden_size"], dim=RESAMPLER_DIM, seed=seed)
-    unet._load_ip_adapter_weights([split_official(sd)], low_cpu_mem_usage=False)
+    load_ip_adapter_weights(unet, split_official(sd))
     if variant == "text_aware":
         unet.add_text_image_attn(heads=RESAMPLER_DIM // 64)
     return unet.to(device=device, dtype=dtype).eval(), encoder.to(device=device, dtype=dtype).eval()

@@ -1,5 +1,7 @@
 """Fine-tune IP-Adapter Plus, vanilla or text-aware, from cached features, with Accelerate.
 
+    result = train(TrainConfig(output_dir=DIR, variant="text_aware"))   # setup, resume, steps, checkpoints
+
     python -m helpers.train --profile tiny|full --variant vanilla|text_aware --output-dir DIR \\
            [--max-steps N] [--checkpoint-every K] [--seed S] [--batch-size B] [--epochs E] ...
 
@@ -15,7 +17,7 @@ distribution.
 
 Every K steps a checkpoint is written atomically under DIR/checkpoints/; running the same command again
 resumes from the newest one (exactly: the data order, noise and dropout of each step depend only on the
-seed and the step). The final adapter goes to DIR/adapter.safetensors (helpers.adapter format), with
+seed and the step; helpers.checkpoints). The final adapter goes to DIR/adapter.safetensors (helpers.adapter format), with
 DIR/config.json and the per-step DIR/loss_log.csv beside it. Under `torchrun`/`accelerate launch` the same
 code runs data-parallel; only the main process writes.
 """
@@ -27,18 +29,20 @@ import csv
 import dataclasses
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-DROP_RATES = {"text": 0.05, "image": 0.05, "both": 0.05}  # IP-Adapter's training recipe
-CHECKPOINTS = "checkpoints"
-ADAPTER_FILE = "adapter.safetensors"
+from .adapter import load_unet
+from .adapter_file import ADAPTER_FILE, adapter_parameters, save_adapter
+from .checkpoints import CheckpointMismatch, list_checkpoints, load_checkpoint, save_checkpoint
+from .env import in_colab, output_root
+from .features import load_feature_cache, prepare_for_training
+from .loss import DROP_RATES, diffusion_loss, drop_masks, epoch_order
+from .profile import get_profile
+
 LOSS_LOG = "loss_log.csv"
 
 
@@ -75,134 +79,38 @@ def choose_mixed_precision(requested: str = "auto") -> str:
     return "bf16" if torch.cuda.get_device_capability()[0] >= 8 else "fp16"
 
 
-def drop_masks(n: int, generator: torch.Generator, rates=DROP_RATES) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which samples lose their text and which their image: one draw per sample, so the three cases
-    (text only, image only, both) are exclusive, with the given rates. Returns two bool tensors (n,)."""
-    r = torch.rand(n, generator=generator)
-    t, i, b = rates["text"], rates["image"], rates["both"]
-    drop_text = (r < t) | ((r >= t + i) & (r < t + i + b))
-    drop_image = ((r >= t) & (r < t + i + b))
-    return drop_text, drop_image
-
-
-def epoch_order(n: int, epoch: int, seed: int, global_batch: int) -> torch.Tensor:
-    """The sample order of one epoch, padded by wrap-around to a multiple of the global batch."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    pad = (-n) % global_batch
-    return torch.cat([perm, perm[:pad]]) if pad else perm
-
-
-def trainable_parameters(unet) -> dict[str, torch.nn.Parameter]:
-    """The adapter's parameters by name: Resampler (encoder_hid_proj), to_k_ip / to_v_ip, text_image_attn."""
-    names = {}
-    for name, p in unet.named_parameters():
-        if name.startswith(("encoder_hid_proj.", "text_image_attn.")) or ".to_k_ip." in name or ".to_v_ip." in name:
-            names[name] = p
-    return names
-
-
-def diffusion_loss(unet, scheduler, batch: dict, generator: torch.Generator, scaling_factor: float) -> torch.Tensor:
-    """The denoising loss of one batch (the same UNet call as sampling: text states plus image features
-    through `added_cond_kwargs["image_embeds"]`).
-
-    batch: latent_mean, latent_std (B,4,h,w); text_embeds (B,77,C); image_embeds (B,257,1280), already
-    dropped out where needed. Noise and timesteps come from `generator` (CPU), so a step is reproducible.
-    """
-    mean, std = batch["latent_mean"], batch["latent_std"]
-    device = mean.device
-    eps_latent = torch.randn(mean.shape, generator=generator).to(device)
-    latents = (mean.float() + std.float() * eps_latent) * scaling_factor
-    noise = torch.randn(latents.shape, generator=generator).to(device)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
-    noisy = scheduler.add_noise(latents, noise, t)
-    weight_dtype = next(p for p in unet.parameters() if not p.requires_grad).dtype
-    pred = unet(noisy.to(weight_dtype), t, encoder_hidden_states=batch["text_embeds"].to(weight_dtype),
-                added_cond_kwargs={"image_embeds": [batch["image_embeds"].to(weight_dtype)[:, None]]}).sample
-    if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, t)
-    else:
-        target = noise
-    return F.mse_loss(pred.float(), target.float())
-
-
 # --------------------------------------------------------------------------------------------------
-# Checkpoints: trainable weights (safetensors), optimizer + scaler state, step; written to a temporary
-# folder and renamed, so a folder named ckpt-NNNNNN is always complete.
-# --------------------------------------------------------------------------------------------------
-
-
-def _checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    folder = output_dir / CHECKPOINTS
-    found = []
-    for p in folder.glob("ckpt-*") if folder.is_dir() else []:
-        if p.is_dir() and p.name[5:].isdigit() and (p / "trainable.safetensors").is_file():
-            found.append((int(p.name[5:]), p))
-    return sorted(found)
-
-
-def _save_checkpoint(output_dir: Path, step: int, params: dict, optimizer, scaler_state, keep: int) -> Path:
-    from safetensors.torch import save_file
-
-    folder = output_dir / CHECKPOINTS
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"ckpt-{step:06d}"
-    tmp = folder / f".tmp-ckpt-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler_state, "step": step}, tmp / "state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for _, old in _checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _load_checkpoint(path: Path, params: dict, optimizer) -> dict:
-    from safetensors.torch import load_file
-
-    saved = load_file(str(path / "trainable.safetensors"))
-    if saved.keys() != params.keys():
-        raise TrainingError(f"{path}: its weights do not match this model ({len(saved)} tensors vs {len(params)}); "
-                            "was it written by another variant? Use another --output-dir.")
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(saved[k])
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    return state
-
-
-# --------------------------------------------------------------------------------------------------
-# The training function
+# The training function, in named steps: setup, resume, one step, checkpoint
 # --------------------------------------------------------------------------------------------------
 
 
 @dataclass
-class TrainResult:
-    adapter: Path
-    steps: int
-    resumed_from: int  # 0 for a fresh run
-    losses: list[float]  # the losses of this process's steps in this call
-    seconds_per_step: float  # median over this call's steps (the first ones excluded when there are many)
-    total_seconds: float
-    peak_gpu_memory_gib: float | None
-    mixed_precision: str
-    model: torch.nn.Module | None = dataclasses.field(default=None, repr=False)  # the trained UNet (main process)
+class Run:
+    """Everything the steps of one training run share, built once by `setup`."""
+
+    config: TrainConfig
+    accelerator: object  # accelerate.Accelerator
+    profile: object  # helpers.profile.Profile
+    out: Path
+    feats: dict[str, torch.Tensor]  # the feature cache (helpers.features), fp16 on the CPU
+    batch_size: int  # per process
+    steps_per_epoch: int
+    max_steps: int
+    every: int  # checkpoint interval in steps
+    model: torch.nn.Module  # the UNet as Accelerate prepared it
+    params: dict[str, torch.nn.Parameter]  # adapter_parameters(unet): what the optimizer updates, in fp32
+    optimizer: torch.optim.Optimizer
+    scheduler: object  # diffusers DDPMScheduler
+    scaling: float  # the VAE's latent scaling factor
+    settings: dict = dataclasses.field(default_factory=dict)  # config.json: every value this run uses
 
 
-def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
-    """Train one adapter as configured; resumes from DIR's newest checkpoint. Returns a TrainResult."""
+def setup(config: TrainConfig, *, progress: bool = True) -> Run:
+    """Data and feature cache (built if missing), the UNet with the adapter (trainable in fp32, the rest frozen
+    in the mixed-precision dtype), AdamW and the noise scheduler, prepared by Accelerate."""
     from accelerate import Accelerator
-    from diffusers import DDPMScheduler
-    from tqdm.auto import tqdm
-
-    from .adapter import load_unet, save_adapter
-    from .data import load_feature_cache, prepare_for_training
-    from .env import in_colab, output_root
-    from .profile import get_profile
-
     from accelerate.utils import set_seed
+    from diffusers import DDPMScheduler
 
     mp = choose_mixed_precision(config.mixed_precision)
     # cpu=True without a GPU: then torchrun gives Accelerate a multi-CPU (gloo) run instead of N lone ones
@@ -213,24 +121,20 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     batch_size = config.batch_size or profile.train_batch_size
     lr = config.learning_rate or profile.learning_rate
     wd = profile.weight_decay if config.weight_decay is None else config.weight_decay
-    every = config.checkpoint_every or profile.checkpoint_every
-    out = Path(config.output_dir)
     data_dir = Path(config.data_dir) if config.data_dir else output_root(colab=in_colab(), drive=False) / "data"
 
     with accelerator.main_process_first():  # the main process builds data and cache; the others then read them
         _, cache_path = prepare_for_training(profile, data_dir, progress=progress and main)
     feats, _ = load_feature_cache(cache_path)
     n = feats["image_embeds"].shape[0]
-    global_batch = batch_size * accelerator.num_processes
-    steps_per_epoch = math.ceil(n / global_batch)
-    epochs = config.epochs or profile.num_epochs
-    max_steps = config.max_steps or profile.max_train_steps or epochs * steps_per_epoch
+    steps_per_epoch = math.ceil(n / (batch_size * accelerator.num_processes))
+    max_steps = config.max_steps or profile.max_train_steps or (config.epochs or profile.num_epochs) * steps_per_epoch
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp, torch.float32)
     unet = load_unet(profile.base_model, profile.ip_adapter, variant=config.variant,
                      image_encoder_dim=feats["image_embeds"].shape[-1], device=accelerator.device, dtype=weight_dtype)
     unet.requires_grad_(False)
-    params = trainable_parameters(unet)
+    params = adapter_parameters(unet)
     for p in params.values():
         p.data = p.data.float()  # trainable weights stay fp32 (GradScaler needs them so)
         p.requires_grad_(True)
@@ -239,101 +143,152 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         unet.enable_gradient_checkpointing()
     unet.train()
     optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=wd)
-    scheduler = DDPMScheduler.from_pretrained(profile.base_model, subfolder="scheduler")
     model, optimizer = accelerator.prepare(unet, optimizer)
+    every = config.checkpoint_every or profile.checkpoint_every
+    settings = {**dataclasses.asdict(config), "batch_size": batch_size, "learning_rate": lr, "weight_decay": wd,
+                "checkpoint_every": every, "max_steps": max_steps, "steps_per_epoch": steps_per_epoch,
+                "train_images": n, "mixed_precision": mp, "gradient_checkpointing": use_ckpt,
+                "profile": profile.name, "base_model": profile.base_model, "ip_adapter": profile.ip_adapter,
+                "drop_rates": DROP_RATES, "num_processes": accelerator.num_processes,
+                "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+    return Run(config, accelerator, profile, Path(config.output_dir), feats, batch_size, steps_per_epoch, max_steps,
+               every, model, params, optimizer, DDPMScheduler.from_pretrained(profile.base_model, subfolder="scheduler"),
+               _vae_scaling_factor(profile.base_model), settings)
 
-    start = 0
-    found = _checkpoints(out)
-    if found:
-        start, path = found[-1]
-        state = _load_checkpoint(path, params, optimizer)
-        if state.get("scaler") and accelerator.scaler is not None:
-            accelerator.scaler.load_state_dict(state["scaler"])
-        if main:
-            print(f"Resuming from {path} (step {start} of {max_steps}).")
-    run_config = {**dataclasses.asdict(config), "batch_size": batch_size, "learning_rate": lr, "weight_decay": wd,
-                  "checkpoint_every": every, "max_steps": max_steps, "steps_per_epoch": steps_per_epoch,
-                  "train_images": n, "mixed_precision": mp, "gradient_checkpointing": use_ckpt,
-                  "profile": profile.name, "base_model": profile.base_model, "ip_adapter": profile.ip_adapter,
-                  "drop_rates": DROP_RATES, "num_processes": accelerator.num_processes,
-                  "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+
+def resume(run: Run) -> int:
+    """Load the newest complete checkpoint of run.out, if any (and say so); returns the step to start from."""
+    found = list_checkpoints(run.out)
+    if not found:
+        return 0
+    start, path = found[-1]
+    try:
+        state = load_checkpoint(path, run.params, run.optimizer)
+    except CheckpointMismatch as e:
+        raise TrainingError(str(e)) from None
+    if state.get("scaler") and run.accelerator.scaler is not None:
+        run.accelerator.scaler.load_state_dict(state["scaler"])
+    if run.accelerator.is_main_process:
+        print(f"Resuming from {path} (step {start} of {run.max_steps}).")
+    return start
+
+
+def step_batch(run: Run, step: int) -> tuple[dict[str, torch.Tensor], torch.Generator]:
+    """This process's batch for `step`, with text and image dropped out, on the device, and the generator that
+    then draws the step's noise. Both depend only on the seed, the step and the process: a resumed run sees
+    exactly what an uninterrupted one sees.
+
+    batch: latent_mean, latent_std (B, 4, r/8, r/8); text_embeds (B, 77, C); image_embeds (B, 257, 1280)
+    """
+    acc, feats, b = run.accelerator, run.feats, run.batch_size
+    global_batch = b * acc.num_processes
+    epoch, pos = divmod(step, run.steps_per_epoch)
+    rows = epoch_order(len(feats["image_embeds"]), epoch, run.config.seed, global_batch)[pos * global_batch:(pos + 1) * global_batch]
+    rows = rows[acc.process_index * b:(acc.process_index + 1) * b]
+    g = torch.Generator().manual_seed(run.config.seed * 1_000_003 + step * 1_009 + acc.process_index)
+    drop_text, drop_image = drop_masks(len(rows), g)
+    batch = {
+        "latent_mean": feats["latent_mean"][rows],
+        "latent_std": feats["latent_std"][rows],
+        "text_embeds": torch.where(drop_text[:, None, None], feats["null_text_embeds"], feats["text_embeds"][rows]),
+        "image_embeds": torch.where(drop_image[:, None, None], feats["null_image_embeds"], feats["image_embeds"][rows]),
+    }
+    return {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}, g
+
+
+def training_step(run: Run, step: int) -> float:
+    """One optimizer step (step counts from 0): the loss of this process's batch, backward, clip, update.
+    Returns the loss. Raises TrainingError on a non-finite loss or when the GPU runs out of memory."""
+    batch, g = step_batch(run, step)
+    try:
+        loss = diffusion_loss(run.model, run.scheduler, batch, g, run.scaling)
+        if not torch.isfinite(loss):
+            last = list_checkpoints(run.out)
+            raise TrainingError(
+                f"the loss became {loss.item()} at step {step + 1}; stopped. The last good checkpoint is "
+                f"{last[-1][1] if last else 'none (no checkpoint written yet)'}. Try a lower --learning-rate, "
+                "or --mixed-precision no to rule out fp16 overflow.")
+        run.accelerator.backward(loss)
+        if run.accelerator.sync_gradients and run.config.max_grad_norm:
+            run.accelerator.clip_grad_norm_(list(run.params.values()), run.config.max_grad_norm)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    except torch.cuda.OutOfMemoryError:
+        raise TrainingError(
+            f"out of GPU memory at batch size {run.batch_size} ({run.settings['mixed_precision']}). Lower "
+            "--batch-size (e.g. 2) or turn on --gradient-checkpointing (about 30% slower, far less activation "
+            "memory); free other notebooks' GPU memory (Runtime > Restart) first.") from None
+    return loss.detach().float().item()
+
+
+def checkpoint(run: Run, step: int) -> None:
+    """Every run.every steps and at the end: all processes wait, the main one writes the checkpoint."""
+    if step % run.every and step != run.max_steps:
+        return
+    run.accelerator.wait_for_everyone()
+    if run.accelerator.is_main_process:
+        scaler = run.accelerator.scaler.state_dict() if run.accelerator.scaler is not None else None
+        save_checkpoint(run.out, step, run.params, run.optimizer, scaler, run.config.keep_checkpoints)
+
+
+@dataclass
+class TrainResult:
+    adapter: Path
+    steps: int
+    resumed_from: int  # 0 for a fresh run
+    losses: list[float]  # the losses of this process's steps in this call
+    seconds_per_step: float  # median over this call's steps (the first ones excluded when there are many)
+    total_seconds: float
+    peak_gpu_memory_gib: float | None  # None on a CPU
+    mixed_precision: str
+
+
+def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
+    """Train one adapter as configured; resumes from DIR's newest checkpoint. Returns a TrainResult."""
+    from tqdm.auto import tqdm
+
+    run = setup(config, progress=progress)
+    main = run.accelerator.is_main_process
+    start = resume(run)
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(run_config, indent=2))
-        _truncate_log(out / LOSS_LOG, start)
-
-    null_text, null_image = feats["null_text_embeds"], feats["null_image_embeds"]
-    scaling = _vae_scaling_factor(profile.base_model)
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / "config.json").write_text(json.dumps(run.settings, indent=2))
+        _truncate_log(run.out / LOSS_LOG, start)
     losses, times = [], []
     t_start = time.perf_counter()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    bar = tqdm(total=max_steps, initial=start, disable=not (progress and main), desc=f"train {config.variant}",
+    bar = tqdm(total=run.max_steps, initial=start, disable=not (progress and main), desc=f"train {config.variant}",
                unit="step")
     step = start
     try:
-        while step < max_steps:
-            epoch, pos = divmod(step, steps_per_epoch)
-            order = epoch_order(n, epoch, config.seed, global_batch)
-            rows = order[pos * global_batch:(pos + 1) * global_batch]
-            rows = rows[accelerator.process_index * batch_size:(accelerator.process_index + 1) * batch_size]
-            g = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 1_009 + accelerator.process_index)
-            drop_text, drop_image = drop_masks(len(rows), g)
-            batch = {
-                "latent_mean": feats["latent_mean"][rows],
-                "latent_std": feats["latent_std"][rows],
-                "text_embeds": torch.where(drop_text[:, None, None], null_text, feats["text_embeds"][rows]),
-                "image_embeds": torch.where(drop_image[:, None, None], null_image, feats["image_embeds"][rows]),
-            }
-            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+        while step < run.max_steps:
             t0 = time.perf_counter()
-            try:
-                loss = diffusion_loss(model, scheduler, batch, g, scaling)
-                if not torch.isfinite(loss):
-                    last = _checkpoints(out)
-                    raise TrainingError(
-                        f"the loss became {loss.item()} at step {step + 1}; stopped. The last good checkpoint is "
-                        f"{last[-1][1] if last else 'none (no checkpoint written yet)'}. Try a lower --learning-rate, "
-                        "or --mixed-precision no to rule out fp16 overflow.")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm:
-                    accelerator.clip_grad_norm_(list(params.values()), config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            except torch.cuda.OutOfMemoryError:
-                raise TrainingError(
-                    f"out of GPU memory at batch size {batch_size} ({mp}). Lower --batch-size (e.g. 2) or turn on "
-                    "--gradient-checkpointing (about 30% slower, far less activation memory); free other "
-                    "notebooks' GPU memory (Runtime > Restart) first.") from None
+            value = training_step(run, step)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
             step += 1
-            value = loss.detach().float().item()
             losses.append(value)
             if main:
-                with open(out / LOSS_LOG, "a", newline="") as f:
-                    csv.writer(f).writerow([step, epoch, f"{value:.6f}", f"{times[-1]:.4f}"])
+                with open(run.out / LOSS_LOG, "a", newline="") as f:
+                    csv.writer(f).writerow([step, (step - 1) // run.steps_per_epoch, f"{value:.6f}", f"{times[-1]:.4f}"])
                 bar.set_postfix(loss=f"{value:.4f}", s_per_step=f"{times[-1]:.2f}")
             bar.update(1)
-            if step % every == 0 or step == max_steps:
-                accelerator.wait_for_everyone()
-                if main:
-                    scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-                    _save_checkpoint(out, step, params, optimizer, scaler, config.keep_checkpoints)
+            checkpoint(run, step)
     finally:
         bar.close()
-    accelerator.wait_for_everyone()
-    adapter_path = out / ADAPTER_FILE
+    run.accelerator.wait_for_everyone()
+    adapter_path = run.out / ADAPTER_FILE
     if main:
-        final = accelerator.unwrap_model(model)
-        save_adapter(final, adapter_path, metadata={"base_model": profile.base_model, "training_config": run_config})
+        save_adapter(run.accelerator.unwrap_model(run.model), adapter_path,
+                     metadata={"base_model": run.profile.base_model, "training_config": run.settings})
     steady = times[2:] if len(times) > 5 else times
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     return TrainResult(adapter=adapter_path, steps=step, resumed_from=start, losses=losses,
                        seconds_per_step=float(sorted(steady)[len(steady) // 2]) if steady else float("nan"),
-                       total_seconds=time.perf_counter() - t_start, peak_gpu_memory_gib=peak, mixed_precision=mp,
-                       model=accelerator.unwrap_model(model))
+                       total_seconds=time.perf_counter() - t_start, peak_gpu_memory_gib=peak,
+                       mixed_precision=run.settings["mixed_precision"])
 
 
 def _vae_scaling_factor(base_model) -> float:
@@ -386,6 +341,7 @@ def main(argv=None) -> TrainResult:
     if result.adapter.is_file():
         print(f"Wrote {result.adapter} after {result.steps} steps ({result.seconds_per_step:.2f} s/step).")
     return result
+
 
 
 if __name__ == "__main__":

@@ -21,8 +21,10 @@ from pathlib import Path
 import ipywidgets as widgets
 from PIL import Image
 
-from . import sampling
-from .sampling import ModelBank, Sample, png_bytes
+from . import sample_files, sampling
+from .bank import ModelBank
+from .images import png_bytes
+from .sampling import Sample
 
 UPLOAD_PREFIX = "upload:"
 
@@ -191,12 +193,12 @@ class SamplingPanel:
         return samples
 
     def save(self) -> list[Path]:
-        """Save the last results with their settings (helpers.sampling.save_samples). Returns the files."""
+        """Save the last results with their settings (helpers.sample_files.save_samples). Returns the files."""
         if not self.last_samples:
             raise ValueError("nothing to save yet: press Generate first")
         if self.out_dir is None:
             raise ValueError("this panel has no out_dir: create it with SamplingPanel(..., out_dir=folder)")
-        self.last_saved = sampling.save_samples(self.last_samples, self.out_dir)
+        self.last_saved = sample_files.save_samples(self.last_samples, self.out_dir)
         self.status.value = f"Saved {len(self.last_saved)} images and their settings to {self.out_dir}"
         return self.last_saved
 

@@ -4,7 +4,8 @@ from pathlib import Path
 import torch
 
 from helpers.adapter import load_pipeline, save_adapter
-from helpers.sampling import ADAPTER_FILE, FINETUNED, adapter_parameters
+from helpers.adapter_file import ADAPTER_FILE, adapter_parameters
+from helpers.bank import FINETUNED
 
 
 def write_finetuned_adapters(profile, runs_dir, *, seed: int = 0) -> dict[str, Path]:
@@ -15,9 +16,7 @@ def write_finetuned_adapters(profile, runs_dir, *, seed: int = 0) -> dict[str, P
     paths = {}
     for name, (folder, variant) in FINETUNED.items():
         pipe = load_pipeline(profile.base_model, profile.ip_adapter, variant=variant, device="cpu")
-        params = list(adapter_parameters(pipe.unet).values())
-        if variant == "text_aware":
-            params += list(pipe.unet.text_image_attn.parameters())
+        params = list(adapter_parameters(pipe.unet).values())  # with the text-image block when text-aware
         with torch.no_grad():
             for p in params:
                 p.add_(0.05 * torch.randn(p.shape, generator=g))

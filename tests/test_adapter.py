@@ -8,14 +8,9 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
 
 from helpers import tiny
-from helpers.adapter import (
-    AdapterFileError,
-    TextImageCrossAttention,
-    adapter_state_dict,
-    load_pipeline,
-    recording_text_attention,
-    save_adapter,
-)
+from helpers.adapter import load_pipeline
+from helpers.adapter_file import AdapterFileError, adapter_state_dict, save_adapter
+from helpers.block import TextImageCrossAttention, recording_text_attention
 
 PROMPT = "a cartoon drawing of a boy with blue hair"
 

@@ -12,9 +12,10 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from helpers import data
-from helpers.data import (DataSourceError, cache_features, feature_fingerprint, hash_distances, load_feature_cache,
-                          load_prepared, prepare_dataset, prepare_for_training, split_by_group)
+from helpers import data, features
+from helpers.data import DataSourceError, load_prepared, prepare_dataset
+from helpers.duplicates import MAX_HASH_DISTANCE, hash_distances, split_by_group
+from helpers.features import cache_features, feature_fingerprint, load_feature_cache, prepare_for_training
 from helpers.tiny import draw_character
 
 RES = 32  # training resolution for the hand-made folders (images are 48 px: shorter side >= RES / 2)
@@ -256,8 +257,8 @@ def test_hashes_find_mirrors_and_near_duplicates_but_not_other_drawings():
     other = draw_character(3, "waving", 2)
     _, d = hash_distances([im, ImageOps.mirror(im), jpeg, other])
     assert d[0, 1] == 0 and d[1, 0] == 0  # an exact mirror
-    assert d[0, 2] <= data.MAX_HASH_DISTANCE  # re-encoded and rescaled
-    assert d[0, 3] > data.MAX_HASH_DISTANCE and d[1, 3] > data.MAX_HASH_DISTANCE
+    assert d[0, 2] <= MAX_HASH_DISTANCE  # re-encoded and rescaled
+    assert d[0, 3] > MAX_HASH_DISTANCE and d[1, 3] > MAX_HASH_DISTANCE
 
 
 @pytest.fixture(scope="module")
@@ -360,8 +361,8 @@ def test_feature_cache_is_reused_and_rebuilt_when_data_changes(tiny_profile, tin
     kw = dict(base_model=tiny_profile.base_model, ip_adapter=tiny_profile.ip_adapter, resolution=tiny_profile.resolution,
               filename=path.name, progress=False)
     loads = []
-    real_load = data.load_pipeline
-    monkeypatch.setattr(data, "load_pipeline", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    real_load = features.load_pipeline
+    monkeypatch.setattr(features, "load_pipeline", lambda *a, **k: loads.append(1) or real_load(*a, **k))
     assert cache_features(prep.train, tmp_path, **kw) == copy
     assert loads == [] and copy.stat().st_mtime_ns == stamp  # same data and models: no model loaded, file untouched
     n = 6  # a smaller split keeps the rebuild quick; its first caption changes
@@ -394,7 +395,7 @@ def test_prepare_for_training_is_idempotent(tiny_profile, tiny_data, monkeypatch
     prep, path, folder = tiny_data
     assert path.parent == folder and (folder / "train").is_dir() and (folder / "test").is_dir()
     assert {"dataset"} == set(prep.train["caption_source"])  # the tiny dataset has captions
-    monkeypatch.setattr(data, "load_pipeline", lambda *a, **k: pytest.fail("cache rebuilt although nothing changed"))
+    monkeypatch.setattr(features, "load_pipeline", lambda *a, **k: pytest.fail("cache rebuilt although nothing changed"))
     monkeypatch.setattr(data, "decode_image", lambda *a, **k: pytest.fail("data re-prepared although nothing changed"))
     again, again_path = prepare_for_training(tiny_profile, folder, progress=False)
     assert again_path == path and list(again.train["id"]) == list(prep.train["id"])

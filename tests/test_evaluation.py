@@ -7,6 +7,9 @@ import pytest
 from PIL import Image, ImageOps
 
 from helpers import evaluation as ev
+from helpers import figures, stats
+from helpers.bank import MODEL_NAMES
+from helpers.sampling import Reference, pick_references
 
 
 @dataclass
@@ -53,21 +56,21 @@ EDITS = {"setting": ["a cartoon character on a beach", "a cartoon character in a
 
 def test_references_one_per_group_from_the_test_split(split):
     train, test = split
-    refs = ev.pick_references(test, 4, seed=0)
+    refs = pick_references(test, 4, seed=0)
     assert len(refs) == 4 and len({r.group for r in refs}) == 4
-    assert len(ev.pick_references(test, 100)) == len({r["group"] for r in test})
+    assert len(pick_references(test, 100)) == len({r["group"] for r in test})
     ev.check_held_out(refs, train)  # held-out references pass
 
 
 def test_training_references_are_refused(split):
     train, test = split
     row = train[0]
-    same = ev.Reference(row["id"], row["image"], row["text"], str(row["group"]))
+    same = Reference(row["id"], row["image"], row["text"], str(row["group"]))
     with pytest.raises(ev.TrainingImageError, match=f"reference {row['id']!r}.*id is in the training split"):
         ev.check_held_out([same], train)
     # a mirrored, resized copy under a new id and group is still found (perceptual hash), also when the
     # training split does not hold the mirrored twin
-    copy = ev.Reference("new", ImageOps.mirror(row["image"]).resize((96, 96)), row["text"], "new-group")
+    copy = Reference("new", ImageOps.mirror(row["image"]).resize((96, 96)), row["text"], "new-group")
     with pytest.raises(ev.TrainingImageError, match="reference 'new': it matches training image"):
         ev.check_held_out([copy], train)
     no_twin = [r for r in train if r["group"] != row["group"] or r["id"] == row["id"]]
@@ -82,7 +85,7 @@ def test_training_references_are_refused(split):
 
 
 def test_prompts_own_caption_plus_rotating_edits(split):
-    refs = ev.pick_references(split[1], 6)
+    refs = pick_references(split[1], 6)
     specs = ev.build_prompts(refs, EDITS, 2)
     for r in refs:
         mine = [s for s in specs if s.reference == r.id]
@@ -97,7 +100,7 @@ def test_prompts_own_caption_plus_rotating_edits(split):
 
 def test_grid_writes_one_csv_row_per_image(split, tiny_profile, tmp_path):
     train, test = split
-    refs = ev.pick_references(test, 3)
+    refs = pick_references(test, 3)
     specs = ev.build_prompts(refs, EDITS, 1)
     models, scales, seeds = ["pretrained", "finetuned-vanilla"], (0.5, 1.0), (0, 1)
     result = ev.run_grid(models, refs, specs, train=train, scales=scales, seeds=seeds, out_dir=tmp_path,
@@ -129,7 +132,7 @@ def test_bootstrap_contains_the_mean_and_narrows_with_more_references():
     widths = []
     for n in (8, 200):
         values = rng.normal(0.3, 0.05, n)
-        mean, lo, hi = ev.bootstrap_ci(values, seed=1)
+        mean, lo, hi = stats.bootstrap_ci(values, seed=1)
         assert lo < mean < hi and mean == pytest.approx(values.mean())
         widths.append(hi - lo)
     assert widths[1] < widths[0] / 2
@@ -141,12 +144,12 @@ def test_bootstrap_resamples_references_not_images():
     # 50 images per reference, nearly identical: they are not 500 independent samples
     values = np.repeat(per_reference, 50) + rng.normal(0, 1e-6, 500)
     groups = np.repeat([f"ref{i}" for i in range(10)], 50)
-    grouped = ev.bootstrap_ci(values, groups, seed=2)
-    alone = ev.bootstrap_ci(per_reference, seed=2)
+    grouped = stats.bootstrap_ci(values, groups, seed=2)
+    alone = stats.bootstrap_ci(per_reference, seed=2)
     assert grouped == pytest.approx(alone, abs=1e-5)
-    naive = ev.bootstrap_ci(values, seed=2)
+    naive = stats.bootstrap_ci(values, seed=2)
     assert naive[2] - naive[1] < (grouped[2] - grouped[1]) / 3
-    assert np.isnan(ev.bootstrap_ci([0.3, 0.4], ["a", "a"])[1])  # one reference: no interval
+    assert np.isnan(stats.bootstrap_ci([0.3, 0.4], ["a", "a"])[1])  # one reference: no interval
 
 
 def synthetic_rows(offsets, n_refs=12, scales=(0.3, 0.5, 0.7, 1.0), seed=0):
@@ -166,58 +169,58 @@ def synthetic_rows(offsets, n_refs=12, scales=(0.3, 0.5, 0.7, 1.0), seed=0):
 
 def test_headline_is_computed_from_the_rows():
     rows = synthetic_rows({"pretrained": 0.0, "finetuned-vanilla": 0.01, "finetuned-text-aware": 0.03})
-    g = ev.matched_gain(rows, "finetuned-text-aware", "finetuned-vanilla")
+    g = stats.matched_gain(rows, "finetuned-text-aware", "finetuned-vanilla")
     assert g.gain == pytest.approx(0.02, abs=1e-9) and g.low <= g.gain <= g.high and g.n_references == 12
-    text = ev.headline(rows)
+    text = stats.headline(rows)
     assert f"{g.gain:.3f} higher than finetuned-vanilla" in text and "tiny-clip" in text
     # change the rows: the headline follows
     for r in rows:
         if r["model"] == "finetuned-text-aware":
             r["clip_t"] -= 0.05
-    g2 = ev.matched_gain(rows, "finetuned-text-aware", "finetuned-vanilla")
+    g2 = stats.matched_gain(rows, "finetuned-text-aware", "finetuned-vanilla")
     assert g2.gain == pytest.approx(g.gain - 0.05, abs=1e-9)
-    assert ev.headline(rows) != text and f"{abs(g2.gain):.3f} lower than finetuned-vanilla" in ev.headline(rows)
-    assert ev.headline(rows, random_weights=True).startswith("RANDOM WEIGHTS")
+    assert stats.headline(rows) != text and f"{abs(g2.gain):.3f} lower than finetuned-vanilla" in stats.headline(rows)
+    assert stats.headline(rows, random_weights=True).startswith("RANDOM WEIGHTS")
 
 
 def test_headline_says_when_a_model_is_missing_or_curves_do_not_meet():
     rows = synthetic_rows({"pretrained": 0.0, "finetuned-vanilla": 0.01})
-    text = ev.headline(rows)
+    text = stats.headline(rows)
     assert "finetuned-text-aware was not evaluated" in text and "finetuned-vanilla has a CLIP-T" in text
     apart = synthetic_rows({"finetuned-vanilla": 0.0, "finetuned-text-aware": 0.0})
     for r in apart:
         if r["model"] == "finetuned-text-aware":
             r["clip_i"] += 1.0  # no CLIP-I in common
-    assert ev.matched_gain(apart, "finetuned-text-aware", "finetuned-vanilla") is None
-    assert "cannot be compared at matched CLIP-I: their CLIP-I ranges do not overlap" in ev.headline(apart)
+    assert stats.matched_gain(apart, "finetuned-text-aware", "finetuned-vanilla") is None
+    assert "cannot be compared at matched CLIP-I: their CLIP-I ranges do not overlap" in stats.headline(apart)
 
 
 def test_summary_plot_and_seed_table():
     rows = synthetic_rows({"pretrained": 0.0, "finetuned-text-aware": 0.03}, n_refs=5)
-    summary = ev.summarize(rows, prompt_kind=ev.EDIT, n_boot=200)
+    summary = stats.summarize(rows, prompt_kind=ev.EDIT, n_boot=200)
     assert len(summary) == 2 * 4 and (summary["n_references"] == 5).all() and (summary["n_images"] == 5).all()
     frame = pd.DataFrame(rows)
     cell = frame[(frame["model"] == "pretrained") & (frame["scale"] == 0.5) & (frame["prompt_kind"] == ev.EDIT)]
     line = summary[(summary["model"] == "pretrained") & (summary["scale"] == 0.5)].iloc[0]
     assert line["clip_t"] == pytest.approx(cell["clip_t"].mean()) and line["clip_t_lo"] <= line["clip_t"] <= line["clip_t_hi"]
     assert line["clip_t_x100"] == pytest.approx(100 * cell["clip_t"].mean())
-    fig = ev.tradeoff_plot(summary, clip_model="tiny-clip")
+    fig = figures.tradeoff_plot(summary, clip_model="tiny-clip")
     assert len(fig.axes) == 2 and [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["pretrained", "finetuned-text-aware"]
-    table = ev.seed_comparison(rows)
-    assert table["CLIP-T (plain cosine)"].iloc[0] == f"{ev.SEED_PROJECT_CLIP_T:.2f}" and len(table) == 1 + 2 * 2
+    table = stats.seed_comparison(rows)
+    assert table["CLIP-T (plain cosine)"].iloc[0] == f"{stats.SEED_PROJECT_CLIP_T:.2f}" and len(table) == 1 + 2 * 2
 
 
 def test_side_by_side_and_scale_sweep_grids(split):
     sampling = pytest.importorskip("helpers.sampling")
-    refs = ev.pick_references(split[1], 3)
+    refs = pick_references(split[1], 3)
     specs = ev.build_prompts(refs, EDITS, 1)
-    fakes = fake_generate(list(ev.MODELS), {r.id: r.image for r in refs},
+    fakes = fake_generate(list(MODEL_NAMES), {r.id: r.image for r in refs},
                           {r.id: [p.prompt for p in specs if p.reference == r.id] for r in refs}, scales=(0.3, 0.5, 1.0))
     ref_image = {r.id: r.image for r in refs}
     samples = [sampling.Sample(f.image, f.model, f.reference, f.prompt, f.scale, f.seed, f.steps, f.guidance,
                                reference_image=ref_image[f.reference]) for f in fakes]
-    grid = ev.side_by_side(samples, n_rows=2, prompts=specs)
-    assert grid.info["cols"] == list(ev.MODELS) and len(grid.info["rows"]) == 2
+    grid = figures.side_by_side(samples, n_rows=2, prompts=specs)
+    assert grid.info["cols"] == list(MODEL_NAMES) and len(grid.info["rows"]) == 2
     assert all(any(p.prompt in row for p in specs if p.kind == ev.EDIT) for row in grid.info["rows"])
-    sweep = ev.scale_sweep(samples, refs[0].id, refs[0].caption)
-    assert sweep.info["rows"] == list(ev.MODELS) and sweep.info["cols"] == ["scale 0.3", "scale 0.5", "scale 1"]
+    sweep = figures.scale_sweep(samples, refs[0].id, refs[0].caption)
+    assert sweep.info["rows"] == list(MODEL_NAMES) and sweep.info["cols"] == ["scale 0.3", "scale 0.5", "scale 1"]

@@ -8,8 +8,11 @@ import torch
 from _adapters import write_finetuned_adapters
 from PIL import Image
 
-from helpers import sampling
-from helpers.adapter import adapter_state_dict, load_pipeline
+from helpers import sample_files, sampling
+from helpers.adapter import load_pipeline
+from helpers.adapter_file import adapter_parameters, adapter_state_dict, official_to_live
+from helpers.bank import load_models
+from helpers.figures import image_grid
 from helpers.sampling import Sample
 
 STEPS = 2
@@ -23,7 +26,7 @@ def runs(tiny_profile, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bank(tiny_profile, runs):
-    return sampling.load_models(tiny_profile, runs[0], device="cpu", verbose=False)
+    return load_models(tiny_profile, runs[0], device="cpu", verbose=False)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +41,7 @@ def pixels(image):
 def test_bank_offers_three_models_over_one_pipeline(bank):
     assert bank.names == ["pretrained", "finetuned-vanilla", "finetuned-text-aware"] and bank.missing == {}
     unet = bank.pipe.unet
-    live = sampling.adapter_parameters(unet)
+    live = adapter_parameters(unet, block=False)
     key = "ip_adapter.1.to_k_ip.0.weight"
     seen = {}
     for name in bank.names:
@@ -53,8 +56,8 @@ def test_bank_offers_three_models_over_one_pipeline(bank):
 
 def test_official_keys_map_onto_the_live_parameters(bank):
     unet = bank.use("finetuned-text-aware").unet
-    live = sampling.adapter_parameters(unet)
-    converted = sampling.official_to_live(adapter_state_dict(unet))
+    live = adapter_parameters(unet, block=False)
+    converted = official_to_live(adapter_state_dict(unet))
     assert set(converted) == set(live)
     assert all(torch.equal(converted[k], live[k].detach()) for k in live)
 
@@ -114,7 +117,7 @@ def test_per_reference_prompts_and_progress_callback(bank, references):
 
 
 def test_missing_adapters_give_a_clear_message_and_the_pretrained_model(tiny_profile, tmp_path, capsys):
-    bank = sampling.load_models(tiny_profile, tmp_path / "runs", device="cpu")
+    bank = load_models(tiny_profile, tmp_path / "runs", device="cpu")
     assert bank.names == ["pretrained"]
     for name, folder in [("finetuned-vanilla", "vanilla"), ("finetuned-text-aware", "text_aware")]:
         assert str(tmp_path / "runs" / folder / "adapter.safetensors") in bank.missing[name]
@@ -130,7 +133,7 @@ def test_unreadable_or_wrong_adapters_are_reported_not_raised(tiny_profile, runs
     (tmp_path / "vanilla" / "adapter.safetensors").write_bytes(b"not a safetensors file")
     (tmp_path / "text_aware").mkdir()  # a vanilla adapter where the text-aware one should be
     (tmp_path / "text_aware" / "adapter.safetensors").write_bytes(runs[1]["finetuned-vanilla"].read_bytes())
-    bank = sampling.load_models(tiny_profile, tmp_path, device="cpu", verbose=False)
+    bank = load_models(tiny_profile, tmp_path, device="cpu", verbose=False)
     assert bank.names == ["pretrained"]
     assert "not a readable safetensors file" in bank.missing["finetuned-vanilla"]
     assert "is a vanilla adapter" in bank.missing["finetuned-text-aware"]
@@ -151,7 +154,7 @@ def _fake_samples(models=("pretrained", "finetuned-vanilla"), scales=(0.5, 1.0),
 
 def test_grid_has_the_right_size_labels_and_thumbnails():
     samples = _fake_samples()
-    grid = sampling.image_grid(samples, rows="reference", cols=("model", "scale"), cell=100, label_width=120,
+    grid = image_grid(samples, rows="reference", cols=("model", "scale"), cell=100, label_width=120,
                                title="tiny")
     assert grid.info["rows"] == ["a", "b"]
     assert grid.info["cols"] == ["pretrained\nscale 0.5", "pretrained\nscale 1", "finetuned-vanilla\nscale 0.5",
@@ -164,16 +167,16 @@ def test_grid_has_the_right_size_labels_and_thumbnails():
     assert np.asarray(grid.crop((0, header, 120, grid.height))).min() < 128  # row labels were drawn
     assert np.asarray(grid.crop((220, 0, grid.width, header))).min() < 128  # column labels were drawn
     with pytest.raises(ValueError, match="share the cell.*scale"):
-        sampling.image_grid(samples, rows="reference", cols="model")
+        image_grid(samples, rows="reference", cols="model")
 
 
 def test_saved_settings_round_trip(tmp_path):
     samples = _fake_samples(scales=(0.5,))
     samples[0].prompt, samples[0].negative_prompt = 'a "quoted", prompt, with commas', "blurry"
-    paths = sampling.save_samples(samples, tmp_path)
+    paths = sample_files.save_samples(samples, tmp_path)
     assert len(paths) == len(set(paths)) == 4 and all(p.suffix == ".png" for p in paths)
     for s, p in zip(samples, paths):
-        assert sampling.read_settings(p) == s.settings()
+        assert sample_files.read_settings(p) == s.settings()
         with Image.open(p) as im:
             assert im.text["prompt"] == s.prompt and im.text["seed"] == "0"  # readable in any PNG viewer
     rows = json.loads((tmp_path / "index.json").read_text())
@@ -181,15 +184,15 @@ def test_saved_settings_round_trip(tmp_path):
     with open(tmp_path / "index.csv", newline="") as f:
         table = list(csv.DictReader(f))
     assert table[0]["prompt"] == samples[0].prompt and table[0]["model"] == "pretrained"
-    back = sampling.load_saved(tmp_path)
+    back = sample_files.load_saved(tmp_path)
     assert [b.settings() for b in back] == [s.settings() for s in samples]
     assert all(np.array_equal(pixels(b.image), pixels(s.image)) for b, s in zip(back, samples))
-    sampling.save_samples(samples[:1], tmp_path)  # the same image again: no duplicate row
-    sampling.save_samples(_fake_samples(scales=(1.0,))[:1], tmp_path)  # another one: one more row
+    sample_files.save_samples(samples[:1], tmp_path)  # the same image again: no duplicate row
+    sample_files.save_samples(_fake_samples(scales=(1.0,))[:1], tmp_path)  # another one: one more row
     assert len(json.loads((tmp_path / "index.json").read_text())) == 5
     with pytest.raises(ValueError, match="no 'ipa-settings'"):
         Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
-        sampling.read_settings(tmp_path / "plain.png")
+        sample_files.read_settings(tmp_path / "plain.png")
 
 
 def test_held_out_references_come_from_the_test_split(tiny_profile, tmp_path):

@@ -8,7 +8,7 @@ from safetensors import safe_open
 from transformers import CLIPModel, CLIPTokenizer, CLIPVisionModelWithProjection, ViTModel
 
 from helpers import tiny
-from helpers.adapter import ip_adapter_layer_keys
+from helpers.adapter_file import ip_adapter_layer_keys
 
 
 def test_unet_has_sd15_layout_and_16_cross_attention_layers(tiny_root):

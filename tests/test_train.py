@@ -9,8 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import train as T
-from helpers.adapter import adapter_state_dict, load_pipeline, load_unet
-from helpers.data import load_feature_cache, prepare_for_training
+from helpers.adapter import load_pipeline, load_unet
+from helpers.adapter_file import adapter_parameters, adapter_state_dict
+from helpers.checkpoints import list_checkpoints
+from helpers.features import load_feature_cache, prepare_for_training
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +25,24 @@ def data_dir(tiny_profile, tmp_path_factory):
 def config(tmp_path, data_dir, **kw):
     kw = {"variant": "text_aware", "profile": "tiny", "max_steps": 4, "checkpoint_every": 2, **kw}
     return T.TrainConfig(output_dir=str(tmp_path / "run"), data_dir=str(data_dir), **kw)
+
+
+def adapter_names(unet):
+    """unet.named_parameters() names of the adapter's parameters (helpers.adapter_file.adapter_parameters)."""
+    ids = {id(p) for p in adapter_parameters(unet).values()}
+    return {n for n, p in unet.named_parameters() if id(p) in ids}
+
+
+def train_keeping_model(cfg, monkeypatch):
+    """T.train(cfg), and the trained UNet it hands to save_adapter (the main process's model)."""
+    kept, real_save = {}, T.save_adapter
+
+    def save(model, path, **kw):
+        kept["model"] = model
+        return real_save(model, path, **kw)
+
+    monkeypatch.setattr(T, "save_adapter", save)
+    return T.train(cfg, progress=False), kept["model"]
 
 
 def test_dropout_rates_hold_over_many_draws():
@@ -39,7 +59,7 @@ def test_overfitting_a_small_batch_lowers_the_loss(tiny_profile, data_dir):
     unet = load_unet(tiny_profile.base_model, tiny_profile.ip_adapter, variant="text_aware",
                      image_encoder_dim=feats["image_embeds"].shape[-1], device="cpu", dtype=torch.float32)
     unet.requires_grad_(False)
-    params = T.trainable_parameters(unet)
+    params = adapter_parameters(unet)
     for p in params.values():
         p.requires_grad_(True)
     from diffusers import DDPMScheduler
@@ -62,12 +82,12 @@ def test_overfitting_a_small_batch_lowers_the_loss(tiny_profile, data_dir):
     assert after < 0.9 * before, (before, after)  # measured here: 1.099 -> ~0.88
 
 
-def test_only_adapter_parameters_change_and_the_adapter_loads(tiny_profile, data_dir, tmp_path):
-    result = T.train(config(tmp_path, data_dir, max_steps=2), progress=False)
+def test_only_adapter_parameters_change_and_the_adapter_loads(tiny_profile, data_dir, tmp_path, monkeypatch):
+    result, model = train_keeping_model(config(tmp_path, data_dir, max_steps=2), monkeypatch)
     fresh = load_unet(tiny_profile.base_model, tiny_profile.ip_adapter, variant="text_aware", image_encoder_dim=32,
                       device="cpu", dtype=torch.float32)
-    trained = dict(result.model.named_parameters())
-    names = set(T.trainable_parameters(fresh))
+    trained = dict(model.named_parameters())
+    names = adapter_names(fresh)
     assert any(n.startswith("text_image_attn.") for n in names) and any(".to_k_ip." in n for n in names)
     for name, p in fresh.named_parameters():
         if name in names:
@@ -77,7 +97,7 @@ def test_only_adapter_parameters_change_and_the_adapter_loads(tiny_profile, data
     assert len(changed) > 0.9 * len(names)
     assert torch.count_nonzero(trained["text_image_attn.to_out.weight"]) > 0  # the block trained (it starts at 0)
     pipe = load_pipeline(tiny_profile.base_model, tiny_profile.ip_adapter, variant="text_aware", adapter=result.adapter)
-    loaded, saved = adapter_state_dict(pipe.unet), adapter_state_dict(result.model)
+    loaded, saved = adapter_state_dict(pipe.unet), adapter_state_dict(model)
     assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
     assert pipe.adapter_info["variant"] == "text_aware" and '"max_steps": 2' in pipe.adapter_info["training_config"]
     log = T.read_loss_log(tmp_path / "run")
@@ -118,7 +138,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data_dir, tmp_path,
     monkeypatch.setattr(T, "diffusion_loss", nan_at_step_3)
     with pytest.raises(T.TrainingError, match=r"loss became nan at step 3.*ckpt-000002"):
         T.train(config(tmp_path, data_dir, max_steps=4), progress=False)
-    assert [s for s, _ in T._checkpoints(tmp_path / "run")] == [2]
+    assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [2]
 
 
 def test_cli_under_torchrun_two_processes_builds_data_and_writes_once(tmp_path):
@@ -137,11 +157,11 @@ def test_cli_under_torchrun_two_processes_builds_data_and_writes_once(tmp_path):
     assert len(T.read_loss_log(tmp_path / "run")) == 2  # one row per step, written by the main process only
 
 
-def test_gradient_checkpointing_gives_the_same_step(data_dir, tmp_path):
+def test_gradient_checkpointing_gives_the_same_step(data_dir, tmp_path, monkeypatch):
     """Checkpointing recomputes activations; gradients must still reach the adapter inside every block."""
-    plain = T.train(config(tmp_path / "a", data_dir, max_steps=1), progress=False)
-    ckpt = T.train(config(tmp_path / "b", data_dir, max_steps=1, gradient_checkpointing=True), progress=False)
-    a, b = dict(plain.model.named_parameters()), dict(ckpt.model.named_parameters())
-    for name in T.trainable_parameters(plain.model):
+    _, plain = train_keeping_model(config(tmp_path / "a", data_dir, max_steps=1), monkeypatch)
+    _, ckpt = train_keeping_model(config(tmp_path / "b", data_dir, max_steps=1, gradient_checkpointing=True), monkeypatch)
+    a, b = dict(plain.named_parameters()), dict(ckpt.named_parameters())
+    for name in adapter_names(plain):
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
     assert torch.count_nonzero(b["text_image_attn.to_out.weight"]) > 0

@@ -8,7 +8,8 @@ import pytest
 from _adapters import write_finetuned_adapters
 from PIL import Image
 
-from helpers import sampling
+from helpers import sample_files, sampling
+from helpers.bank import load_models
 from helpers.widgets import SamplingPanel, parse_upload
 
 
@@ -16,7 +17,7 @@ from helpers.widgets import SamplingPanel, parse_upload
 def bank(tiny_profile, tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
     write_finetuned_adapters(tiny_profile, runs)
-    return sampling.load_models(tiny_profile, runs, device="cpu", verbose=False)
+    return load_models(tiny_profile, runs, device="cpu", verbose=False)
 
 
 @pytest.fixture
@@ -72,7 +73,7 @@ def test_save_button_writes_images_with_settings(panel, tmp_path):
     panel.save_button.click()
     assert panel.last_error is None
     assert len(panel.last_saved) == 2 and all(p.is_file() for p in panel.last_saved)
-    assert {sampling.read_settings(p)["model"] for p in panel.last_saved} == {"finetuned-vanilla", "finetuned-text-aware"}
+    assert {sample_files.read_settings(p)["model"] for p in panel.last_saved} == {"finetuned-vanilla", "finetuned-text-aware"}
     assert (tmp_path / "samples" / "index.json").is_file() and (tmp_path / "samples" / "index.csv").is_file()
 
 

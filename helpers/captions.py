@@ -1,0 +1,49 @@
+"""Captions for images that have none: a BLIP captioning model, a callable of yours, or a placeholder.
+
+    texts, caption_source = caption(images, captioner)   # captioner: BLIP model id, callable, or None
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from .adapter import default_device_dtype
+from .compat import dtype_kwargs
+
+PLACEHOLDER_CAPTION = "a drawing (placeholder caption: no captioner in this profile)"
+
+
+def blip_captions(images: Sequence[Image.Image], model_id: str, *, batch_size: int = 16, device=None,
+                  max_new_tokens: int = 40, progress: bool = True) -> list[str]:
+    """Caption images with a BLIP captioning model (e.g. Salesforce/blip-image-captioning-base), fp16 on a
+    GPU, batched, with a progress bar. Returns one caption per image."""
+    from tqdm.auto import tqdm
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    device, dtype = default_device_dtype(device)
+    processor = BlipProcessor.from_pretrained(model_id)
+    model = BlipForConditionalGeneration.from_pretrained(model_id, **dtype_kwargs(dtype)).to(device).eval()
+    out: list[str] = []
+    with torch.no_grad(), tqdm(total=len(images), desc="captioning (BLIP)", unit="img", disable=not progress) as bar:
+        for s in range(0, len(images), batch_size):
+            batch = list(images[s:s + batch_size])
+            pixels = processor(images=batch, return_tensors="pt").pixel_values.to(device, dtype)
+            ids = model.generate(pixel_values=pixels, max_new_tokens=max_new_tokens)
+            out += [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
+            bar.update(len(batch))
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def caption(images, captioner, progress) -> tuple[list[str], str]:
+    """(captions, caption_source) for images that have none."""
+    if captioner is None:
+        return [PLACEHOLDER_CAPTION] * len(images), "placeholder"
+    if callable(captioner):
+        return list(captioner(images)), getattr(captioner, "caption_source", "captioner")
+    return blip_captions(images, str(captioner), progress=progress), "blip"

@@ -1,0 +1,344 @@
+"""Every figure and display table of the notebooks, as functions that return a PIL image, a matplotlib
+Figure or a pandas DataFrame (the notebooks show them; tests check what they hold).
+
+    image_grid(samples, rows, cols)          labelled grid of generated images (04, 05)
+    side_by_side / scale_sweep               the evaluation's comparison grids (05)
+    tradeoff_plot(summary)                   consistency against prompt following across IP scales (05)
+    data_flow_diagram(pipe)                  the architecture as boxes and arrows (02)
+    parameter_table(live, sd15, profile)     parameters per part, live and at SD 1.5 size (02, 03)
+    loss_curves(logs)                        training losses, raw and smoothed (03)
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from .adapter_file import adapter_parameters, ip_adapter_layer_keys
+from .bank import MODEL_NAMES, model_order
+from .block import TextImageCrossAttention
+from .sampling import SETTING_NAMES, Sample, as_list
+from .evaluation import PromptSpec
+from .stats import EDIT
+
+METRIC_LABELS = {"clip_t": "CLIP-T (image-prompt cosine)", "clip_i": "CLIP-I (image-reference cosine)",
+                 "dino": "DINO (image-reference cosine)"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Grids of generated images
+# --------------------------------------------------------------------------------------------------
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def _label(sample: Sample, keys: tuple[str, ...]) -> str:
+    parts = []
+    for k in keys:
+        v = getattr(sample, k)
+        parts.append(f"{k} {v:g}" if k in ("scale", "guidance") else f"seed {v}" if k == "seed" else str(v))
+    return "\n".join(parts)
+
+
+def image_grid(samples: list[Sample], rows=("reference", "prompt"), cols=("model", "scale"), *, cell: int | None = None,
+               thumbnails: bool = True, label_width: int | None = None, title: str | None = None) -> Image.Image:
+    """A labelled grid (PIL image): one row per distinct value of the `rows` settings, one column per
+    distinct value of the `cols` settings (in order of first appearance), the reference's thumbnail in the
+    first column. Default: references x prompts down, models x scales across.
+
+    cell: side of each square picture in pixels (default: the image size, at least 128 and at most 256).
+    The labels are also in `grid.info["rows"]`, `grid.info["cols"]` (lists of strings) and `grid.info["title"]`.
+    Raises ValueError if two samples fall in the same cell (add e.g. "seed" to rows or cols).
+    """
+    if not samples:
+        raise ValueError("no samples to lay out")
+    rows, cols = tuple(as_list(rows)), tuple(as_list(cols))
+    for k in rows + cols:
+        if k not in SETTING_NAMES:
+            raise ValueError(f"unknown setting {k!r}: choose from {SETTING_NAMES}")
+    row_keys = list(dict.fromkeys(tuple(getattr(s, k) for k in rows) for s in samples))
+    col_keys = list(dict.fromkeys(tuple(getattr(s, k) for k in cols) for s in samples))
+    cells: dict[tuple, Sample] = {}
+    for s in samples:
+        key = (tuple(getattr(s, k) for k in rows), tuple(getattr(s, k) for k in cols))
+        if key in cells:
+            varying = [k for k in SETTING_NAMES if getattr(s, k) != getattr(cells[key], k)]
+            raise ValueError(f"two samples share the cell {key}: they differ in {varying}; add one of those to "
+                             "rows or cols, or pass fewer samples")
+        cells[key] = s
+    cell = cell or max(128, min(256, samples[0].image.width))
+    font = _font(max(10, cell // 12))
+    line_h = max(12, cell // 10)
+    chars = max(12, int(cell / (cell // 12 * 0.55)))  # characters per line in a cell-wide label
+    label_width = label_width or cell
+    show_ref = thumbnails and "reference" in rows and all(s.reference_image is not None for s in samples)
+    first_of_row = {rk: next(s for (r, _), s in cells.items() if r == rk) for rk in row_keys}
+    row_labels = [_label(first_of_row[rk], rows) for rk in row_keys]
+    col_labels = [_label(next(s for (_, c), s in cells.items() if c == ck), cols) for ck in col_keys]
+    wrap = lambda text, width: "\n".join(textwrap.fill(t, width) for t in text.split("\n"))  # noqa: E731
+    x0 = label_width + (cell if show_ref else 0)
+    width = x0 + cell * len(col_keys)
+    title_lines = textwrap.wrap(title, max(12, int(chars * width / cell))) if title else []
+    label_lines = max(len(wrap(c, chars).split("\n")) for c in col_labels)
+    header = line_h * (len(title_lines) + label_lines) + 8
+    grid = Image.new("RGB", (width, header + cell * len(row_keys)), "white")
+    draw = ImageDraw.Draw(grid)
+    if title_lines:
+        draw.multiline_text((4, 2), "\n".join(title_lines), fill="black", font=font, spacing=2)
+    top = 4 + line_h * len(title_lines)
+    if show_ref:
+        draw.text((label_width + 4, top), "reference", fill="black", font=font)
+    for j, text in enumerate(col_labels):
+        draw.multiline_text((x0 + j * cell + 4, top), wrap(text, chars), fill="black", font=font, spacing=2)
+    for i, rk in enumerate(row_keys):
+        y = header + i * cell
+        draw.multiline_text((4, y + 4), wrap(row_labels[i], int(chars * label_width / cell)), fill="black",
+                            font=font, spacing=2)
+        if show_ref:
+            grid.paste(first_of_row[rk].reference_image.convert("RGB").resize((cell, cell)), (label_width, y))
+        for j, ck in enumerate(col_keys):
+            s = cells.get((rk, ck))
+            if s is not None:
+                resample = Image.NEAREST if s.image.width < cell else Image.LANCZOS
+                grid.paste(s.image.convert("RGB").resize((cell, cell), resample), (x0 + j * cell, y))
+    grid.info.update(rows=row_labels, cols=col_labels, title=title or "")
+    return grid
+
+
+# --------------------------------------------------------------------------------------------------
+# The evaluation: trade-off plot and side-by-side grids
+# --------------------------------------------------------------------------------------------------
+
+
+def tradeoff_plot(summary, *, y: Sequence[str] = ("clip_i", "dino"), x: str = "clip_t", title: str | None = None,
+                  clip_model: str = "", note: str = "", copy_clip_t: float | None = None):
+    """One panel per consistency metric in `y` against `x` (CLIP-T): one curve per model through its IP
+    scales (labelled at each point), 95% bootstrap intervals as error bars. Returns the matplotlib Figure.
+    Up and to the right is better: more like the reference and more like the prompt.
+
+    copy_clip_t: CLIP-T of the unedited references with the same prompts (copy_baseline), drawn as a
+    dashed line: left of it, an image follows the prompt less than the reference itself does."""
+    import matplotlib.pyplot as plt
+
+    ys = [m for m in ([y] if isinstance(y, str) else y) if m in summary]
+    fig, axes = plt.subplots(1, len(ys), figsize=(5.2 * len(ys), 4.4), squeeze=False)
+    for ax, ym in zip(axes[0], ys):
+        for model in model_order(summary["model"]):
+            part = summary[summary["model"] == model].sort_values("scale")
+            xerr = np.abs(np.array([part[x] - part[f"{x}_lo"], part[f"{x}_hi"] - part[x]]))
+            yerr = np.abs(np.array([part[ym] - part[f"{ym}_lo"], part[f"{ym}_hi"] - part[ym]]))
+            ax.errorbar(part[x], part[ym], xerr=np.nan_to_num(xerr), yerr=np.nan_to_num(yerr), marker="o",
+                        capsize=3, elinewidth=0.8, label=model)
+            for _, r in part.iterrows():
+                ax.annotate(f"{r['scale']:g}", (r[x], r[ym]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        if copy_clip_t is not None:
+            ax.axvline(copy_clip_t, color="grey", linestyle="--", linewidth=1)
+            ax.annotate("reference itself", (copy_clip_t, 1), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                        textcoords="offset points", fontsize=8, color="grey")
+        ax.set_xlabel(METRIC_LABELS.get(x, x))
+        ax.set_ylabel(METRIC_LABELS.get(ym, ym))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(title="model (labels: IP scale)", fontsize=8)
+    heading = title or "Consistency vs prompt following across IP-Adapter scales"
+    extra = " · ".join(t for t in (f"CLIP {clip_model}" if clip_model else "", note) if t)
+    fig.suptitle(heading + (f"\n{extra}" if extra else ""), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def side_by_side(samples, *, scale: float | None = None, n_rows: int = 4, prompt_kind: str = EDIT,
+                 prompts: Sequence[PromptSpec] = (), cell: int | None = None, title: str | None = None) -> Image.Image:
+    """A labelled grid (PIL image): rows = (reference, prompt) pairs (up to n_rows, distinct references,
+    `prompt_kind` prompts first), columns = the reference then each model, at one IP scale (default: the
+    scale closest to 0.5) and the first seed. Built with image_grid."""
+    samples = list(samples)
+    if not samples:
+        raise ValueError("no samples to show")
+    scales = sorted({float(s.scale) for s in samples})
+    scale = min(scales, key=lambda v: abs(v - 0.5)) if scale is None else float(scale)
+    seed = min(s.seed for s in samples)
+    kind = {(p.reference, p.prompt): p.kind for p in prompts}
+    pairs = list(dict.fromkeys((s.reference, s.prompt) for s in samples))
+    pairs.sort(key=lambda rp: kind.get(rp, EDIT) != prompt_kind)  # stable: wanted kind first
+    chosen, seen = [], set()
+    for ref, prompt in pairs:
+        if ref not in seen:
+            chosen.append((ref, prompt))
+            seen.add(ref)
+        if len(chosen) == n_rows:
+            break
+    keep = [s for s in samples if float(s.scale) == scale and s.seed == seed and (s.reference, s.prompt) in chosen]
+    keep.sort(key=lambda s: (chosen.index((s.reference, s.prompt)), model_order([s.model, *MODEL_NAMES]).index(s.model)))
+    return image_grid(keep, rows=("reference", "prompt"), cols=("model",), cell=cell,
+                      title=title or f"IP-Adapter scale {scale:g}, seed {seed}")
+
+
+def scale_sweep(samples, reference: str, prompt: str, *, seed: int | None = None, cell: int | None = None,
+                title: str | None = None) -> Image.Image:
+    """One reference and prompt: models down, IP scales across (PIL image via image_grid)."""
+    keep = [s for s in samples if s.reference == reference and s.prompt == prompt]
+    if not keep:
+        raise ValueError(f"no samples for reference {reference!r} with prompt {prompt!r}")
+    seed = min(s.seed for s in keep) if seed is None else seed
+    keep = sorted((s for s in keep if s.seed == seed), key=lambda s: (model_order([s.model, *MODEL_NAMES]).index(s.model), s.scale))
+    return image_grid(keep, rows=("model",), cols=("scale",), cell=cell, thumbnails=False,
+                      title=title or textwrap.shorten(f"{reference}: {prompt}", 90))
+
+
+# --------------------------------------------------------------------------------------------------
+# Notebook 02's diagram and parameter table, notebook 03's loss curves
+# --------------------------------------------------------------------------------------------------
+
+
+_FROZEN, _TRAINED, _NEW, _DATA, _ORANGE = "#e6e6e6", "#cfe3f7", "#fbd3a6", "white", "#c05a00"
+
+
+def data_flow_diagram(pipe, *, random_weights: bool = False):
+    """IP-Adapter Plus with the text-image block, as boxes and arrows: grey frozen, blue trained by IP-Adapter,
+    orange new. Labels give SD 1.5's sizes, and with random_weights (tiny profile) also the live pipeline's,
+    read from its configuration. Returns the matplotlib Figure."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyBboxPatch
+
+    enc = pipe.image_encoder.config
+    resampler = pipe.unet.encoder_hid_proj.image_projection_layers[0]
+    live = {"features": f"{(enc.image_size // enc.patch_size) ** 2 + 1} × {enc.hidden_size}",
+            "tokens": f"{resampler.latents.shape[1]} × {pipe.unet.config.cross_attention_dim}",
+            "text": f"{pipe.tokenizer.model_max_length} × {pipe.text_encoder.config.hidden_size}"}
+
+    def size(real, key):
+        return real + (f"\n(tiny: {live[key]})" if random_weights else "")
+
+    w, h = 2.6, 1.0
+    boxes = {  # name: (x, y of the lower left corner, text, colour)
+        "ref": (0.0, 3.0, "reference image", _DATA),
+        "vit": (3.0, 3.0, "CLIP ViT-H/14\nimage encoder", _FROZEN),
+        "feat": (6.0, 3.0, "penultimate features\n" + size("257 × 1280", "features"), _DATA),
+        "res": (9.0, 3.0, "Resampler\n16 learned queries\n4 layers", _TRAINED),
+        "tok": (12.0, 3.0, "image tokens\n" + size("16 × 768", "tokens"), _DATA),
+        "new": (12.0, 1.5, "NEW: text-image attention\nimage tokens read\nthe prompt", _NEW),
+        "prompt": (0.0, 0.0, "prompt", _DATA),
+        "clipt": (3.0, 0.0, "CLIP text encoder", _FROZEN),
+        "text": (6.0, 0.0, "text states\n" + size("77 × 768", "text"), _DATA),
+        "unet": (15.8, 1.5, "UNet, 16 layers of\ndecoupled cross-attention\n(to_k_ip, to_v_ip trained)", _TRAINED),
+        "img": (19.0, 1.5, "denoised latents\n→ VAE decoder → image", _FROZEN),
+    }
+    fig, ax = plt.subplots(figsize=(17, 4.8))
+    for x, y, text, colour in boxes.values():
+        ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.05", fc=colour, ec="black", lw=1))
+        ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=8)
+
+    def anchor(name, side, shift=0.0):
+        x, y = boxes[name][:2]
+        return {"right": (x + w + 0.05, y + h / 2 + shift), "left": (x - 0.05, y + h / 2 + shift),
+                "top": (x + w / 2 + shift, y + h + 0.05), "bottom": (x + w / 2 + shift, y - 0.05)}[side]
+
+    def arrow(p, q, colour="black", style="-", connection="arc3"):
+        ax.annotate("", xy=q, xytext=p, arrowprops=dict(arrowstyle="-|>", color=colour, lw=1.4, linestyle=style,
+                                                        connectionstyle=connection))
+
+    for a, b in [("ref", "vit"), ("vit", "feat"), ("feat", "res"), ("res", "tok"), ("prompt", "clipt"),
+                 ("clipt", "text"), ("unet", "img")]:
+        arrow(anchor(a, "right"), anchor(b, "left"))
+    arrow(anchor("tok", "bottom"), anchor("new", "top"), _ORANGE)  # text-aware: the tokens go through the new block
+    arrow(anchor("text", "right", 0.2), anchor("new", "left"), _ORANGE)
+    arrow(anchor("new", "right"), anchor("unet", "left"), _ORANGE)
+    arrow(anchor("tok", "right"), anchor("unet", "top"), "grey", "--", "angle,angleA=0,angleB=90")  # vanilla
+    arrow(anchor("text", "right", -0.2), anchor("unet", "bottom"), connection="angle,angleA=0,angleB=90")
+    ax.text(14.8, 3.65, "vanilla: straight to the UNet", fontsize=8, color="grey", style="italic")
+    ax.text(9.6, 1.3, "keys and values", fontsize=8, color=_ORANGE, rotation=22)
+    ax.text(15.2, 1.65, "text-aware\ntokens", fontsize=8, color=_ORANGE, ha="center")
+    ax.text(11.5, 0.05, "keys and values of the UNet's own text cross-attention", fontsize=8)
+    ax.set_xlim(-0.2, 21.8)
+    ax.set_ylim(-0.2, 4.3)
+    ax.axis("off")
+    ax.set_title("IP-Adapter Plus with the text-image block: grey frozen, blue trained by IP-Adapter, orange new")
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.9)
+    return fig
+
+
+_PARTS = {"image_proj.": "Resampler", "ip_adapter.": "to_k_ip + to_v_ip (16 layers)",
+          "text_image_attn.": "text-image block (new)"}
+_PUBLISHED = {"Resampler": "29.9M (Plus Resampler)", "to_k_ip + to_v_ip (16 layers)": "19.17M (part of the 22M)",
+              "text-image block (new)": "-", "UNet without adapter": "860M",
+              "adapter, vanilla": "29.9M + 19.17M; base IP-Adapter: 22M", "adapter, text-aware": "-"}
+
+
+def parameter_counts(unet) -> dict[str, int]:
+    """Parameters per part of a UNet with IP-Adapter Plus loaded (helpers.adapter_file.adapter_parameters
+    grouped: Resampler, to_k_ip + to_v_ip, text-image block), the UNet without them, and the adapter totals."""
+    counts = dict.fromkeys([*_PARTS.values(), "UNet without adapter"], 0)
+    for name, p in adapter_parameters(unet).items():
+        counts[next(part for prefix, part in _PARTS.items() if name.startswith(prefix))] += p.numel()
+    counts["UNet without adapter"] = sum(p.numel() for p in unet.parameters()) - sum(counts.values())
+    counts["adapter, vanilla"] = counts["Resampler"] + counts["to_k_ip + to_v_ip (16 layers)"]
+    counts["adapter, text-aware"] = counts["adapter, vanilla"] + counts["text-image block (new)"]
+    return counts
+
+
+def sd15_parameter_counts() -> dict[str, int]:
+    """parameter_counts at SD 1.5 + IP-Adapter Plus size, from the published configs, built on PyTorch's
+    `meta` device (shapes without storage: nothing downloaded or allocated)."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+    from diffusers.models.embeddings import IPAdapterPlusImageProjection
+
+    from .shapes import RESAMPLER_DIM, SD15_UNET, VIT_H14
+
+    cross, queries = SD15_UNET["cross_attention_dim"], 16
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET)
+        parts = {
+            "Resampler": IPAdapterPlusImageProjection(embed_dims=VIT_H14["hidden_size"], output_dims=cross,
+                                                      hidden_dims=RESAMPLER_DIM, depth=4, dim_head=64,
+                                                      heads=RESAMPLER_DIM // 64, num_queries=queries),
+            "to_k_ip + to_v_ip (16 layers)": torch.nn.ModuleList(
+                IPAdapterAttnProcessor2_0(h, cross, num_tokens=(queries,)) for _, h in ip_adapter_layer_keys(unet).values()),
+            "text-image block (new)": TextImageCrossAttention(cross, cross, heads=RESAMPLER_DIM // 64),
+            "UNet without adapter": unet,
+        }
+    counts = {part: sum(p.numel() for p in m.parameters()) for part, m in parts.items()}
+    counts["adapter, vanilla"] = counts["Resampler"] + counts["to_k_ip + to_v_ip (16 layers)"]
+    counts["adapter, text-aware"] = counts["adapter, vanilla"] + counts["text-image block (new)"]
+    return counts
+
+
+def parameter_table(live: dict[str, int], sd15: dict[str, int], profile_name: str):
+    """parameter_counts of the live model beside sd15_parameter_counts and the published figures (Ye et al.,
+    2023, and the IP-Adapter code), as a pandas DataFrame, one row per part."""
+    import pandas as pd
+
+    trains = {part: "yes" for part in _PARTS.values()} | {"UNet without adapter": "no (frozen)",
+                                                           "adapter, vanilla": "", "adapter, text-aware": ""}
+    return pd.DataFrame({"trains": trains, f"{profile_name} profile (live)": {k: f"{v:,}" for k, v in live.items()},
+                         "SD 1.5 (meta device)": {k: f"{v / 1e6:,.2f}M" for k, v in sd15.items()},
+                         "published": _PUBLISHED})
+
+
+def _moving_average(values, k: int = 20) -> list[float]:
+    k = max(1, min(k, len(values) // 5 or 1))
+    return [sum(values[max(0, i - k + 1):i + 1]) / len(values[max(0, i - k + 1):i + 1]) for i in range(len(values))]
+
+
+def loss_curves(logs: dict[str, list[dict]], *, title: str = "training loss"):
+    """Per-step losses of training runs ({label: helpers.train.read_loss_log(...)}), raw values faint and a
+    moving average on top, one colour per run. Returns the matplotlib Figure."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for (label, log), color in zip(logs.items(), ("tab:blue", "tab:orange", "tab:green", "tab:red")):
+        steps, losses = [r["step"] for r in log], [r["loss"] for r in log]
+        ax.plot(steps, losses, color=color, alpha=0.25)
+        ax.plot(steps, _moving_average(losses), color=color, label=label)
+    ax.set(xlabel="step", ylabel="diffusion loss (MSE)", title=title)
+    ax.legend()
+    return fig
