@@ -58,8 +58,11 @@ def load_checkpoint(path: Path, params: dict, optimizer) -> dict:
 
     saved = load_file(str(path / "trainable.safetensors"))
     if saved.keys() != params.keys():
-        raise CheckpointMismatch(f"{path}: its weights do not match this model ({len(saved)} tensors vs {len(params)}); "
-                                 "was it written by another variant? Use another --output-dir.")
+        unknown = sorted(saved.keys() - params.keys())
+        raise CheckpointMismatch(
+            f"{path}: its weights do not match this model ({len(saved)} tensors vs {len(params)}; "
+            f"{len(unknown)} unknown names, e.g. {unknown[:1]}). It was written by another variant or by an older "
+            "helpers.train: use another --output-dir, or delete that checkpoints folder to start afresh.")
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(saved[k])

@@ -1,6 +1,7 @@
 """What one training step computes: condition dropout, the epoch's sample order, and the denoising loss.
 
     drop_text, drop_image = drop_masks(B, generator)      # IP-Adapter's recipe: text 5%, image 5%, both 5%
+    batch = make_batch(features, rows, generator)         # cached rows, dropped out
     loss = diffusion_loss(unet, scheduler, batch, generator, scaling_factor)
 
 The loss is Stable Diffusion's: sample a latent from the cached VAE distribution, add noise at a random
@@ -31,6 +32,23 @@ def epoch_order(n: int, epoch: int, seed: int, global_batch: int) -> torch.Tenso
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     pad = (-n) % global_batch
     return torch.cat([perm, perm[:pad]]) if pad else perm
+
+
+def make_batch(features: dict[str, torch.Tensor], rows: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The rows of the feature cache (helpers.features) as one training batch, with the conditions dropped
+    out (drop_masks, drawn from `generator`): a dropped text becomes the empty prompt's states, a dropped image
+    the features of a zero image.
+
+    returns latent_mean, latent_std (B, 4, r/8, r/8); text_embeds (B, 77, C); image_embeds (B, 257, 1280)
+    """
+    drop_text, drop_image = drop_masks(len(rows), generator)
+    return {
+        "latent_mean": features["latent_mean"][rows],
+        "latent_std": features["latent_std"][rows],
+        "text_embeds": torch.where(drop_text[:, None, None], features["null_text_embeds"], features["text_embeds"][rows]),
+        "image_embeds": torch.where(drop_image[:, None, None], features["null_image_embeds"],
+                                    features["image_embeds"][rows]),
+    }
 
 
 def diffusion_loss(unet, scheduler, batch: dict, generator: torch.Generator, scaling_factor: float) -> torch.Tensor:

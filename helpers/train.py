@@ -40,7 +40,7 @@ from .adapter_file import ADAPTER_FILE, adapter_parameters, save_adapter
 from .checkpoints import CheckpointMismatch, list_checkpoints, load_checkpoint, save_checkpoint
 from .env import in_colab, output_root
 from .features import load_feature_cache, prepare_for_training
-from .loss import DROP_RATES, diffusion_loss, drop_masks, epoch_order
+from .loss import DROP_RATES, diffusion_loss, epoch_order, make_batch
 from .profile import get_profile
 
 LOSS_LOG = "loss_log.csv"
@@ -186,13 +186,7 @@ def step_batch(run: Run, step: int) -> tuple[dict[str, torch.Tensor], torch.Gene
     rows = epoch_order(len(feats["image_embeds"]), epoch, run.config.seed, global_batch)[pos * global_batch:(pos + 1) * global_batch]
     rows = rows[acc.process_index * b:(acc.process_index + 1) * b]
     g = torch.Generator().manual_seed(run.config.seed * 1_000_003 + step * 1_009 + acc.process_index)
-    drop_text, drop_image = drop_masks(len(rows), g)
-    batch = {
-        "latent_mean": feats["latent_mean"][rows],
-        "latent_std": feats["latent_std"][rows],
-        "text_embeds": torch.where(drop_text[:, None, None], feats["null_text_embeds"], feats["text_embeds"][rows]),
-        "image_embeds": torch.where(drop_image[:, None, None], feats["null_image_embeds"], feats["image_embeds"][rows]),
-    }
+    batch = make_batch(feats, rows, g)
     return {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}, g
 
 
