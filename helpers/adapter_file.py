@@ -50,34 +50,32 @@ def ip_adapter_layer_keys(unet) -> dict[int, tuple[str, int]]:
     return keys
 
 
+# tencent-ailab Resampler layer keys -> diffusers' IPAdapterPlusImageProjection keys, by prefix, both ways
+# (to_kv, a stacked (2 * inner, dim) matrix, is split into to_k and to_v: handled on its own)
+_RESAMPLER_RENAME = {"0.norm1.": "ln0.", "0.norm2.": "ln1.", "0.to_q.weight": "attn.to_q.weight",
+                     "0.to_out.weight": "attn.to_out.0.weight", "1.0.": "ff.0.", "1.1.weight": "ff.1.net.0.proj.weight",
+                     "1.3.weight": "ff.1.net.2.weight"}
+
+
 def resampler_to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers' IPAdapterPlusImageProjection state dict -> tencent-ailab Resampler keys (the inverse of
-    diffusers' `_convert_ip_adapter_image_proj_to_diffusers`)."""
+    diffusers' `_convert_ip_adapter_image_proj_to_diffusers`, and of resampler_from_official)."""
     out = {}
     for key, value in sd.items():
-        parts = key.split(".")
-        if parts[0] != "layers":  # latents, proj_in, proj_out, norm_out
+        m = re.fullmatch(r"layers\.(\d+)\.(.+)", key)
+        if m is None:  # latents, proj_in, proj_out, norm_out
             out[key] = value
             continue
-        i, rest = parts[1], ".".join(parts[2:])
-        if rest.startswith("ln0."):
-            out[f"layers.{i}.0.norm1.{rest[4:]}"] = value
-        elif rest.startswith("ln1."):
-            out[f"layers.{i}.0.norm2.{rest[4:]}"] = value
-        elif rest == "attn.to_q.weight":
-            out[f"layers.{i}.0.to_q.weight"] = value
-        elif rest == "attn.to_k.weight":
+        i, rest = m.groups()
+        if rest == "attn.to_k.weight":
             out[f"layers.{i}.0.to_kv.weight"] = torch.cat([value, sd[f"layers.{i}.attn.to_v.weight"]], dim=0)
-        elif rest == "attn.to_v.weight":
+            continue
+        if rest == "attn.to_v.weight":
             continue  # stored with to_k as to_kv
-        elif rest == "attn.to_out.0.weight":
-            out[f"layers.{i}.0.to_out.weight"] = value
-        elif rest.startswith("ff.0."):
-            out[f"layers.{i}.1.0.{rest[5:]}"] = value
-        elif rest == "ff.1.net.0.proj.weight":
-            out[f"layers.{i}.1.1.weight"] = value
-        elif rest == "ff.1.net.2.weight":
-            out[f"layers.{i}.1.3.weight"] = value
+        for official, ours in _RESAMPLER_RENAME.items():
+            if rest.startswith(ours):
+                out[f"layers.{i}.{official}{rest[len(ours):]}"] = value
+                break
         else:
             raise KeyError(f"unexpected Resampler key {key!r}")
     return out
@@ -85,11 +83,8 @@ def resampler_to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 def resampler_from_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """tencent-ailab Resampler keys -> diffusers' IPAdapterPlusImageProjection keys (what diffusers'
-    `_convert_ip_adapter_image_proj_to_diffusers` does; the inverse of adapter._resampler_to_official)."""
+    `_convert_ip_adapter_image_proj_to_diffusers` does; the inverse of resampler_to_official)."""
     out = {}
-    rename = {"0.norm1.": "ln0.", "0.norm2.": "ln1.", "0.to_q.weight": "attn.to_q.weight",
-              "0.to_out.weight": "attn.to_out.0.weight", "1.0.": "ff.0.", "1.1.weight": "ff.1.net.0.proj.weight",
-              "1.3.weight": "ff.1.net.2.weight"}
     for key, value in sd.items():
         m = re.fullmatch(r"layers\.(\d+)\.(.+)", key)
         if m is None:  # latents, proj_in, proj_out, norm_out
@@ -99,7 +94,7 @@ def resampler_from_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
         if rest == "0.to_kv.weight":  # (2 * inner, dim): to_k stacked on to_v
             out[f"layers.{i}.attn.to_k.weight"], out[f"layers.{i}.attn.to_v.weight"] = value.chunk(2, dim=0)
             continue
-        for old, new in rename.items():
+        for old, new in _RESAMPLER_RENAME.items():
             if rest.startswith(old):
                 out[f"layers.{i}.{new}{rest[len(old):]}"] = value
                 break

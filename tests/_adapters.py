@@ -1,11 +1,28 @@
-"""Test support: fine-tuned-looking adapter files, as notebook 03 writes them, without training."""
+"""Test support: tiny-pipeline runs, a text-aware block that is not the identity, and fine-tuned-looking
+adapter files as notebook 03 writes them, without training."""
 from pathlib import Path
 
 import torch
 
+from helpers import tiny
 from helpers.adapter import load_pipeline, save_adapter
 from helpers.adapter_file import ADAPTER_FILE, adapter_parameters
 from helpers.bank import FINETUNED
+
+
+PROMPT = "a cartoon drawing of a boy with blue hair"
+
+
+def run(pipe, image, prompt=PROMPT, seed=0, **kw):
+    kw = {"num_inference_steps": 2, "height": tiny.RESOLUTION, "width": tiny.RESOLUTION, **kw}
+    return pipe(prompt, ip_adapter_image=image, generator=torch.Generator().manual_seed(seed), output_type="pt", **kw).images
+
+
+def make_text_aware_nonzero(pipe, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in pipe.unet.text_image_attn.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
 
 
 def write_finetuned_adapters(profile, runs_dir, *, seed: int = 0) -> dict[str, Path]:

@@ -1,22 +1,17 @@
-"""helpers.data: every conversion and skip reason on files written here, the leakage-free split on the tiny
-dataset (mirror pairs found independently, by pixel equality), the feature cache against diffusers' own
-encoders, its reuse and rebuild, and the tiny profile's data through prepare_for_training."""
+"""helpers.data (with helpers.images, sources, captions behind it): every input is kept or skipped with a reason, sources fail clearly, prepared data is reused."""
 import io
 import json
-import os
-import shutil
 
 import datasets
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-from helpers import data, features
+from helpers import data
 from helpers.data import DataSourceError, load_prepared, prepare_dataset
-from helpers.duplicates import MAX_HASH_DISTANCE, hash_distances, split_by_group
-from helpers.features import cache_features, feature_fingerprint, load_feature_cache, prepare_for_training
 from helpers.tiny import draw_character
+
 
 RES = 32  # training resolution for the hand-made folders (images are 48 px: shorter side >= RES / 2)
 
@@ -40,11 +35,6 @@ def prepared_by_id(prep):
         for row in split:
             rows[row["id"]] = row
     return rows
-
-
-# --------------------------------------------------------------------------------------------------
-# Conversions: each unusual but valid image is kept, as RGB, with the right pixels
-# --------------------------------------------------------------------------------------------------
 
 
 def _exif_rotated_jpeg():
@@ -135,11 +125,6 @@ def test_exif_orientation_is_applied(unusual):
 def test_non_square_images_are_centre_cropped(unusual):
     a = pixels(unusual, "wide.png")  # green | red | blue thirds: the centre square is the red third
     assert (a[..., 0] > 200).all() and (a[..., 1:] < 60).all()
-
-
-# --------------------------------------------------------------------------------------------------
-# Broken inputs: skipped with a reason, never raised; bad sources raise naming the path
-# --------------------------------------------------------------------------------------------------
 
 
 def test_broken_inputs_are_skipped_with_reasons(tmp_path):
@@ -246,52 +231,6 @@ def test_missing_captions_come_from_a_blip_model(tmp_path):
         assert caption and set(caption.split()) <= words  # decoded from the model's vocabulary
 
 
-# --------------------------------------------------------------------------------------------------
-# Leakage: mirror pairs and near duplicates stay on one side
-# --------------------------------------------------------------------------------------------------
-
-
-def test_hashes_find_mirrors_and_near_duplicates_but_not_other_drawings():
-    im = draw_character(0, "standing", 0)
-    jpeg = Image.open(io.BytesIO(png_bytes(im.resize((100, 100)), "JPEG", quality=60))).convert("RGB")
-    other = draw_character(3, "waving", 2)
-    _, d = hash_distances([im, ImageOps.mirror(im), jpeg, other])
-    assert d[0, 1] == 0 and d[1, 0] == 0  # an exact mirror
-    assert d[0, 2] <= MAX_HASH_DISTANCE  # re-encoded and rescaled
-    assert d[0, 3] > MAX_HASH_DISTANCE and d[1, 3] > MAX_HASH_DISTANCE
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tiny_profile, tmp_path_factory):
-    """The tiny profile's data through the whole path, as training gets it."""
-    folder = tmp_path_factory.mktemp("tiny_data")
-    prep, cache = prepare_for_training(tiny_profile, folder, progress=False)
-    return prep, cache, folder
-
-
-def test_split_never_separates_a_mirror_pair(tiny_profile, tiny_data):
-    prep = tiny_data[0]
-    raw = datasets.load_dataset(tiny_profile.dataset, split="train")
-    arrays = [np.asarray(im.convert("RGB")) for im in raw["image"]]
-    pairs = [(i, j) for i in range(len(arrays)) for j in range(i + 1, len(arrays))
-             if np.array_equal(arrays[i], arrays[j][:, ::-1])]
-    assert len(pairs) == len(arrays) // 2  # the tiny dataset is all mirror pairs
-    side = {id_: "train" for id_ in prep.train["id"]} | {id_: "test" for id_ in prep.test["id"]}
-    group = dict(zip(list(prep.train["id"]) + list(prep.test["id"]), list(prep.train["group"]) + list(prep.test["group"])))
-    for i, j in pairs:
-        a, b = f"row-{i:05d}", f"row-{j:05d}"
-        assert side[a] == side[b], f"mirror pair {a}, {b} is split"
-        assert group[a] == group[b]
-    assert not set(prep.train["group"]) & set(prep.test["group"])
-    assert len(prep.test) > 0 and abs(len(prep.test) - tiny_profile.test_fraction * len(arrays)) <= 4
-    assert len(set(group.values())) >= len(pairs) // 2  # grouping found pairs, not one big blob
-    # any seed: whole groups only
-    groups = np.array(list(group.values()))
-    for seed in range(20):
-        is_test = split_by_group(groups, 0.25, seed)
-        assert not set(groups[is_test]) & set(groups[~is_test]) and is_test.any() and not is_test.all()
-
-
 def test_prepared_data_is_reused_and_redone_when_the_source_changes(tmp_path, monkeypatch):
     src = tmp_path / "src"
     src.mkdir()
@@ -316,86 +255,3 @@ def test_prepared_data_is_reused_and_redone_when_the_source_changes(tmp_path, mo
     changed = prepare_dataset(src, out, resolution=RES, test_fraction=0.25, progress=False)
     before, after = prepared_by_id(first)["0.png"]["hash"], prepared_by_id(changed)["0.png"]["hash"]
     assert before != after
-
-
-# --------------------------------------------------------------------------------------------------
-# Feature cache
-# --------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_pipe(tiny_profile):
-    from helpers.adapter import load_pipeline
-
-    return load_pipeline(tiny_profile.base_model, tiny_profile.ip_adapter, device="cpu")
-
-
-def test_feature_cache_equals_diffusers_encoders(tiny_data, tiny_pipe):
-    prep, path, _ = tiny_data
-    tensors, meta = load_feature_cache(path)
-    pipe, n, r = tiny_pipe, len(prep.train), prep.info["resolution"]
-    images, texts = list(prep.train["image"]), list(prep.train["text"])
-    assert json.loads(meta["ids"]) == list(prep.train["id"]) and meta["resolution"] == str(r)
-    assert all(t.dtype == torch.float16 for t in tensors.values())
-    with torch.no_grad():
-        cond, uncond = pipe.encode_image(images, "cpu", 1, output_hidden_states=True)
-        text, _ = pipe.encode_prompt(texts, "cpu", 1, False)
-        empty, _ = pipe.encode_prompt([""], "cpu", 1, False)
-        pixels = torch.tensor(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).float() / 127.5 - 1
-        dist = pipe.vae.encode(pixels).latent_dist
-    reference = {"latent_mean": dist.mean, "latent_std": dist.std, "image_embeds": cond, "text_embeds": text,
-                 "null_image_embeds": uncond[:1], "null_text_embeds": empty}
-    assert set(tensors) == set(reference)
-    assert tensors["latent_mean"].shape == (n, 4, r // 8, r // 8) and tensors["text_embeds"].shape[:2] == (n, 77)
-    for k, ref in reference.items():
-        assert tensors[k].shape == ref.shape, k
-        torch.testing.assert_close(tensors[k].float(), ref.float(), rtol=2e-3, atol=2e-3, msg=k)
-    assert not torch.equal(tensors["image_embeds"][0], tensors["null_image_embeds"][0])
-
-
-def test_feature_cache_is_reused_and_rebuilt_when_data_changes(tiny_profile, tiny_data, tmp_path, monkeypatch):
-    prep, path, _ = tiny_data
-    copy = tmp_path / path.name
-    shutil.copy2(path, copy)
-    stamp = copy.stat().st_mtime_ns
-    kw = dict(base_model=tiny_profile.base_model, ip_adapter=tiny_profile.ip_adapter, resolution=tiny_profile.resolution,
-              filename=path.name, progress=False)
-    loads = []
-    real_load = features.load_pipeline
-    monkeypatch.setattr(features, "load_pipeline", lambda *a, **k: loads.append(1) or real_load(*a, **k))
-    assert cache_features(prep.train, tmp_path, **kw) == copy
-    assert loads == [] and copy.stat().st_mtime_ns == stamp  # same data and models: no model loaded, file untouched
-    n = 6  # a smaller split keeps the rebuild quick; its first caption changes
-    changed = prep.train.select(range(n)).map(
-        lambda row, i: {"text": row["text"] + " in the rain" if i == 0 else row["text"]}, with_indices=True)
-    cache_features(changed, tmp_path, **kw)
-    assert loads == [1] and copy.stat().st_mtime_ns != stamp
-    old, new = load_feature_cache(path)[0], load_feature_cache(copy)[0]
-    assert new["text_embeds"].shape[0] == n
-    assert not torch.equal(old["text_embeds"][0], new["text_embeds"][0])
-    torch.testing.assert_close(old["text_embeds"][1:n], new["text_embeds"][1:])
-    torch.testing.assert_close(old["image_embeds"][:n], new["image_embeds"])
-    assert not list(tmp_path.glob(".*tmp*"))  # written atomically: no temporary file left
-
-
-def test_model_changes_change_the_fingerprint(tiny_profile, tiny_data, tmp_path):
-    prep = tiny_data[0]
-    kw = dict(base_model=tiny_profile.base_model, resolution=tiny_profile.resolution)
-    adapter = tmp_path / "ip_adapter" / os.path.basename(tiny_profile.ip_adapter)
-    shutil.copytree(os.path.dirname(tiny_profile.ip_adapter), adapter.parent)
-    a = feature_fingerprint(prep.train, ip_adapter=tiny_profile.ip_adapter, **kw)["fingerprint"]
-    assert feature_fingerprint(prep.train, ip_adapter=tiny_profile.ip_adapter, **kw)["fingerprint"] == a
-    b = feature_fingerprint(prep.train, ip_adapter=str(adapter), **kw)["fingerprint"]
-    os.utime(adapter, ns=(adapter.stat().st_atime_ns, adapter.stat().st_mtime_ns + 10**9))
-    c = feature_fingerprint(prep.train, ip_adapter=str(adapter), **kw)["fingerprint"]
-    assert len({a, b, c}) == 3
-
-
-def test_prepare_for_training_is_idempotent(tiny_profile, tiny_data, monkeypatch):
-    prep, path, folder = tiny_data
-    assert path.parent == folder and (folder / "train").is_dir() and (folder / "test").is_dir()
-    assert {"dataset"} == set(prep.train["caption_source"])  # the tiny dataset has captions
-    monkeypatch.setattr(features, "load_pipeline", lambda *a, **k: pytest.fail("cache rebuilt although nothing changed"))
-    monkeypatch.setattr(data, "decode_image", lambda *a, **k: pytest.fail("data re-prepared although nothing changed"))
-    again, again_path = prepare_for_training(tiny_profile, folder, progress=False)
-    assert again_path == path and list(again.train["id"]) == list(prep.train["id"])
