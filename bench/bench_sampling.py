@@ -56,7 +56,8 @@ def main(argv=None):
     import datasets
 
     from helpers.profile import get_profile
-    from helpers.sampling import load_models, pick_batch_size
+    from helpers.bank import load_models
+    from helpers.sampling import pick_batch_size
 
     if args.threads:
         torch.set_num_threads(args.threads)

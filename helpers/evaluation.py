@@ -236,7 +236,7 @@ def run_grid(bank, references: Sequence[Reference], prompts: Sequence[PromptSpec
     """Generate every model x scale x reference x prompt x seed and score each image.
 
     train:   the training split: references found in it are refused (check_held_out) before anything runs
-    bank:    helpers.sampling.load_models(...); models: names to evaluate (default: all the bank has)
+    bank:    helpers.bank.load_models(...); models: names to evaluate (default: all the bank has)
     out_dir: where to write results.csv and images/ (None: write nothing)
     generate: the generation function (default helpers.sampling.generate; tests pass a stand-in)
     """
