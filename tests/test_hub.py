@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from helpers import hub, model_card
-from helpers.adapter import AdapterFileError, adapter_state_dict, load_pipeline, save_adapter
+from helpers.adapter import AdapterFileError, adapter_state_dict, load_pipeline, load_unet, save_adapter
 
 REPO = "me/my-adapter"
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -208,6 +208,9 @@ def test_loading_by_hub_id_reads_the_hub_cache(runs, tmp_path, tiny_profile, hub
     original = load_file(str(runs / "runs" / "text_aware" / "adapter.safetensors"))
     loaded = adapter_state_dict(scope["pipe"].unet)
     assert loaded.keys() == original.keys() and all(torch.equal(loaded[k], original[k]) for k in original)
+    unet = load_unet(tiny_profile.base_model, tiny_profile.ip_adapter, variant="text_aware", adapter=REPO,
+                     image_encoder_dim=scope["pipe"].image_encoder.config.hidden_size, device="cpu")
+    assert all(torch.equal(v, original[k]) for k, v in adapter_state_dict(unet).items())
 
 
 def test_vanilla_upload_loads_by_id_in_plain_diffusers(runs, tmp_path, tiny_profile, hub_cache):
@@ -276,3 +279,12 @@ def test_model_names_and_form_fields():
     assert hub._hub_spec("me/a") == ("me/a", "adapter.safetensors")
     assert hub._hub_spec("me/a/sub/w.safetensors") == ("me/a", "sub/w.safetensors")
     assert hub._hub_spec("/abs/path") is None and hub._hub_spec("outputs/runs/text_aware") is None
+
+
+def test_token_comes_from_the_login_else_a_login_box(monkeypatch):
+    shown = []
+    monkeypatch.setattr(huggingface_hub, "notebook_login", lambda *a, **kw: shown.append(True))
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_stored")
+    assert hub.ensure_token() == "hf_stored" and not shown
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    assert hub.ensure_token() is None and shown == [True]  # outside Colab: no secret, so the login box
