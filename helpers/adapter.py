@@ -77,15 +77,17 @@ def default_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.d
 
 
 def load_pipeline(base_model, ip_adapter, *, variant="vanilla", adapter=None, image_encoder=None, device=None,
-                  dtype=None):
+                  dtype=None, vae=None):
     """A diffusers StableDiffusionPipeline with IP-Adapter Plus loaded, vanilla or text-aware.
 
     base_model:    Hub id or local folder of a StableDiffusionPipeline
     ip_adapter:    an official-format IP-Adapter Plus file (local path) or "hub_id/subfolder/weight_name"
     variant:       "vanilla" (diffusers' own path) or "text_aware" (plus the text-image block)
-    adapter:       a file written by save_adapter (fine-tuned weights); replaces ip_adapter's weights
+    adapter:       fine-tuned weights written by save_adapter, replacing ip_adapter's: a file, a folder holding
+                   adapter.safetensors, or a Hub repo id "user/name" (helpers.hub.resolve_adapter)
     image_encoder: Hub id/subfolder or local folder; None = the image_encoder folder next to ip_adapter
     device, dtype: default cuda + fp16 with a GPU, else cpu + fp32
+    vae:           None = base_model's; else a Hub id or folder of an AutoencoderKL (e.g. stabilityai/sd-vae-ft-mse)
 
     `pipe(prompt, ip_adapter_image=...)` and `pipe.set_ip_adapter_scale(...)` work as in diffusers. The
     safety checker is not loaded (research on cartoon drawings; it blacks out false positives).
@@ -94,15 +96,19 @@ def load_pipeline(base_model, ip_adapter, *, variant="vanilla", adapter=None, im
 
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, not {variant!r}")
+    from .hub import load_vae, resolve_adapter
+
     device, dtype = default_device_dtype(device, dtype)
     ip_path, encoder_default = resolve_ip_adapter(ip_adapter)
-    weights_path = Path(adapter) if adapter is not None else ip_path
+    weights_path = resolve_adapter(adapter) if adapter is not None else ip_path
     tensors, meta = read_adapter_file(weights_path)
     encoder = _load_image_encoder(image_encoder if image_encoder is not None else encoder_default, dtype)
     unet = None
     if variant == "text_aware":
         unet = TextAwareUNet2DConditionModel.from_pretrained(base_model, subfolder="unet", **dtype_kwargs(dtype))
     kwargs = {"unet": unet} if unet is not None else {}
+    if vae is not None:
+        kwargs["vae"] = load_vae(vae, dtype)
     pipe = StableDiffusionPipeline.from_pretrained(
         base_model, safety_checker=None, requires_safety_checker=False, image_encoder=encoder,
         **dtype_kwargs(dtype), **kwargs)
@@ -135,8 +141,10 @@ def load_unet(base_model, ip_adapter, *, variant="vanilla", adapter=None, image_
     image_encoder_dim: width of the image features the Resampler reads (1280 for ViT-H/14)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, not {variant!r}")
+    from .hub import resolve_adapter
+
     device, dtype = default_device_dtype(device, dtype)
-    weights_path = Path(adapter) if adapter is not None else resolve_ip_adapter(ip_adapter)[0]
+    weights_path = resolve_adapter(adapter) if adapter is not None else resolve_ip_adapter(ip_adapter)[0]
     tensors, meta = read_adapter_file(weights_path)
     cls = TextAwareUNet2DConditionModel if variant == "text_aware" else UNet2DConditionModel
     unet = cls.from_pretrained(base_model, subfolder="unet", **dtype_kwargs(dtype))

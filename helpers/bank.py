@@ -156,19 +156,28 @@ def _load_finetuned(pipe, name: str, path: Path, variant: str, live: dict[str, t
     return AdapterWeights(name, variant, str(path), params, block, dict(meta))
 
 
-def load_models(profile, runs_dir=None, *, device=None, dtype=None, verbose: bool = True) -> ModelBank:
+def load_models(profile, runs_dir=None, *, extra=None, vae=None, device=None, dtype=None,
+                verbose: bool = True) -> ModelBank:
     """The pretrained IP-Adapter Plus and notebook 03's fine-tuned adapters over one shared pipeline.
 
     profile:  a helpers.profile.Profile (base model, IP-Adapter file, image encoder)
     runs_dir: the folder notebook 03 trained into (its vanilla/ and text_aware/ subfolders hold
               adapter.safetensors); None or missing files: only the pretrained model
+    extra:    more models, {name: Hub id "user/name", run folder or adapter file} (helpers.hub.resolve_adapter);
+              the variant comes from the file
+    vae:      None = profile.base_model's VAE; else a Hub id or folder of an AutoencoderKL
     device, dtype: default cuda + fp16 with a GPU, else cpu + fp32
 
     A missing or unusable adapter file never raises: the bank records why in `bank.missing` (printed
     once here unless verbose=False) and offers the models it has (always "pretrained").
     """
+    from .hub import adapter_variant, resolve_adapter
+
+    clash = sorted(set(extra or {}) & set(MODEL_NAMES))
+    if clash:
+        raise ValueError(f"extra model names {clash} are taken by the built-in models; choose other names")
     pipe = load_pipeline(profile.base_model, profile.ip_adapter, variant="text_aware",
-                         image_encoder=profile.image_encoder, device=device, dtype=dtype)
+                         image_encoder=profile.image_encoder, device=device, dtype=dtype, vae=vae)
     pipe.set_progress_bar_config(disable=True)
     unet = pipe.unet
     unet.requires_grad_(False)
@@ -190,6 +199,12 @@ def load_models(profile, runs_dir=None, *, device=None, dtype=None, verbose: boo
             models[name] = _load_finetuned(pipe, name, path, variant, live)
         except (AdapterFileError, KeyError, OSError, RuntimeError, ValueError) as e:
             missing[name] = f"cannot use {path}: {e}"
+    for name, spec in (extra or {}).items():
+        try:
+            path = resolve_adapter(spec)
+            models[name] = _load_finetuned(pipe, name, path, adapter_variant(path), live)
+        except (AdapterFileError, KeyError, OSError, RuntimeError, ValueError) as e:
+            missing[name] = f"cannot use {spec}: {e}"
     bank = ModelBank(pipe, profile, models, missing)
     bank.use(PRETRAINED)
     if verbose and missing:
