@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .adapter import _DTYPE_KW, default_device_dtype, load_pipeline
+from .adapter import default_device_dtype, load_pipeline
 
 PREPARED_VERSION = "1"  # bump when prepared data would come out different, so old folders are rebuilt
 CACHE_VERSION = "1"  # the same for the feature cache
@@ -445,7 +445,7 @@ def blip_captions(images: Sequence[Image.Image], model_id: str, *, batch_size: i
 
     device, dtype = default_device_dtype(device)
     processor = BlipProcessor.from_pretrained(model_id)
-    model = BlipForConditionalGeneration.from_pretrained(model_id, **{_DTYPE_KW: dtype}).to(device).eval()
+    model = BlipForConditionalGeneration.from_pretrained(model_id, dtype=dtype).to(device).eval()  # transformers' name, whatever diffusers uses
     out: list[str] = []
     with torch.no_grad(), tqdm(total=len(images), desc="captioning (BLIP)", unit="img", disable=not progress) as bar:
         for s in range(0, len(images), batch_size):
