@@ -2,25 +2,34 @@
 # Set up a virtual environment in .venv, then
 #   ./run.sh        run the five notebooks in order (the main job; results go to outputs/)
 #   ./run.sh test   run the unit tests and every notebook, offline, on the tiny profile
+#   ./run.sh test-colab  the same, under the package versions Colab ships (constraints/colab.txt),
+#                   in .venv-colab, with tiny models, caches and outputs of its own
 # Without a CUDA GPU the notebooks use the tiny profile (small random models); IPA_PROFILE overrides.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-. .venv/bin/activate
+VENV=.venv PINS=""
+[ "${1:-}" = test-colab ] && VENV=.venv-colab PINS="-c constraints/colab.txt"
+[ -x $VENV/bin/python ] || "$PY" -m venv $VENV
+. $VENV/bin/activate
 # torch first, pinned: on our CI disk this is the small CPU build; in Colab torch is already installed.
-python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
-python -m pip install -q -r requirements.txt
-python -m pip install -q .  # the helpers package, installed as Colab installs it (not editable)
+python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0 $PINS
+python -m pip install -q -r requirements.txt $PINS
+python -m pip install -q . $PINS  # the helpers package, installed as Colab installs it (not editable)
 NBVAL="--nbval-lax --nbval-current-env -p no:cacheprovider"
 case "${1:-main}" in
   main)
     python -m pytest $NBVAL notebooks/ ;;
-  test)
+  test-colab)
+    # what the suite builds, caches and writes stays in .venv-colab, apart from the other versions' own;
+    # outputs start empty each run. Then on to the test command (;;& tries the next patterns too).
+    export IPA_TINY_CACHE=$PWD/$VENV/cache HF_HOME=$PWD/$VENV/cache/hf IPA_OUTPUT_ROOT=$PWD/$VENV/outputs
+    rm -rf "$IPA_OUTPUT_ROOT" ;;&
+  test|test-colab)
     export IPA_PROFILE=tiny HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
     # tiny models gain nothing from threads, and oversubscribed cores make them many times slower
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     python -m pytest $NBVAL -ra tests/ notebooks/ ;;
   *)
-    echo "usage: ./run.sh [main|test]" >&2; exit 2 ;;
+    echo "usage: ./run.sh [main|test|test-colab]" >&2; exit 2 ;;
 esac

@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 
 from .adapter import default_device_dtype
-from .compat import dtype_kwargs
 
 PLACEHOLDER_CAPTION = "a drawing (placeholder caption: no captioner in this profile)"
 
@@ -25,7 +24,7 @@ def blip_captions(images: Sequence[Image.Image], model_id: str, *, batch_size: i
 
     device, dtype = default_device_dtype(device)
     processor = BlipProcessor.from_pretrained(model_id)
-    model = BlipForConditionalGeneration.from_pretrained(model_id, **dtype_kwargs(dtype)).to(device).eval()
+    model = BlipForConditionalGeneration.from_pretrained(model_id, dtype=dtype).to(device).eval()
     out: list[str] = []
     with torch.no_grad(), tqdm(total=len(images), desc="captioning (BLIP)", unit="img", disable=not progress) as bar:
         for s in range(0, len(images), batch_size):

@@ -20,8 +20,8 @@ def dtype_kwargs(dtype: torch.dtype) -> dict:
 
     Why private: diffusers renamed from_pretrained's `torch_dtype` to `dtype` (and warns on the old name)
     without a version flag; the helper `deprecation_utils._resolve_dtype` arrived with the rename, so its
-    presence is the probe. Colab's diffusers may be older. transformers 5 takes `dtype` on every version
-    the requirements admit, so the same keyword serves both libraries' from_pretrained.
+    presence is the probe. Colab's diffusers (0.39) still takes `torch_dtype`. For transformers models
+    pass `dtype=` directly: every transformers 5 takes it, and `torch_dtype` is deprecated there.
     """
     from diffusers.utils import deprecation_utils
 

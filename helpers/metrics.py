@@ -17,6 +17,13 @@ that (and exposes `.config`, which torchmetrics reads). torchmetrics' public `cl
 only give the mean over a batch, clamped at 0; the per-sample values come from `_clip_score_update`,
 which returns `100 * cosine` for each pair before any averaging or clamping (checked in torchmetrics 1.9).
 
+Images are prepared by transformers' PIL image processors (`CLIPImageProcessorPil`,
+`ViTImageProcessorPil`), named explicitly: the default classes resize with torchvision when it is
+installed (Colab) and with PIL when not, which gives slightly different pixels, and on transformers 5.15
+`AutoImageProcessor` raises ImportError without torchvision. The PIL classes run everywhere and give the
+same tensors on every transformers version the requirements admit (tests/test_metrics.py checks them
+against a hand-written resize and normalisation).
+
 Models are loaded once per (id, device) and reused (`get_clip`, `get_dino`; `clear_cache()` frees them);
 pass a `CLIPScorer` / `DINOScorer` object instead of an id to control that yourself. Work runs in
 batches on the GPU when there is one.
@@ -64,6 +71,27 @@ def to_chw_uint8(image: ImageLike) -> torch.Tensor:
 def x100(cosine: torch.Tensor) -> torch.Tensor:
     """torchmetrics' CLIPScore scale for per-sample cosines: max(100 * cosine, 0)."""
     return torch.clamp(100 * cosine, min=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Image processors: the PIL ones, the same pixels everywhere (module docstring)
+# --------------------------------------------------------------------------------------------------
+
+
+def clip_image_processor(name: str):
+    """CLIP's image processor for `name` (Hub id or folder): resize the short side, centre crop, normalise;
+    PIL images -> `pixel_values` (N, 3, crop, crop)."""
+    from transformers import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil.from_pretrained(name)
+
+
+def dino_image_processor(name: str):
+    """DINO ViT's image processor for `name` (Hub id or folder): resize, normalise;
+    PIL images -> `pixel_values` (N, 3, H, W)."""
+    from transformers import ViTImageProcessorPil
+
+    return ViTImageProcessorPil.from_pretrained(name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -116,14 +144,15 @@ class CLIPScorer:
 
     def __init__(self, name: str = DEFAULT_CLIP, *, device: str | torch.device | None = None, batch_size: int = 32):
         from torchmetrics.multimodal.clip_score import CLIPScore
-        from transformers import CLIPModel, CLIPProcessor
+        from transformers import AutoTokenizer, CLIPModel, CLIPProcessor
 
         self.name = str(name)
         self.device = torch.device(device) if device is not None else default_device()
         self.batch_size = batch_size
         try:
             model = CLIPModel.from_pretrained(self.name).eval()
-            processor = CLIPProcessor.from_pretrained(self.name)
+            processor = CLIPProcessor(image_processor=clip_image_processor(self.name),
+                                      tokenizer=AutoTokenizer.from_pretrained(self.name))
         except OSError as e:
             raise OSError(f"cannot load the evaluation CLIP {self.name!r} (a Hub id or a local CLIPModel folder): {e}") from e
         self.model = TensorFeatures(model).to(self.device).eval()
@@ -173,14 +202,14 @@ class DINOScorer:
     (`last_hidden_state[:, 0]`, after the final layer norm), as in DreamBooth's DINO metric."""
 
     def __init__(self, name: str = DEFAULT_DINO, *, device: str | torch.device | None = None, batch_size: int = 32):
-        from transformers import AutoImageProcessor, ViTModel
+        from transformers import ViTModel
 
         self.name = str(name)
         self.device = torch.device(device) if device is not None else default_device()
         self.batch_size = batch_size
         try:
             self.model = ViTModel.from_pretrained(self.name, add_pooling_layer=False).to(self.device).eval()
-            self.processor = AutoImageProcessor.from_pretrained(self.name)
+            self.processor = dino_image_processor(self.name)
         except OSError as e:
             raise OSError(f"cannot load the DINO model {self.name!r} (a Hub id or a local ViTModel folder): {e}") from e
 

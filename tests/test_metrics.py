@@ -1,8 +1,12 @@
 """helpers.metrics against a direct computation with transformers on the tiny CLIP and DINO."""
+import json
+from pathlib import Path
+
 import datasets
+import numpy as np
 import pytest
 import torch
-from PIL import ImageOps
+from PIL import Image, ImageOps
 
 from helpers import metrics
 
@@ -88,15 +92,15 @@ def test_wrapper_returns_projected_tensors(clip, rows):
 
 
 def test_dino_is_the_cls_cosine_and_one_for_identical_images(tiny_profile, rows):
-    from transformers import AutoImageProcessor, ViTModel
+    from transformers import ViTModel
 
     images = [r["image"] for r in rows]
     refs = images[::-1]
     model = ViTModel.from_pretrained(tiny_profile.dino, add_pooling_layer=False).eval()
-    proc = AutoImageProcessor.from_pretrained(tiny_profile.dino)
+    config = processor_config(tiny_profile.dino)
     with torch.no_grad():
         cls = lambda ims: torch.nn.functional.normalize(  # noqa: E731
-            model(**proc(images=ims, return_tensors="pt")).last_hidden_state[:, 0], dim=-1)
+            model(pixel_values=torch.stack([by_hand(im, config) for im in ims])).last_hidden_state[:, 0], dim=-1)
         expected = (cls(images) * cls(refs)).sum(-1)
     torch.testing.assert_close(metrics.dino(images, refs, dino=tiny_profile.dino), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(metrics.dino(images, images, dino=tiny_profile.dino), torch.ones(len(images)), atol=1e-5, rtol=0)
@@ -110,3 +114,78 @@ def test_bad_input_is_refused(clip, rows):
     with pytest.raises(ValueError, match="RGB image"):
         metrics.to_chw_uint8(torch.zeros(4, 8, 8))
     assert metrics.clip_t([], [], clip=clip).shape == (0,)
+
+
+# --------------------------------------------------------------------------------------------------
+# Preprocessing: the same pixels on every transformers version (and with or without torchvision)
+# --------------------------------------------------------------------------------------------------
+
+def processor_config(folder) -> dict:
+    """The image processor settings saved in a model folder: preprocessor_config.json, or the
+    `image_processor` part of processor_config.json (where transformers 5 saves a whole processor)."""
+    folder = Path(folder)
+    if (folder / "preprocessor_config.json").exists():
+        return json.loads((folder / "preprocessor_config.json").read_text())
+    return json.loads((folder / "processor_config.json").read_text())["image_processor"]
+
+
+def by_hand(image: Image.Image, config: dict) -> torch.Tensor:
+    """A preprocessor_config.json applied by hand, as the Hub's CLIP and ViT files mean it: resize (a
+    square, or the short side to `size` keeping the aspect), centre crop, x / 255, (x - mean) / std.
+    Returns (3, H, W) float32. Legacy files give `size`/`crop_size` as an int."""
+    size, crop = config["size"], config.get("crop_size")
+    w, h = image.size
+    if isinstance(size, dict) and "shortest_edge" in size or isinstance(size, int) and config.get("do_center_crop"):
+        s = size["shortest_edge"] if isinstance(size, dict) else size
+        new_w, new_h = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
+    else:
+        new_h, new_w = (size["height"], size["width"]) if isinstance(size, dict) else (size, size)
+    x = np.asarray(image.convert("RGB").resize((new_w, new_h), resample=config["resample"]))
+    if config.get("do_center_crop"):
+        ch, cw = (crop["height"], crop["width"]) if isinstance(crop, dict) else (crop, crop)
+        top, left = (new_h - ch) // 2, (new_w - cw) // 2
+        x = x[top:top + ch, left:left + cw]
+    x = (x.astype(np.float64) * config.get("rescale_factor", 1 / 255)).astype(np.float32)
+    x = (x - np.float32(config["image_mean"])) / np.float32(config["image_std"])
+    return torch.from_numpy(x).permute(2, 0, 1)
+
+
+# The two full-profile models' files in the legacy format the Hub holds them in (int sizes,
+# `feature_extractor_type`), values as published for openai/clip-vit-large-patch14 and facebook/dino-vits16.
+LEGACY_CLIP = {"crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+               "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
+               "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 224}
+LEGACY_DINO = {"do_normalize": True, "do_resize": True, "feature_extractor_type": "ViTFeatureExtractor",
+               "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "resample": 2, "size": 224}
+
+
+@pytest.mark.parametrize("which", ["clip", "dino"])
+@pytest.mark.parametrize("files", ["tiny", "legacy"])
+def test_image_processors_give_the_hand_computed_pixels(which, files, tiny_profile, rows, tmp_path):
+    """Equal tensors, not close ones: the same pixels on transformers 5.15 (Colab) and the newest, with
+    no torchvision needed. Non-square images exercise the short-side resize and the centre crop; a 512 px
+    one (a generated sample) is scaled down, the 128 px drawings up. (Pillow itself resizes differently
+    from 13.0 on: the pixels are the same for the same Pillow.)"""
+    if files == "tiny":
+        folder = Path(tiny_profile.eval_clip if which == "clip" else tiny_profile.dino)
+    else:
+        folder = tmp_path
+        (folder / "preprocessor_config.json").write_text(json.dumps(LEGACY_CLIP if which == "clip" else LEGACY_DINO))
+    config = processor_config(folder)
+    load = metrics.clip_image_processor if which == "clip" else metrics.dino_image_processor
+    image = rows[0]["image"]
+    images = [image, image.resize((image.width * 3 // 2, image.height)), image.resize((image.width, image.height * 2 + 1)),
+              image.resize((512, 384))]
+    got = load(str(folder))(images=images, return_tensors="pt")["pixel_values"]
+    expected = torch.stack([by_hand(im, config) for im in images])
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+def test_the_scorers_use_those_processors(clip, tiny_profile, rows):
+    config = processor_config(tiny_profile.eval_clip)
+    image = rows[0]["image"]
+    got = clip.processor(images=[image], text=["a"], return_tensors="pt", padding=True)["pixel_values"][0]
+    torch.testing.assert_close(got, by_hand(image, config), atol=0, rtol=0)
+    got = metrics.get_dino(tiny_profile.dino).processor(images=[image], return_tensors="pt")["pixel_values"][0]
+    torch.testing.assert_close(got, by_hand(image, processor_config(tiny_profile.dino)), atol=0, rtol=0)
