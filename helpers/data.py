@@ -2,6 +2,12 @@
 
     prep = prepare_dataset(source, out_dir, resolution=512)   # load, check, caption, split, save
     prep = load_prepared(out_dir)                               # the same object, from disk
+    prep = use_prepared(out_dir, profile)                       # what notebooks 03-05 and the CLIs call
+
+The prepared folder is the contract between the notebooks: notebook 01 writes it (from the profile's dataset
+or the user's own images), and everything after it reads it as it is (`use_prepared`): it is prepared from
+the profile's dataset only when missing, and a folder prepared with other settings than a caller asks for
+is an error (PreparedDataMismatch), never overwritten.
 
 The steps live in their own modules: reading the source (helpers.sources), decoding and checking each
 image (helpers.images), captions (helpers.captions), near-duplicate groups and the split
@@ -43,6 +49,10 @@ PREPARED_VERSION = "1"  # bump when prepared data would come out different, so o
 DATA_SEED = 0  # the split seed prepare_for_training uses (notebook 01 uses the same, so training reuses its work)
 
 
+class PreparedDataMismatch(ValueError):
+    """A prepared data folder that holds other data than asked for; the message says what to do."""
+
+
 @dataclass
 class PreparedData:
     """What prepare_dataset returns (and load_prepared reads back).
@@ -63,9 +73,18 @@ class PreparedData:
     def summary(self) -> str:
         c = self.info.get("counts", {})
         groups = c.get("groups", "?")
-        return (f"{c.get('items', '?')} inputs: {len(self.train) + len(self.test)} kept, {len(self.skipped)} skipped; "
+        text = (f"{c.get('items', '?')} inputs: {len(self.train) + len(self.test)} kept, {len(self.skipped)} skipped; "
                 f"{groups} near-duplicate groups; train {len(self.train)} rows, test {len(self.test)} rows "
                 f"({self.info.get('resolution')} px) in {self.out_dir}")
+        if self.info.get("replaced"):
+            text += f"\nThis replaced the data prepared there before: {self.info['replaced']}"
+        return text
+
+    def describe(self) -> str:
+        """One line: where the data came from and with which settings (from prepared.json)."""
+        i = self.info
+        return (f"{i.get('source')} at {i.get('resolution')} px, test fraction {i.get('test_fraction')}, split seed "
+                f"{i.get('seed')} ({len(self.train)} train / {len(self.test)} test rows, prepared {i.get('created', '?')})")
 
 
 def _features():
@@ -111,10 +130,14 @@ def prepare_dataset(source, out_dir, *, resolution: int, test_fraction: float = 
            "test_fraction": test_fraction, "seed": seed, "captioner": captioner_name,
            "hash_size": HASH_SIZE, "max_hash_distance": max_hash_distance}
     manifest = out_dir / "prepared.json"
-    if not overwrite and manifest.is_file():
+    replaced = None
+    if manifest.is_file():
         try:
-            if json.loads(manifest.read_text()).get("key") == key:
+            before = json.loads(manifest.read_text())
+            if not overwrite and before.get("key") == key:
                 return load_prepared(out_dir)
+            replaced = (f"{before.get('source')} at {before.get('resolution')} px, test fraction "
+                        f"{before.get('test_fraction')} (prepared {before.get('created', '?')})")
         except Exception:  # noqa: BLE001  (unreadable or incomplete folder: prepare again)
             pass
 
@@ -169,6 +192,8 @@ def prepare_dataset(source, out_dir, *, resolution: int, test_fraction: float = 
                    "captioned": len(missing)},
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+    if replaced:
+        info["replaced"] = replaced
     _save_prepared(out_dir, {k: datasets.Dataset.from_dict(v, features=_features()) for k, v in split_rows.items()},
                    skipped, info)
     return load_prepared(out_dir)
@@ -216,3 +241,83 @@ def load_prepared(out_dir) -> PreparedData:
         else:
             splits[name] = datasets.load_from_disk(str(out_dir / name))
     return PreparedData(train=splits["train"], test=splits["test"], skipped=skipped, out_dir=out_dir, info=info)
+
+
+# --------------------------------------------------------------------------------------------------
+# The prepared folder as the contract between the notebooks
+# --------------------------------------------------------------------------------------------------
+
+_OWN_FILES = {"prepared.json", "skipped.json", "train", "test"}  # and *.safetensors caches, hidden temporaries
+
+
+def use_prepared(data_dir, profile, *, dataset=None, resolution: int | None = None,
+                 test_fraction: float | None = None, announce: bool = True, progress: bool = True) -> PreparedData:
+    """The prepared data in data_dir (notebook 01's output), as notebooks 03-05 and the CLIs read it.
+
+    data_dir holds prepared data: it is used as it is, whatever its source (the profile's dataset or your own
+    images). Each setting given here (not None) must be the one it was prepared with, else
+    PreparedDataMismatch says what the folder holds, what was asked and how to go on; nothing is re-prepared.
+    data_dir holds none: it is prepared now, as notebook 01 does, from `dataset` (else profile.dataset) with
+    the given values (else the profile's), and that is said (announce=True prints one line).
+    A folder that holds other files but no prepared.json (e.g. a folder of your images) is refused.
+    """
+    data_dir = Path(data_dir)
+    if not (data_dir / "prepared.json").is_file():
+        strangers = sorted(p.name for p in data_dir.iterdir() if p.name not in _OWN_FILES
+                           and not p.name.startswith(".") and p.suffix != ".safetensors") if data_dir.is_dir() else []
+        if strangers:
+            raise PreparedDataMismatch(
+                f"{data_dir} is not a prepared data folder (no prepared.json) but holds other files "
+                f"({', '.join(strangers[:3])}{', ...' if len(strangers) > 3 else ''}). If these are your images, "
+                "give that folder as the dataset to notebook 01 (DATASET) or prepare_dataset, and let it write "
+                "the prepared data to another folder.")
+        source = profile.dataset if dataset is None else dataset
+        res = profile.resolution if resolution is None else resolution
+        frac = profile.test_fraction if test_fraction is None else test_fraction
+        if announce:
+            print(f"No prepared data in {data_dir} (notebook 01 has not run for this output folder): preparing it "
+                  f"now from {source} at {res} px, test fraction {frac}, as notebook 01 does.")
+        return prepare_dataset(source, data_dir, resolution=res, test_fraction=frac, seed=DATA_SEED,
+                               captioner=profile.captioner, progress=progress)
+    prep = load_prepared(data_dir)
+    info = prep.info
+    differs = []
+    if dataset is not None and not _same_source(dataset, info):
+        differs.append(("source", info.get("source"), dataset))
+    if resolution is not None and resolution != info.get("resolution"):
+        differs.append(("resolution", info.get("resolution"), resolution))
+    if test_fraction is not None and not np.isclose(test_fraction, info.get("test_fraction", -1)):
+        differs.append(("test fraction", info.get("test_fraction"), test_fraction))
+    if differs:
+        raise PreparedDataMismatch(
+            f"{data_dir} holds data prepared from {prep.describe()}, but this run asks for "
+            + "; ".join(f"{name} {asked!r} (the folder has {held!r})" for name, held, asked in differs)
+            + ". The folder is left as it is. Either re-run notebook 01 with the settings you want (it prepares "
+              "that folder again), or point the data folder (DATA_DIR, --data-dir) at another folder, or leave "
+              "these settings at None to use the data as prepared.")
+    if announce and str(info.get("source")) != str(profile.dataset):
+        print(f"Using the data notebook 01 prepared in {data_dir}: {prep.describe()} "
+              f"(not the profile's dataset {profile.dataset}).")
+    return prep
+
+
+def _same_source(asked, info: dict) -> bool:
+    """Whether `asked` is the source the folder was prepared from, unchanged (a local folder or file: same
+    path and the same files; a Hub id: the same id)."""
+    return source_stamp(asked) == info.get("key", {}).get("source")
+
+
+def reference_and_another(prep: PreparedData) -> tuple[dict, dict]:
+    """Two rows for a sanity check of the similarity metrics: the first test row, and the first row of another
+    near-duplicate group, from the test split when it holds two groups, else from the training split (a small
+    dataset's test split may be one group: 12 images give 2 test rows of 1 group)."""
+    if len(prep.test) == 0:
+        raise ValueError(f"{prep.out_dir}: the test split is empty (test fraction {prep.info.get('test_fraction')}); "
+                         "re-run notebook 01 with a test fraction above 0 to hold out references")
+    a = prep.test[0]
+    for split in (prep.test, prep.train):
+        other = next((i for i, g in enumerate(split["group"]) if g != a["group"]), None)
+        if other is not None:
+            return a, split[other]
+    raise ValueError(f"{prep.out_dir}: all {len(prep.train) + len(prep.test)} images are near-duplicates of each "
+                     "other (one group): there is no other drawing to compare with; add more images")

@@ -3,7 +3,7 @@ encoders.
 
     path = cache_features(prep.train, out_dir, base_model=..., ip_adapter=..., resolution=512)
     tensors, meta = load_feature_cache(path)
-    prep, path = prepare_for_training(profile, data_dir)    # prepared data + cache, built only if missing/stale
+    prep, path = prepare_for_training(profile, data_dir)    # notebook 01's data as it is + its cache
 
 Tensors (rows in the split's order; sizes for SD 1.5 + ViT-H/14 at 512 px; see encode_batch, null_features):
     latent_mean, latent_std (N, 4, 64, 64); image_embeds (N, 257, 1280); text_embeds (N, 77, 768);
@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from .adapter import load_pipeline
-from .data import DATA_SEED, PreparedData, prepare_dataset
+from .data import PreparedData, use_prepared
 from .images import center_square
 from .sources import files_stamp
 
@@ -209,14 +209,17 @@ def load_feature_cache(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         return {k: f.get_tensor(k) for k in f.keys()}, meta
 
 
-def prepare_for_training(profile, data_dir, *, device=None, progress: bool = True) -> tuple[PreparedData, Path]:
-    """Everything training needs, built only if missing or stale: the prepared splits of profile.dataset in
-    data_dir, and the train split's feature cache data_dir/train_features.safetensors. Returns (prep, path)."""
-    prep = prepare_dataset(profile.dataset, data_dir, resolution=profile.resolution,
-                           test_fraction=profile.test_fraction, seed=DATA_SEED, captioner=profile.captioner,
-                           progress=progress)
+def prepare_for_training(profile, data_dir, *, device=None, progress: bool = True, announce: bool = True,
+                         dataset=None, resolution: int | None = None,
+                         test_fraction: float | None = None) -> tuple[PreparedData, Path]:
+    """Everything training needs: notebook 01's prepared data in data_dir, read as it is (helpers.data.use_prepared:
+    prepared from the profile's dataset only if missing; dataset / resolution / test_fraction, when given, must
+    match it), and the train split's feature cache data_dir/train_features.safetensors at the data's resolution
+    with the profile's models, built only if missing or stale. Returns (prep, path)."""
+    prep = use_prepared(data_dir, profile, dataset=dataset, resolution=resolution, test_fraction=test_fraction,
+                        announce=announce, progress=progress)
     path = cache_features(prep.train, data_dir, base_model=profile.base_model, ip_adapter=profile.ip_adapter,
-                          image_encoder=profile.image_encoder, resolution=profile.resolution,
+                          image_encoder=profile.image_encoder, resolution=prep.info["resolution"],
                           batch_size=profile.feature_batch_size, device=device,
                           filename=TRAIN_FEATURES, progress=progress)
     return prep, path

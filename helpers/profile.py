@@ -56,9 +56,14 @@ class Profile:
     eval_batch_size: int | None = None  # images per pipeline call in the evaluation; None: sampling's choice
 
     def replace(self, **overrides) -> "Profile":
-        """A copy with the given fields changed; None, 0 and "" mean "keep the profile's value", so a
-        notebook's form fields can default to them."""
-        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v not in (None, 0, "")})
+        """A copy with the given fields changed. None, and only None, means "keep the profile's value" (a
+        notebook form field left at None); every other value is used as given, so 0, False and "" stick:
+        guidance_scale=0 turns guidance off, test_fraction=0 keeps no test split."""
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise TypeError(f"Profile has no field {', '.join(unknown)}; the fields are "
+                            f"{', '.join(f.name for f in dataclasses.fields(self))}")
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     def banner(self) -> str:
         if self.random_weights:
@@ -114,7 +119,7 @@ def get_profile(name: str | None = None, *, announce: bool = True, **overrides) 
     without).
 
     Prints one line saying which profile and why (announce=False to stay quiet). Keyword overrides
-    replace fields; None, 0 and "" keep the profile's value (see Profile.replace).
+    replace fields; None keeps the profile's value, anything else is used (see Profile.replace).
     """
     name = (name or "").strip().lower()
     env_name = os.environ.get(PROFILE_ENV, "").strip().lower()

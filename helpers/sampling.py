@@ -213,18 +213,14 @@ def held_out_references(profile, data_dir, n: int = 4, *, seed: int = 0) -> tupl
     near-duplicate group, seeded), from notebook 01's test split in data_dir, and a sentence saying where
     they came from.
 
-    If data_dir holds no prepared data yet, it is prepared here with the call notebooks 01 and 03 make
-    (helpers.data.prepare_dataset with the profile's values and DATA_SEED), so the split is the same.
+    The data is read as notebook 01 prepared it, whatever its source (helpers.data.use_prepared); if data_dir
+    holds no prepared data yet, it is prepared here from the profile's dataset as notebook 01 does.
     """
     data_dir = Path(data_dir)
-    try:
-        prep = hdata.load_prepared(data_dir)
-        where = f"the test split notebook 01 wrote in {data_dir}"
-    except FileNotFoundError:
-        prep = hdata.prepare_dataset(profile.dataset, data_dir, resolution=profile.resolution,
-                                     test_fraction=profile.test_fraction, seed=hdata.DATA_SEED,
-                                     captioner=profile.captioner, progress=False)
-        where = f"the test split, prepared now in {data_dir} as notebook 01 does (it had not run)"
+    had = (data_dir / "prepared.json").is_file()
+    prep = hdata.use_prepared(data_dir, profile, announce=False, progress=False)
+    where = (f"the test split notebook 01 wrote in {data_dir}" if had
+             else f"the test split, prepared now in {data_dir} as notebook 01 does (it had not run)")
     test = prep.test
     if len(test) == 0:
         raise ValueError(f"{data_dir}: the test split is empty (test_fraction={prep.info.get('test_fraction')}); "

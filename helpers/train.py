@@ -15,21 +15,28 @@ the UNet (fp16 on a T4, bf16 on Ampere+, fp32 on a CPU). The VAE and both encode
 reads notebook 01's feature cache (built first if missing) and samples each latent from the cached VAE
 distribution.
 
+The data is notebook 01's prepared folder as it is (--data-dir, default <output root>/data; helpers.data.
+use_prepared): your own images if 01 prepared those. It is prepared from the profile's dataset only when
+missing, and never overwritten; --dataset / --resolution / --test-fraction, if given, must match it.
+
 Every K steps a checkpoint is written atomically under DIR/checkpoints/; running the same command again
-resumes from the newest one (exactly: the data order, noise and dropout of each step depend only on the
-seed and the step; helpers.checkpoints). The final adapter goes to DIR/adapter.safetensors (helpers.adapter format), with
-DIR/config.json and the per-step DIR/loss_log.csv beside it. Under `torchrun`/`accelerate launch` the same
-code runs data-parallel; only the main process writes.
+resumes from the newest complete one (exactly: the data order, noise and dropout of each step depend only on
+the seed and the step; helpers.checkpoints). An incomplete newest checkpoint (a cut Drive sync) falls back to
+the one before; a rerun whose variant, batch size, learning rate, seed or data differs from the checkpoint's
+refuses and says how to start over (--fresh-start). The final adapter goes to DIR/adapter.safetensors
+(helpers.adapter format), with DIR/config.json and the per-step DIR/loss_log.csv (helpers.loss_log, written at
+checkpoints) beside it. Nothing of a run stays in memory after train() returns (TrainResult holds numbers and
+a path). Under `torchrun`/`accelerate launch` the same code runs data-parallel; only the main process writes.
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
 import dataclasses
+import gc
 import json
 import math
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,46 +44,22 @@ import torch
 
 from .adapter import load_unet
 from .adapter_file import ADAPTER_FILE, adapter_parameters, save_adapter
-from .checkpoints import CheckpointMismatch, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoints import (CheckpointMismatch, SettingsMismatch, delete_checkpoints, list_checkpoints, resume_from,
+                          save_checkpoint)
+from .data import DataSourceError, PreparedDataMismatch
 from .env import in_colab, output_root
 from .features import load_feature_cache, prepare_for_training
 from .loss import DROP_RATES, diffusion_loss, epoch_order, make_batch
+from .loss_log import LOSS_LOG, LossLog, read_loss_log  # noqa: F401  (read_loss_log: public here)
 from .profile import get_profile
+from .train_config import (RESUME_SETTINGS, TrainConfig, choose_mixed_precision, max_steps,  # noqa: F401  (public here)
+                           parse_config, recipe)
 
-LOSS_LOG = "loss_log.csv"
+RUN_FILES = (LOSS_LOG, ADAPTER_FILE, "config.json")  # what a fresh start deletes, besides the checkpoints
 
 
 class TrainingError(RuntimeError):
     """A run that cannot go on (non-finite loss, out of memory); the message says what to change."""
-
-
-@dataclass
-class TrainConfig:
-    output_dir: str
-    variant: str = "text_aware"
-    profile: str = "auto"
-    data_dir: str | None = None  # default: <output root>/data (notebook 01's folder)
-    batch_size: int | None = None  # None: the profile's (4)
-    epochs: int | None = None  # None: the profile's (6)
-    max_steps: int | None = None  # None: the profile's, else epochs over the training split
-    learning_rate: float | None = None
-    weight_decay: float | None = None
-    checkpoint_every: int | None = None
-    seed: int = 0
-    mixed_precision: str = "auto"  # auto: fp16 on a T4 (no native bf16), bf16 on Ampere+, no on a CPU
-    gradient_checkpointing: bool | None = None
-    max_grad_norm: float = 1.0
-    keep_checkpoints: int = 2
-
-
-def choose_mixed_precision(requested: str = "auto") -> str:
-    """fp16 below compute capability 8 (a T4 reports bf16 support, but only by emulation), bf16 from
-    Ampere on, "no" on a CPU."""
-    if requested != "auto":
-        return requested
-    if not torch.cuda.is_available():
-        return "no"
-    return "bf16" if torch.cuda.get_device_capability()[0] >= 8 else "fp16"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -103,6 +86,7 @@ class Run:
     scheduler: object  # diffusers DDPMScheduler
     scaling: float  # the VAE's latent scaling factor
     settings: dict = dataclasses.field(default_factory=dict)  # config.json: every value this run uses
+    log: LossLog | None = None  # the buffered loss log (train() makes it once the start step is known)
 
 
 def setup(config: TrainConfig, *, progress: bool = True) -> Run:
@@ -117,18 +101,23 @@ def setup(config: TrainConfig, *, progress: bool = True) -> Run:
     accelerator = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
     set_seed(config.seed)
     main = accelerator.is_main_process
-    profile = get_profile(config.profile, announce=main)
-    batch_size = config.batch_size or profile.train_batch_size
-    lr = config.learning_rate or profile.learning_rate
-    wd = profile.weight_decay if config.weight_decay is None else config.weight_decay
+    profile = get_profile(config.profile, announce=main)  # the models and the recipe's defaults; the data is data_dir's
+    try:
+        r = recipe(config, profile)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
     data_dir = Path(config.data_dir) if config.data_dir else output_root(colab=in_colab(), drive=False) / "data"
 
     with accelerator.main_process_first():  # the main process builds data and cache; the others then read them
-        _, cache_path = prepare_for_training(profile, data_dir, progress=progress and main)
-    feats, _ = load_feature_cache(cache_path)
+        prep, cache_path = prepare_for_training(profile, data_dir, progress=progress and main, announce=main,
+                                                dataset=config.dataset, resolution=config.resolution,
+                                                test_fraction=config.test_fraction)
+    feats, cache_meta = load_feature_cache(cache_path)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # this run's own peak: from here on (the cache step freed its models)
     n = feats["image_embeds"].shape[0]
-    steps_per_epoch = math.ceil(n / (batch_size * accelerator.num_processes))
-    max_steps = config.max_steps or profile.max_train_steps or (config.epochs or profile.num_epochs) * steps_per_epoch
+    steps_per_epoch = math.ceil(n / (r["batch_size"] * accelerator.num_processes))
+    steps = max_steps(config, profile, steps_per_epoch)
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp, torch.float32)
     unet = load_unet(profile.base_model, profile.ip_adapter, variant=config.variant,
@@ -138,39 +127,56 @@ def setup(config: TrainConfig, *, progress: bool = True) -> Run:
     for p in params.values():
         p.data = p.data.float()  # trainable weights stay fp32 (GradScaler needs them so)
         p.requires_grad_(True)
-    use_ckpt = profile.gradient_checkpointing if config.gradient_checkpointing is None else config.gradient_checkpointing
-    if use_ckpt:
+    if r["gradient_checkpointing"]:
         unet.enable_gradient_checkpointing()
     unet.train()
-    optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=wd)
+    optimizer = torch.optim.AdamW(list(params.values()), lr=r["learning_rate"], weight_decay=r["weight_decay"])
     model, optimizer = accelerator.prepare(unet, optimizer)
-    every = config.checkpoint_every or profile.checkpoint_every
-    settings = {**dataclasses.asdict(config), "batch_size": batch_size, "learning_rate": lr, "weight_decay": wd,
-                "checkpoint_every": every, "max_steps": max_steps, "steps_per_epoch": steps_per_epoch,
-                "train_images": n, "mixed_precision": mp, "gradient_checkpointing": use_ckpt,
+    del unet
+    settings = {**dataclasses.asdict(config), **r, "max_steps": steps, "steps_per_epoch": steps_per_epoch,
+                "train_images": n, "data": cache_meta["fingerprint"][:16], "data_dir": str(data_dir),
+                "data_source": prep.info.get("source"), "resolution": prep.info.get("resolution"),
+                "test_fraction": prep.info.get("test_fraction"),
+                "trainable_parameters": sum(p.numel() for p in params.values()), "mixed_precision": mp,
                 "profile": profile.name, "base_model": profile.base_model, "ip_adapter": profile.ip_adapter,
                 "drop_rates": DROP_RATES, "num_processes": accelerator.num_processes,
                 "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
-    return Run(config, accelerator, profile, Path(config.output_dir), feats, batch_size, steps_per_epoch, max_steps,
-               every, model, params, optimizer, DDPMScheduler.from_pretrained(profile.base_model, subfolder="scheduler"),
+    return Run(config, accelerator, profile, Path(config.output_dir), feats, r["batch_size"], steps_per_epoch, steps,
+               r["checkpoint_every"], model, params, optimizer, DDPMScheduler.from_pretrained(profile.base_model, subfolder="scheduler"),
                _vae_scaling_factor(profile.base_model), settings)
 
 
 def resume(run: Run) -> int:
-    """Load the newest complete checkpoint of run.out, if any (and say so); returns the step to start from."""
-    found = list_checkpoints(run.out)
-    if not found:
-        return 0
-    start, path = found[-1]
+    """Load the newest complete checkpoint of run.out, if any (and say so); returns the step to start from.
+    An incomplete newest one falls back to the one before, with a message; one written with other
+    RESUME_SETTINGS than this run's raises TrainingError naming each difference (helpers.checkpoints.resume_from)."""
+    main = run.accelerator.is_main_process
     try:
-        state = load_checkpoint(path, run.params, run.optimizer)
-    except CheckpointMismatch as e:
+        step, path, state = resume_from(run.out, run.settings, RESUME_SETTINGS, run.params, run.optimizer,
+                                        say=print if main else (lambda _: None))
+    except (CheckpointMismatch, SettingsMismatch) as e:
         raise TrainingError(str(e)) from None
+    if path is None:
+        return 0
     if state.get("scaler") and run.accelerator.scaler is not None:
         run.accelerator.scaler.load_state_dict(state["scaler"])
-    if run.accelerator.is_main_process:
-        print(f"Resuming from {path} (step {start} of {run.max_steps}).")
-    return start
+    if main:
+        print(f"Resuming from {path} (step {step} of {run.max_steps}).")
+    return step
+
+
+def start_over(out: Path) -> str:
+    """Delete a run folder's checkpoints, loss log, adapter and config (a fresh start); says what went."""
+    gone = [f"{p.name} ({size / 2**20:,.0f} MiB)" for p, size in delete_checkpoints(out)]
+    for name in RUN_FILES:
+        if (out / name).is_file():
+            (out / name).unlink()
+            gone.append(name)
+    if not gone:
+        return f"Fresh start in {out} (nothing there to delete)."
+    return (f"Fresh start: deleted the earlier run's {', '.join(gone)} in {out} (on Google Drive they go to the "
+            "trash, which counts against your quota until you empty it). Turn FRESH_START off again, or a rerun "
+            "after a disconnect deletes this run too.")
 
 
 def step_batch(run: Run, step: int) -> tuple[dict[str, torch.Tensor], torch.Generator]:
@@ -216,42 +222,64 @@ def training_step(run: Run, step: int) -> float:
 
 
 def checkpoint(run: Run, step: int) -> None:
-    """Every run.every steps and at the end: all processes wait, the main one writes the checkpoint."""
+    """Every run.every steps and at the end: all processes wait, the main one appends the buffered loss log
+    and then writes the checkpoint (with the settings a resume must share)."""
     if step % run.every and step != run.max_steps:
         return
     run.accelerator.wait_for_everyone()
     if run.accelerator.is_main_process:
+        run.log.flush()  # first: a checkpoint never exists without its loss rows
         scaler = run.accelerator.scaler.state_dict() if run.accelerator.scaler is not None else None
-        save_checkpoint(run.out, step, run.params, run.optimizer, scaler, run.config.keep_checkpoints)
+        save_checkpoint(run.out, step, run.params, run.optimizer, scaler, run.config.keep_checkpoints,
+                        settings={k: run.settings.get(k) for k in RESUME_SETTINGS})
 
 
 @dataclass
 class TrainResult:
+    """What a run leaves behind: a path and numbers, never the model, optimizer or caches (those are freed)."""
+
     adapter: Path
     steps: int
     resumed_from: int  # 0 for a fresh run
     losses: list[float]  # the losses of this process's steps in this call
     seconds_per_step: float  # median over this call's steps (the first ones excluded when there are many)
     total_seconds: float
-    peak_gpu_memory_gib: float | None  # None on a CPU
+    peak_gpu_memory_gib: float | None  # this run's own peak (stats reset after the data step); None on a CPU
     mixed_precision: str
+    trainable_parameters: int = 0
+    checkpoint_bytes: int = 0  # size of the newest checkpoint on disk (0 if none)
 
 
 def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
-    """Train one adapter as configured; resumes from DIR's newest checkpoint. Returns a TrainResult."""
+    """Train one adapter as configured; resumes from DIR's newest complete checkpoint (config.fresh_start:
+    deletes the earlier run first). Returns a TrainResult. Everything the run put on the device is freed
+    before this returns, also when it fails or is interrupted."""
+    run = None
+    try:
+        run = setup(config, progress=progress)
+        return _train(run, progress)
+    except BaseException as e:
+        _drop_frames(e)  # a kept traceback (a notebook keeps the last one) would hold the run's tensors
+        raise
+    finally:
+        release(run)
+
+
+def _train(run: Run, progress: bool) -> TrainResult:
     from tqdm.auto import tqdm
 
-    run = setup(config, progress=progress)
-    main = run.accelerator.is_main_process
+    config, main = run.config, run.accelerator.is_main_process
+    if config.fresh_start:
+        if main:
+            print(start_over(run.out))
+        run.accelerator.wait_for_everyone()
     start = resume(run)
     if main:
         run.out.mkdir(parents=True, exist_ok=True)
         (run.out / "config.json").write_text(json.dumps(run.settings, indent=2))
-        _truncate_log(run.out / LOSS_LOG, start)
+    run.log = LossLog(run.out, start, enabled=main)
     losses, times = [], []
     t_start = time.perf_counter()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
     bar = tqdm(total=run.max_steps, initial=start, disable=not (progress and main), desc=f"train {config.variant}",
                unit="step")
     step = start
@@ -264,14 +292,14 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
             times.append(time.perf_counter() - t0)
             step += 1
             losses.append(value)
+            run.log.add(step, (step - 1) // run.steps_per_epoch, value, times[-1])
             if main:
-                with open(run.out / LOSS_LOG, "a", newline="") as f:
-                    csv.writer(f).writerow([step, (step - 1) // run.steps_per_epoch, f"{value:.6f}", f"{times[-1]:.4f}"])
                 bar.set_postfix(loss=f"{value:.4f}", s_per_step=f"{times[-1]:.2f}")
             bar.update(1)
             checkpoint(run, step)
     finally:
         bar.close()
+        run.log.flush()  # an interrupted run keeps its rows; a resume cuts those past its checkpoint
     run.accelerator.wait_for_everyone()
     adapter_path = run.out / ADAPTER_FILE
     if main:
@@ -279,10 +307,35 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
                      metadata={"base_model": run.profile.base_model, "training_config": run.settings})
     steady = times[2:] if len(times) > 5 else times
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    newest = list_checkpoints(run.out)
     return TrainResult(adapter=adapter_path, steps=step, resumed_from=start, losses=losses,
                        seconds_per_step=float(sorted(steady)[len(steady) // 2]) if steady else float("nan"),
                        total_seconds=time.perf_counter() - t_start, peak_gpu_memory_gib=peak,
-                       mixed_precision=run.settings["mixed_precision"])
+                       mixed_precision=run.settings["mixed_precision"],
+                       trainable_parameters=run.settings["trainable_parameters"],
+                       checkpoint_bytes=sum(f.stat().st_size for f in newest[-1][1].iterdir()) if newest else 0)
+
+
+def release(run: Run | None) -> None:
+    """Drop everything a run holds (model, optimizer, parameters, feature cache, Accelerate's references to
+    them), collect, and empty the CUDA cache, so that the next run starts from an empty device."""
+    if run is not None:
+        run.accelerator.free_memory()
+        run.accelerator.scaler = None
+        run.model = run.optimizer = run.params = run.feats = run.scheduler = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _drop_frames(exc: BaseException) -> None:
+    """Clear the local variables of the finished frames in an exception's traceback and in those of the
+    exceptions it chains (an out-of-memory error's frames hold the step's activations)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
 
 
 def _vae_scaling_factor(base_model) -> float:
@@ -291,51 +344,15 @@ def _vae_scaling_factor(base_model) -> float:
     return float(AutoencoderKL.load_config(base_model, subfolder="vae").get("scaling_factor", 0.18215))
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Keep the loss log's rows up to `step` (a resumed run rewrites what came after its checkpoint)."""
-    rows = []
-    if path.is_file():
-        with open(path, newline="") as f:
-            rows = [r for r in csv.reader(f) if r and r[0].isdigit() and int(r[0]) <= step]
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["step", "epoch", "loss", "seconds"])
-        w.writerows(rows)
-
-
-def read_loss_log(output_dir) -> list[dict]:
-    """The per-step loss log of a run: [{"step", "epoch", "loss", "seconds"}, ...]."""
-    path = Path(output_dir) / LOSS_LOG
-    with open(path, newline="") as f:
-        return [{"step": int(r["step"]), "epoch": int(r["epoch"]), "loss": float(r["loss"]),
-                 "seconds": float(r["seconds"])} for r in csv.DictReader(f)]
-
-
 def main(argv=None) -> TrainResult:
-    ap = argparse.ArgumentParser(prog="python -m helpers.train", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--profile", default="auto", choices=["auto", "full", "tiny"])
-    ap.add_argument("--variant", default="text_aware", choices=["vanilla", "text_aware"])
-    ap.add_argument("--output-dir", required=True)
-    ap.add_argument("--data-dir", default=None, help="notebook 01's output folder (default: <output root>/data)")
-    ap.add_argument("--max-steps", type=int)
-    ap.add_argument("--epochs", type=int)
-    ap.add_argument("--batch-size", type=int)
-    ap.add_argument("--learning-rate", type=float)
-    ap.add_argument("--weight-decay", type=float)
-    ap.add_argument("--checkpoint-every", type=int)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"])
-    ap.add_argument("--gradient-checkpointing", action="store_true", default=None)
-    args = ap.parse_args(argv)
-    config = TrainConfig(**{k: v for k, v in vars(args).items()})
+    config = parse_config(argv, description=__doc__.split("\n\n")[0])
     try:
         result = train(config)
-    except TrainingError as e:
+    except (TrainingError, PreparedDataMismatch, DataSourceError) as e:
         raise SystemExit(f"error: {e}") from None
     if result.adapter.is_file():
         print(f"Wrote {result.adapter} after {result.steps} steps ({result.seconds_per_step:.2f} s/step).")
     return result
-
 
 
 if __name__ == "__main__":

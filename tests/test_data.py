@@ -255,3 +255,74 @@ def test_prepared_data_is_reused_and_redone_when_the_source_changes(tmp_path, mo
     changed = prepare_dataset(src, out, resolution=RES, test_fraction=0.25, progress=False)
     before, after = prepared_by_id(first)["0.png"]["hash"], prepared_by_id(changed)["0.png"]["hash"]
     assert before != after
+
+
+# --------------------------------------------------------------------------------------------------
+# The prepared folder as the contract between the notebooks (helpers.data.use_prepared)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def own_prepared(tmp_path_factory):
+    """A user's 12 images (6 drawings + mirrors) prepared as notebook 01 does, at the tiny resolution."""
+    from _own_data import own_images
+
+    root = tmp_path_factory.mktemp("own")
+    captions = own_images(root / "my_drawings")
+    prep = prepare_dataset(root / "my_drawings", root / "data", resolution=64, test_fraction=0.1, progress=False)
+    return prep, captions, root
+
+
+def test_use_prepared_reads_own_data_as_it_is_and_says_it_is_not_the_profiles(tiny_profile, own_prepared, capsys,
+                                                                              monkeypatch):
+    prep, captions, root = own_prepared
+    monkeypatch.setattr(data, "prepare_dataset", lambda *a, **k: pytest.fail("re-prepared notebook 01's folder"))
+    got = data.use_prepared(root / "data", tiny_profile, resolution=64, dataset=root / "my_drawings")
+    assert sorted(list(got.train["text"]) + list(got.test["text"])) == sorted(captions.values())
+    assert f"Using the data notebook 01 prepared in {root / 'data'}: {root / 'my_drawings'}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("asked, words", [({"resolution": 128}, "resolution 128 (the folder has 64)"),
+                                          ({"test_fraction": 0.25}, "test fraction 0.25 (the folder has 0.1)"),
+                                          ({"dataset": "Norod78/RickAndMorty-HorizontalMirror-blip-captions"},
+                                           "source 'Norod78/RickAndMorty")])
+def test_use_prepared_stops_when_other_settings_are_asked(tiny_profile, own_prepared, asked, words):
+    _, _, root = own_prepared
+    manifest = (root / "data" / "prepared.json").read_bytes()
+    with pytest.raises(data.PreparedDataMismatch) as err:
+        data.use_prepared(root / "data", tiny_profile, **asked)
+    message = str(err.value)
+    assert message.startswith(f"{root / 'data'} holds data prepared from {root / 'my_drawings'} at 64 px")
+    assert words in message and "re-run notebook 01" in message and "another folder" in message
+    assert (root / "data" / "prepared.json").read_bytes() == manifest
+
+
+def test_use_prepared_prepares_a_missing_folder_from_the_profile_and_says_so(tiny_profile, tmp_path, capsys):
+    prep = data.use_prepared(tmp_path / "data", tiny_profile, progress=False)
+    assert prep.info["source"] == tiny_profile.dataset and prep.info["resolution"] == tiny_profile.resolution
+    assert capsys.readouterr().out.startswith(f"No prepared data in {tmp_path / 'data'} (notebook 01 has not run")
+
+
+def test_use_prepared_refuses_a_folder_of_images(tiny_profile, tmp_path):
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "a.png").write_bytes(png_bytes(draw_character(0, "waving", 0, size=48)))
+    with pytest.raises(data.PreparedDataMismatch, match=r"pics is not a prepared data folder.*a\.png.*DATASET"):
+        data.use_prepared(tmp_path / "pics", tiny_profile)
+    assert sorted(p.name for p in (tmp_path / "pics").iterdir()) == ["a.png"]
+
+
+def test_a_single_test_group_still_gives_two_drawings_to_compare(own_prepared):
+    """12 own images: the test split is one mirror pair, so 'another drawing' comes from training."""
+    prep, _, _ = own_prepared
+    assert len(prep.test) == 2 and len(set(prep.test["group"])) == 1
+    a, b = data.reference_and_another(prep)
+    assert a["id"] == prep.test[0]["id"] and b["group"] != a["group"] and b["id"] in list(prep.train["id"])
+
+
+def test_rerunning_01_with_other_settings_says_what_it_replaced(tmp_path):
+    from _own_data import own_images
+
+    own_images(tmp_path / "pics", n_drawings=3)
+    prepare_dataset(tmp_path / "pics", tmp_path / "data", resolution=RES, test_fraction=0, progress=False)
+    again = prepare_dataset(tmp_path / "pics", tmp_path / "data", resolution=2 * RES, test_fraction=0, progress=False)
+    assert f"This replaced the data prepared there before: {tmp_path / 'pics'} at {RES} px" in again.summary()

@@ -49,3 +49,19 @@ def test_tutorial_shape(path):
     code = sum(c.cell_type == "code" for c in nb.cells)
     assert md >= code - 1, f"{path.name}: {md} markdown cells for {code} code cells"
     assert re.search(r"you will need", nb.cells[0].source, re.I)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_form_fields_that_mean_the_profile_default_show_none(path):
+    """A field handed to get_profile either shows None (a raw field: "the profile's value") or a value that is
+    used as it is (a boolean); a string field is handed over as `FIELD or None`, so empty means the profile's.
+    A 0 in an integer field would be a value now (Profile.replace keeps only None)."""
+    config = next(c.source for c in nbformat.read(path, 4).cells if c.cell_type == "code" and "#@param" in c.source)
+    fields = dict(re.findall(r"^([A-Z_]+) = (.+?)  #@param", config, re.M))
+    call = config[config.index("get_profile("):]
+    for name in re.findall(r"\w+=([A-Z_]+)\b(?! or None)", call):
+        assert fields.get(name) in ("None", "True", "False"), f"{path.name}: {name} = {fields.get(name)}"
+        if fields[name] == "None":
+            assert re.search(rf'^{name} = None  #@param {{type:"raw"}}$', config, re.M), name
+    for name in re.findall(r"\w+=([A-Z_]+) or None", call):
+        assert fields.get(name, "").startswith('"'), f"{path.name}: {name} should be a string field"

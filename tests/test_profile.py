@@ -32,10 +32,18 @@ def test_environment_variable_and_argument_override(monkeypatch):
     assert P.get_profile("full", announce=False).name == "full"  # an explicit choice in the cell wins
 
 
-def test_form_field_overrides_keep_defaults_for_empty_values():
-    prof = P.get_profile("full", announce=False, train_batch_size=0, num_inference_steps=20, dataset="")
+def test_only_none_keeps_the_profile_value():
+    """A form field left at None keeps the profile's value; 0, False and "" are values and stick."""
+    prof = P.get_profile("full", announce=False, train_batch_size=None, num_inference_steps=20, guidance_scale=0,
+                         test_fraction=0.0)
     assert prof.train_batch_size == 4 and prof.num_inference_steps == 20
+    assert prof.guidance_scale == 0 and prof.test_fraction == 0.0
     assert prof.dataset == "Norod78/RickAndMorty-HorizontalMirror-blip-captions"
+    on = prof.replace(gradient_checkpointing=True)
+    assert on.gradient_checkpointing is True and on.replace(gradient_checkpointing=False).gradient_checkpointing is False
+    assert on.replace(gradient_checkpointing=None).gradient_checkpointing is True
+    with pytest.raises(TypeError, match="Profile has no field guidance; the fields are"):
+        prof.replace(guidance=0)
 
 
 def test_unknown_profile_is_a_clear_error(monkeypatch):

@@ -1,8 +1,14 @@
 """helpers.train: the loss goes down, only the adapter trains, runs resume exactly, failures are clear."""
+import dataclasses
+import gc
+import hashlib
+import json
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 import torch
@@ -95,27 +101,147 @@ def test_only_adapter_parameters_change_and_the_adapter_loads(tiny_profile, data
     assert [r["step"] for r in log] == [1, 2] and [r["loss"] for r in log] == pytest.approx(result.losses, abs=1e-6)
 
 
-def test_interrupted_run_resumes_to_the_uninterrupted_weights(data_dir, tmp_path, monkeypatch, capsys):
-    whole = T.train(config(tmp_path / "a", data_dir, max_steps=5), progress=False)
+def log_rows(run_dir):
+    path = run_dir / T.LOSS_LOG
+    return len(T.read_loss_log(run_dir)) if path.is_file() else 0
+
+
+def test_interrupted_run_falls_back_past_a_cut_checkpoint_and_resumes_exactly(data_dir, tmp_path, monkeypatch, capsys):
+    real_step, rows_before_step = T.training_step, []
+
+    def counting_step(run, step):  # how many rows the log file holds when each step starts
+        rows_before_step.append(log_rows(run.out))
+        return real_step(run, step)
+
+    monkeypatch.setattr(T, "training_step", counting_step)
+    whole = T.train(config(tmp_path / "a", data_dir, max_steps=7), progress=False)
+    assert rows_before_step == [0, 0, 2, 2, 4, 4, 6]  # written at the checkpoints (every 2), not at every step
+    monkeypatch.setattr(T, "training_step", real_step)
+
     real_loss, calls = T.diffusion_loss, []
 
-    def crash_at_step_4(*args, **kw):
+    def crash_at_step_6(*args, **kw):
         calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt  # the Colab session dies after the checkpoint at step 2 ... and step 3
+        if len(calls) == 6:
+            raise KeyboardInterrupt  # the Colab session dies after the checkpoints at steps 2 and 4, and step 5
         return real_loss(*args, **kw)
 
-    monkeypatch.setattr(T, "diffusion_loss", crash_at_step_4)
+    monkeypatch.setattr(T, "diffusion_loss", crash_at_step_6)
     with pytest.raises(KeyboardInterrupt):
-        T.train(config(tmp_path / "b", data_dir, max_steps=5), progress=False)
+        T.train(config(tmp_path / "b", data_dir, max_steps=7), progress=False)
     monkeypatch.setattr(T, "diffusion_loss", real_loss)
-    assert not (tmp_path / "b" / "run" / T.ADAPTER_FILE).exists()
-    resumed = T.train(config(tmp_path / "b", data_dir, max_steps=5), progress=False)
-    assert "Resuming from" in capsys.readouterr().out and resumed.resumed_from == 2
+    run_b = tmp_path / "b" / "run"
+    assert not (run_b / T.ADAPTER_FILE).exists() and log_rows(run_b) == 5  # the rows after step 4 were flushed
+    (run_b / "checkpoints" / "ckpt-000004" / "state.pt").unlink()  # and Drive never got the newest state.pt
+    capsys.readouterr()
+    resumed = T.train(config(tmp_path / "b", data_dir, max_steps=7), progress=False)
+    out = capsys.readouterr().out
+    assert "ckpt-000004 is incomplete (state.pt is missing)" in out and "falling back to ckpt-000002" in out
+    assert "Resuming from" in out and resumed.resumed_from == 2
     a, b = load_file(str(whole.adapter)), load_file(str(resumed.adapter))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     losses = {run: [r["loss"] for r in T.read_loss_log(tmp_path / run / "run")] for run in "ab"}
-    assert len(losses["b"]) == 5 and losses["a"] == losses["b"]  # the log was rewound to the checkpoint, then refilled
+    assert len(losses["b"]) == 7 and losses["a"] == losses["b"]  # the log was rewound to the checkpoint, then refilled
+
+
+def test_a_rerun_with_other_settings_refuses_and_fresh_start_starts_over(data_dir, tmp_path, capsys):
+    first = T.train(config(tmp_path, data_dir, max_steps=2), progress=False)
+    with pytest.raises(T.TrainingError, match=r"ckpt-000002 was written with other settings than this run's: batch "
+                                              r"size 4 there, 2 now; learning rate 0\.0001 there, 0\.001 now\..*"
+                                              r"FRESH_START = True.*--fresh-start"):
+        T.train(config(tmp_path, data_dir, max_steps=2, batch_size=2, learning_rate=1e-3), progress=False)
+    assert first.adapter.is_file() and log_rows(tmp_path / "run") == 2  # the refused rerun touched nothing
+    capsys.readouterr()
+    again = T.train(config(tmp_path, data_dir, max_steps=2, batch_size=2, fresh_start=True), progress=False)
+    out = capsys.readouterr().out
+    assert "Fresh start: deleted the earlier run's ckpt-000002" in out and "loss_log.csv, adapter.safetensors" in out
+    assert again.resumed_from == 0 and len(again.losses) == 2
+    assert [r["loss"] for r in T.read_loss_log(tmp_path / "run")] == pytest.approx(again.losses, abs=1e-6)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["batch_size"] == 2
+
+
+def tensors_and_modules(obj, where="result", seen=None) -> list[str]:
+    """Where in obj (dataclasses, lists, tuples, dicts, followed recursively) a tensor or a module sits."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, (torch.Tensor, torch.nn.Module)):
+        return [where]
+    if dataclasses.is_dataclass(obj):
+        items = [(f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj)]
+    elif isinstance(obj, dict):
+        items = list(obj.items())
+    elif isinstance(obj, (list, tuple)):
+        items = list(enumerate(obj))
+    else:
+        return []
+    return [hit for k, v in items for hit in tensors_and_modules(v, f"{where}.{k}", seen)]
+
+
+def test_nothing_of_a_run_outlives_train_even_when_it_is_interrupted(data_dir, tmp_path, monkeypatch):
+    unets, real_load = [], T.load_unet
+
+    def load_and_watch(*args, **kw):
+        unet = real_load(*args, **kw)
+        unets.append(weakref.ref(unet))
+        return unet
+
+    monkeypatch.setattr(T, "load_unet", load_and_watch)
+    result = T.train(config(tmp_path, data_dir, max_steps=2), progress=False)
+    assert tensors_and_modules(result) == [] and result.trainable_parameters > 0 and result.checkpoint_bytes > 0
+    gc.collect()
+    assert unets[0]() is None, "the trained UNet is still referenced after train() returned"
+
+    def interrupted(*args, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "diffusion_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt) as kept:  # a notebook keeps the traceback of the last error too
+        T.train(config(tmp_path / "b", data_dir, max_steps=2), progress=False)
+    gc.collect()
+    assert kept.value is not None and unets[1]() is None, "the interrupted run's UNet lives on in its traceback"
+
+
+def test_cli_trains_on_own_images_and_leaves_their_prepared_folder_as_it_was(tmp_path, monkeypatch, capsys):
+    """Notebook 01 prepared the user's images: training must use them (not the profile's dataset) and must
+    not touch the prepared splits (it only adds the feature cache beside them)."""
+    from _own_data import own_images
+    from helpers import features
+    from helpers.data import prepare_dataset
+
+    captions = own_images(tmp_path / "my_drawings")
+    prep = prepare_dataset(tmp_path / "my_drawings", tmp_path / "data", resolution=64, test_fraction=0.1,
+                           progress=False)
+    before = file_hashes(tmp_path / "data")
+    encoded, real_encode = [], features.encode_batch
+
+    def encode_and_note(pipe, images, texts, resolution):
+        encoded.extend(texts)
+        return real_encode(pipe, images, texts, resolution)
+
+    monkeypatch.setattr(features, "encode_batch", encode_and_note)
+    args = ["--profile", "tiny", "--variant", "vanilla", "--data-dir", str(tmp_path / "data"),
+            "--output-dir", str(tmp_path / "run"), "--max-steps", "2", "--checkpoint-every", "2"]
+    result = T.main(args)
+    assert "Using the data notebook 01 prepared in" in capsys.readouterr().out
+    train_captions = [captions[i] for i in prep.train["id"]]
+    assert len(encoded) == 10 and encoded == train_captions  # 12 images, 2 held out: the cache is of the other 10
+    _, meta = load_feature_cache(tmp_path / "data" / "train_features.safetensors")
+    assert json.loads(meta["ids"]) == list(prep.train["id"]) and result.steps == 2
+    settings = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert settings["train_images"] == 10 and settings["data_source"] == str(tmp_path / "my_drawings")
+    after = file_hashes(tmp_path / "data")
+    assert after.pop("train_features.safetensors") and after == before  # byte for byte, nothing else added
+    with pytest.raises(SystemExit, match=r"error: .*data holds data prepared from .*my_drawings at 64 px.*resolution "
+                                         r"128 \(the folder has 64\)"):
+        T.main(args + ["--resolution", "128"])
+    assert file_hashes(tmp_path / "data") == {**before, "train_features.safetensors": ANY}
+
+
+def file_hashes(folder) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data_dir, tmp_path, monkeypatch):
@@ -142,8 +268,6 @@ def test_cli_under_torchrun_two_processes_builds_data_and_writes_once(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "outputs" / "data" / "train_features.safetensors").is_file()
     assert (tmp_path / "run" / T.ADAPTER_FILE).is_file()
-    import json
-
     assert json.loads((tmp_path / "run" / "config.json").read_text())["num_processes"] == 2
     assert len(T.read_loss_log(tmp_path / "run")) == 2  # one row per step, written by the main process only
 
