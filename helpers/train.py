@@ -4,11 +4,14 @@
 
     python -m helpers.train --profile tiny|full --variant vanilla|text_aware --output-dir DIR \\
            [--max-steps N] [--checkpoint-every K] [--seed S] [--batch-size B] [--epochs E] ...
+           [--pairing self|mirror|neighbour [--pairing-self-prob P]]
 
 The recipe is the seed project's, the same for both variants so that the comparison isolates the
 architecture: batch 4, 6 epochs, 512 px, AdamW lr 1e-4, weight decay 0.01, and IP-Adapter's condition
 dropout (text 5%, image 5%, both 5%; a dropped image uses the features of a zero image, as diffusers does
 at inference). It starts from the pretrained IP-Adapter Plus weights (the text-image block at zero).
+The reference each target is conditioned on is the target itself (`self`, the seed's objective), or with
+--pairing its mirror or its nearest other drawing (helpers.pairing; the pairs go to DIR/pairs.json).
 
 Trainable: the Resampler, every to_k_ip / to_v_ip, and (text-aware) the text-image block, in fp32. Frozen:
 the UNet (fp16 on a T4, bf16 on Ampere+, fp32 on a CPU). The VAE and both encoders never run here: training
@@ -41,6 +44,7 @@ from .checkpoints import CheckpointMismatch, list_checkpoints, load_checkpoint, 
 from .env import in_colab, output_root
 from .features import load_feature_cache, prepare_for_training
 from .loss import DROP_RATES, diffusion_loss, epoch_order, make_batch
+from .pairing import PAIRINGS, PairingError, run_pairs
 from .profile import get_profile
 
 LOSS_LOG = "loss_log.csv"
@@ -67,6 +71,8 @@ class TrainConfig:
     gradient_checkpointing: bool | None = None
     max_grad_norm: float = 1.0
     keep_checkpoints: int = 2
+    pairing: str = "self"  # self | mirror | neighbour (helpers.pairing)
+    pairing_self_prob: float | None = None  # mirror/neighbour: fraction of samples kept self; None: 0.25
 
 
 def choose_mixed_precision(requested: str = "auto") -> str:
@@ -103,6 +109,7 @@ class Run:
     scheduler: object  # diffusers DDPMScheduler
     scaling: float  # the VAE's latent scaling factor
     settings: dict = dataclasses.field(default_factory=dict)  # config.json: every value this run uses
+    pairs: object = None  # helpers.pairing.Pairs; None: self pairing
 
 
 def setup(config: TrainConfig, *, progress: bool = True) -> Run:
@@ -124,8 +131,14 @@ def setup(config: TrainConfig, *, progress: bool = True) -> Run:
     data_dir = Path(config.data_dir) if config.data_dir else output_root(colab=in_colab(), drive=False) / "data"
 
     with accelerator.main_process_first():  # the main process builds data and cache; the others then read them
-        _, cache_path = prepare_for_training(profile, data_dir, progress=progress and main)
-    feats, _ = load_feature_cache(cache_path)
+        prep, cache_path = prepare_for_training(profile, data_dir, progress=progress and main)
+    feats, cache_meta = load_feature_cache(cache_path)
+    try:
+        with accelerator.main_process_first():  # the main process makes and saves the pairs; the others read them
+            pairs = run_pairs(config.pairing, config.pairing_self_prob, Path(config.output_dir), profile, prep,
+                              cache_path, feats, cache_meta, write=main, progress=progress and main)
+    except PairingError as e:
+        raise TrainingError(str(e)) from None
     n = feats["image_embeds"].shape[0]
     steps_per_epoch = math.ceil(n / (batch_size * accelerator.num_processes))
     max_steps = config.max_steps or profile.max_train_steps or (config.epochs or profile.num_epochs) * steps_per_epoch
@@ -150,10 +163,11 @@ def setup(config: TrainConfig, *, progress: bool = True) -> Run:
                 "train_images": n, "mixed_precision": mp, "gradient_checkpointing": use_ckpt,
                 "profile": profile.name, "base_model": profile.base_model, "ip_adapter": profile.ip_adapter,
                 "drop_rates": DROP_RATES, "num_processes": accelerator.num_processes,
-                "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+                "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+                "pairing_self_prob": pairs.self_prob if pairs else None, "pairing_rule": pairs.rule if pairs else None}
     return Run(config, accelerator, profile, Path(config.output_dir), feats, batch_size, steps_per_epoch, max_steps,
                every, model, params, optimizer, DDPMScheduler.from_pretrained(profile.base_model, subfolder="scheduler"),
-               _vae_scaling_factor(profile.base_model), settings)
+               _vae_scaling_factor(profile.base_model), settings, pairs)
 
 
 def resume(run: Run) -> int:
@@ -178,7 +192,8 @@ def step_batch(run: Run, step: int) -> tuple[dict[str, torch.Tensor], torch.Gene
     then draws the step's noise. Both depend only on the seed, the step and the process: a resumed run sees
     exactly what an uninterrupted one sees.
 
-    batch: latent_mean, latent_std (B, 4, r/8, r/8); text_embeds (B, 77, C); image_embeds (B, 257, 1280)
+    batch: latent_mean, latent_std (B, 4, r/8, r/8); text_embeds (B, 77, C); image_embeds (B, 257, 1280), the
+    features of each row's reference (helpers.pairing; self pairing: the row's own)
     """
     acc, feats, b = run.accelerator, run.feats, run.batch_size
     global_batch = b * acc.num_processes
@@ -186,7 +201,9 @@ def step_batch(run: Run, step: int) -> tuple[dict[str, torch.Tensor], torch.Gene
     rows = epoch_order(len(feats["image_embeds"]), epoch, run.config.seed, global_batch)[pos * global_batch:(pos + 1) * global_batch]
     rows = rows[acc.process_index * b:(acc.process_index + 1) * b]
     g = torch.Generator().manual_seed(run.config.seed * 1_000_003 + step * 1_009 + acc.process_index)
-    batch = make_batch(feats, rows, g)
+    refs = None if run.pairs is None else run.pairs.references(feats, rows, seed=run.config.seed, step=step,
+                                                                 process=acc.process_index)
+    batch = make_batch(feats, rows, g, references=refs)
     return {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}, g
 
 
@@ -326,6 +343,10 @@ def main(argv=None) -> TrainResult:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"])
     ap.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    ap.add_argument("--pairing", default="self", choices=PAIRINGS,
+                    help="the reference of each target: itself (default), its mirror, or its nearest other drawing")
+    ap.add_argument("--pairing-self-prob", type=float, default=None,
+                    help="mirror/neighbour: fraction of samples that keep their own image (default 0.25)")
     args = ap.parse_args(argv)
     config = TrainConfig(**{k: v for k, v in vars(args).items()})
     try:
