@@ -1,10 +1,13 @@
 """The models this project compares, by name, over one shared pipeline (notebooks 04 and 05).
 
-    pretrained            IP-Adapter Plus as published (profile.ip_adapter), diffusers' vanilla path
-    finetuned-vanilla     runs_dir/vanilla/adapter.safetensors     (notebook 03, variant "vanilla")
-    finetuned-text-aware  runs_dir/text_aware/adapter.safetensors  (notebook 03, variant "text_aware")
+    pretrained                      IP-Adapter Plus as published (profile.ip_adapter), diffusers' vanilla path
+    finetuned-vanilla               runs_dir/vanilla/adapter.safetensors     (notebook 03, variant "vanilla")
+    finetuned-text-aware            runs_dir/text_aware/adapter.safetensors  (notebook 03, variant "text_aware")
+    finetuned-text-aware-neighbour  runs_dir/text_aware_neighbour/...        (notebook 03, "text_aware" trained
+                                                                              with neighbour pairing, helpers.pairing)
 
-`MODEL_NAMES` is that list, in the order every table and plot uses (`model_order`).
+`MODEL_NAMES` is that list, in the order every table and plot uses (`model_order`); `FINETUNED` holds each
+fine-tuned model's folder, variant and label (the one registry: 04, 05 and the model card read it).
 
 They share one pipeline (`load_models` -> `ModelBank`): one VAE, text encoder, image encoder and base UNet
 in memory, a `TextAwareUNet2DConditionModel` whose text-image block is set to None for the vanilla models
@@ -22,6 +25,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from PIL import Image
@@ -38,12 +42,25 @@ from .adapter_file import (
 )
 from .block import TextImageCrossAttention
 
+
+
+class Finetuned(NamedTuple):
+    """One of notebook 03's runs as the bank offers it."""
+
+    folder: str  # under runs_dir: helpers.pairing.run_name(variant, pairing)
+    variant: str  # "vanilla" or "text_aware"
+    label: str  # for people: tables, plots, messages
+
+
 PRETRAINED = "pretrained"
-FINETUNED = {  # model name -> (folder under runs_dir, variant)
-    "finetuned-vanilla": ("vanilla", "vanilla"),
-    "finetuned-text-aware": ("text_aware", "text_aware"),
+FINETUNED = {  # model name -> Finetuned(folder, variant, label)
+    "finetuned-vanilla": Finetuned("vanilla", "vanilla", "vanilla, fine-tuned"),
+    "finetuned-text-aware": Finetuned("text_aware", "text_aware", "text-aware, fine-tuned"),
+    "finetuned-text-aware-neighbour": Finetuned("text_aware_neighbour", "text_aware",
+                                                "text-aware, fine-tuned with neighbour pairing"),
 }
 MODEL_NAMES = (PRETRAINED, *FINETUNED)
+MODEL_LABELS = {PRETRAINED: "IP-Adapter Plus, pretrained", **{name: e.label for name, e in FINETUNED.items()}}
 
 
 
@@ -186,13 +203,13 @@ def load_models(profile, runs_dir=None, *, extra=None, vae=None, device=None, dt
                                 {k: p.data for k, p in live.items()}, None, {})
     unet.text_image_attn = None  # the zero-initialised block load_pipeline added: unused
     models, missing = {PRETRAINED: pretrained}, {}
-    for name, (folder, variant) in FINETUNED.items():
+    for name, (folder, variant, label) in FINETUNED.items():
         if runs_dir is None:
             missing[name] = "no runs folder given (notebook 03 writes one)"
             continue
         path = Path(runs_dir) / folder / ADAPTER_FILE
         if not path.is_file():
-            missing[name] = (f"no adapter at {path}: train it in notebook 03 (variant {variant!r}), "
+            missing[name] = (f"no adapter at {path}: train it in notebook 03 ({label}), "
                              f"or copy its adapter.safetensors there")
             continue
         try:

@@ -4,6 +4,7 @@ encoders.
     path = cache_features(prep.train, out_dir, base_model=..., ip_adapter=..., resolution=512)
     tensors, meta = load_feature_cache(path)
     prep, path = prepare_for_training(profile, data_dir)    # notebook 01's data as it is + its cache
+    mirror = cache_mirror_features(prep.train, path, ...)   # features of the flipped images (mirror pairing)
 
 Tensors (rows in the split's order; sizes for SD 1.5 + ViT-H/14 at 512 px; see encode_batch, null_features):
     latent_mean, latent_std (N, 4, 64, 64); image_embeds (N, 257, 1280); text_embeds (N, 77, 768);
@@ -117,12 +118,17 @@ def encode_batch(pipe, images: Sequence[Image.Image], texts: Sequence[str], reso
     vae = pipe.vae
     pixels = pipe.image_processor.preprocess(images, height=resolution, width=resolution)
     dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    return {"latent_mean": dist.mean, "latent_std": dist.std, "image_embeds": encode_images(pipe, images),
+            "text_embeds": encode_text(pipe, texts)}
+
+
+def encode_images(pipe, images: Sequence[Image.Image]) -> torch.Tensor:
+    """(B, 257, 1280) image encoder hidden_states[-2] of the feature_extractor's pixels of RGB images, as
+    pipe.encode_image(..., output_hidden_states=True) computes them (IP-Adapter Plus's input)."""
     enc = pipe.image_encoder
     dtype = next(enc.parameters()).dtype
-    clip_pixels = pipe.feature_extractor(images, return_tensors="pt").pixel_values.to(enc.device, dtype)
-    image_embeds = enc(clip_pixels, output_hidden_states=True).hidden_states[-2]
-    return {"latent_mean": dist.mean, "latent_std": dist.std, "image_embeds": image_embeds,
-            "text_embeds": encode_text(pipe, texts)}
+    clip_pixels = pipe.feature_extractor(list(images), return_tensors="pt").pixel_values.to(enc.device, dtype)
+    return enc(clip_pixels, output_hidden_states=True).hidden_states[-2]
 
 
 def null_features(pipe) -> dict[str, torch.Tensor]:
@@ -207,6 +213,70 @@ def load_feature_cache(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         if meta.get("format") != "ipa-feature-cache":
             raise ValueError(f"{path}: not a feature cache written by helpers.features.cache_features")
         return {k: f.get_tensor(k) for k in f.keys()}, meta
+
+
+MIRROR_VERSION = "1"  # bump when mirror features would come out different
+
+
+def mirror_cache_path(cache_path) -> Path:
+    """Where cache_mirror_features keeps the mirror features of a feature cache: <stem>_mirror.safetensors beside it."""
+    cache_path = Path(cache_path)
+    return cache_path.with_name(f"{cache_path.stem}_mirror.safetensors")
+
+
+def cache_mirror_features(split, cache_path, *, base_model, ip_adapter, image_encoder=None, resolution: int,
+                          batch_size: int = 16, device=None, progress: bool = True) -> Path:
+    """Image-encoder features of every row of `split` mirrored left to right (helpers.pairing's `mirror`
+    pairing), written beside the feature cache `cache_path` (mirror_cache_path) and returned as a path.
+
+    Tensor: mirror_image_embeds (N, 257, 1280) fp16, rows in the cache's order: encode_images of
+    ImageOps.mirror(center_square(image)), the same preprocessing as the cache's image_embeds.
+    A file of its own rather than more tensors in the cache: the cache's fingerprint decides reuse for every
+    run, and a cache whose contents depended on a training option would need that option in its fingerprint
+    (a full rebuild, VAE included, whenever a mirror run comes and goes). This file records the cache's
+    fingerprint instead: it is reused while the cache is unchanged and rebuilt with it (one image-encoder
+    pass over the flipped images).
+    """
+    from PIL import ImageOps
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    cache_path = Path(cache_path)
+    if not cache_path.is_file():
+        raise FileNotFoundError(f"{cache_path}: no feature cache here; build it with prepare_for_training first")
+    with safe_open(str(cache_path), framework="pt") as f:
+        cache_meta = dict(f.metadata() or {})
+    if json.loads(cache_meta["ids"]) != list(split["id"]):
+        raise ValueError(f"{cache_path}: its rows are not this split's (ids differ); rebuild it with "
+                         "prepare_for_training on the same data folder")
+    path = mirror_cache_path(cache_path)
+    meta = {"format": "ipa-mirror-features", "version": MIRROR_VERSION, "cache_fingerprint": cache_meta["fingerprint"],
+            "ids": cache_meta["ids"]}
+    if path.is_file():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                old = f.metadata() or {}
+            if all(old.get(k) == v for k, v in meta.items()):
+                return path
+        except Exception:  # noqa: BLE001  (a damaged file is simply rebuilt)
+            pass
+    pipe = load_pipeline(base_model, ip_adapter, variant="vanilla", image_encoder=image_encoder, device=device)
+    chunks = []
+    with torch.no_grad(), tqdm(total=len(split), desc="mirror features", unit="img", disable=not progress) as bar:
+        for s in range(0, len(split), batch_size):
+            images = [ImageOps.mirror(center_square(im.convert("RGB"), resolution))
+                      for im in split[s:s + batch_size]["image"]]
+            chunks.append(encode_images(pipe, images).to("cpu", torch.float16))
+            bar.update(len(images))
+    del pipe
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file({"mirror_image_embeds": torch.cat(chunks).contiguous()}, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def prepare_for_training(profile, data_dir, *, device=None, progress: bool = True, announce: bool = True,

@@ -34,20 +34,22 @@ def epoch_order(n: int, epoch: int, seed: int, global_batch: int) -> torch.Tenso
     return torch.cat([perm, perm[:pad]]) if pad else perm
 
 
-def make_batch(features: dict[str, torch.Tensor], rows: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+def make_batch(features: dict[str, torch.Tensor], rows: torch.Tensor, generator: torch.Generator,
+               references: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The rows of the feature cache (helpers.features) as one training batch, with the conditions dropped
     out (drop_masks, drawn from `generator`): a dropped text becomes the empty prompt's states, a dropped image
     the features of a zero image.
 
+    references: (B, 257, 1280) the image features to condition on (helpers.pairing); None: the rows' own
     returns latent_mean, latent_std (B, 4, r/8, r/8); text_embeds (B, 77, C); image_embeds (B, 257, 1280)
     """
     drop_text, drop_image = drop_masks(len(rows), generator)
+    image = features["image_embeds"][rows] if references is None else references
     return {
         "latent_mean": features["latent_mean"][rows],
         "latent_std": features["latent_std"][rows],
         "text_embeds": torch.where(drop_text[:, None, None], features["null_text_embeds"], features["text_embeds"][rows]),
-        "image_embeds": torch.where(drop_image[:, None, None], features["null_image_embeds"],
-                                    features["image_embeds"][rows]),
+        "image_embeds": torch.where(drop_image[:, None, None], features["null_image_embeds"], image),
     }
 
 

@@ -23,10 +23,18 @@ LICENSE = "cc-by-nc-sa-4.0"
 
 
 def _eval_model_names() -> dict[str, str]:
-    """variant -> notebook 05's model name for notebook 03's runs (from helpers.bank's one registry)."""
+    """variant -> notebook 05's model name for notebook 03's self-paired runs (from helpers.bank's one registry)."""
     from .bank import FINETUNED
 
-    return {variant: name for name, (_, variant) in FINETUNED.items()}
+    return {e.variant: name for name, e in FINETUNED.items() if e.folder == e.variant}
+
+
+def _eval_model_name(run: "RunInfo") -> str:
+    """Notebook 05's model name for a run: by its folder (runs/text_aware_neighbour), else by its variant."""
+    from .bank import FINETUNED
+
+    by_folder = {e.folder: name for name, e in FINETUNED.items()}
+    return by_folder.get(run.run_dir.name) or _eval_model_names().get(run.variant, run.variant)
 
 
 SAMPLES_FILE, TRADEOFF_FILE = "samples.png", "tradeoff.png"
@@ -139,7 +147,7 @@ def read_evaluation(eval_dir, run: RunInfo, *, profile: str | None = None) -> Ev
     profile: the profile notebook 05 ran with (its files do not record it); default: the run's own."""
     eval_dir = Path(eval_dir)
     summary = eval_dir / "summary.csv"
-    model = _eval_model_names().get(run.variant, run.variant)
+    model = _eval_model_name(run)
     if not summary.is_file():
         return None
     with open(summary, newline="") as f:
@@ -298,6 +306,9 @@ def _training_table(run: RunInfo) -> str:
         ("batch", f"{c.get('batch_size', '?')} x {c.get('num_processes', 1)} process(es)"),
         ("optimizer", f"AdamW, lr {c.get('learning_rate', '?')}, weight decay {c.get('weight_decay', '?')}"),
         ("condition dropout", ", ".join(f"{k} {v:.0%}" for k, v in c.get("drop_rates", {}).items()) or "-"),
+        ("reference", "the target itself (self pairing)" if c.get("pairing", "self") == "self" else
+                      f"{c['pairing']} pairing: {c.get('pairing_rule') or '-'}; "
+                      f"{c.get('pairing_self_prob') or 0:.0%} of samples the target itself"),
         ("precision", f"{PRECISION.get(c.get('mixed_precision'), '?')}; gradient checkpointing "
                       f"{'on' if c.get('gradient_checkpointing') else 'off'}"),
         ("seed, device", f"{c.get('seed', '?')}, {c.get('device', '?')}"),

@@ -4,11 +4,14 @@
 
     python -m helpers.train --profile tiny|full --variant vanilla|text_aware --output-dir DIR \\
            [--max-steps N] [--checkpoint-every K] [--seed S] [--batch-size B] [--epochs E] ...
+           [--pairing self|mirror|neighbour [--pairing-self-prob P]]
 
 The recipe is the seed project's, the same for both variants so that the comparison isolates the
 architecture: batch 4, 6 epochs, 512 px, AdamW lr 1e-4, weight decay 0.01, and IP-Adapter's condition
 dropout (text 5%, image 5%, both 5%; a dropped image uses the features of a zero image, as diffusers does
 at inference). It starts from the pretrained IP-Adapter Plus weights (the text-image block at zero).
+The reference each target is conditioned on is the target itself (`self`, the seed's objective), or with
+--pairing its mirror or its nearest other drawing (helpers.pairing; the pairs go to DIR/pairs.json).
 
 Trainable: the Resampler, every to_k_ip / to_v_ip, and (text-aware) the text-image block, in fp32. Frozen:
 the UNet (fp16 on a T4, bf16 on Ampere+, fp32 on a CPU). The VAE and both encoders never run here: training
@@ -51,11 +54,12 @@ from .env import in_colab, output_root
 from .features import load_feature_cache, prepare_for_training
 from .loss import DROP_RATES, diffusion_loss, epoch_order, make_batch
 from .loss_log import LOSS_LOG, LossLog, read_loss_log  # noqa: F401  (read_loss_log: public here)
+from .pairing import PAIRS_FILE, PairingError, run_pairs
 from .profile import get_profile
 from .train_config import (RESUME_SETTINGS, TrainConfig, choose_mixed_precision, max_steps,  # noqa: F401  (public here)
                            parse_config, recipe)
 
-RUN_FILES = (LOSS_LOG, ADAPTER_FILE, "config.json")  # what a fresh start deletes, besides the checkpoints
+RUN_FILES = (LOSS_LOG, ADAPTER_FILE, "config.json", PAIRS_FILE)  # what a fresh start deletes, besides the checkpoints
 
 
 class TrainingError(RuntimeError):
@@ -87,6 +91,7 @@ class Run:
     scaling: float  # the VAE's latent scaling factor
     settings: dict = dataclasses.field(default_factory=dict)  # config.json: every value this run uses
     log: LossLog | None = None  # the buffered loss log (train() makes it once the start step is known)
+    pairs: object = None  # helpers.pairing.Pairs; None: self pairing
 
 
 def setup(config: TrainConfig, *, progress: bool = True) -> Run:
@@ -115,6 +120,16 @@ def setup(config: TrainConfig, *, progress: bool = True) -> Run:
     feats, cache_meta = load_feature_cache(cache_path)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # this run's own peak: from here on (the cache step freed its models)
+    if config.fresh_start:  # before the pairs: a fresh start may change the pairing
+        if main:
+            print(start_over(Path(config.output_dir)))
+        accelerator.wait_for_everyone()
+    try:
+        with accelerator.main_process_first():  # the main process makes and saves the pairs; the others read them
+            pairs = run_pairs(config.pairing, config.pairing_self_prob, Path(config.output_dir), profile, prep,
+                              cache_path, feats, cache_meta, write=main, progress=progress and main)
+    except PairingError as e:
+        raise TrainingError(str(e)) from None
     n = feats["image_embeds"].shape[0]
     steps_per_epoch = math.ceil(n / (r["batch_size"] * accelerator.num_processes))
     steps = max_steps(config, profile, steps_per_epoch)
@@ -140,10 +155,11 @@ def setup(config: TrainConfig, *, progress: bool = True) -> Run:
                 "trainable_parameters": sum(p.numel() for p in params.values()), "mixed_precision": mp,
                 "profile": profile.name, "base_model": profile.base_model, "ip_adapter": profile.ip_adapter,
                 "drop_rates": DROP_RATES, "num_processes": accelerator.num_processes,
-                "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+                "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+                "pairing_self_prob": pairs.self_prob if pairs else None, "pairing_rule": pairs.rule if pairs else None}
     return Run(config, accelerator, profile, Path(config.output_dir), feats, r["batch_size"], steps_per_epoch, steps,
                r["checkpoint_every"], model, params, optimizer, DDPMScheduler.from_pretrained(profile.base_model, subfolder="scheduler"),
-               _vae_scaling_factor(profile.base_model), settings)
+               _vae_scaling_factor(profile.base_model), settings, pairs=pairs)
 
 
 def resume(run: Run) -> int:
@@ -184,7 +200,8 @@ def step_batch(run: Run, step: int) -> tuple[dict[str, torch.Tensor], torch.Gene
     then draws the step's noise. Both depend only on the seed, the step and the process: a resumed run sees
     exactly what an uninterrupted one sees.
 
-    batch: latent_mean, latent_std (B, 4, r/8, r/8); text_embeds (B, 77, C); image_embeds (B, 257, 1280)
+    batch: latent_mean, latent_std (B, 4, r/8, r/8); text_embeds (B, 77, C); image_embeds (B, 257, 1280), the
+    features of each row's reference (helpers.pairing; self pairing: the row's own)
     """
     acc, feats, b = run.accelerator, run.feats, run.batch_size
     global_batch = b * acc.num_processes
@@ -192,7 +209,9 @@ def step_batch(run: Run, step: int) -> tuple[dict[str, torch.Tensor], torch.Gene
     rows = epoch_order(len(feats["image_embeds"]), epoch, run.config.seed, global_batch)[pos * global_batch:(pos + 1) * global_batch]
     rows = rows[acc.process_index * b:(acc.process_index + 1) * b]
     g = torch.Generator().manual_seed(run.config.seed * 1_000_003 + step * 1_009 + acc.process_index)
-    batch = make_batch(feats, rows, g)
+    refs = None if run.pairs is None else run.pairs.references(feats, rows, seed=run.config.seed, step=step,
+                                                                 process=acc.process_index)
+    batch = make_batch(feats, rows, g, references=refs)
     return {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}, g
 
 
@@ -269,10 +288,6 @@ def _train(run: Run, progress: bool) -> TrainResult:
     from tqdm.auto import tqdm
 
     config, main = run.config, run.accelerator.is_main_process
-    if config.fresh_start:
-        if main:
-            print(start_over(run.out))
-        run.accelerator.wait_for_everyone()
     start = resume(run)
     if main:
         run.out.mkdir(parents=True, exist_ok=True)

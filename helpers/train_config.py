@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .pairing import PAIRINGS
+
 # what a resumed run must share with the checkpoint it resumes (settings name -> words for the message)
 RESUME_SETTINGS = {"variant": "variant", "batch_size": "batch size", "learning_rate": "learning rate",
                    "weight_decay": "weight decay", "seed": "seed", "num_processes": "number of processes",
@@ -42,6 +44,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     keep_checkpoints: int = 2  # 2: an incomplete newest checkpoint can fall back to the one before
     fresh_start: bool = False  # delete output_dir's checkpoints, loss log and adapter first, and start at step 0
+    pairing: str = "self"  # self | mirror | neighbour (helpers.pairing)
+    pairing_self_prob: float | None = None  # mirror/neighbour: fraction of samples kept self; None: 0.25
 
 
 def choose_mixed_precision(requested: str = "auto") -> str:
@@ -109,4 +113,8 @@ def parse_config(argv=None, description: str = "") -> TrainConfig:
     ap.add_argument("--keep-checkpoints", type=int, default=2)
     ap.add_argument("--fresh-start", action="store_true",
                     help="delete --output-dir's checkpoints, loss log and adapter, and train from step 0")
+    ap.add_argument("--pairing", default="self", choices=PAIRINGS,
+                    help="the reference of each target: itself (default), its mirror, or its nearest other drawing")
+    ap.add_argument("--pairing-self-prob", type=float, default=None,
+                    help="mirror/neighbour: fraction of samples that keep their own image (default 0.25)")
     return TrainConfig(**vars(ap.parse_args(argv)))

@@ -26,12 +26,12 @@ def make_text_aware_nonzero(pipe, seed=1):
 
 
 def write_finetuned_adapters(profile, runs_dir, *, seed: int = 0) -> dict[str, Path]:
-    """runs_dir/vanilla/adapter.safetensors and runs_dir/text_aware/adapter.safetensors: the profile's
+    """runs_dir/<folder>/adapter.safetensors for every model of helpers.bank.FINETUNED: the profile's
     IP-Adapter with every adapter weight perturbed (and, for text-aware, a block that is not the identity),
     saved with helpers.adapter.save_adapter. Returns model name -> file."""
     g = torch.Generator().manual_seed(seed)
     paths = {}
-    for name, (folder, variant) in FINETUNED.items():
+    for name, (folder, variant, _) in FINETUNED.items():
         pipe = load_pipeline(profile.base_model, profile.ip_adapter, variant=variant, device="cpu")
         params = list(adapter_parameters(pipe.unet).values())  # with the text-image block when text-aware
         with torch.no_grad():

@@ -1,4 +1,4 @@
-"""helpers.bank: three models over one pipeline, each exactly its standalone pipeline; missing ones explained."""
+"""helpers.bank: the registered models over one pipeline, each exactly its standalone pipeline; missing ones explained."""
 import numpy as np
 import pytest
 import torch
@@ -7,14 +7,16 @@ from _samples import pixels
 from helpers import sampling
 from helpers.adapter import load_pipeline
 from helpers.adapter_file import adapter_parameters, adapter_state_dict, official_to_live
-from helpers.bank import load_models
+from helpers.bank import FINETUNED, MODEL_LABELS, MODEL_NAMES, load_models
+from helpers.pairing import run_name
 
 
 STEPS = 2
 
 
-def test_bank_offers_three_models_over_one_pipeline(bank):
-    assert bank.names == ["pretrained", "finetuned-vanilla", "finetuned-text-aware"] and bank.missing == {}
+def test_bank_offers_every_registered_model_over_one_pipeline(bank):
+    assert bank.names == ["pretrained", "finetuned-vanilla", "finetuned-text-aware", "finetuned-text-aware-neighbour"]
+    assert bank.names == list(MODEL_NAMES) and bank.missing == {}
     unet = bank.pipe.unet
     live = adapter_parameters(unet, block=False)
     key = "ip_adapter.1.to_k_ip.0.weight"
@@ -23,10 +25,11 @@ def test_bank_offers_three_models_over_one_pipeline(bank):
         assert bank.use(name) is bank.pipe and bank.pipe.unet is unet  # one base pipeline
         assert live[key].data_ptr() == bank.models[name].params[key].data_ptr()  # swapped in place, no copy
         block = unet._modules.get("text_image_attn")
-        assert (block is not None) == (name == "finetuned-text-aware")
+        assert (block is not None) == (name in ("finetuned-text-aware", "finetuned-text-aware-neighbour"))
         seen[name] = live[key].detach().clone()
     assert not torch.equal(seen["pretrained"], seen["finetuned-vanilla"])
     assert not torch.equal(seen["finetuned-vanilla"], seen["finetuned-text-aware"])
+    assert not torch.equal(seen["finetuned-text-aware"], seen["finetuned-text-aware-neighbour"])
 
 
 def test_official_keys_map_onto_the_live_parameters(bank):
@@ -60,9 +63,10 @@ def test_bank_models_equal_standalone_pipelines(bank, runs, tiny_profile, refere
 def test_missing_adapters_give_a_clear_message_and_the_pretrained_model(tiny_profile, tmp_path, capsys):
     bank = load_models(tiny_profile, tmp_path / "runs", device="cpu")
     assert bank.names == ["pretrained"]
-    for name, folder in [("finetuned-vanilla", "vanilla"), ("finetuned-text-aware", "text_aware")]:
+    for name, folder in [("finetuned-vanilla", "vanilla"), ("finetuned-text-aware", "text_aware"),
+                         ("finetuned-text-aware-neighbour", "text_aware_neighbour")]:
         assert str(tmp_path / "runs" / folder / "adapter.safetensors") in bank.missing[name]
-        assert "notebook 03" in bank.missing[name]
+        assert "notebook 03" in bank.missing[name] and MODEL_LABELS[name] in bank.missing[name]
     printed = capsys.readouterr().out
     assert printed.count("finetuned-vanilla is not available") == 1 and "Models available: pretrained" in printed
     with pytest.raises(KeyError, match="finetuned-vanilla.*no adapter at"):
@@ -79,3 +83,12 @@ def test_unreadable_or_wrong_adapters_are_reported_not_raised(tiny_profile, runs
     assert "not a readable safetensors file" in bank.missing["finetuned-vanilla"]
     assert "is a vanilla adapter" in bank.missing["finetuned-text-aware"]
     assert "NOT AVAILABLE" in bank.describe()
+
+
+def test_registry_folders_are_the_training_run_folders():
+    """notebook 03 trains into runs/<run_name(variant, pairing)>; the bank must look exactly there."""
+    assert FINETUNED["finetuned-vanilla"].folder == run_name("vanilla", "self")
+    assert FINETUNED["finetuned-text-aware"].folder == run_name("text_aware", "self")
+    entry = FINETUNED["finetuned-text-aware-neighbour"]
+    assert entry.folder == run_name("text_aware", "neighbour") and entry.variant == "text_aware"
+    assert len({e.folder for e in FINETUNED.values()}) == len(FINETUNED)  # no two models share a folder

@@ -40,13 +40,13 @@ def test_generate_button_gives_one_image_per_model(panel, bank):
     panel.scale.value, panel.seed.value, panel.guidance.value = 0.6, 7, 5.0
     panel.generate_button.click()
     assert panel.last_error is None, panel.last_error
-    assert list(panel.last_images) == bank.names and len(bank.names) == 3
+    assert list(panel.last_images) == bank.names and len(bank.names) == 4
     for s in panel.last_samples:
         assert (s.reference, s.prompt, s.scale, s.seed, s.steps, s.guidance) == (
             "flipped", "a cartoon drawing of a robot", 0.6, 7, 2, 5.0)
         assert s.image.size == (64, 64)
         assert bytes(panel.result_images[s.model].value)[:4] == b"\x89PNG"  # shown in the panel
-    assert panel.progress.value == panel.progress.max == 3 and "3 images" in panel.status.value
+    assert panel.progress.value == panel.progress.max == 4 and "4 images" in panel.status.value
     # the same settings through helpers.sampling give the same pixels
     again = sampling.generate(bank, {"flipped": panel.references["flipped"]}, ["a cartoon drawing of a robot"],
                               models=["finetuned-text-aware"], scales=(0.6,), seeds=(7,), steps=2, guidance=5.0,
@@ -57,6 +57,7 @@ def test_generate_button_gives_one_image_per_model(panel, bank):
 def test_unticked_models_are_skipped_and_errors_go_to_the_status(panel):
     panel.model_boxes["finetuned-vanilla"].value = False
     panel.model_boxes["pretrained"].value = False
+    panel.model_boxes["finetuned-text-aware-neighbour"].value = False
     panel.generate_button.click()
     assert list(panel.last_images) == ["finetuned-text-aware"]
     panel.model_boxes["finetuned-text-aware"].value = False
@@ -69,6 +70,7 @@ def test_save_button_writes_images_with_settings(panel, tmp_path):
     panel.save_button.click()
     assert "nothing to save yet" in panel.last_error
     panel.model_boxes["pretrained"].value = False
+    panel.model_boxes["finetuned-text-aware-neighbour"].value = False
     panel.generate_button.click()
     panel.save_button.click()
     assert panel.last_error is None
