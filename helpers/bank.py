@@ -1,13 +1,20 @@
 """The models this project compares, by name, over one shared pipeline (notebooks 04 and 05).
 
-    pretrained                      IP-Adapter Plus as published (profile.ip_adapter), diffusers' vanilla path
-    finetuned-vanilla               runs_dir/vanilla/adapter.safetensors     (notebook 03, variant "vanilla")
-    finetuned-text-aware            runs_dir/text_aware/adapter.safetensors  (notebook 03, variant "text_aware")
-    finetuned-text-aware-neighbour  runs_dir/text_aware_neighbour/...        (notebook 03, "text_aware" trained
-                                                                              with neighbour pairing, helpers.pairing)
+`MODELS` is the one registry: name -> ModelSpec (what the model is, where its weights come from), in the
+order every table and plot uses (`model_order`); `label(name)` is what plots and tables call it.
 
-`MODEL_NAMES` is that list, in the order every table and plot uses (`model_order`); `FINETUNED` holds each
-fine-tuned model's folder, variant and label (the one registry: 04, 05 and the model card read it).
+    pretrained                     IP-Adapter Plus as published (profile.ip_adapter), diffusers' vanilla path
+    pretrained-instantstyle        the same weights, IP-Adapter only in InstantStyle's SD 1.5 blocks (baseline)
+    finetuned-vanilla              runs_dir/vanilla/adapter.safetensors     (notebook 03, variant "vanilla")
+    finetuned-text-aware           runs_dir/text_aware/adapter.safetensors  (notebook 03, variant "text_aware")
+    finetuned-text-aware-no-block  the text-aware adapter's Resampler and to_k_ip/to_v_ip with its block removed
+                                   (ablation: what the block adds beyond what fine-tuning moved)
+    finetuned-text-aware-neighbour runs_dir/text_aware_neighbour/...  (notebook 03, "text_aware" trained with
+                                   neighbour pairing, helpers.pairing: the reference is another drawing)
+
+A trained model is one more entry with a `folder` under runs_dir; a baseline or ablation is an entry with a
+`source` (the model whose weights it reuses) and `block=False` and/or `ip_layers`. `load_models` loads the
+baselines only when asked (`baselines=True`, notebook 05).
 
 They share one pipeline (`load_models` -> `ModelBank`): one VAE, text encoder, image encoder and base UNet
 in memory, a `TextAwareUNet2DConditionModel` whose text-image block is set to None for the vanilla models
@@ -15,9 +22,13 @@ in memory, a `TextAwareUNet2DConditionModel` whose text-image block is set to No
 (~30M parameters in SD 1.5 Plus), the 16 `to_k_ip` / `to_v_ip` pairs (~19M) and, for the text-aware
 model, its block. Each model's copy of them stays on the device, and `ModelBank.use(name)` points the
 live parameters at that copy (`param.data = tensor`): no copy, no rounding, so a bank model computes
-exactly what a standalone `load_pipeline(..., adapter=file)` computes. Three models at fp16 cost the
-base pipeline (~3.4 GB: UNet 860M, ViT-H/14 image encoder 632M, text encoder 123M, VAE 84M parameters)
-plus ~0.1 GB per adapter (~49M parameters): they fit a T4's 15 GB.
+exactly what a standalone `load_pipeline(..., adapter=file)` computes. A baseline shares its source's
+tensors. Three models at fp16 cost the base pipeline (~3.4 GB: UNet 860M, ViT-H/14 image encoder 632M,
+text encoder 123M, VAE 84M parameters) plus ~0.1 GB per adapter (~49M parameters): they fit a T4's 15 GB.
+
+IP-Adapter scales go through `ModelBank.set_ip_scale(scale)`: every IP layer at `scale`, or, for a model
+with `ip_layers`, those layers at `scale` and every other at 0 (diffusers' per-block dict, as InstantStyle
+does), and then reads each IPAdapterAttnProcessor's `.scale` back to check that exactly those were set.
 """
 
 from __future__ import annotations
@@ -25,7 +36,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from PIL import Image
@@ -42,26 +52,44 @@ from .adapter_file import (
 )
 from .block import TextImageCrossAttention
 
-
-
-class Finetuned(NamedTuple):
-    """One of notebook 03's runs as the bank offers it."""
-
-    folder: str  # under runs_dir: helpers.pairing.run_name(variant, pairing)
-    variant: str  # "vanilla" or "text_aware"
-    label: str  # for people: tables, plots, messages
-
-
 PRETRAINED = "pretrained"
-FINETUNED = {  # model name -> Finetuned(folder, variant, label)
-    "finetuned-vanilla": Finetuned("vanilla", "vanilla", "vanilla, fine-tuned"),
-    "finetuned-text-aware": Finetuned("text_aware", "text_aware", "text-aware, fine-tuned"),
-    "finetuned-text-aware-neighbour": Finetuned("text_aware_neighbour", "text_aware",
-                                                "text-aware, fine-tuned with neighbour pairing"),
-}
-MODEL_NAMES = (PRETRAINED, *FINETUNED)
-MODEL_LABELS = {PRETRAINED: "IP-Adapter Plus, pretrained", **{name: e.label for name, e in FINETUNED.items()}}
 
+# InstantStyle (arXiv 2404.02733), its SD 1.5 script: style + layout blocks. (Style only: ("up_blocks.1",).)
+# SD 1.5's up_blocks.0 has no attention: an SDXL-style "up_blocks.0" would leave every IP layer at 0.
+INSTANTSTYLE_SD15 = ("down_blocks.2", "mid_block", "up_blocks.1")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One entry of the registry: what the model is and where its adapter weights come from."""
+
+    label: str  # what it is, as plots and tables call it
+    folder: str | None = None  # trained by notebook 03: runs_dir/<folder>/adapter.safetensors
+    variant: str = "vanilla"  # "vanilla" or "text_aware" (of the file in `folder`)
+    source: str | None = None  # a baseline or ablation: reuse this model's adapter weights
+    block: bool = True  # False: run without the source's text-image block
+    ip_layers: tuple[str, ...] | None = None  # IP-Adapter only in these UNet blocks (others at scale 0); None: all
+
+
+MODELS: dict[str, ModelSpec] = {
+    PRETRAINED: ModelSpec("IP-Adapter Plus (pretrained)"),
+    "pretrained-instantstyle": ModelSpec("+ InstantStyle layers", source=PRETRAINED, ip_layers=INSTANTSTYLE_SD15),
+    "finetuned-vanilla": ModelSpec("fine-tuned vanilla", folder="vanilla", variant="vanilla"),
+    "finetuned-text-aware": ModelSpec("fine-tuned text-aware", folder="text_aware", variant="text_aware"),
+    "finetuned-text-aware-no-block": ModelSpec("fine-tuned text-aware, block removed", source="finetuned-text-aware",
+                                               block=False),
+    "finetuned-text-aware-neighbour": ModelSpec("fine-tuned text-aware, neighbour pairing",
+                                                folder="text_aware_neighbour", variant="text_aware"),
+}
+FINETUNED = {name: (m.folder, m.variant) for name, m in MODELS.items() if m.folder}  # name -> (folder, variant)
+BASELINES = tuple(name for name, m in MODELS.items() if m.source)  # derived from another model's weights
+MODEL_NAMES = tuple(MODELS)
+
+
+def label(name: str) -> str:
+    """What a model is, for plots and tables ("fine-tuned text-aware"); other names (extra models) as given."""
+    spec = MODELS.get(name)
+    return spec.label if spec is not None else str(name)
 
 
 def model_order(names) -> list[str]:
@@ -80,6 +108,7 @@ class AdapterWeights:
     params: dict[str, torch.Tensor] = field(repr=False)  # adapter_parameters(block=False) name -> tensor
     block: TextImageCrossAttention | None = field(default=None, repr=False)
     metadata: dict = field(default_factory=dict)
+    ip_layers: tuple[str, ...] | None = None  # see ModelSpec
 
 
 class ModelBank:
@@ -113,7 +142,13 @@ class ModelBank:
 
     def describe(self) -> str:
         """Which models are available and which are not, with the reason."""
-        lines = [f"{n}: {self.models[n].variant}, {self.models[n].source}" for n in self.names]
+        lines = []
+        for n in self.names:
+            m = self.models[n]
+            spec = MODELS.get(n)
+            how = (", text-image block removed" if spec is not None and not spec.block else "") + (
+                f", IP-Adapter only in {', '.join(m.ip_layers)}" if m.ip_layers else "")
+            lines.append(f"{n} ({label(n)}): {m.variant}, {m.source}{how}")
         lines += [f"{n}: NOT AVAILABLE - {msg}" for n, msg in self.missing.items()]
         return "\n".join(lines)
 
@@ -131,6 +166,12 @@ class ModelBank:
             self.active = name
         return self.pipe
 
+    def set_ip_scale(self, scale: float) -> dict[str, float]:
+        """Set the active model's IP-Adapter scale: every IP layer at `scale`, or only its `ip_layers`
+        (others 0). Returns {attention processor name: scale} as read back from the processors."""
+        layers = self.models[self.active].ip_layers if self.active is not None else None
+        return set_ip_scale(self.pipe, scale, layers)
+
     def image_features(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
         """(negative, positive) image-encoder features of a reference, each (1, 1, tokens, width):
         the penultimate hidden states of the reference and of a zero image, from the same
@@ -145,6 +186,53 @@ class ModelBank:
                 self._features.clear()
             self._features[key] = (neg[None], pos[None])
         return self._features[key]
+
+
+def ip_scales(unet) -> dict[str, float]:
+    """{attention processor name: scale} of every IP-Adapter layer, read from the processors themselves."""
+    return {name: float(proc.scale[0]) for name, proc in unet.attn_processors.items() if hasattr(proc, "scale")
+            and hasattr(proc, "to_k_ip")}
+
+
+def _per_block_dict(layers: tuple[str, ...], scale: float) -> dict:
+    """("down_blocks.2", "mid_block", "up_blocks.1"), 0.7 -> diffusers' {"down": {"block_2": 0.7},
+    "mid": 0.7, "up": {"block_1": 0.7}}."""
+    out: dict = {}
+    for layer in layers:
+        if layer == "mid_block":
+            out["mid"] = scale
+            continue
+        where, _, index = layer.partition("_blocks.")
+        if where not in ("down", "up") or not index.isdigit():
+            raise ValueError(f"IP layer {layer!r}: name a UNet block as 'down_blocks.<i>', 'mid_block' or 'up_blocks.<i>'")
+        out.setdefault(where, {})[f"block_{index}"] = scale
+    return out
+
+
+def set_ip_scale(pipe, scale: float, layers: tuple[str, ...] | None = None) -> dict[str, float]:
+    """`pipe.set_ip_adapter_scale` with a check: every IP layer at `scale` (layers None), or only the IP
+    layers inside the named UNet blocks at `scale` and every other at 0 (InstantStyle's per-block dict).
+    Reads each IPAdapterAttnProcessor's `.scale` back and raises if any differs from what was asked, so a
+    dict that diffusers drops without a word (SD 1.5's up_blocks.0 has no attention) cannot turn the
+    adapter off unnoticed. Returns {processor name: scale}."""
+    scale = float(scale)
+    names = list(ip_scales(pipe.unet))
+    if layers is None:
+        pipe.set_ip_adapter_scale(scale)
+        wanted = dict.fromkeys(names, scale)
+    else:
+        empty = [b for b in layers if not any(n.startswith(b + ".") for n in names)]
+        if empty:
+            raise ValueError(f"IP layers {empty} hold no IP-Adapter attention in this UNet (SD 1.5's up_blocks.0 "
+                             f"has none); blocks that do: {sorted({n.split('.attentions')[0] for n in names})}")
+        pipe.set_ip_adapter_scale(_per_block_dict(tuple(layers), scale))
+        wanted = {n: scale if any(n.startswith(b + ".") for b in layers) else 0.0 for n in names}
+    got = ip_scales(pipe.unet)
+    wrong = {n: (got[n], v) for n, v in wanted.items() if got[n] != v}
+    if wrong:
+        raise RuntimeError(f"set_ip_adapter_scale left {len(wrong)} IP layers at the wrong scale "
+                           f"(name: (set, wanted)): {wrong}")
+    return got
 
 
 def _load_finetuned(pipe, name: str, path: Path, variant: str, live: dict[str, torch.nn.Parameter]) -> AdapterWeights:
@@ -173,7 +261,15 @@ def _load_finetuned(pipe, name: str, path: Path, variant: str, live: dict[str, t
     return AdapterWeights(name, variant, str(path), params, block, dict(meta))
 
 
-def load_models(profile, runs_dir=None, *, extra=None, vae=None, device=None, dtype=None,
+def _derive(name: str, spec: ModelSpec, models: dict[str, AdapterWeights]) -> AdapterWeights:
+    """A baseline or ablation: its source's tensors (shared, not copied), without the block if asked."""
+    src = models[spec.source]
+    block = src.block if spec.block else None
+    return AdapterWeights(name, src.variant if block is not None else "vanilla", src.source, src.params, block,
+                          dict(src.metadata), spec.ip_layers)
+
+
+def load_models(profile, runs_dir=None, *, extra=None, vae=None, device=None, dtype=None, baselines: bool = False,
                 verbose: bool = True) -> ModelBank:
     """The pretrained IP-Adapter Plus and notebook 03's fine-tuned adapters over one shared pipeline.
 
@@ -184,6 +280,7 @@ def load_models(profile, runs_dir=None, *, extra=None, vae=None, device=None, dt
               the variant comes from the file
     vae:      None = profile.base_model's VAE; else a Hub id or folder of an AutoencoderKL
     device, dtype: default cuda + fp16 with a GPU, else cpu + fp32
+    baselines: also the registry's baselines and ablations (BASELINES) whose source model is available
 
     A missing or unusable adapter file never raises: the bank records why in `bank.missing` (printed
     once here unless verbose=False) and offers the models it has (always "pretrained").
@@ -203,19 +300,25 @@ def load_models(profile, runs_dir=None, *, extra=None, vae=None, device=None, dt
                                 {k: p.data for k, p in live.items()}, None, {})
     unet.text_image_attn = None  # the zero-initialised block load_pipeline added: unused
     models, missing = {PRETRAINED: pretrained}, {}
-    for name, (folder, variant, label) in FINETUNED.items():
+    for name, (folder, variant) in FINETUNED.items():
         if runs_dir is None:
             missing[name] = "no runs folder given (notebook 03 writes one)"
             continue
         path = Path(runs_dir) / folder / ADAPTER_FILE
         if not path.is_file():
-            missing[name] = (f"no adapter at {path}: train it in notebook 03 ({label}), "
+            missing[name] = (f"no adapter at {path}: train it in notebook 03 ({label(name)}, variant {variant!r}), "
                              f"or copy its adapter.safetensors there")
             continue
         try:
             models[name] = _load_finetuned(pipe, name, path, variant, live)
         except (AdapterFileError, KeyError, OSError, RuntimeError, ValueError) as e:
             missing[name] = f"cannot use {path}: {e}"
+    for name in BASELINES if baselines else ():
+        spec = MODELS[name]
+        if spec.source in models:
+            models[name] = _derive(name, spec, models)
+        else:
+            missing[name] = f"it is derived from {spec.source}, which is not available"
     for name, spec in (extra or {}).items():
         try:
             path = resolve_adapter(spec)

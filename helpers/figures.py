@@ -2,31 +2,23 @@
 Figure or a pandas DataFrame (the notebooks show them; tests check what they hold).
 
     image_grid(samples, rows, cols)          labelled grid of generated images (04, 05)
-    side_by_side / scale_sweep               the evaluation's comparison grids (05)
-    tradeoff_plot(summary)                   consistency against prompt following across IP scales (05)
     data_flow_diagram(pipe)                  the architecture as boxes and arrows (02)
     parameter_table(live, sd15, profile)     parameters per part, live and at SD 1.5 size (02, 03)
     loss_curves(logs)                        training losses, raw and smoothed (03)
+
+Notebook 05's figures (trade-off curves, side-by-side grids, bootstrap histogram) are in helpers.eval_figures.
 """
 
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Sequence
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .adapter_file import adapter_parameters, ip_adapter_layer_keys
-from .bank import MODEL_NAMES, model_order
 from .block import TextImageCrossAttention
 from .sampling import SETTING_NAMES, Sample, as_list
-from .evaluation import PromptSpec
-from .stats import EDIT
-
-METRIC_LABELS = {"clip_t": "CLIP-T (image-prompt cosine)", "clip_i": "CLIP-I (image-reference cosine)",
-                 "dino": "DINO (image-reference cosine)"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -112,86 +104,6 @@ def image_grid(samples: list[Sample], rows=("reference", "prompt"), cols=("model
                 grid.paste(s.image.convert("RGB").resize((cell, cell), resample), (x0 + j * cell, y))
     grid.info.update(rows=row_labels, cols=col_labels, title=title or "")
     return grid
-
-
-# --------------------------------------------------------------------------------------------------
-# The evaluation: trade-off plot and side-by-side grids
-# --------------------------------------------------------------------------------------------------
-
-
-def tradeoff_plot(summary, *, y: Sequence[str] = ("clip_i", "dino"), x: str = "clip_t", title: str | None = None,
-                  clip_model: str = "", note: str = "", copy_clip_t: float | None = None):
-    """One panel per consistency metric in `y` against `x` (CLIP-T): one curve per model through its IP
-    scales (labelled at each point), 95% bootstrap intervals as error bars. Returns the matplotlib Figure.
-    Up and to the right is better: more like the reference and more like the prompt.
-
-    copy_clip_t: CLIP-T of the unedited references with the same prompts (copy_baseline), drawn as a
-    dashed line: left of it, an image follows the prompt less than the reference itself does."""
-    import matplotlib.pyplot as plt
-
-    ys = [m for m in ([y] if isinstance(y, str) else y) if m in summary]
-    fig, axes = plt.subplots(1, len(ys), figsize=(5.2 * len(ys), 4.4), squeeze=False)
-    for ax, ym in zip(axes[0], ys):
-        for model in model_order(summary["model"]):
-            part = summary[summary["model"] == model].sort_values("scale")
-            xerr = np.abs(np.array([part[x] - part[f"{x}_lo"], part[f"{x}_hi"] - part[x]]))
-            yerr = np.abs(np.array([part[ym] - part[f"{ym}_lo"], part[f"{ym}_hi"] - part[ym]]))
-            ax.errorbar(part[x], part[ym], xerr=np.nan_to_num(xerr), yerr=np.nan_to_num(yerr), marker="o",
-                        capsize=3, elinewidth=0.8, label=model)
-            for _, r in part.iterrows():
-                ax.annotate(f"{r['scale']:g}", (r[x], r[ym]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        if copy_clip_t is not None:
-            ax.axvline(copy_clip_t, color="grey", linestyle="--", linewidth=1)
-            ax.annotate("reference itself", (copy_clip_t, 1), xycoords=("data", "axes fraction"), xytext=(3, -12),
-                        textcoords="offset points", fontsize=8, color="grey")
-        ax.set_xlabel(METRIC_LABELS.get(x, x))
-        ax.set_ylabel(METRIC_LABELS.get(ym, ym))
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(title="model (labels: IP scale)", fontsize=8)
-    heading = title or "Consistency vs prompt following across IP-Adapter scales"
-    extra = " · ".join(t for t in (f"CLIP {clip_model}" if clip_model else "", note) if t)
-    fig.suptitle(heading + (f"\n{extra}" if extra else ""), fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def side_by_side(samples, *, scale: float | None = None, n_rows: int = 4, prompt_kind: str = EDIT,
-                 prompts: Sequence[PromptSpec] = (), cell: int | None = None, title: str | None = None) -> Image.Image:
-    """A labelled grid (PIL image): rows = (reference, prompt) pairs (up to n_rows, distinct references,
-    `prompt_kind` prompts first), columns = the reference then each model, at one IP scale (default: the
-    scale closest to 0.5) and the first seed. Built with image_grid."""
-    samples = list(samples)
-    if not samples:
-        raise ValueError("no samples to show")
-    scales = sorted({float(s.scale) for s in samples})
-    scale = min(scales, key=lambda v: abs(v - 0.5)) if scale is None else float(scale)
-    seed = min(s.seed for s in samples)
-    kind = {(p.reference, p.prompt): p.kind for p in prompts}
-    pairs = list(dict.fromkeys((s.reference, s.prompt) for s in samples))
-    pairs.sort(key=lambda rp: kind.get(rp, EDIT) != prompt_kind)  # stable: wanted kind first
-    chosen, seen = [], set()
-    for ref, prompt in pairs:
-        if ref not in seen:
-            chosen.append((ref, prompt))
-            seen.add(ref)
-        if len(chosen) == n_rows:
-            break
-    keep = [s for s in samples if float(s.scale) == scale and s.seed == seed and (s.reference, s.prompt) in chosen]
-    keep.sort(key=lambda s: (chosen.index((s.reference, s.prompt)), model_order([s.model, *MODEL_NAMES]).index(s.model)))
-    return image_grid(keep, rows=("reference", "prompt"), cols=("model",), cell=cell,
-                      title=title or f"IP-Adapter scale {scale:g}, seed {seed}")
-
-
-def scale_sweep(samples, reference: str, prompt: str, *, seed: int | None = None, cell: int | None = None,
-                title: str | None = None) -> Image.Image:
-    """One reference and prompt: models down, IP scales across (PIL image via image_grid)."""
-    keep = [s for s in samples if s.reference == reference and s.prompt == prompt]
-    if not keep:
-        raise ValueError(f"no samples for reference {reference!r} with prompt {prompt!r}")
-    seed = min(s.seed for s in keep) if seed is None else seed
-    keep = sorted((s for s in keep if s.seed == seed), key=lambda s: (model_order([s.model, *MODEL_NAMES]).index(s.model), s.scale))
-    return image_grid(keep, rows=("model",), cols=("scale",), cell=cell, thumbnails=False,
-                      title=title or textwrap.shorten(f"{reference}: {prompt}", 90))
 
 
 # --------------------------------------------------------------------------------------------------

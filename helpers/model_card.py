@@ -26,14 +26,14 @@ def _eval_model_names() -> dict[str, str]:
     """variant -> notebook 05's model name for notebook 03's self-paired runs (from helpers.bank's one registry)."""
     from .bank import FINETUNED
 
-    return {e.variant: name for name, e in FINETUNED.items() if e.folder == e.variant}
+    return {variant: name for name, (folder, variant) in FINETUNED.items() if folder == variant}
 
 
 def _eval_model_name(run: "RunInfo") -> str:
     """Notebook 05's model name for a run: by its folder (runs/text_aware_neighbour), else by its variant."""
     from .bank import FINETUNED
 
-    by_folder = {e.folder: name for name, e in FINETUNED.items()}
+    by_folder = {folder: name for name, (folder, _) in FINETUNED.items()}
     return by_folder.get(run.run_dir.name) or _eval_model_names().get(run.variant, run.variant)
 
 

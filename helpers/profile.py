@@ -50,9 +50,12 @@ class Profile:
     num_inference_steps: int = 30
     guidance_scale: float = 7.5
     eval_scales: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0)
-    eval_num_references: int = 10  # held-out references (one per near-duplicate group); 240 images on a T4
+    # full: as many of the test split's ~26 groups as 90 min of T4 generation allow at an ESTIMATED 5 s per
+    # image, for 6 models x 4 scales x (own caption + 2 edits) = 72 images per reference: 15 references,
+    # 1080 images (helpers.evaluation.references_for_budget; the estimate is T4_SECONDS_PER_IMAGE there)
+    eval_num_references: int = 15  # held-out references (one per near-duplicate group)
     eval_seeds: tuple[int, ...] = (0,)
-    eval_edits_per_reference: int = 1  # edit prompts per reference, besides its own caption
+    eval_edits_per_reference: int = 2  # edit prompts per reference, besides its own caption
     eval_batch_size: int | None = None  # images per pipeline call in the evaluation; None: sampling's choice
 
     def replace(self, **overrides) -> "Profile":
@@ -110,7 +113,8 @@ def tiny_profile(reason: str) -> Profile:
         max_train_steps=8,
         num_inference_steps=4,
         eval_scales=(0.5, 1.0),
-        eval_num_references=3,  # 3 x 2 prompts x 2 scales x 3 models = 36 images, 18 pipeline calls in CI
+        eval_num_references=3,  # 3 x 2 prompts x 2 scales x 5 models = 60 images in CI
+        eval_edits_per_reference=1,
     )
 
 

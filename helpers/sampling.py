@@ -139,7 +139,7 @@ def generate(bank: ModelBank, references: dict, prompts, *, models=None, scales=
     for name in models:
         pipe = bank.use(name)
         for scale in scales:
-            pipe.set_ip_adapter_scale(scale)
+            bank.set_ip_scale(scale)  # per-layer for a model with ip_layers (InstantStyle), checked
             for r, ref_jobs in jobs.items():
                 neg, pos = bank.image_features(images[r])  # (1, 1, tokens, width) each
                 embeds = torch.cat([neg, pos]) if cfg else pos  # the pipeline's [negative, positive] order

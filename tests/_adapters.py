@@ -31,7 +31,7 @@ def write_finetuned_adapters(profile, runs_dir, *, seed: int = 0) -> dict[str, P
     saved with helpers.adapter.save_adapter. Returns model name -> file."""
     g = torch.Generator().manual_seed(seed)
     paths = {}
-    for name, (folder, variant, _) in FINETUNED.items():
+    for name, (folder, variant) in FINETUNED.items():
         pipe = load_pipeline(profile.base_model, profile.ip_adapter, variant=variant, device="cpu")
         params = list(adapter_parameters(pipe.unet).values())  # with the text-image block when text-aware
         with torch.no_grad():

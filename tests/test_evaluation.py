@@ -1,4 +1,5 @@
-"""helpers.evaluation: the protocol on plain data, with a stand-in for generation (no diffusion here)."""
+"""helpers.evaluation and helpers.grid: the protocol on plain data, with a stand-in for generation (no
+diffusion here), results written row by row and resumed; the command line on the tiny models."""
 from dataclasses import dataclass
 
 import pandas as pd
@@ -6,8 +7,9 @@ import pytest
 from PIL import Image, ImageOps
 
 from helpers import evaluation as ev
-from helpers import figures
+from helpers import results_file
 from helpers.bank import MODEL_NAMES
+from helpers.grid import run_grid
 from helpers.sampling import Reference, pick_references
 
 
@@ -23,18 +25,40 @@ class FakeSample:  # the fields of helpers.sampling.Sample that the evaluation r
     guidance: float = 7.5
 
 
-def fake_generate(bank, references, prompts, *, models=None, scales=(1.0,), seeds=(0,), **kwargs):
+def fake_generate(bank, references, prompts, *, models=None, scales=(1.0,), seeds=(0,), steps=2, guidance=7.5,
+                  **kwargs):
     """Like helpers.sampling.generate: models x scales x references x prompts x seeds, in that order.
-    The "image" is the reference blended towards grey, more so at low scale."""
+    The "image" is the reference blended towards grey, more so at low scale, tinted per model and seed."""
     out = []
     for m in models or bank:
+        tint = (37 * len(m) % 100, 50, 17 * (MODEL_NAMES.index(m) if m in MODEL_NAMES else 5))
         for s in scales:
             for r, image in references.items():
-                grey = Image.new("RGB", image.size, (128, 128, 128))
+                grey = Image.new("RGB", image.size, tint)
                 for p in prompts[r]:
                     for seed in seeds:
-                        out.append(FakeSample(Image.blend(grey, image, s), m, r, p, s, seed))
+                        blended = Image.blend(grey, image, s * (1 - 0.1 * seed) * (0.8 + 0.05 * (len(p) % 4)))
+                        out.append(FakeSample(blended, m, r, p, s, seed, steps, guidance))
     return out
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+def interrupted_after(n_images):
+    """fake_generate that raises once it has made n_images (a disconnect in the middle of the grid)."""
+    made = []
+
+    def generate(*args, **kwargs):
+        if len(made) >= n_images:
+            raise Interrupted(f"stopped after {len(made)} images")
+        out = fake_generate(*args, **kwargs)
+        made.extend(out)
+        return out
+
+    generate.made = made
+    return generate
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +102,8 @@ def test_training_references_are_refused(split):
     # and the whole evaluation refuses before generating anything
     called = []
     with pytest.raises(ev.TrainingImageError, match="held-out test split"):
-        ev.run_grid(["m"], [copy], [ev.PromptSpec("new", "x", ev.OWN)], train=train, scales=(1.0,),
-                    generate=lambda *a, **k: called.append(1))
+        run_grid(["m"], [copy], [ev.PromptSpec("new", "x", ev.OWN)], train=train, scales=(1.0,), steps=2,
+                 guidance=7.5, generate=lambda *a, **k: called.append(1))
     assert not called
 
 
@@ -97,28 +121,39 @@ def test_prompts_own_caption_plus_rotating_edits(split):
         ev.build_prompts(refs, EDITS, 9)
 
 
-def test_grid_writes_one_csv_row_per_image(split, tiny_profile, tmp_path):
+def grid(split, tiny_profile, out_dir, generate=fake_generate, models=MODEL_NAMES, **kw):
     train, test = split
     refs = pick_references(test, 3)
     specs = ev.build_prompts(refs, EDITS, 1)
-    models, scales, seeds = ["pretrained", "finetuned-vanilla"], (0.5, 1.0), (0, 1)
-    result = ev.run_grid(models, refs, specs, train=train, scales=scales, seeds=seeds, out_dir=tmp_path,
-                         clip=tiny_profile.eval_clip, dino=tiny_profile.dino, generate=fake_generate)
-    n = ev.grid_size(len(specs), len(models), len(scales), len(seeds))
-    assert len(result.samples) == len(result.rows) == n
+    result = run_grid(list(models), refs, specs, train=train, scales=(0.5, 1.0), seeds=(0, 1), out_dir=out_dir,
+                      clip=tiny_profile.eval_clip, dino=tiny_profile.dino, steps=2, guidance=7.5, generate=generate,
+                      progress=False, **kw)
+    return result, refs, specs
+
+
+def test_grid_writes_one_csv_row_per_image_for_every_model(split, tiny_profile, tmp_path):
+    result, refs, specs = grid(split, tiny_profile, tmp_path)
+    n = ev.grid_size(len(specs), len(MODEL_NAMES), 2, 2)
+    assert len(result.rows) == n and result.n_generated == n and result.n_resumed == 0
     table = pd.read_csv(result.csv)
-    assert len(table) == n and list(table.columns) == list(ev.CSV_COLUMNS)
+    assert len(table) == n and list(table.columns) == list(results_file.CSV_COLUMNS)
+    counts = table.groupby("model").size()
+    assert set(counts.index) == set(MODEL_NAMES) and (counts == n // len(MODEL_NAMES)).all()
+    assert not table.duplicated(list(results_file.KEY_COLUMNS)).any()  # one row per image
     assert set(table["prompt_kind"]) == {ev.OWN, ev.EDIT} and (table["clip_model"] == tiny_profile.eval_clip).all()
-    assert all((tmp_path / f).is_file() for f in table["file"])
-    # the rows carry the metrics of their own image
+    assert set(table.loc[table["prompt_kind"] == ev.EDIT, "edit"]) <= set(EDITS)
+    assert all((tmp_path / f).is_file() for f in table["file"]) and table["file"].nunique() == n
+    # the rows carry the metrics of their own image (scored in memory, before the JPEG was written)
     from helpers import metrics
 
     k = 5
-    s = result.samples[k]
+    row = result.rows[k]
+    s = fake_generate([row["model"]], {row["reference"]: next(r.image for r in refs if r.id == row["reference"])},
+                      {row["reference"]: [row["prompt"]]}, scales=(row["scale"],), seeds=(row["seed"],))[0]
     ref = next(r for r in refs if r.id == s.reference)
-    assert table["clip_i"][k] == pytest.approx(float(metrics.clip_i([s.image], [ref.image], clip=tiny_profile.eval_clip)[0]), abs=1e-5)
-    assert table["clip_t"][k] == pytest.approx(float(metrics.clip_t([s.image], [s.prompt], clip=tiny_profile.eval_clip)[0]), abs=1e-5)
-    assert ev.read_csv(result.csv)[k]["prompt"] == s.prompt
+    assert row["clip_i"] == pytest.approx(float(metrics.clip_i([s.image], [ref.image], clip=tiny_profile.eval_clip)[0]), abs=1e-5)
+    assert row["clip_t"] == pytest.approx(float(metrics.clip_t([s.image], [s.prompt], clip=tiny_profile.eval_clip)[0]), abs=1e-5)
+    assert results_file.read_csv(result.csv) == result.rows  # typed, exactly as written
     # the "copy the reference" line: CLIP-T of the references themselves with their edit prompts
     edits = [p for p in specs if p.kind == ev.EDIT]
     by_id = {r.id: r.image for r in refs}
@@ -126,17 +161,89 @@ def test_grid_writes_one_csv_row_per_image(split, tiny_profile, tmp_path):
     assert ev.copy_baseline(refs, specs, clip=tiny_profile.eval_clip)[ev.EDIT][0] == pytest.approx(float(direct.mean()), abs=1e-6)
 
 
-def test_side_by_side_and_scale_sweep_grids(split):
-    sampling = pytest.importorskip("helpers.sampling")
-    refs = pick_references(split[1], 3)
-    specs = ev.build_prompts(refs, EDITS, 1)
-    fakes = fake_generate(list(MODEL_NAMES), {r.id: r.image for r in refs},
-                          {r.id: [p.prompt for p in specs if p.reference == r.id] for r in refs}, scales=(0.3, 0.5, 1.0))
-    ref_image = {r.id: r.image for r in refs}
-    samples = [sampling.Sample(f.image, f.model, f.reference, f.prompt, f.scale, f.seed, f.steps, f.guidance,
-                               reference_image=ref_image[f.reference]) for f in fakes]
-    grid = figures.side_by_side(samples, n_rows=2, prompts=specs)
-    assert grid.info["cols"] == list(MODEL_NAMES) and len(grid.info["rows"]) == 2
-    assert all(any(p.prompt in row for p in specs if p.kind == ev.EDIT) for row in grid.info["rows"])
-    sweep = figures.scale_sweep(samples, refs[0].id, refs[0].caption)
-    assert sweep.info["rows"] == list(MODEL_NAMES) and sweep.info["cols"] == ["scale 0.3", "scale 0.5", "scale 1"]
+def test_an_interrupted_grid_resumes_to_the_same_csv(split, tiny_profile, tmp_path):
+    whole, _, _ = grid(split, tiny_profile, tmp_path / "whole")
+    stop = interrupted_after(7)
+    with pytest.raises(Interrupted):
+        grid(split, tiny_profile, tmp_path / "cut", generate=stop)
+    written = results_file.read_csv(tmp_path / "cut" / "results.csv")
+    assert 0 < len(written) == len(stop.made) < len(whole.rows)  # every image made so far is on disk
+    again, _, _ = grid(split, tiny_profile, tmp_path / "cut")
+    assert again.n_resumed == len(written) and again.n_generated == len(whole.rows) - len(written)
+    assert (tmp_path / "cut" / "results.csv").read_bytes() == (tmp_path / "whole" / "results.csv").read_bytes()
+    assert again.rows == whole.rows
+    # a crash in the middle of a write: the cut line is dropped and its job made again
+    csv = tmp_path / "cut" / "results.csv"
+    text = csv.read_text()
+    csv.write_text(text[: len(text) - 40])
+    third, _, _ = grid(split, tiny_profile, tmp_path / "cut")
+    assert third.n_generated >= 1 and csv.read_bytes() == (tmp_path / "whole" / "results.csv").read_bytes()
+    # a finished grid makes nothing more
+    nothing = interrupted_after(0)
+    done, _, _ = grid(split, tiny_profile, tmp_path / "cut", generate=nothing)
+    assert done.n_generated == 0 and done.rows == whole.rows
+    # scores from another CLIP model do not mix
+    with pytest.raises(results_file.ResultsFileError, match="scored with CLIP"):
+        results_file.ResultsFile(csv, clip_model="another/clip")
+
+
+def test_grid_samples_are_the_images_of_the_rows(split, tiny_profile, tmp_path):
+    saved, refs, _ = grid(split, tiny_profile, tmp_path, models=MODEL_NAMES[:2])
+    in_memory, _, _ = grid(split, tiny_profile, None, models=MODEL_NAMES[:2])
+    assert in_memory.rows == [dict(r, file="") for r in saved.rows]
+    rows = saved.rows[3:6]
+    for a, b in zip(saved.samples(rows), in_memory.samples(rows)):
+        assert (a.model, a.reference, a.prompt, a.scale, a.seed) == (b.model, b.reference, b.prompt, b.scale, b.seed)
+        assert a.image.size == b.image.size and a.reference_image is not None
+        diff = abs(pd.Series(list(a.image.convert("L").getdata())) - pd.Series(list(b.image.convert("L").getdata())))
+        assert diff.mean() < 3  # the saved JPEG is the image (quality 95)
+
+
+def test_default_size_comes_from_the_t4_budget():
+    from helpers.profile import full_profile
+
+    full = full_profile("test")
+    prompts = 1 + full.eval_edits_per_reference
+    n = ev.references_for_budget(ev.T4_BUDGET_MINUTES, ev.T4_SECONDS_PER_IMAGE, n_models=len(MODEL_NAMES),
+                                 n_scales=len(full.eval_scales), n_seeds=len(full.eval_seeds),
+                                 prompts_per_reference=prompts, available=ev.FULL_TEST_GROUPS)
+    assert full.eval_num_references == n and full.eval_edits_per_reference > 1
+    images = ev.grid_size(n * prompts, len(MODEL_NAMES), len(full.eval_scales), len(full.eval_seeds))
+    assert images * ev.T4_SECONDS_PER_IMAGE <= 60 * ev.T4_BUDGET_MINUTES
+    per_reference = ev.grid_size(prompts, len(MODEL_NAMES), len(full.eval_scales), len(full.eval_seeds))
+    assert (images + per_reference) * ev.T4_SECONDS_PER_IMAGE > 60 * ev.T4_BUDGET_MINUTES  # one more would not fit
+
+
+def test_command_line_runs_the_protocol_and_resumes(tiny_profile, runs, tmp_path, monkeypatch, capsys):
+    """python -m helpers.evaluation on the tiny models: cut after the first job, run again, and the CSV is
+    the one an uninterrupted run writes, with notebook 05's references, prompts and every model."""
+    from helpers import sampling
+
+    args = ["--profile", "tiny", "--data-dir", str(tmp_path / "data"), "--runs-dir", str(runs[0]),
+            "--references", "1", "--edits-per-reference", "1", "--scales", "1.0"]
+    whole = ev.main(args + ["--out-dir", str(tmp_path / "whole")])
+    real = sampling.generate
+    calls = []
+
+    def cut(*a, **k):
+        if calls:
+            raise Interrupted("disconnected")
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(sampling, "generate", cut)
+    with pytest.raises(Interrupted):
+        ev.main(args + ["--out-dir", str(tmp_path / "cut")])
+    monkeypatch.setattr(sampling, "generate", real)
+    capsys.readouterr()
+    resumed = ev.main(args + ["--out-dir", str(tmp_path / "cut")])
+    assert "Resuming: 2 of 12 images" in capsys.readouterr().out
+    assert resumed.n_resumed == 2 and resumed.n_generated == 10
+    assert (tmp_path / "cut" / "results.csv").read_bytes() == (tmp_path / "whole" / "results.csv").read_bytes()
+    # the notebook's protocol: the same references and prompts, every model of the bank with its baselines
+    profile = tiny_profile.replace(eval_num_references=1, eval_edits_per_reference=1, eval_scales=(1.0,))
+    refs, prompts = ev.protocol(profile, ev.prepared_split(profile, tmp_path / "data"))
+    table = pd.read_csv(tmp_path / "whole" / "results.csv")
+    assert set(table["model"]) == set(MODEL_NAMES) and len(table) == len(whole.rows) == len(MODEL_NAMES) * len(prompts)
+    assert set(zip(table["reference"].astype(str), table["prompt"])) == {(p.reference, p.prompt) for p in prompts}
+    assert (tmp_path / "whole" / "summary.csv").is_file() and (tmp_path / "whole" / "headline.txt").is_file()

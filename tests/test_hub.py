@@ -105,7 +105,8 @@ def test_tiny_card_parses_validates_and_says_random_first(runs, tmp_path):
 def test_full_run_card_has_hub_metadata_and_notebook_05s_table(runs, tmp_path, tiny_profile):
     import pandas as pd
 
-    from helpers import evaluation as ev, figures, stats
+    from helpers import eval_figures, stats
+    from helpers import evaluation as ev
 
     run = tmp_path / "runs" / "text_aware"
     shutil.copytree(runs / "runs" / "text_aware", run)
@@ -121,10 +122,11 @@ def test_full_run_card_has_hub_metadata_and_notebook_05s_table(runs, tmp_path, t
     rows = [{"model": m, "scale": s, "reference": f"r{r}", "prompt_kind": k, "clip_t": 0.3 - 0.1 * s + rng.normal(0, .01),
              "clip_i": 0.6 + 0.3 * s + rng.normal(0, .01), "dino": 0.5 + 0.3 * s, "clip_model": "openai/clip-vit-large-patch14"}
             for m in ("pretrained", "finetuned-text-aware") for s in (0.5, 1.0) for r in range(4) for k in (ev.OWN, ev.EDIT)]
-    ev.write_csv(rows, eval_dir / "results.csv")
-    summaries = {kind: stats.summarize(rows, prompt_kind=kind, n_boot=100) for kind in (ev.EDIT, ev.OWN)}
+    eval_dir.mkdir()
+    pd.DataFrame(rows).to_csv(eval_dir / "results.csv", index=False)
+    summaries = {kind: stats.summarize(rows, prompt_kind=kind) for kind in (ev.EDIT, ev.OWN)}
     pd.concat([s.assign(prompt_kind=k) for k, s in summaries.items()]).to_csv(eval_dir / "summary.csv", index=False)
-    figures.tradeoff_plot(summaries[ev.EDIT]).savefig(eval_dir / "tradeoff.png")
+    eval_figures.tradeoff_plot(summaries[ev.EDIT]).savefig(eval_dir / "tradeoff.png")
     (eval_dir / "headline.txt").write_text(stats.headline(rows) + "\n")
 
     folder = hub.build_upload_folder(run, tmp_path / "up", eval_dir=eval_dir, repo_id=REPO)
