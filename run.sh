@@ -2,6 +2,7 @@
 # Set up a virtual environment in .venv, then
 #   ./run.sh        run the five notebooks in order (the main job; results go to outputs/)
 #   ./run.sh test   run the unit tests and every notebook, offline, on the tiny profile
+#   ./run.sh browser-check   use notebook 04's widget panel in headless Chromium (tools/browser_check.py)
 # Without a CUDA GPU the notebooks use the tiny profile (small random models); IPA_PROFILE overrides.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -21,6 +22,12 @@ case "${1:-main}" in
     # tiny models gain nothing from threads, and oversubscribed cores make them many times slower
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     python -m pytest $NBVAL -ra tests/ notebooks/ ;;
+  browser-check)
+    # notebook 04's panel used in headless Chromium through JupyterLab (tools/browser_check.py; ~2 min here)
+    command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+      { [ "$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
+    python -m pip install -q -r requirements-browser.txt
+    python tools/browser_check.py "${@:2}" ;;
   *)
-    echo "usage: ./run.sh [main|test]" >&2; exit 2 ;;
+    echo "usage: ./run.sh [main|test|browser-check]" >&2; exit 2 ;;
 esac

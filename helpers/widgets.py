@@ -128,7 +128,7 @@ class SamplingPanel:
             text = W.HTML(value=f"<div style='font-size:11px;line-height:1.2'>{html.escape(caption)}</div>",
                           layout=W.Layout(width=f"{thumb_size}px"))
             thumbs.append(W.VBox([W.Image(value=_thumbnail(self.references[ref_id], thumb_size), format="png",
-                                          width=str(thumb_size)), text, button]))
+                                          width=str(thumb_size)), button, text]))
         self.thumbnails = W.HBox(thumbs, layout=W.Layout(flex_flow="row wrap"))
         self.reference.observe(self._on_reference, names="value")
         self.upload.observe(self._on_upload, names="value")
@@ -298,7 +298,7 @@ class SamplingPanel:
                 ("negative", s["negative_prompt"] or "(none)"), ("IP scale", f"{s['scale']:g}"), ("seed", s["seed"]),
                 ("sampler", f"{s['sampler']}, {s['steps']} steps"), ("guidance", f"{s['guidance']:g}"),
                 ("models", ", ".join(s["models"]) or "(none ticked)")]
-        self.settings_view.value = ("<div class='ipa-settings' style='font-size:12px'><b>Next Generate uses</b><br>"
+        self.settings_view.value = ("<div class='ipa-settings' style='font-size:12px;line-height:1.35'><b>Next Generate uses</b><br>"
                                     + "<br>".join(f"{k}: {html.escape(str(v))}" for k, v in rows) + "</div>")
 
     def _report(self, error: Exception) -> None:

@@ -176,7 +176,7 @@ def test_upload_becomes_the_selected_reference(panel):
 
 def test_thumbnails_show_captions_and_select_their_reference(panel):
     assert len(panel.thumbnails.children) == 2
-    image, caption, button = panel.thumbnails.children[1].children
+    image, button, caption = panel.thumbnails.children[1].children
     assert "a cartoon drawing of a boy, mirrored" in caption.value and "flipped" not in caption.value
     assert [label for label, _ in panel.reference.options][1] == "a cartoon drawing of a boy, mirrored (flipped)"
     button.click()
