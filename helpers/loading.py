@@ -75,6 +75,8 @@ def explain(what: str, name, error: BaseException) -> str:
     kinds = {cls.__name__ for e in errors for cls in type(e).__mro__}
     text = " ".join(str(e) for e in errors)
     repo = "/".join(name.strip("/").split("/")[:2])
+    missing_file = (f"the repo {repo} exists but lacks the file this needs: check the subfolder and file name "
+                    "(and that it is the kind of model asked for)")
     if Path(name).expanduser().exists():
         advice = (f"the local path {name} exists but does not hold a loadable {what} (config and weight files as "
                   "save_pretrained writes them): check that it is the right folder")
@@ -90,8 +92,7 @@ def explain(what: str, name, error: BaseException) -> str:
     elif "RevisionNotFoundError" in kinds:
         advice = f"the Hub repo {repo} has no such revision (branch, tag or commit): check it"
     elif "EntryNotFoundError" in kinds and "LocalEntryNotFoundError" not in kinds:  # the Hub answered: no such file
-        advice = (f"the repo {repo} exists but lacks the file this needs: check the subfolder and file name "
-                  "(and that it is the kind of model asked for)")
+        advice = missing_file
     elif ("OfflineModeIsEnabled" in kinds or "LocalEntryNotFoundError" in kinds or "ConnectionError" in kinds
           or _offline() or "couldn't connect" in text.lower() or "not cached" in text.lower()):
         why = ("this machine is offline (HF_HUB_OFFLINE is set)" if _offline()
@@ -99,8 +100,7 @@ def explain(what: str, name, error: BaseException) -> str:
         advice = (f"{why} and {name} is not in the local Hugging Face cache ({_cache_dir()}). Check the spelling; "
                   "if it is right, run once with a network connection (and without HF_HUB_OFFLINE) to download it")
     elif "does not appear to have a file" in text:
-        advice = (f"the repo {repo} exists but lacks the file this needs: check the subfolder and file name "
-                  "(and that it is the kind of model asked for)")
+        advice = missing_file
     else:
         advice = (f"check the id or path (a Hub id 'owner/name' or a local folder); for a private or gated repo, "
                   f"{LOGIN}")
