@@ -4,6 +4,7 @@
 #   ./run.sh test   run the unit tests and every notebook, offline, on the tiny profile
 #   ./run.sh test-colab  the same, under the package versions Colab ships (constraints/colab.txt),
 #                   in .venv-colab, with tiny models, caches and outputs of its own
+#   ./run.sh browser-check   use notebook 04's widget panel in headless Chromium (tools/browser_check.py)
 # Without a CUDA GPU the notebooks use the tiny profile (small random models); IPA_PROFILE overrides.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -25,11 +26,21 @@ case "${1:-main}" in
     # outputs start empty each run. Then on to the test command (;;& tries the next patterns too).
     export IPA_TINY_CACHE=$PWD/$VENV/cache HF_HOME=$PWD/$VENV/cache/hf IPA_OUTPUT_ROOT=$PWD/$VENV/outputs
     rm -rf "$IPA_OUTPUT_ROOT" ;;&
+  test)
+    # a fresh output root each run: results of older code or models must not meet the notebooks' resume checks
+    export IPA_OUTPUT_ROOT=$PWD/outputs/test
+    rm -rf "$IPA_OUTPUT_ROOT" ;;&
   test|test-colab)
     export IPA_PROFILE=tiny HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
     # tiny models gain nothing from threads, and oversubscribed cores make them many times slower
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     python -m pytest $NBVAL -ra tests/ notebooks/ ;;
+  browser-check)
+    # notebook 04's panel used in headless Chromium through JupyterLab (tools/browser_check.py; ~2 min here)
+    command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+      { [ "$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
+    python -m pip install -q -r requirements-browser.txt
+    python tools/browser_check.py "${@:2}" ;;
   *)
-    echo "usage: ./run.sh [main|test|test-colab]" >&2; exit 2 ;;
+    echo "usage: ./run.sh [main|test|test-colab|browser-check]" >&2; exit 2 ;;
 esac

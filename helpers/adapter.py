@@ -4,6 +4,11 @@
     save_adapter(pipe, path)            # re-exported from helpers.adapter_file
     unet = load_unet(...)               # the UNet alone with the adapter, for training from cached features
 
+The pipeline samples with the profile's scheduler (DDIM by default, as the seed project and the IP-Adapter
+paper did: `make_scheduler`), and on a GPU loads the base model's fp16 weight files where it has them
+(helpers.loading.fp16_first). Every load goes through helpers.loading, so a wrong or unreachable id fails
+with a message that names it and says what to do.
+
 Vanilla is diffusers' own IP-Adapter path, untouched. Text-aware uses `TextAwareUNet2DConditionModel`
 (helpers.block): the same UNet plus the text-image block on the image tokens. The file format and its
 checks live in helpers.adapter_file.
@@ -27,6 +32,8 @@ from .adapter_file import (  # noqa: F401  (save_adapter, AdapterFileError: publ
 )
 from .block import TextAwareUNet2DConditionModel, TextImageCrossAttention
 from .compat import dtype_kwargs, load_ip_adapter_weights
+from .loading import fp16_first, loading
+from .profile import DEFAULT_SCHEDULER
 
 VARIANTS = ("vanilla", "text_aware")
 
@@ -48,7 +55,8 @@ def resolve_ip_adapter(ip_adapter: str | os.PathLike) -> tuple[Path, str | tuple
     from huggingface_hub import hf_hub_download
 
     repo, sub, name = _split_hub_path(str(ip_adapter), 3)
-    local = hf_hub_download(repo, name, subfolder=sub or None)
+    with loading("IP-Adapter file", ip_adapter):
+        local = hf_hub_download(repo, name, subfolder=sub or None)
     return Path(local), (repo, f"{sub}/image_encoder" if sub else "image_encoder")
 
 
@@ -62,10 +70,32 @@ def _load_image_encoder(spec, dtype):
     else:
         repo, sub, name = _split_hub_path(str(spec), 3)
         sub = f"{sub}/{name}" if sub else name
-    try:
-        return CLIPVisionModelWithProjection.from_pretrained(repo, subfolder=sub or "", dtype=dtype)
-    except OSError as e:
-        raise FileNotFoundError(f"image encoder {spec}: could not load a CLIPVisionModelWithProjection ({e})") from None
+    name = spec if isinstance(spec, str) else "/".join(spec)
+    with loading("image encoder (a CLIPVisionModelWithProjection)", name):
+        encoder, _ = fp16_first(lambda **v: CLIPVisionModelWithProjection.from_pretrained(
+            repo, subfolder=sub or "", dtype=dtype, **v), dtype)
+    return encoder
+
+
+def make_scheduler(config, name: str | None = DEFAULT_SCHEDULER):
+    """The sampler `name` (a diffusers scheduler class name, e.g. "DDIMScheduler"), built from a base model's
+    scheduler config, or None for a scheduler of the config's own class.
+
+    `from_config` keeps the base model's training schedule: SD 1.5 ships a PNDM config with scaled_linear
+    betas 0.00085 to 0.012, `steps_offset=1`, `set_alpha_to_one=False` and `clip_sample=False`, which is
+    exactly the DDIM set-up of the IP-Adapter paper's code; DDIM's "leading" timestep spacing is its default
+    and the one SD 1.5 was sampled with (diffusers recommends "trailing" only together with zero-terminal-SNR
+    betas, for models fine-tuned that way).
+    """
+    import diffusers
+
+    if name is None:
+        name = config["_class_name"]
+    cls = getattr(diffusers, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        raise ValueError(f"scheduler {name!r} is not a diffusers scheduler class: use e.g. 'DDIMScheduler', "
+                         "'DPMSolverMultistepScheduler' or 'EulerDiscreteScheduler'")
+    return cls.from_config(config)
 
 
 def default_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
@@ -77,7 +107,7 @@ def default_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.d
 
 
 def load_pipeline(base_model, ip_adapter, *, variant="vanilla", adapter=None, image_encoder=None, device=None,
-                  dtype=None, vae=None):
+                  dtype=None, vae=None, scheduler: str | None = DEFAULT_SCHEDULER):
     """A diffusers StableDiffusionPipeline with IP-Adapter Plus loaded, vanilla or text-aware.
 
     base_model:    Hub id or local folder of a StableDiffusionPipeline
@@ -86,8 +116,11 @@ def load_pipeline(base_model, ip_adapter, *, variant="vanilla", adapter=None, im
     adapter:       fine-tuned weights written by save_adapter, replacing ip_adapter's: a file, a folder holding
                    adapter.safetensors, or a Hub repo id "user/name" (helpers.hub.resolve_adapter)
     image_encoder: Hub id/subfolder or local folder; None = the image_encoder folder next to ip_adapter
-    device, dtype: default cuda + fp16 with a GPU, else cpu + fp32
+    device, dtype: default cuda + fp16 with a GPU, else cpu + fp32; with fp16 the base model's fp16 weight
+                   files are read where it has them (variant="fp16"), else its default files
     vae:           None = base_model's; else a Hub id or folder of an AutoencoderKL (e.g. stabilityai/sd-vae-ft-mse)
+    scheduler:     the sampler, a diffusers scheduler class name (default DDIMScheduler, the profile's), built
+                   from base_model's scheduler config (make_scheduler); None = base_model's own
 
     `pipe(prompt, ip_adapter_image=...)` and `pipe.set_ip_adapter_scale(...)` work as in diffusers. The
     safety checker is not loaded (research on cartoon drawings; it blacks out false positives).
@@ -99,26 +132,28 @@ def load_pipeline(base_model, ip_adapter, *, variant="vanilla", adapter=None, im
     from .hub import load_vae, resolve_adapter
 
     device, dtype = default_device_dtype(device, dtype)
+    base_model = str(base_model)
     ip_path, encoder_default = resolve_ip_adapter(ip_adapter)
     weights_path = resolve_adapter(adapter) if adapter is not None else ip_path
     tensors, meta = read_adapter_file(weights_path)
     encoder = _load_image_encoder(image_encoder if image_encoder is not None else encoder_default, dtype)
-    unet = None
-    if variant == "text_aware":
-        unet = TextAwareUNet2DConditionModel.from_pretrained(base_model, subfolder="unet", **dtype_kwargs(dtype))
-    kwargs = {"unet": unet} if unet is not None else {}
-    if vae is not None:
-        kwargs["vae"] = load_vae(vae, dtype)
-    pipe = StableDiffusionPipeline.from_pretrained(
-        base_model, safety_checker=None, requires_safety_checker=False, image_encoder=encoder,
-        **dtype_kwargs(dtype), **kwargs)
+    kwargs = {"vae": load_vae(vae, dtype)} if vae is not None else {}
+    with loading("base model (a Stable Diffusion 1.5 pipeline)", base_model):
+        if variant == "text_aware":
+            kwargs["unet"], _ = fp16_first(lambda **v: TextAwareUNet2DConditionModel.from_pretrained(
+                base_model, subfolder="unet", **dtype_kwargs(dtype), **v), dtype)
+        pipe, weights_variant = fp16_first(lambda **v: StableDiffusionPipeline.from_pretrained(
+            base_model, safety_checker=None, requires_safety_checker=False, image_encoder=encoder,
+            **dtype_kwargs(dtype), **kwargs, **v), dtype)
+    if scheduler is not None:
+        pipe.scheduler = make_scheduler(pipe.scheduler.config, scheduler)
     check_adapter_tensors(tensors, pipe.unet, image_encoder_dim=encoder.config.hidden_size, variant=variant,
                           path=weights_path, as_finetuned=adapter is not None)
     pipe.load_ip_adapter(split_official(tensors), subfolder="", weight_name="", image_encoder_folder=None)
     if variant == "text_aware":
         _attach_block(pipe.unet, tensors, meta)
     pipe.to(device)
-    pipe.adapter_info = {"variant": variant, "weights": str(weights_path), **meta}
+    pipe.adapter_info = {"variant": variant, "weights": str(weights_path), "base_weights": weights_variant, **meta}
     return pipe
 
 
@@ -144,14 +179,17 @@ def load_unet(base_model, ip_adapter, *, variant="vanilla", adapter=None, image_
     from .hub import resolve_adapter
 
     device, dtype = default_device_dtype(device, dtype)
+    base_model = str(base_model)
     weights_path = resolve_adapter(adapter) if adapter is not None else resolve_ip_adapter(ip_adapter)[0]
     tensors, meta = read_adapter_file(weights_path)
     cls = TextAwareUNet2DConditionModel if variant == "text_aware" else UNet2DConditionModel
-    unet = cls.from_pretrained(base_model, subfolder="unet", **dtype_kwargs(dtype))
+    with loading("base model's UNet", base_model):
+        unet, weights_variant = fp16_first(lambda **v: cls.from_pretrained(
+            base_model, subfolder="unet", **dtype_kwargs(dtype), **v), dtype)
     check_adapter_tensors(tensors, unet, image_encoder_dim=image_encoder_dim, variant=variant, path=weights_path,
                           as_finetuned=adapter is not None)
     load_ip_adapter_weights(unet, split_official(tensors))
     if variant == "text_aware":
         _attach_block(unet, tensors, meta)
-    unet.adapter_info = {"variant": variant, "weights": str(weights_path), **meta}
+    unet.adapter_info = {"variant": variant, "weights": str(weights_path), "base_weights": weights_variant, **meta}
     return unet.to(device=device, dtype=dtype)

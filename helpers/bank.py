@@ -50,7 +50,7 @@ from .adapter_file import (
     official_to_live,
     read_adapter_file,
 )
-from .block import TextImageCrossAttention
+from .block import TextImageCrossAttention, block_effect
 
 PRETRAINED = "pretrained"
 
@@ -172,6 +172,24 @@ class ModelBank:
         layers = self.models[self.active].ip_layers if self.active is not None else None
         return set_ip_scale(self.pipe, scale, layers)
 
+    def block_effect(self, references: dict[str, Image.Image], prompts, name: str = "finetuned-text-aware") -> list[dict]:
+        """How much model `name`'s text-image block changes the image tokens (helpers.block.block_effect:
+        |update| / |tokens|), for every reference x prompt. prompts: a list for every reference, or
+        {reference id: [prompts]}. Returns rows {"reference", "prompt", "update / tokens"}."""
+        if name not in self.models or self.models[name].block is None:
+            raise ValueError(f"{name!r} is not a text-aware model of this bank (text-aware: "
+                             f"{[n for n, m in self.models.items() if m.block is not None] or 'none'})")
+        pipe = self.use(name)
+        rows = []
+        for ref_id, image in references.items():
+            _, pos = self.image_features(image)  # (1, 1, 257, W)
+            for prompt in (prompts.get(ref_id, []) if isinstance(prompts, dict) else prompts):
+                with torch.no_grad():
+                    text = pipe.encode_prompt(prompt, self.device, 1, False)[0]  # (1, 77, C)
+                ratio = block_effect(pipe.unet, pos, text)
+                rows.append({"reference": ref_id, "prompt": prompt, "update / tokens": float(ratio[0])})
+        return rows
+
     def image_features(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
         """(negative, positive) image-encoder features of a reference, each (1, 1, tokens, width):
         the penultimate hidden states of the reference and of a zero image, from the same
@@ -273,7 +291,7 @@ def load_models(profile, runs_dir=None, *, extra=None, vae=None, device=None, dt
                 verbose: bool = True) -> ModelBank:
     """The pretrained IP-Adapter Plus and notebook 03's fine-tuned adapters over one shared pipeline.
 
-    profile:  a helpers.profile.Profile (base model, IP-Adapter file, image encoder)
+    profile:  a helpers.profile.Profile (base model, IP-Adapter file, image encoder, sampler)
     runs_dir: the folder notebook 03 trained into (its vanilla/ and text_aware/ subfolders hold
               adapter.safetensors); None or missing files: only the pretrained model
     extra:    more models, {name: Hub id "user/name", run folder or adapter file} (helpers.hub.resolve_adapter);
@@ -291,7 +309,8 @@ def load_models(profile, runs_dir=None, *, extra=None, vae=None, device=None, dt
     if clash:
         raise ValueError(f"extra model names {clash} are taken by the built-in models; choose other names")
     pipe = load_pipeline(profile.base_model, profile.ip_adapter, variant="text_aware",
-                         image_encoder=profile.image_encoder, device=device, dtype=dtype, vae=vae)
+                         image_encoder=profile.image_encoder, device=device, dtype=dtype, vae=vae,
+                         scheduler=profile.scheduler)
     pipe.set_progress_bar_config(disable=True)
     unet = pipe.unet
     unet.requires_grad_(False)

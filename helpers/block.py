@@ -3,6 +3,8 @@
     TextImageCrossAttention           the block: x + to_out(MultiHeadAttention(q=LN(x), k=v=LN(text)))
     TextAwareUNet2DConditionModel     diffusers' UNet with the block applied to the IP-Adapter image tokens
     recording_text_attention(pipe)    keep the block's attention weights for plotting
+    token_update(block, tokens, text) how much the block changes the image tokens: |update| / |tokens|
+    block_effect(unet, embeds, text)  the same on the tokens the UNet's Resampler makes of image features
 
 Vanilla IP-Adapter Plus is diffusers' own path: the Resampler in `unet.encoder_hid_proj` turns image features
 into 16 tokens, and an `IPAdapterAttnProcessor2_0` in each of the 16 cross-attention layers adds
@@ -126,3 +128,31 @@ def recording_text_attention(pipe_or_unet):
         yield block
     finally:
         block.record_attention = False
+
+
+@torch.no_grad()
+def token_update(block: TextImageCrossAttention, tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """How much the block changes the image tokens, per row: |block(x, text) - x| / |x|, Frobenius norms over
+    all tokens and channels.
+
+    tokens: (B, N, D) or (B, M, N, D) image tokens; text: (B, L, C) text states -> (B,) float32.
+    Exactly 0 for a fresh block (to_out is zero); a trained block's value says how far the prompt moves the
+    tokens that the decoupled cross-attention reads (0.1: by a tenth of their size).
+    """
+    update = (block(tokens, text) - tokens).float().flatten(1)  # (B, [M *] N * D)
+    return update.norm(dim=1) / tokens.float().flatten(1).norm(dim=1)
+
+
+@torch.no_grad()
+def block_effect(unet: TextAwareUNet2DConditionModel, image_embeds: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """`token_update` of the UNet's text-image block on the tokens its Resampler makes of image features.
+
+    image_embeds: (B, M, 257, W) image-encoder features (as `added_cond_kwargs["image_embeds"][0]`);
+    text: (B, 77, C) text states -> (B,) float32. The tokens are those the vanilla UNet would pass to the
+    decoupled cross-attention (diffusers' own `process_encoder_hidden_states`).
+    """
+    block = unet._modules.get("text_image_attn")
+    if block is None:
+        raise ValueError("this UNet has no text-image block (a vanilla model): nothing to measure")
+    _, (tokens,) = UNet2DConditionModel.process_encoder_hidden_states(unet, text, {"image_embeds": [image_embeds]})
+    return token_update(block, tokens, text.to(tokens.dtype))

@@ -1,6 +1,7 @@
 """Captions for images that have none: a BLIP captioning model, a callable of yours, or a placeholder.
 
     texts, caption_source = caption(images, captioner)   # captioner: BLIP model id, callable, or None
+    counts, limit = token_counts(texts, base_model)       # tokens per caption, and the text encoder's 77
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 
 from .adapter import default_device_dtype
+from .loading import loading
 
 PLACEHOLDER_CAPTION = "a drawing (placeholder caption: no captioner in this profile)"
 
@@ -23,8 +25,9 @@ def blip_captions(images: Sequence[Image.Image], model_id: str, *, batch_size: i
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
     device, dtype = default_device_dtype(device)
-    processor = BlipProcessor.from_pretrained(model_id)
-    model = BlipForConditionalGeneration.from_pretrained(model_id, dtype=dtype).to(device).eval()
+    with loading("captioning model (BLIP)", model_id):
+        processor = BlipProcessor.from_pretrained(model_id)
+        model = BlipForConditionalGeneration.from_pretrained(model_id, dtype=dtype).to(device).eval()
     out: list[str] = []
     with torch.no_grad(), tqdm(total=len(images), desc="captioning (BLIP)", unit="img", disable=not progress) as bar:
         for s in range(0, len(images), batch_size):
@@ -46,3 +49,17 @@ def caption(images, captioner, progress) -> tuple[list[str], str]:
     if callable(captioner):
         return list(captioner(images)), getattr(captioner, "caption_source", "captioner")
     return blip_captions(images, str(captioner), progress=progress), "blip"
+
+
+def token_counts(texts: Sequence[str], base_model) -> tuple[list[int], int]:
+    """Tokens per text with the base model's own tokenizer (its `tokenizer/` subfolder; start and end tokens
+    included, nothing cut), and how many positions its text encoder reads (77 for SD 1.5). A caption with
+    more tokens than that is truncated: its end never reaches the model."""
+    from transformers import AutoTokenizer
+
+    with loading("base model's tokenizer", base_model):
+        tokenizer = AutoTokenizer.from_pretrained(str(base_model), subfolder="tokenizer")
+    if len(tokenizer) < 3:  # transformers can return an empty tokenizer instead of failing
+        raise OSError(f"{base_model}: its tokenizer/ subfolder holds no vocabulary ({len(tokenizer)} tokens)")
+    ids = tokenizer(list(texts), truncation=False, verbose=False).input_ids
+    return [len(i) for i in ids], int(tokenizer.model_max_length)

@@ -164,13 +164,13 @@ def load_vae(spec, dtype=None):
 
     if isinstance(spec, AutoencoderKL):
         return spec
+    from .loading import fp16_first, loading
+
     sub = "vae" if (Path(spec) / "vae").is_dir() else None
     kwargs = dtype_kwargs(dtype) if dtype is not None else {}
-    try:
-        return AutoencoderKL.from_pretrained(str(spec), subfolder=sub, **kwargs)
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"VAE {spec}: could not load an AutoencoderKL ({str(e).splitlines()[0]}); pass a Hub "
-                                "id such as stabilityai/sd-vae-ft-mse, or a folder with config.json and weights") from None
+    with loading("VAE (an AutoencoderKL: a Hub id such as stabilityai/sd-vae-ft-mse, or a folder)", spec):
+        vae, _ = fp16_first(lambda **v: AutoencoderKL.from_pretrained(str(spec), subfolder=sub, **kwargs, **v), dtype)
+    return vae
 
 
 # --------------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ import torch
 from PIL import Image
 
 from .compat import clip_score_update
+from .loading import loading
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # IP-Adapter paper's and torchmetrics' default
 DEFAULT_DINO = "facebook/dino-vits16"  # DreamBooth's DINO metric
@@ -149,12 +150,10 @@ class CLIPScorer:
         self.name = str(name)
         self.device = torch.device(device) if device is not None else default_device()
         self.batch_size = batch_size
-        try:
+        with loading("evaluation CLIP (a transformers CLIPModel with its processor)", self.name):
             model = CLIPModel.from_pretrained(self.name).eval()
             processor = CLIPProcessor(image_processor=clip_image_processor(self.name),
                                       tokenizer=AutoTokenizer.from_pretrained(self.name))
-        except OSError as e:
-            raise OSError(f"cannot load the evaluation CLIP {self.name!r} (a Hub id or a local CLIPModel folder): {e}") from e
         self.model = TensorFeatures(model).to(self.device).eval()
         self.processor = processor
         self.metric = CLIPScore(model_name_or_path=lambda: (self.model, self.processor))
@@ -207,11 +206,9 @@ class DINOScorer:
         self.name = str(name)
         self.device = torch.device(device) if device is not None else default_device()
         self.batch_size = batch_size
-        try:
+        with loading("DINO model (a transformers ViTModel with its image processor)", self.name):
             self.model = ViTModel.from_pretrained(self.name, add_pooling_layer=False).to(self.device).eval()
             self.processor = dino_image_processor(self.name)
-        except OSError as e:
-            raise OSError(f"cannot load the DINO model {self.name!r} (a Hub id or a local ViTModel folder): {e}") from e
 
     def __repr__(self) -> str:
         return f"DINOScorer({self.name!r}, device={self.device})"

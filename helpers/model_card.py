@@ -229,13 +229,14 @@ def load_snippet(variant: str, adapter: str, *, base_model: str, ip_adapter: str
     encoder = f"{q(repo)}, subfolder={q(sub)}" if sub else q(repo)
     return (
         "import torch\n"
-        "from diffusers import StableDiffusionPipeline\n"
+        "from diffusers import DDIMScheduler, StableDiffusionPipeline\n"
         "from transformers import CLIPVisionModelWithProjection\n\n"
         f"image_encoder = CLIPVisionModelWithProjection.from_pretrained({encoder}, torch_dtype=torch.{dtype})\n"
         f"pipe = StableDiffusionPipeline.from_pretrained({q(base_model)}, image_encoder=image_encoder,\n"
         f"                                               torch_dtype=torch.{dtype}).to({q(device)})\n"
         f"pipe.load_ip_adapter({q(adapter)}, subfolder=\"\", weight_name={q(ADAPTER_FILE)}, "
-        "image_encoder_folder=None)\n")
+        "image_encoder_folder=None)\n"
+        "pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # the sampler it was evaluated with\n")
 
 
 USE_SNIPPET = (

@@ -19,6 +19,9 @@ import torch
 
 PROFILE_ENV = "IPA_PROFILE"
 NAMES = ("auto", "full", "tiny")
+# The sampler of every notebook: DDIM, as the seed project and the IP-Adapter paper sampled. A diffusers
+# scheduler class, built from the base model's own scheduler config (helpers.adapter.make_scheduler).
+DEFAULT_SCHEDULER = "DDIMScheduler"
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class Profile:
     max_train_steps: int | None = None  # None: num_epochs over the training split
     gradient_checkpointing: bool = False  # trade ~30% speed for activation memory (the OOM knob, with batch size)
     # sampling and evaluation
+    scheduler: str = DEFAULT_SCHEDULER  # the sampler (a diffusers scheduler class name), set in load_pipeline
     num_inference_steps: int = 30
     guidance_scale: float = 7.5
     eval_scales: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0)
@@ -68,11 +72,19 @@ class Profile:
                             f"{', '.join(f.name for f in dataclasses.fields(self))}")
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
+    def sampler(self) -> str:
+        """The sampling settings in words, e.g. "DDIM sampler (diffusers DDIMScheduler), 30 steps, guidance 7.5"."""
+        short = self.scheduler.removesuffix("Scheduler").removesuffix("Discrete").removesuffix("Multistep")
+        return (f"{short} sampler (diffusers {self.scheduler}), {self.num_inference_steps} steps, "
+                f"guidance {self.guidance_scale:g}")
+
     def banner(self) -> str:
+        """Which profile and why, what its results mean, and the sampler (printed by get_profile)."""
         if self.random_weights:
             return (f"Profile: {self.name} ({self.reason}). Small RANDOM-weight models and synthetic data: "
-                    "pictures and scores below are meaningless; they only show that the code runs.")
-        return f"Profile: {self.name} ({self.reason}). Real models from the Hugging Face Hub."
+                    "pictures and scores below are meaningless; they only show that the code runs. "
+                    f"Sampling: {self.sampler()}.")
+        return f"Profile: {self.name} ({self.reason}). Real models from the Hugging Face Hub. Sampling: {self.sampler()}."
 
 
 def full_profile(reason: str) -> Profile:

@@ -52,6 +52,7 @@ class Sample:
     variant: str = ""  # "vanilla" or "text_aware"
     profile: str = ""  # "full" or "tiny" (tiny: random weights, the picture means nothing)
     reference_image: Image.Image | None = field(default=None, repr=False, compare=False)
+    sampler: str = ""  # the pipeline's scheduler class, e.g. "DDIMScheduler"
 
     def settings(self) -> dict:
         """The settings as a JSON-friendly dict (no images)."""
@@ -97,7 +98,8 @@ def _prompt_table(references: dict, prompts) -> dict[str, list[str]]:
 
 def generate(bank: ModelBank, references: dict, prompts, *, models=None, scales=(1.0,), seeds=(0,), steps=None,
              guidance=None, negative_prompt: str = "", batch_size=None, resolution=None,
-             progress: bool | Callable[[int, int], None] = True) -> list[Sample]:
+             progress: bool | Callable[[int, int], None] = True,
+             on_step: Callable[[], None] | None = None) -> list[Sample]:
     """Images for every model x scale x reference x prompt x seed, in that order.
 
     references: {id: PIL image}
@@ -107,7 +109,8 @@ def generate(bank: ModelBank, references: dict, prompts, *, models=None, scales=
     batch_size: images per pipeline call (default pick_batch_size); a call holds one reference's prompts x
                 seeds (diffusers repeats one reference's features over a call). Results do not depend on
                 it beyond floating-point rounding: every image has its own torch.Generator(seed) on the CPU
-    progress:   True for a tqdm bar, False for none, or a callable(done, total)
+    progress:   True for a tqdm bar, False for none, or a callable(done images, total images)
+    on_step:    called after every denoising step of every pipeline call (a widget's progress bar)
     """
     from tqdm.auto import tqdm
 
@@ -135,6 +138,7 @@ def generate(bank: ModelBank, references: dict, prompts, *, models=None, scales=
     if bank.device.type == "cuda" and hasattr(bank.pipe.vae, "enable_slicing"):
         bank.pipe.vae.enable_slicing()  # decode one image at a time: big batches fit, same result
     images = {r: im.convert("RGB") for r, im in references.items()}
+    step_hook = {} if on_step is None else {"callback_on_step_end": lambda _pipe, _i, _t, kw: (on_step(), kw)[1]}
     out, done = [], 0
     for name in models:
         pipe = bank.use(name)
@@ -152,10 +156,12 @@ def generate(bank: ModelBank, references: dict, prompts, *, models=None, scales=
                             ip_adapter_image_embeds=[embeds],
                             num_inference_steps=steps, guidance_scale=guidance, height=resolution,
                             width=resolution, generator=[torch.Generator("cpu").manual_seed(s) for _, s in chunk],
+                            **step_hook,
                         ).images
                     for (p, s), im in zip(chunk, result):
                         out.append(Sample(im, name, r, p, scale, s, steps, guidance, negative_prompt, resolution,
-                                          bank.models[name].variant, profile.name, images[r]))
+                                          bank.models[name].variant, profile.name, images[r],
+                                          type(pipe.scheduler).__name__))
                     done += len(chunk)
                     if bar is not None:
                         bar.update(len(chunk))
@@ -208,10 +214,18 @@ def pick_references(test, n: int, *, seed: int = 0) -> list[Reference]:
     return [Reference(ids[i], test[i]["image"].convert("RGB"), str(test[i]["text"]), groups[i]) for i in rows]
 
 
-def held_out_references(profile, data_dir, n: int = 4, *, seed: int = 0) -> tuple[dict[str, Image.Image], str]:
-    """Up to n held-out reference images {id: PIL image}, picked by `pick_references` (one per
-    near-duplicate group, seeded), from notebook 01's test split in data_dir, and a sentence saying where
-    they came from.
+class References(dict):
+    """{id: PIL image} of held-out references, and `captions` {id: the reference's own caption}."""
+
+    def __init__(self, references: list[Reference]):
+        super().__init__((r.id, r.image) for r in references)
+        self.captions = {r.id: r.caption for r in references}
+
+
+def held_out_references(profile, data_dir, n: int = 4, *, seed: int = 0) -> tuple[References, str]:
+    """Up to n held-out reference images {id: PIL image} (a `References` dict, whose `.captions` holds their
+    captions), picked by `pick_references` (one per near-duplicate group, seeded), from notebook 01's test
+    split in data_dir, and a sentence saying where they came from.
 
     The data is read as notebook 01 prepared it, whatever its source (helpers.data.use_prepared); if data_dir
     holds no prepared data yet, it is prepared here from the profile's dataset as notebook 01 does.
@@ -226,4 +240,4 @@ def held_out_references(profile, data_dir, n: int = 4, *, seed: int = 0) -> tupl
         raise ValueError(f"{data_dir}: the test split is empty (test_fraction={prep.info.get('test_fraction')}); "
                          "prepare the data with a test_fraction above 0")
     refs = pick_references(test, n, seed=seed)
-    return {r.id: r.image for r in refs}, f"{len(refs)} held-out references (one per group) from {where}"
+    return References(refs), f"{len(refs)} held-out references (one per group) from {where}"

@@ -20,6 +20,7 @@ from typing import Callable
 
 from .compat import dataset_fingerprint
 from .images import SkipItem
+from .loading import loading
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 METADATA_FILE = "metadata.jsonl"
@@ -107,7 +108,8 @@ def open_source(source) -> tuple[list[SourceItem], list[tuple[str, str]], str]:
     if _looks_local(text):
         raise FileNotFoundError(f"{text}: no such file or folder (expected a dataset folder, a parquet file, a "
                                 "folder of images, or a Hugging Face Hub dataset id such as owner/name)")
-    ds = _load(lambda: datasets.load_dataset(text, split="train"), text, "a Hub dataset (or it is not reachable)")
+    with loading("dataset (a Hugging Face Hub dataset id, or a local folder)", text, error_type=DataSourceError):
+        ds = datasets.load_dataset(text, split="train")
     items, skipped = _dataset_items(ds)
     return items, skipped, f"the Hub dataset {text}"
 

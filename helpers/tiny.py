@@ -9,7 +9,8 @@ What `build_tiny_assets()` writes, once, into a cache folder (atomically; a fini
     sd15/                      StableDiffusionPipeline.save_pretrained(): a UNet with SD 1.5's block layout
                                (3 x CrossAttnDownBlock2D + DownBlock2D, layers_per_block=2, so 16 cross-
                                attention layers and official IP-Adapter keys 1, 3, ..., 31), VAE, CLIP text
-                               encoder and tokenizer, scheduler, CLIPImageProcessor
+                               encoder and tokenizer, CLIPImageProcessor, and SD 1.5's own scheduler config
+                               (PNDM, steps_offset 1, skip_prk_steps: the sampler is the profile's choice)
     ip_adapter/ip-adapter-plus_tiny.safetensors
                                an IP-Adapter Plus checkpoint in the official file format
                                (image_proj.* Resampler with dim_head 64 and depth 4, ip_adapter.{k}.to_{k,v}_ip)
@@ -36,7 +37,7 @@ import torch
 
 from .shapes import random_ip_adapter_plus
 
-TINY_VERSION = "v1"  # bump when anything below changes, so caches are rebuilt
+TINY_VERSION = "v2"  # bump when anything below changes, so caches are rebuilt
 
 # Sizes, chosen to keep the layout of the real models while staying fast on a CPU.
 TEXT_DIM = 32  # text encoder width = UNet cross_attention_dim (768 in SD 1.5)
@@ -173,7 +174,7 @@ def tiny_unet_config() -> dict:
 
 
 def _build_sd15(folder: Path):
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
@@ -204,10 +205,7 @@ def _build_sd15(folder: Path):
             pad_token_id=tok.pad_token_id,
         )
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1,
-    )
+    scheduler = PNDMScheduler(**{k: v for k, v in SD15_SCHEDULER.items() if k not in ("_class_name", "clip_sample")})
     feature_extractor = CLIPImageProcessor(
         size={"shortest_edge": IMAGE_ENCODER_SIZE}, crop_size={"height": IMAGE_ENCODER_SIZE, "width": IMAGE_ENCODER_SIZE}
     )
@@ -217,6 +215,14 @@ def _build_sd15(folder: Path):
         requires_safety_checker=False,
     )
     pipe.save_pretrained(folder)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER, indent=2))
+
+
+# stable-diffusion-v1-5/stable-diffusion-v1-5's scheduler/scheduler_config.json (less its _diffusers_version):
+# PNDM, which the pipeline uses unless told otherwise; clip_sample is there for other schedulers built from it
+SD15_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                  "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False,
+                  "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None, "clip_sample": False}
 
 
 def _tiny_vision_config():

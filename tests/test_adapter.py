@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 from _adapters import run
-from diffusers import StableDiffusionPipeline
+from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from helpers import tiny
 from helpers.adapter import load_pipeline
@@ -14,6 +14,7 @@ def test_vanilla_equals_diffusers_own_path_bit_for_bit(tiny_root, vanilla, refer
     ref = StableDiffusionPipeline.from_pretrained(tiny_root / "sd15", local_files_only=True)
     ref.load_ip_adapter(str(tiny_root / "ip_adapter"), subfolder="", weight_name=tiny.IP_ADAPTER_FILE,
                         image_encoder_folder="image_encoder", local_files_only=True)
+    ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config)  # diffusers' documented way to pick a sampler
     assert type(vanilla.unet) is type(ref.unet)
     for scale in (1.0, 0.4):
         ref.set_ip_adapter_scale(scale)
@@ -65,3 +66,57 @@ def test_load_unet_matches_the_pipelines_unet(paths, variant):
     a, b = unet.state_dict(), pipe_unet.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [type(p) for p in unet.attn_processors.values()] == [type(p) for p in pipe_unet.attn_processors.values()]
+
+
+def test_sampler_is_ddim_whatever_the_base_model_ships(tiny_root, vanilla, text_aware, bank):
+    """The tiny base ships SD 1.5's own scheduler config (PNDM); every pipeline samples with DDIM built from it."""
+    from diffusers import DDIMScheduler, PNDMScheduler
+
+    from helpers.adapter import make_scheduler
+
+    shipped = PNDMScheduler.load_config(tiny_root / "sd15", subfolder="scheduler")
+    assert shipped["_class_name"] == "PNDMScheduler" and shipped["steps_offset"] == 1
+    for pipe in (vanilla, text_aware, bank.pipe):
+        assert type(pipe.scheduler) is DDIMScheduler
+        cfg = pipe.scheduler.config  # the base's schedule, the IP-Adapter paper's DDIM settings
+        assert (cfg.beta_start, cfg.beta_end, cfg.beta_schedule, cfg.steps_offset) == (0.00085, 0.012, "scaled_linear", 1)
+        assert (cfg.set_alpha_to_one, cfg.clip_sample, cfg.timestep_spacing) == (False, False, "leading")
+    pipe = load_pipeline(tiny_root / "sd15", tiny_root / "ip_adapter" / tiny.IP_ADAPTER_FILE, scheduler=None)
+    assert type(pipe.scheduler) is PNDMScheduler  # None: the base model's own
+    with pytest.raises(ValueError, match="'DDIM' is not a diffusers scheduler class"):
+        make_scheduler(shipped, "DDIM")
+
+
+@pytest.fixture(scope="module")
+def base_with_fp16_files(tmp_path_factory, tiny_root):
+    """The tiny base saved twice, as SD 1.5's repo is: default files, and fp16 files (`*.fp16.safetensors`)
+    whose UNet conv_in bias is shifted by 1, so a test can tell which files were read."""
+    folder = tmp_path_factory.mktemp("base_fp16") / "sd15"
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_root / "sd15", local_files_only=True)
+    pipe.save_pretrained(folder)
+    with torch.no_grad():
+        pipe.unet.conv_in.bias.add_(1.0)
+    pipe.to(torch.float16).save_pretrained(folder, variant="fp16")
+    assert (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    return folder, pipe.unet.conv_in.bias.detach().clone()
+
+
+def test_fp16_loads_the_fp16_weight_files_where_the_repo_has_them(base_with_fp16_files, tiny_root, paths):
+    from helpers.adapter import load_unet
+
+    folder, fp16_bias = base_with_fp16_files
+    ip_adapter = paths[1]
+    for variant in ("vanilla", "text_aware"):
+        pipe = load_pipeline(folder, ip_adapter, variant=variant, device="cpu", dtype=torch.float16)
+        assert pipe.unet.dtype == torch.float16 and pipe.adapter_info["base_weights"] == "fp16"
+        assert torch.equal(pipe.unet.conv_in.bias, fp16_bias)  # the fp16 files, not the default ones
+    unet = load_unet(folder, ip_adapter, variant="vanilla", image_encoder_dim=tiny.IMAGE_ENCODER_DIM, device="cpu",
+                     dtype=torch.float16)
+    assert torch.equal(unet.conv_in.bias, fp16_bias) and unet.adapter_info["base_weights"] == "fp16"
+    # fp32 reads the default files; a base without fp16 files (a local folder, a community checkpoint) loads
+    # its default files in fp16
+    full = load_pipeline(folder, ip_adapter, device="cpu", dtype=torch.float32)
+    assert full.adapter_info["base_weights"] == "default" and torch.allclose(full.unet.conv_in.bias + 1, fp16_bias.float(),
+                                                                             atol=1e-3)
+    plain = load_pipeline(tiny_root / "sd15", ip_adapter, device="cpu", dtype=torch.float16)
+    assert plain.adapter_info["base_weights"] == "default" and plain.unet.dtype == torch.float16

@@ -88,3 +88,39 @@ def test_recording_attention_without_cost_when_off(text_aware, reference_image):
     assert probs.shape == (2, block.heads, tiny.RESAMPLER_QUERIES, 77)  # [negative, positive] rows
     torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
     assert not block.record_attention
+
+
+def test_token_update_is_zero_fresh_and_measures_the_change_after(text_aware, reference_image):
+    from helpers.block import block_effect, token_update
+
+    torch.manual_seed(0)
+    block = TextImageCrossAttention(32, 32, 2)
+    x, text = torch.randn(3, 16, 32), torch.randn(3, 77, 32)
+    assert torch.equal(token_update(block, x, text), torch.zeros(3))  # a fresh block changes nothing
+    torch.nn.init.normal_(block.to_out.weight, std=0.3)
+    by_hand = torch.stack([(block(x[i:i + 1], text[i:i + 1]) - x[i:i + 1]).norm() / x[i].norm() for i in range(3)])
+    torch.testing.assert_close(token_update(block, x, text), by_hand.detach())
+    # through the UNet: the tokens the Resampler makes of the reference's features, one prompt at a time
+    unet = text_aware.unet
+    embeds = text_aware.prepare_ip_adapter_image_embeds(reference_image, None, "cpu", 1, False)[0]  # (1, 1, 257, W)
+    prompt = text_aware.encode_prompt("a boy in space", "cpu", 1, False)[0]
+    assert block_effect(unet, embeds, prompt).item() == 0.0  # the pipeline's block is fresh
+    tokens = unet.process_encoder_hidden_states(prompt, {"image_embeds": [embeds]})[1][0]  # fresh: = vanilla's
+    saved = {k: v.clone() for k, v in unet.text_image_attn.state_dict().items()}
+    try:
+        torch.nn.init.normal_(unet.text_image_attn.to_out.weight, std=0.3)
+        torch.testing.assert_close(block_effect(unet, embeds, prompt), token_update(unet.text_image_attn, tokens, prompt))
+        assert block_effect(unet, embeds, prompt).item() > 0
+    finally:
+        unet.text_image_attn.load_state_dict(saved)
+
+
+def test_bank_block_effect_per_reference_and_prompt(bank, reference_image):
+    rows = bank.block_effect({"r": reference_image}, ["a cat", "a robot in space"])
+    assert [(r["reference"], r["prompt"]) for r in rows] == [("r", "a cat"), ("r", "a robot in space")]
+    assert all(r["update / tokens"] > 0 for r in rows)  # the test adapter's block is not the identity
+    assert rows[0]["update / tokens"] != rows[1]["update / tokens"]  # it reads the prompt
+    import pytest
+
+    with pytest.raises(ValueError, match="'pretrained' is not a text-aware model"):
+        bank.block_effect({"r": reference_image}, ["a cat"], name="pretrained")

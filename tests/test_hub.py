@@ -226,6 +226,7 @@ def test_vanilla_upload_loads_by_id_in_plain_diffusers(runs, tmp_path, tiny_prof
     original = load_file(str(folder / "adapter.safetensors"))
     loaded = adapter_state_dict(scope["pipe"].unet)
     assert loaded.keys() == original.keys() and all(torch.equal(loaded[k], original[k]) for k in original)
+    assert type(scope["pipe"].scheduler).__name__ == "DDIMScheduler"  # the sampler of the notebooks
 
 
 def test_foreign_repos_files_and_folders_fail_clearly(tmp_path, tiny_profile, hub_cache):

@@ -57,3 +57,9 @@ def test_tiny_profile_points_at_local_assets(tiny_profile):
 
     for path in (tiny_profile.base_model, tiny_profile.ip_adapter, tiny_profile.eval_clip, tiny_profile.dataset):
         assert Path(path).exists()
+
+
+def test_the_sampler_is_ddim_and_the_banner_says_so(capsys):
+    prof = P.get_profile("full", num_inference_steps=20)
+    assert prof.scheduler == "DDIMScheduler" == P.DEFAULT_SCHEDULER
+    assert "Sampling: DDIM sampler (diffusers DDIMScheduler), 20 steps, guidance 7.5." in capsys.readouterr().out

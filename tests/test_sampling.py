@@ -63,3 +63,20 @@ def test_held_out_references_come_from_the_test_split(tiny_profile, tmp_path):
 
 def test_batch_size_is_one_on_cpu():
     assert sampling.pick_batch_size("cpu", 512) == 1
+
+
+def test_on_step_counts_denoising_steps_and_samples_name_the_sampler(bank, references):
+    steps = []
+    out = sampling.generate(bank, references, ["a cat"], models=["pretrained"], steps=3, progress=False,
+                            on_step=lambda: steps.append(1))
+    assert len(out) == 2 and len(steps) == 2 * 3  # two pipeline calls (one per reference) x 3 DDIM steps
+    assert {s.sampler for s in out} == {"DDIMScheduler"}
+
+
+def test_held_out_references_carry_their_captions(tiny_profile, tmp_path):
+    from helpers.data import load_prepared
+
+    refs, _ = sampling.held_out_references(tiny_profile, tmp_path / "data", n=2)
+    test = load_prepared(tmp_path / "data").test
+    own = dict(zip(map(str, test["id"]), test["text"]))
+    assert set(refs.captions) == set(refs) and all(refs.captions[i] == own[i] for i in refs)

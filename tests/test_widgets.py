@@ -23,7 +23,8 @@ def bank(tiny_profile, tmp_path_factory):
 @pytest.fixture
 def panel(bank, reference_image, tmp_path):
     refs = {"ref": reference_image, "flipped": reference_image.transpose(Image.FLIP_LEFT_RIGHT)}
-    p = SamplingPanel(bank, refs, out_dir=tmp_path / "samples")
+    captions = {"ref": "a cartoon drawing of a boy", "flipped": "a cartoon drawing of a boy, mirrored"}
+    p = SamplingPanel(bank, refs, out_dir=tmp_path / "samples", captions=captions, scale=0.7)
     p.steps.value = 2
     return p
 
@@ -46,7 +47,8 @@ def test_generate_button_gives_one_image_per_model(panel, bank):
             "flipped", "a cartoon drawing of a robot", 0.6, 7, 2, 5.0)
         assert s.image.size == (64, 64)
         assert bytes(panel.result_images[s.model].value)[:4] == b"\x89PNG"  # shown in the panel
-    assert panel.progress.value == panel.progress.max == 4 and "4 images" in panel.status.value
+    assert panel.progress.value == panel.progress.max == 4 * 2 and "4 images" in panel.status.value  # 4 models x 2 steps
+    assert {s.sampler for s in panel.last_samples} == {"DDIMScheduler"} and "DDIMScheduler" in panel.status.value
     # the same settings through helpers.sampling give the same pixels
     again = sampling.generate(bank, {"flipped": panel.references["flipped"]}, ["a cartoon drawing of a robot"],
                               models=["finetuned-text-aware"], scales=(0.6,), seeds=(7,), steps=2, guidance=5.0,
@@ -79,6 +81,28 @@ def test_save_button_writes_images_with_settings(panel, tmp_path):
     assert (tmp_path / "samples" / "index.json").is_file() and (tmp_path / "samples" / "index.csv").is_file()
 
 
+def test_progress_bar_counts_denoising_steps(panel):
+    seen = []
+    panel.progress.observe(lambda change: seen.append(change["new"]), names="value")
+    panel.steps.value = 3
+    panel.model_boxes["pretrained"].value = False
+    panel.model_boxes["finetuned-text-aware-neighbour"].value = False
+    panel.generate_button.click()
+    assert panel.last_error is None and panel.progress.max == 2 * 3
+    assert [v for v in seen if v] == [1, 2, 3, 4, 5, 6]  # one tick per denoising step, both models
+
+
+def test_scale_starts_at_the_notebooks_value_and_settings_follow_the_widgets(panel, bank):
+    assert panel.scale.value == 0.7 and "IP scale: 0.7" in panel.settings_view.value
+    assert "sampler: DDIMScheduler, 2 steps" in panel.settings_view.value
+    panel.scale.value = 1.2
+    panel.prompt.value = "a robot in space"
+    assert "IP scale: 1.2" in panel.settings_view.value and "prompt: a robot in space" in panel.settings_view.value
+    panel.select("flipped")
+    assert "reference: flipped: a cartoon drawing of a boy, mirrored" in panel.settings_view.value
+    assert SamplingPanel(bank, {}).scale.value == 1.0  # no SCALE given: the slider's default
+
+
 def test_parse_upload_reads_ipywidgets_7_and_8_values():
     v7 = {"drawing.png": {"metadata": {"name": "drawing.png", "type": "image/png", "size": 99}, "content": png()}}
     v8 = ({"name": "drawing.png", "type": "image/png", "size": 99, "last_modified": datetime.now(),
@@ -89,6 +113,49 @@ def test_parse_upload_reads_ipywidgets_7_and_8_values():
     assert parse_upload(()) == [] and parse_upload({}) == []
     with pytest.raises(ValueError, match="notes.txt.*not an image"):
         parse_upload(({"name": "notes.txt", "content": memoryview(b"hello")},))
+    assert parse_upload({"colab.png": png()})[0][0] == "colab.png"  # google.colab.files.upload()'s {name: bytes}
+
+
+@pytest.mark.parametrize("value", [
+    {"phone.jpg": {"metadata": {"name": "phone.jpg", "size": 3_400_000}, "content": b""}},  # ipywidgets 7 in Colab
+    ({"name": "phone.jpg", "size": 3_400_000, "content": memoryview(b"")},),  # ipywidgets 8
+    ({"name": "phone.jpg", "size": 3_400_000, "content": memoryview(png())},),  # cut short
+])
+def test_an_upload_that_arrives_empty_names_the_file_and_the_1mb_limit(value, panel):
+    with pytest.raises(ValueError, match=r"upload of 'phone.jpg' arrived (empty|cut short).*about 1 MB.*Path box"):
+        parse_upload(value)
+    panel._on_upload({"new": value})
+    assert "phone.jpg" in panel.last_error and "1 MB" in panel.status.value
+    assert panel.reference.value == "ref"  # nothing changed
+
+
+def test_a_path_becomes_the_selected_reference(panel, tmp_path):
+    (tmp_path / "drive").mkdir()
+    Image.new("RGB", (50, 40), (1, 2, 3)).save(tmp_path / "drive" / "big.png")
+    panel.path.value = str(tmp_path / "drive" / "big.png")
+    panel.path_button.click()
+    assert panel.last_error is None and panel.reference.value == "upload:big.png"
+    assert panel.references["upload:big.png"].getpixel((0, 0)) == (1, 2, 3)
+    panel.path.value = str(tmp_path / "nothing.png")
+    panel.path_button.click()
+    assert "nothing.png: no such file" in panel.last_error
+    (tmp_path / "notes.png").write_text("not an image")
+    panel.path.value = str(tmp_path / "notes.png")
+    panel.path_button.click()
+    assert "notes.png: not an image" in panel.last_error
+
+
+def test_colab_upload_button_only_in_colab(panel, monkeypatch):
+    assert panel.colab_button.layout.display == "none"  # not in Colab here
+    panel.colab_button.click()
+    assert "only available in Google Colab" in panel.last_error
+    import sys
+    import types
+
+    files = types.SimpleNamespace(upload=lambda: {"photo.png": png((9, 9, 9), (1200, 900))})
+    monkeypatch.setitem(sys.modules, "google.colab", types.SimpleNamespace(files=files))
+    monkeypatch.setitem(sys.modules, "google.colab.files", files)
+    assert panel.colab_upload() == ["upload:photo.png"] and panel.reference.value == "upload:photo.png"
 
 
 def test_upload_becomes_the_selected_reference(panel):
@@ -110,9 +177,16 @@ def test_upload_becomes_the_selected_reference(panel):
     assert "bad.png" in panel.last_error
 
 
-def test_thumbnail_buttons_select_their_reference(panel):
+def test_thumbnails_show_captions_and_select_their_reference(panel):
     assert len(panel.thumbnails.children) == 2
-    button = panel.thumbnails.children[1].children[1]
-    assert button.description == "flipped"
+    image, button, caption = panel.thumbnails.children[1].children
+    assert "a cartoon drawing of a boy, mirrored" in caption.value and "flipped" not in caption.value
+    assert [label for label, _ in panel.reference.options][1] == "a cartoon drawing of a boy, mirrored (flipped)"
     button.click()
     assert panel.reference.value == "flipped"
+
+
+def test_captions_come_with_held_out_references(bank, tiny_profile, tiny_data):
+    refs, _ = sampling.held_out_references(tiny_profile, tiny_data[2], n=2)
+    panel = SamplingPanel(bank, refs)
+    assert set(panel.captions) == set(refs) and all(c.startswith("a cartoon drawing") for c in panel.captions.values())
