@@ -27,6 +27,7 @@ from .adapter_file import (  # noqa: F401  (save_adapter, AdapterFileError: publ
 )
 from .block import TextAwareUNet2DConditionModel, TextImageCrossAttention
 from .compat import dtype_kwargs, load_ip_adapter_weights
+from .profile import SAMPLER
 
 VARIANTS = ("vanilla", "text_aware")
 
@@ -76,8 +77,23 @@ def default_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.d
     return device, dtype
 
 
+def set_sampler(pipe, sampler: str | None):
+    """Replace pipe's scheduler by diffusers' `<sampler>Scheduler` built from the base model's own scheduler
+    config (its betas, steps_offset, ...). None keeps the base model's (PNDM for SD 1.5)."""
+    import diffusers
+
+    if sampler is None:
+        return pipe
+    cls = getattr(diffusers, f"{sampler}Scheduler", None)
+    if cls is None:
+        raise ValueError(f"unknown sampler {sampler!r}: give a diffusers scheduler name without 'Scheduler', e.g. "
+                         "DDIM, PNDM, EulerDiscrete, DPMSolverMultistep")
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    return pipe
+
+
 def load_pipeline(base_model, ip_adapter, *, variant="vanilla", adapter=None, image_encoder=None, device=None,
-                  dtype=None, vae=None):
+                  dtype=None, vae=None, sampler=SAMPLER):
     """A diffusers StableDiffusionPipeline with IP-Adapter Plus loaded, vanilla or text-aware.
 
     base_model:    Hub id or local folder of a StableDiffusionPipeline
@@ -88,6 +104,8 @@ def load_pipeline(base_model, ip_adapter, *, variant="vanilla", adapter=None, im
     image_encoder: Hub id/subfolder or local folder; None = the image_encoder folder next to ip_adapter
     device, dtype: default cuda + fp16 with a GPU, else cpu + fp32
     vae:           None = base_model's; else a Hub id or folder of an AutoencoderKL (e.g. stabilityai/sd-vae-ft-mse)
+    sampler:       the scheduler to sample with (set_sampler): the profile's DDIM by default; None keeps
+                   base_model's own (SD 1.5 ships PNDM)
 
     `pipe(prompt, ip_adapter_image=...)` and `pipe.set_ip_adapter_scale(...)` work as in diffusers. The
     safety checker is not loaded (research on cartoon drawings; it blacks out false positives).
@@ -117,6 +135,7 @@ def load_pipeline(base_model, ip_adapter, *, variant="vanilla", adapter=None, im
     pipe.load_ip_adapter(split_official(tensors), subfolder="", weight_name="", image_encoder_folder=None)
     if variant == "text_aware":
         _attach_block(pipe.unet, tensors, meta)
+    set_sampler(pipe, sampler)
     pipe.to(device)
     pipe.adapter_info = {"variant": variant, "weights": str(weights_path), **meta}
     return pipe

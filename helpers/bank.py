@@ -177,7 +177,8 @@ def load_models(profile, runs_dir=None, *, extra=None, vae=None, device=None, dt
     if clash:
         raise ValueError(f"extra model names {clash} are taken by the built-in models; choose other names")
     pipe = load_pipeline(profile.base_model, profile.ip_adapter, variant="text_aware",
-                         image_encoder=profile.image_encoder, device=device, dtype=dtype, vae=vae)
+                         image_encoder=profile.image_encoder, device=device, dtype=dtype, vae=vae,
+                         sampler=profile.sampler)
     pipe.set_progress_bar_config(disable=True)
     unet = pipe.unet
     unet.requires_grad_(False)

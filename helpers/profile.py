@@ -24,6 +24,7 @@ import torch
 
 PROFILE_ENV = "IPA_PROFILE"
 QUICK_ENV = "IPA_QUICK"
+SAMPLER = "DDIM"  # the seed project's and the IP-Adapter paper's sampler; SD 1.5 itself ships PNDM
 RESOLUTION_ENV = "IPA_RESOLUTION"
 NAMES = ("auto", "full", "tiny")
 # a quick run: counts only, the models stay the profile's
@@ -59,6 +60,7 @@ class Profile:
     max_train_steps: int | None = None  # None: num_epochs over the training split
     gradient_checkpointing: bool = False  # trade ~30% speed for activation memory (the OOM knob, with batch size)
     # sampling and evaluation
+    sampler: str = SAMPLER  # a diffusers scheduler class name without "Scheduler" (helpers.adapter.set_sampler)
     num_inference_steps: int = 30
     guidance_scale: float = 7.5
     eval_scales: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0)

@@ -65,3 +65,25 @@ def test_load_unet_matches_the_pipelines_unet(paths, variant):
     a, b = unet.state_dict(), pipe_unet.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [type(p) for p in unet.attn_processors.values()] == [type(p) for p in pipe_unet.attn_processors.values()]
+
+
+def test_sampler_is_the_profiles_built_from_the_base_models_schedule(vanilla):
+    """SD 1.5 ships PNDM; the pipelines sample with the profile's DDIM, built from SD 1.5's own config."""
+    import json
+    from pathlib import Path
+
+    from diffusers import PNDMScheduler
+
+    from helpers.adapter import set_sampler
+    from helpers.profile import SAMPLER
+
+    assert type(vanilla.scheduler).__name__ == f"{SAMPLER}Scheduler"
+    published = Path(__file__).parents[1] / "rehearsal/hub_files/stable-diffusion-v1-5--stable-diffusion-v1-5"
+    pndm = PNDMScheduler.from_config(json.loads((published / "scheduler/scheduler_config.json").read_text()))
+    holder = type("Pipe", (), {"scheduler": pndm})()
+    set_sampler(holder, "DDIM")
+    ddim = holder.scheduler
+    assert type(ddim).__name__ == "DDIMScheduler" and ddim.config.steps_offset == 1 and not ddim.config.clip_sample
+    assert torch.equal(ddim.alphas_cumprod, pndm.alphas_cumprod)
+    with pytest.raises(ValueError, match="unknown sampler 'Nope'"):
+        set_sampler(holder, "Nope")
