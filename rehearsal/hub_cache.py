@@ -10,12 +10,15 @@ Hub cache (HF_HUB_CACHE, what `from_pretrained` / `hf_hub_download` read offline
 Datasets cache (HF_DATASETS_CACHE): offline, `datasets.load_dataset("ORG/NAME")` never reads the hub cache.
 It reads what the Parquet builder wrote during an earlier online load:
 
-    org___snake_case_name/default/0.0.0/<revision>/
+    ORG___snake_case_name/default/0.0.0/<revision>/
         dataset_info.json, snake_case_name-train.arrow
 
-`write_datasets_cache` runs that same builder through `datasets.load_dataset_builder(repo_id)`, handing it
-the module an online load makes from the repo (README card + data/ patterns, revision as hash); only the
-data files are read from the local snapshot instead of hf://.
+`write_datasets_cache` runs that same builder through `datasets.load_dataset_builder(repo_id)` in a process
+whose hub cache is the mirror's, offline. Two calls that need the Hub online are stood in for: the module
+factory (the Hub's file listing and README: here `datasets`' own factory reads them from the snapshot, and
+the data files are given as the hf:// URLs an online load uses) and HfFileSystem.resolve_path (which asks the
+Hub whether the revision exists). The Parquet file itself comes through hf_hub_download from the hub cache,
+as online.
 """
 
 from __future__ import annotations

@@ -15,8 +15,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
 from helpers.shapes import no_init, random_ip_adapter_plus, random_init
 
 from .hub_cache import RepoWriter
