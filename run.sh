@@ -5,6 +5,8 @@
 #   ./run.sh test-colab  the same, under the package versions Colab ships (constraints/colab.txt),
 #                   in .venv-colab, with tiny models, caches and outputs of its own
 #   ./run.sh browser-check   use notebook 04's widget panel in headless Chromium (tools/browser_check.py)
+#   ./run.sh rehearse [PX]  the five notebooks on the full profile, offline, as a quick run, against a local
+#                   mirror of its Hub repos (random weights; built once, see rehearsal/); PX: IPA_RESOLUTION
 # Without a CUDA GPU the notebooks use the tiny profile (small random models); IPA_PROFILE overrides.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -41,6 +43,13 @@ case "${1:-main}" in
       { [ "$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
     python -m pip install -q -r requirements-browser.txt
     python tools/browser_check.py "${@:2}" ;;
+  rehearse)
+    MIRROR=$(python -m rehearsal.build_mirror | tail -n 1)  # $IPA_MIRROR_DIR, else ~/.cache/ipa-text-aware/mirror
+    OUT=$(mktemp -d -t ipa-rehearsal.XXXXXX)
+    export IPA_PROFILE=full IPA_QUICK=1 IPA_OUTPUT_ROOT="$OUT" HF_HOME="$MIRROR" HF_HUB_CACHE="$MIRROR/hub" \
+      HF_DATASETS_CACHE="$MIRROR/datasets" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+    if [ -n "${2:-}" ]; then export IPA_RESOLUTION="$2"; fi
+    python -m pytest $NBVAL -ra notebooks/ && rm -rf "$OUT" || { echo "outputs kept in $OUT" >&2; exit 1; } ;;
   *)
-    echo "usage: ./run.sh [main|test|test-colab|browser-check]" >&2; exit 2 ;;
+    echo "usage: ./run.sh [main|test|test-colab|browser-check|rehearse [PX]]" >&2; exit 2 ;;
 esac

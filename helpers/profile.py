@@ -7,6 +7,11 @@ the notebooks and `helpers` read them from the `Profile` that `get_profile()` re
     tiny  the same code on small random models and a synthetic cartoon dataset built offline
           (helpers.tiny): every number and picture it gives is meaningless, by design.
     auto  full with a CUDA GPU, tiny without. IPA_PROFILE=full|tiny|auto overrides the default.
+
+A quick run (a notebook's QUICK_RUN field, or IPA_QUICK=1) keeps the profile's models and cuts the counts
+(`Profile.quick_run`): a few training steps per variant, 2 references, 1 IP scale, few denoising steps.
+It tries the whole series on real models in minutes before committing an hour. IPA_RESOLUTION=N trains and
+samples at N px instead of the profile's size (a multiple of 64: smaller is faster, and worse).
 """
 
 from __future__ import annotations
@@ -18,10 +23,18 @@ from dataclasses import dataclass
 import torch
 
 PROFILE_ENV = "IPA_PROFILE"
+QUICK_ENV = "IPA_QUICK"
+RESOLUTION_ENV = "IPA_RESOLUTION"
 NAMES = ("auto", "full", "tiny")
 # The sampler of every notebook: DDIM, as the seed project and the IP-Adapter paper sampled. A diffusers
 # scheduler class, built from the base model's own scheduler config (helpers.adapter.make_scheduler).
 DEFAULT_SCHEDULER = "DDIMScheduler"
+
+# a quick run: counts only, the models stay the profile's
+QUICK_TRAIN_STEPS = 2  # per variant
+QUICK_REFERENCES = 2
+QUICK_SCALE = 0.7
+QUICK_INFERENCE_STEPS = 4
 
 
 @dataclass(frozen=True)
@@ -61,6 +74,9 @@ class Profile:
     eval_seeds: tuple[int, ...] = (0,)
     eval_edits_per_reference: int = 2  # edit prompts per reference, besides its own caption
     eval_batch_size: int | None = None  # images per pipeline call in the evaluation; None: sampling's choice
+    sample_references: int = 3  # held-out references in notebook 04's gallery
+    sweep_scales: tuple[float, ...] = (0.0, 0.4, 0.7, 1.0)  # notebook 04's IP-scale sweep
+    quick: bool = False  # a quick run (quick_run): counts cut, models unchanged
 
     def replace(self, **overrides) -> "Profile":
         """A copy with the given fields changed. None, and only None, means "keep the profile's value" (a
@@ -78,13 +94,29 @@ class Profile:
         return (f"{short} sampler (diffusers {self.scheduler}), {self.num_inference_steps} steps, "
                 f"guidance {self.guidance_scale:g}")
 
+    def quick_run(self) -> "Profile":
+        """The same models with every count cut, to try the whole series in minutes: QUICK_TRAIN_STEPS
+        training steps per variant, QUICK_REFERENCES references, one IP scale (QUICK_SCALE), one seed, one
+        edit prompt per reference, QUICK_INFERENCE_STEPS denoising steps, a two-point scale sweep."""
+        return dataclasses.replace(
+            self, quick=True, num_epochs=1, max_train_steps=min(self.max_train_steps or QUICK_TRAIN_STEPS, QUICK_TRAIN_STEPS),
+            num_inference_steps=min(self.num_inference_steps, QUICK_INFERENCE_STEPS),
+            eval_num_references=min(self.eval_num_references, QUICK_REFERENCES), eval_scales=(QUICK_SCALE,),
+            eval_seeds=self.eval_seeds[:1], eval_edits_per_reference=min(self.eval_edits_per_reference, 1),
+            sample_references=min(self.sample_references, QUICK_REFERENCES), sweep_scales=(0.0, QUICK_SCALE))
+
     def banner(self) -> str:
-        """Which profile and why, what its results mean, and the sampler (printed by get_profile)."""
+        """Which profile and why, what its results mean, the sampler, and a quick run's or a resolution
+        override's cuts (printed by get_profile)."""
+        quick = (f" QUICK RUN: {self.max_train_steps} training steps, {self.num_inference_steps} denoising steps, "
+                 f"{self.eval_num_references} references; counts too small for results.") if self.quick else ""
+        size = f" {self.resolution} px (${RESOLUTION_ENV})." if os.environ.get(RESOLUTION_ENV, "").strip() else ""
+        sampling = f" Sampling: {self.sampler()}."
         if self.random_weights:
             return (f"Profile: {self.name} ({self.reason}). Small RANDOM-weight models and synthetic data: "
-                    "pictures and scores below are meaningless; they only show that the code runs. "
-                    f"Sampling: {self.sampler()}.")
-        return f"Profile: {self.name} ({self.reason}). Real models from the Hugging Face Hub. Sampling: {self.sampler()}."
+                    "pictures and scores below are meaningless; they only show that the code runs." + sampling
+                    + size + quick)
+        return f"Profile: {self.name} ({self.reason}). Real models from the Hugging Face Hub." + sampling + size + quick
 
 
 def full_profile(reason: str) -> Profile:
@@ -130,12 +162,26 @@ def tiny_profile(reason: str) -> Profile:
     )
 
 
-def get_profile(name: str | None = None, *, announce: bool = True, **overrides) -> Profile:
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _env_resolution() -> int | None:
+    raw = os.environ.get(RESOLUTION_ENV, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 64 or int(raw) % 64:
+        raise ValueError(f"${RESOLUTION_ENV}={raw!r}: give a size in pixels, a multiple of 64 (e.g. 256), or unset it")
+    return int(raw)
+
+
+def get_profile(name: str | None = None, *, announce: bool = True, quick: bool = False, **overrides) -> Profile:
     """Resolve a profile: `name` ("full"/"tiny"), else $IPA_PROFILE, else auto (full with a CUDA GPU, tiny
     without).
 
-    Prints one line saying which profile and why (announce=False to stay quiet). Keyword overrides
-    replace fields; None keeps the profile's value, anything else is used (see Profile.replace).
+    quick=True (or $IPA_QUICK=1) makes it a quick run (Profile.quick_run); $IPA_RESOLUTION=N sets the
+    resolution. Prints one line saying which profile and why (announce=False to stay quiet). Keyword
+    overrides replace fields after that; None keeps the profile's value, anything else is used (see Profile.replace).
     """
     name = (name or "").strip().lower()
     env_name = os.environ.get(PROFILE_ENV, "").strip().lower()
@@ -153,7 +199,9 @@ def get_profile(name: str | None = None, *, announce: bool = True, **overrides) 
         profile = full_profile(f"{source}")
     else:
         profile = tiny_profile(f"{source}")
-    profile = profile.replace(**overrides)
+    if quick or _env_flag(QUICK_ENV):
+        profile = profile.quick_run()
+    profile = profile.replace(resolution=_env_resolution()).replace(**overrides)
     if announce:
         print(profile.banner())
     return profile

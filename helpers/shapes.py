@@ -92,7 +92,8 @@ def random_init(model: torch.nn.Module, seed: int) -> None:
     m, offset = pool.numel(), 0
     for name, p in model.named_parameters():
         n = p.numel()
-        if p.ndim >= 2 or not (name.endswith("bias") or "norm" in name or "ln" in name.split(".")[-2]):
+        parent = name.split(".")[-2] if "." in name else ""  # top-level parameters too (CLIPModel.logit_scale)
+        if p.ndim >= 2 or not (name.endswith("bias") or "norm" in name or "ln" in parent):
             flat = p.view(-1)  # filled in place, chunk by chunk: this machine's page faults are slow
             for start in range(0, n, m):
                 k = min(m, n - start)

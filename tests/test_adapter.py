@@ -120,3 +120,21 @@ def test_fp16_loads_the_fp16_weight_files_where_the_repo_has_them(base_with_fp16
                                                                              atol=1e-3)
     plain = load_pipeline(tiny_root / "sd15", ip_adapter, device="cpu", dtype=torch.float16)
     assert plain.adapter_info["base_weights"] == "default" and plain.unet.dtype == torch.float16
+
+
+def test_ddim_from_the_published_sd15_scheduler_config():
+    """SD 1.5 ships PNDM (the published config, as the rehearsal mirror carries it); DDIM built from it keeps
+    its schedule and takes the IP-Adapter paper's settings."""
+    import json
+    from pathlib import Path
+
+    from diffusers import PNDMScheduler
+
+    from helpers.adapter import make_scheduler
+
+    published = Path(__file__).parents[1] / "rehearsal/hub_files/stable-diffusion-v1-5--stable-diffusion-v1-5"
+    config = json.loads((published / "scheduler/scheduler_config.json").read_text())
+    pndm = PNDMScheduler.from_config(config)
+    ddim = make_scheduler(pndm.config, "DDIMScheduler")
+    assert type(ddim).__name__ == "DDIMScheduler" and ddim.config.steps_offset == 1 and not ddim.config.clip_sample
+    assert torch.equal(ddim.alphas_cumprod, pndm.alphas_cumprod)

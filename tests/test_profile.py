@@ -63,3 +63,34 @@ def test_the_sampler_is_ddim_and_the_banner_says_so(capsys):
     prof = P.get_profile("full", num_inference_steps=20)
     assert prof.scheduler == "DDIMScheduler" == P.DEFAULT_SCHEDULER
     assert "Sampling: DDIM sampler (diffusers DDIMScheduler), 20 steps, guidance 7.5." in capsys.readouterr().out
+
+
+def test_quick_run_cuts_counts_and_keeps_models(monkeypatch, capsys):
+    monkeypatch.delenv(P.QUICK_ENV, raising=False)
+    full = P.get_profile("full", announce=False)
+    quick = P.get_profile("full", quick=True)
+    assert "QUICK RUN" in capsys.readouterr().out
+    assert (quick.base_model, quick.ip_adapter, quick.eval_clip, quick.dataset, quick.resolution) == \
+        (full.base_model, full.ip_adapter, full.eval_clip, full.dataset, full.resolution)
+    assert quick.quick and not full.quick
+    assert quick.max_train_steps == P.QUICK_TRAIN_STEPS and quick.num_epochs == 1
+    assert quick.eval_num_references == quick.sample_references == P.QUICK_REFERENCES
+    assert quick.eval_scales == (P.QUICK_SCALE,) and len(quick.eval_seeds) == 1
+    assert quick.num_inference_steps == P.QUICK_INFERENCE_STEPS < full.num_inference_steps
+    assert len(quick.sweep_scales) < len(full.sweep_scales)
+
+
+def test_quick_from_environment_and_form_fields_still_win(monkeypatch):
+    monkeypatch.setenv(P.QUICK_ENV, "1")
+    prof = P.get_profile("full", announce=False, num_inference_steps=10, eval_num_references=5)
+    assert prof.quick and prof.max_train_steps == P.QUICK_TRAIN_STEPS
+    assert prof.num_inference_steps == 10 and prof.eval_num_references == 5  # the user's explicit values
+
+
+def test_resolution_from_environment(monkeypatch):
+    monkeypatch.setenv(P.RESOLUTION_ENV, "256")
+    assert P.get_profile("full", announce=False).resolution == 256
+    assert P.get_profile("full", announce=False, resolution=128).resolution == 128  # a form field still wins
+    monkeypatch.setenv(P.RESOLUTION_ENV, "300")
+    with pytest.raises(ValueError, match="IPA_RESOLUTION='300'.*multiple of 64"):
+        P.get_profile("full", announce=False)
