@@ -99,8 +99,8 @@ WORDS = (
 ).split()
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    # The byte -> printable-character table of GPT-2 / CLIP BPE.
+def bytes_to_unicode() -> dict[int, str]:
+    """The byte -> printable-character table of GPT-2 / CLIP BPE (the BPE's 256 base symbols)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
@@ -117,7 +117,7 @@ def _tokenizer_files() -> tuple[dict[str, int], list[str]]:
     pair until every word is one token), so that encoding reproduces whole words."""
     from collections import Counter
 
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     vocab_list = chars + [c + "</w>" for c in chars]
     words = [list(w[:-1]) + [w[-1] + "</w>"] for w in dict.fromkeys(WORDS)]
     merges: list[str] = []

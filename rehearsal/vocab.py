@@ -26,22 +26,11 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from helpers.tiny import bytes_to_unicode
+
 CLIP_VOCAB_SIZE = 49408
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 BERT_VOCAB_SIZE = 30522
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP's table from bytes to printable characters (the BPE's 256 base symbols)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
 
 
 def _open_clip_bpe(download_dir: Path) -> bytes | None:
