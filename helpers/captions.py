@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from typing import Sequence
 
 import torch
@@ -55,10 +57,15 @@ def token_counts(texts: Sequence[str], base_model) -> tuple[list[int], int]:
     """Tokens per text with the base model's own tokenizer (its `tokenizer/` subfolder; start and end tokens
     included, nothing cut), and how many positions its text encoder reads (77 for SD 1.5). A caption with
     more tokens than that is truncated: its end never reaches the model."""
-    from transformers import AutoTokenizer
+    from huggingface_hub import hf_hub_download
+    from transformers import CLIPTokenizer
 
+    # the class the pipeline itself loads (model_index.json); AutoTokenizer would also look for a
+    # tokenizer/config.json that SD 1.5 does not ship, which fails offline
     with loading("base model's tokenizer", base_model):
-        tokenizer = AutoTokenizer.from_pretrained(str(base_model), subfolder="tokenizer")
+        if not Path(str(base_model)).is_dir():  # CLIPTokenizer returns an empty tokenizer for a missing repo
+            hf_hub_download(str(base_model), "vocab.json", subfolder="tokenizer")
+        tokenizer = CLIPTokenizer.from_pretrained(str(base_model), subfolder="tokenizer")
     if len(tokenizer) < 3:  # transformers can return an empty tokenizer instead of failing
         raise OSError(f"{base_model}: its tokenizer/ subfolder holds no vocabulary ({len(tokenizer)} tokens)")
     ids = tokenizer(list(texts), truncation=False, verbose=False).input_ids
