@@ -59,8 +59,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    from helpers.shapes import RESAMPLER_DIM, SD15_UNET, TEXT_LEN, real_size_models
-    from helpers.loss import diffusion_loss
+    from helpers.tiny.shapes import RESAMPLER_DIM, SD15_UNET, TEXT_LEN, real_size_models
+    from helpers.train.loss import diffusion_loss
 
     device, dtype = C.pick_device(args.device, args.dtype)
     gpu = device.type == "cuda"

@@ -41,7 +41,7 @@ def images_for(n: int, split):
 
 
 def time_encoding(pipe, images, texts, resolution, batch_size, device) -> float:
-    from helpers.features import encode_batch
+    from helpers.data.features import encode_batch
 
     with torch.no_grad():
         encode_batch(pipe, images[:1], texts[:1], resolution)  # warm-up (kernels, allocator)
@@ -58,10 +58,16 @@ def real_size_pipe(device, dtype, tokenizer_folder):
     encoder, OpenCLIP ViT-H/14 as CLIPVisionModelWithProjection (helpers.shapes.VIT_H14)."""
     from diffusers import AutoencoderKL
     from diffusers.image_processor import VaeImageProcessor
-    from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig,
-                              CLIPVisionModelWithProjection)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTokenizer,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
 
-    from helpers.shapes import VIT_H14
+    from helpers.tiny.shapes import VIT_H14
 
     vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2,
@@ -86,10 +92,11 @@ def main(argv=None):
     ap.add_argument("--real-size", action="store_true", help="real-size random encoders, encoding only")
     args = ap.parse_args(argv)
 
-    from helpers.adapter import default_device_dtype, load_pipeline
-    from helpers.data import prepare_dataset
-    from helpers.features import cache_features
-    from helpers.profile import get_profile
+    from helpers.data.features import cache_features
+    from helpers.data.prepare import prepare_dataset
+    from helpers.model.pipeline import load_pipeline
+    from helpers.support.device import default_device_dtype
+    from helpers.support.profile import get_profile
 
     profile = get_profile(args.profile)
     device, dtype = default_device_dtype(args.device)
@@ -97,7 +104,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         prep = prepare_dataset(profile.dataset, tmp, resolution=profile.resolution, test_fraction=0, progress=False)
         if args.real_size:
-            from helpers.tiny import build_tiny_assets
+            from helpers.tiny.assets import build_tiny_assets
 
             n = args.images or 8
             images, texts = images_for(n, prep.train)

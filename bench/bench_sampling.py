@@ -32,7 +32,7 @@ def sync(device: torch.device) -> None:
 
 def time_generate(bank, reference, n_images: int, batch_size: int, *, steps: int, model: str) -> float:
     """Seconds to generate n_images (one reference, one prompt, seeds 0..n-1) in batches of batch_size."""
-    from helpers.sampling import generate
+    from helpers.sample.generate import generate
 
     sync(bank.device)
     start = time.perf_counter()
@@ -55,9 +55,9 @@ def main(argv=None):
 
     import datasets
 
-    from helpers.profile import get_profile
-    from helpers.bank import load_models
-    from helpers.sampling import pick_batch_size
+    from helpers.sample.bank import load_models
+    from helpers.sample.generate import pick_batch_size
+    from helpers.support.profile import get_profile
 
     if args.threads:
         torch.set_num_threads(args.threads)

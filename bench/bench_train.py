@@ -39,7 +39,7 @@ def real_size_vae_and_text(seed: int):
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from helpers.shapes import no_init, random_init
+    from helpers.tiny.shapes import no_init, random_init
 
     with no_init():
         vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512),
@@ -81,8 +81,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    from helpers.shapes import SD15_UNET, TEXT_LEN, real_size_models
-    from helpers.loss import diffusion_loss
+    from helpers.tiny.shapes import SD15_UNET, TEXT_LEN, real_size_models
+    from helpers.train.loss import diffusion_loss
 
     device, dtype = C.pick_device(args.device, args.dtype)
     gpu = device.type == "cuda"

@@ -55,7 +55,13 @@ def _rows():
     """(PIL image, caption, file name) for N_PAIRS drawings and their mirrors, shuffled as a Hub upload is."""
     from PIL import ImageOps
 
-    from helpers.tiny import CHARACTERS, POSES, SCENES, cartoon_caption, draw_character
+    from helpers.tiny.cartoons import (
+        CHARACTERS,
+        POSES,
+        SCENES,
+        cartoon_caption,
+        draw_character,
+    )
 
     combos = [(c, p) for p in range(len(POSES)) for c in range(len(CHARACTERS))][:N_PAIRS]
     rows = []

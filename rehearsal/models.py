@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from helpers.shapes import no_init, random_ip_adapter_plus, random_init
+from helpers.tiny.shapes import no_init, random_init, random_ip_adapter_plus
 
 from .hub_cache import RepoWriter
 from .vocab import write_bert_vocab, write_clip_tokenizer_files
@@ -145,7 +145,13 @@ def build_dino(repo: RepoWriter) -> None:
 def build_blip(repo: RepoWriter, bert_tokens: list[str]) -> None:
     """Salesforce/blip-image-captioning-base: BlipForConditionalGeneration (247M) and a BlipProcessor
     (384 px, CLIP mean/std; BERT tokenizer with [DEC] as bos and [ENC], on a stand-in vocabulary)."""
-    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
 
     copy_hub_files(repo)
     with tempfile.TemporaryDirectory() as tmp:

@@ -26,7 +26,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from helpers.tiny import bytes_to_unicode
+from helpers.tiny.tokenizer import bytes_to_unicode
 
 CLIP_VOCAB_SIZE = 49408
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
@@ -79,7 +79,7 @@ def _learned_merges(base: list[str]) -> tuple[list[str], list[str]]:
     word is one token."""
     from collections import Counter
 
-    from helpers.tiny import WORDS
+    from helpers.tiny.tokenizer import WORDS
 
     tokens = list(base)
     words = [list(w[:-1]) + [w[-1] + "</w>"] for w in dict.fromkeys(WORDS)]

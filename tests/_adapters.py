@@ -4,17 +4,17 @@ from pathlib import Path
 
 import torch
 
-from helpers import tiny
-from helpers.adapter import load_pipeline, save_adapter
-from helpers.adapter_file import ADAPTER_FILE, adapter_parameters
-from helpers.bank import FINETUNED
-
+from helpers.model.adapter_file import ADAPTER_FILE, save_adapter
+from helpers.model.official_format import adapter_parameters
+from helpers.model.pipeline import load_pipeline
+from helpers.sample.registry import FINETUNED
+from helpers.tiny.assets import RESOLUTION
 
 PROMPT = "a cartoon drawing of a boy with blue hair"
 
 
 def run(pipe, image, prompt=PROMPT, seed=0, **kw):
-    kw = {"num_inference_steps": 2, "height": tiny.RESOLUTION, "width": tiny.RESOLUTION, **kw}
+    kw = {"num_inference_steps": 2, "height": RESOLUTION, "width": RESOLUTION, **kw}
     return pipe(prompt, ip_adapter_image=image, generator=torch.Generator().manual_seed(seed), output_type="pt", **kw).images
 
 

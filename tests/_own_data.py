@@ -3,7 +3,7 @@ import json
 
 from PIL import ImageOps
 
-from helpers.tiny import POSES, draw_character
+from helpers.tiny.cartoons import POSES, draw_character
 
 
 def own_images(folder, n_drawings=6, size=64) -> dict[str, str]:

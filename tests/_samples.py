@@ -2,7 +2,7 @@
 import numpy as np
 from PIL import Image
 
-from helpers.sampling import Sample
+from helpers.sample.generate import Sample
 
 
 def fake_samples(models=("pretrained", "finetuned-vanilla"), scales=(0.5, 1.0), refs=("a", "b"), size=64):

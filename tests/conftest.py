@@ -19,14 +19,14 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def tiny_profile():
-    from helpers.profile import get_profile
+    from helpers.support.profile import get_profile
 
     return get_profile("tiny", announce=False)
 
 
 @pytest.fixture(scope="session")
 def tiny_root(tiny_profile):
-    from helpers.tiny import build_tiny_assets
+    from helpers.tiny.assets import build_tiny_assets
 
     return build_tiny_assets()
 
@@ -48,14 +48,14 @@ def paths(tiny_profile):
 
 @pytest.fixture(scope="module")
 def vanilla(paths):
-    from helpers.adapter import load_pipeline
+    from helpers.model.pipeline import load_pipeline
 
     return load_pipeline(*paths, variant="vanilla")
 
 
 @pytest.fixture(scope="module")
 def text_aware(paths):
-    from helpers.adapter import load_pipeline
+    from helpers.model.pipeline import load_pipeline
 
     return load_pipeline(*paths, variant="text_aware")
 
@@ -73,7 +73,7 @@ def runs(tiny_profile, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bank(tiny_profile, runs):
-    from helpers.bank import load_models
+    from helpers.sample.bank import load_models
 
     return load_models(tiny_profile, runs[0], device="cpu", verbose=False)
 
@@ -84,7 +84,7 @@ def bank(tiny_profile, runs):
 @pytest.fixture(scope="session")
 def tiny_data(tiny_profile, tmp_path_factory):
     """The tiny profile's data through the whole path, as training gets it."""
-    from helpers.features import prepare_for_training
+    from helpers.data.features import prepare_for_training
 
     folder = tmp_path_factory.mktemp("tiny_data")
     prep, cache = prepare_for_training(tiny_profile, folder, progress=False)

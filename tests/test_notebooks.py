@@ -5,7 +5,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from helpers import env
+from helpers.support.env import REPO, colab_badge, install_command, repo_urls
 
 ROOT = Path(__file__).parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -26,9 +26,9 @@ def test_committed_without_outputs(path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_badge_setup_and_config_cells(path):
     nb = nbformat.read(path, 4)
-    assert nb.cells[0].cell_type == "markdown" and env.colab_badge(path.name) in nb.cells[0].source
+    assert nb.cells[0].cell_type == "markdown" and colab_badge(path.name) in nb.cells[0].source
     code = [c.source for c in nb.cells if c.cell_type == "code"]
-    assert env.install_command() in code[0] and 'if "google.colab" in sys.modules' in code[0]
+    assert install_command() in code[0] and 'if "google.colab" in sys.modules' in code[0]
     config = next((c for c in code if "#@param" in c), None)
     assert config is not None and "get_profile(" in config and "setup(" in config, "one config cell with form fields"
     assert sum("#@param" in c for c in code) and sum("get_profile(" in c for c in code) == 1
@@ -36,9 +36,9 @@ def test_badge_setup_and_config_cells(path):
 
 def test_readme_badges_point_at_repo_and_notebooks():
     readme = (ROOT / "README.md").read_text()
-    assert env.repo_urls(readme) == {env.REPO}
+    assert repo_urls(readme) == {REPO}
     for name in EXPECTED:
-        assert env.colab_badge(f"{name}.ipynb") in readme
+        assert colab_badge(f"{name}.ipynb") in readme
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

@@ -1,0 +1,19 @@
+"""Notebook 01: the drawings, cleaned, split without leakage, and the features training reads.
+
+    sources.py     read a source (Hub dataset, folder, parquet, images + metadata.jsonl) into items
+    images.py      decode and check one image, convert it to RGB, crop it square
+    captions.py    captions for images that have none (BLIP), and caption token counts
+    duplicates.py  the idea of the split: dHash of each image and its mirror, near-duplicate groups, split by group
+    prepare.py     the five steps in order (prepare_dataset), and the prepared folder as the notebooks' contract
+    features.py    the feature cache: VAE latents, image and text features of every training row, once
+"""
+
+_ENTRY_POINTS = {"prepare_dataset", "load_prepared", "use_prepared"}
+
+
+def __getattr__(name):  # the entry points, imported on first use so that `helpers.data.duplicates` stays light
+    if name in _ENTRY_POINTS:
+        from . import prepare
+
+        return getattr(prepare, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,286 @@
+"""The feature cache: every training image and caption encoded once, so training never runs the VAE or the
+encoders.
+
+    path = cache_features(prep.train, out_dir, base_model=..., ip_adapter=..., resolution=512)
+    tensors, meta = load_feature_cache(path)
+    prep, path = prepare_for_training(profile, data_dir)    # notebook 01's data as it is + its cache
+    mirror = cache_mirror_features(prep.train, path, ...)   # features of the flipped images (mirror pairing)
+
+Tensors (rows in the split's order; sizes for SD 1.5 + ViT-H/14 at 512 px; see encode_batch, null_features):
+    latent_mean, latent_std (N, 4, 64, 64); image_embeds (N, 257, 1280); text_embeds (N, 77, 768);
+    null_image_embeds (1, 257, 1280); null_text_embeds (1, 77, 768)
+A cache carries a fingerprint of its data and models (`feature_fingerprint`): an unchanged one is reused,
+a stale one rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from ..model.pipeline import load_pipeline
+from ..support.atomic import replacing
+from .images import center_square
+from .prepare import PreparedData, use_prepared
+from .sources import files_stamp
+
+CACHE_VERSION = "1"  # bump when a cache would come out different, so old ones are rebuilt
+TRAIN_FEATURES = "train_features.safetensors"
+
+
+def _hub_revision(repo: str) -> str:
+    """The Hub commit of a model repo: asked from the Hub when online, else read from the local HF cache."""
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            from huggingface_hub import HfApi
+
+            sha = HfApi().model_info(repo, timeout=10).sha
+            if sha:
+                return sha
+        except Exception:  # noqa: BLE001  (no network, gated, rate-limited: fall back to the cache)
+            pass
+    ref = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}" / "refs" / "main"
+    try:
+        return ref.read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def _model_stamp(spec) -> str:
+    if spec is None:
+        return "default"
+    p = Path(str(spec)).expanduser()
+    if p.exists():
+        stamp = f"local:{p.resolve()}:{files_stamp(p)}"
+        if p.is_file() and (p.parent / "image_encoder").is_dir():  # the default image encoder of an adapter file
+            stamp += f"+image_encoder:{files_stamp(p.parent / 'image_encoder')}"
+        return stamp
+    repo = "/".join(str(spec).split("/")[:2])
+    return f"hub:{spec}@{_hub_revision(repo)}"
+
+
+def _data_fingerprint(split) -> str:
+    """sha256 over (id, image bytes, caption) of every row, in order."""
+    import datasets
+
+    raw = split.select_columns(["id", "image", "text"]).cast_column("image", datasets.Image(decode=False))
+    h = hashlib.sha256()
+    for batch in raw.iter(batch_size=64):
+        for id_, image, text in zip(batch["id"], batch["image"], batch["text"]):
+            data = image["bytes"] if image.get("bytes") else Path(image["path"]).read_bytes()
+            h.update(f"{id_}\0{len(data)}\0".encode())
+            h.update(data)
+            h.update(f"\0{text}\n".encode())
+    return h.hexdigest()
+
+
+def feature_fingerprint(split, *, base_model, ip_adapter, image_encoder=None, resolution: int) -> dict[str, str]:
+    """The metadata a cache built now would carry; its "fingerprint" decides reuse."""
+    parts = {
+        "format": "ipa-feature-cache", "version": CACHE_VERSION, "resolution": str(resolution),
+        "data": _data_fingerprint(split), "rows": str(len(split)),
+        "base_model": str(base_model), "base_model_stamp": _model_stamp(base_model),
+        "ip_adapter": str(ip_adapter), "ip_adapter_stamp": _model_stamp(ip_adapter),
+        "image_encoder": str(image_encoder), "image_encoder_stamp": _model_stamp(image_encoder),
+    }
+    parts["fingerprint"] = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return parts
+
+
+def encode_text(pipe, texts: Sequence[str]) -> torch.Tensor:
+    """(B, 77, C) text encoder hidden states, as StableDiffusionPipeline.encode_prompt computes them
+    (padding to max_length, truncation, attention mask only if the encoder's config asks for one)."""
+    tok = pipe.tokenizer(list(texts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt")
+    device = pipe.text_encoder.device
+    mask = tok.attention_mask.to(device) if getattr(pipe.text_encoder.config, "use_attention_mask", False) else None
+    return pipe.text_encoder(tok.input_ids.to(device), attention_mask=mask)[0]
+
+
+def encode_batch(pipe, images: Sequence[Image.Image], texts: Sequence[str], resolution: int) -> dict[str, torch.Tensor]:
+    """Features of one batch, in the pipeline's dtype, on its device.
+
+    latent_mean, latent_std  (B, 4, r/8, r/8)  VAE posterior of the image scaled to [-1, 1], UNscaled
+                                               (training: (mean + std * eps) * vae.config.scaling_factor)
+    image_embeds             (B, 257, 1280)    image encoder hidden_states[-2] of the feature_extractor's
+                                               pixels, as pipe.encode_image(..., output_hidden_states=True)
+    text_embeds              (B, 77, 768)      text_encoder(input_ids)[0], as pipe.encode_prompt
+    (sizes for SD 1.5 + ViT-H/14; the tiny models are narrower)
+    """
+    images = [center_square(im.convert("RGB"), resolution) for im in images]
+    vae = pipe.vae
+    pixels = pipe.image_processor.preprocess(images, height=resolution, width=resolution)
+    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    return {"latent_mean": dist.mean, "latent_std": dist.std, "image_embeds": encode_images(pipe, images),
+            "text_embeds": encode_text(pipe, texts)}
+
+
+def encode_images(pipe, images: Sequence[Image.Image]) -> torch.Tensor:
+    """(B, 257, 1280) image encoder hidden_states[-2] of the feature_extractor's pixels of RGB images, as
+    pipe.encode_image(..., output_hidden_states=True) computes them (IP-Adapter Plus's input)."""
+    enc = pipe.image_encoder
+    dtype = next(enc.parameters()).dtype
+    clip_pixels = pipe.feature_extractor(list(images), return_tensors="pt").pixel_values.to(enc.device, dtype)
+    return enc(clip_pixels, output_hidden_states=True).hidden_states[-2]
+
+
+def null_features(pipe) -> dict[str, torch.Tensor]:
+    """The dropped conditions: null_image_embeds (1, 257, 1280), features of a zero pixel tensor shaped like
+    the feature_extractor's output (diffusers' unconditional image branch for Plus: torch.zeros_like of the
+    pixel values), and null_text_embeds (1, 77, 768), the empty prompt."""
+    enc = pipe.image_encoder
+    pixels = pipe.feature_extractor(Image.new("RGB", (64, 64)), return_tensors="pt").pixel_values  # (1, 3, 224, 224)
+    zeros = torch.zeros_like(pixels).to(enc.device, next(enc.parameters()).dtype)
+    return {"null_image_embeds": enc(zeros, output_hidden_states=True).hidden_states[-2],
+            "null_text_embeds": encode_text(pipe, [""])}
+
+
+def cache_features(split, out_dir, *, base_model, ip_adapter, image_encoder=None, resolution: int,
+                   batch_size: int = 16, device=None, filename: str = "features.safetensors",
+                   progress: bool = True) -> Path:
+    """Encode every row of `split` once and write out_dir/filename (one .safetensors, fp16, atomic).
+
+    Tensors (rows in the split's order; sizes for SD 1.5 + ViT-H/14 at 512 px):
+        latent_mean, latent_std (N, 4, r/8, r/8); image_embeds (N, 257, 1280); text_embeds (N, 77, 768);
+        null_image_embeds (1, 257, 1280); null_text_embeds (1, 77, 768)   (see encode_batch, null_features)
+    Metadata (strings): fingerprint and its parts (data, models, resolution, version), ids (JSON list),
+    scaling_factor. An existing file with the same fingerprint is reused without loading any model; a
+    different one is rebuilt. Models come from helpers.adapter.load_pipeline (fp16 on a GPU).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    path = Path(out_dir) / filename
+    meta = feature_fingerprint(split, base_model=base_model, ip_adapter=ip_adapter, image_encoder=image_encoder,
+                               resolution=resolution)
+    if path.is_file():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                if (f.metadata() or {}).get("fingerprint") == meta["fingerprint"]:
+                    return path
+        except Exception:  # noqa: BLE001  (a damaged file is simply rebuilt)
+            pass
+    if len(split) == 0:
+        raise ValueError("cache_features: the split is empty")
+    pipe = load_pipeline(base_model, ip_adapter, variant="vanilla", image_encoder=image_encoder, device=device)
+    chunks: dict[str, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        with tqdm(total=len(split), desc="caching features", unit="img", disable=not progress) as bar:
+            for s in range(0, len(split), batch_size):
+                rows = split[s:s + batch_size]
+                feats = encode_batch(pipe, rows["image"], rows["text"], resolution)
+                for k, v in feats.items():
+                    if not torch.isfinite(v).all():
+                        raise FloatingPointError(f"non-finite {k} for rows {rows['id']} (dtype {v.dtype}); "
+                                                 "try device='cpu' (fp32)")
+                    chunks.setdefault(k, []).append(v.to("cpu", torch.float16))
+                bar.update(len(rows["id"]))
+        tensors = {k: torch.cat(v).contiguous() for k, v in chunks.items()}
+        tensors.update({k: v.to("cpu", torch.float16).contiguous() for k, v in null_features(pipe).items()})
+    meta["ids"] = json.dumps(list(split["id"]))
+    meta["scaling_factor"] = str(pipe.vae.config.scaling_factor)
+    meta["device"] = str(pipe.device)
+    del pipe
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    with replacing(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return path
+
+
+def load_feature_cache(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a file written by cache_features; tensors are fp16 on the CPU."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no feature cache here; build it with cache_features or prepare_for_training")
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        if meta.get("format") != "ipa-feature-cache":
+            raise ValueError(f"{path}: not a feature cache written by helpers.features.cache_features")
+        return {k: f.get_tensor(k) for k in f.keys()}, meta
+
+
+MIRROR_VERSION = "1"  # bump when mirror features would come out different
+
+
+def mirror_cache_path(cache_path) -> Path:
+    """Where cache_mirror_features keeps the mirror features of a feature cache: <stem>_mirror.safetensors beside it."""
+    cache_path = Path(cache_path)
+    return cache_path.with_name(f"{cache_path.stem}_mirror.safetensors")
+
+
+def cache_mirror_features(split, cache_path, *, base_model, ip_adapter, image_encoder=None, resolution: int,
+                          batch_size: int = 16, device=None, progress: bool = True) -> Path:
+    """Image-encoder features of every row of `split` mirrored left to right (helpers.pairing's `mirror`
+    pairing), written beside the feature cache `cache_path` (mirror_cache_path) and returned as a path.
+
+    Tensor: mirror_image_embeds (N, 257, 1280) fp16, rows in the cache's order: encode_images of
+    ImageOps.mirror(center_square(image)), the same preprocessing as the cache's image_embeds.
+    A file of its own rather than more tensors in the cache: the cache's fingerprint decides reuse for every
+    run, and a cache whose contents depended on a training option would need that option in its fingerprint
+    (a full rebuild, VAE included, whenever a mirror run comes and goes). This file records the cache's
+    fingerprint instead: it is reused while the cache is unchanged and rebuilt with it (one image-encoder
+    pass over the flipped images).
+    """
+    from PIL import ImageOps
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    cache_path = Path(cache_path)
+    if not cache_path.is_file():
+        raise FileNotFoundError(f"{cache_path}: no feature cache here; build it with prepare_for_training first")
+    with safe_open(str(cache_path), framework="pt") as f:
+        cache_meta = dict(f.metadata() or {})
+    if json.loads(cache_meta["ids"]) != list(split["id"]):
+        raise ValueError(f"{cache_path}: its rows are not this split's (ids differ); rebuild it with "
+                         "prepare_for_training on the same data folder")
+    path = mirror_cache_path(cache_path)
+    meta = {"format": "ipa-mirror-features", "version": MIRROR_VERSION, "cache_fingerprint": cache_meta["fingerprint"],
+            "ids": cache_meta["ids"]}
+    if path.is_file():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                old = f.metadata() or {}
+            if all(old.get(k) == v for k, v in meta.items()):
+                return path
+        except Exception:  # noqa: BLE001  (a damaged file is simply rebuilt)
+            pass
+    pipe = load_pipeline(base_model, ip_adapter, variant="vanilla", image_encoder=image_encoder, device=device)
+    chunks = []
+    with torch.no_grad(), tqdm(total=len(split), desc="mirror features", unit="img", disable=not progress) as bar:
+        for s in range(0, len(split), batch_size):
+            images = [ImageOps.mirror(center_square(im.convert("RGB"), resolution))
+                      for im in split[s:s + batch_size]["image"]]
+            chunks.append(encode_images(pipe, images).to("cpu", torch.float16))
+            bar.update(len(images))
+    del pipe
+    with replacing(path) as tmp:
+        save_file({"mirror_image_embeds": torch.cat(chunks).contiguous()}, str(tmp), metadata=meta)
+    return path
+
+
+def prepare_for_training(profile, data_dir, *, device=None, progress: bool = True, announce: bool = True,
+                         dataset=None, resolution: int | None = None,
+                         test_fraction: float | None = None) -> tuple[PreparedData, Path]:
+    """Everything training needs: notebook 01's prepared data in data_dir, read as it is (helpers.data.use_prepared:
+    prepared from the profile's dataset only if missing; dataset / resolution / test_fraction, when given, must
+    match it), and the train split's feature cache data_dir/train_features.safetensors at the data's resolution
+    with the profile's models, built only if missing or stale. Returns (prep, path)."""
+    prep = use_prepared(data_dir, profile, dataset=dataset, resolution=resolution, test_fraction=test_fraction,
+                        announce=announce, progress=progress)
+    path = cache_features(prep.train, data_dir, base_model=profile.base_model, ip_adapter=profile.ip_adapter,
+                          image_encoder=profile.image_encoder, resolution=prep.info["resolution"],
+                          batch_size=profile.feature_batch_size, device=device,
+                          filename=TRAIN_FEATURES, progress=progress)
+    return prep, path

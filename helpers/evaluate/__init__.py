@@ -1,0 +1,19 @@
+"""Notebook 05: CLIP-T against CLIP-I and DINO, across IP-Adapter scales (`python -m helpers.evaluate`).
+
+    metrics.py   the scores: plain cosines through torchmetrics' CLIP score code, and DINO
+    protocol.py  references (held out, checked), prompts (own caption + edits), the grid's settings and size
+    grid.py      generate and score the grid, one row per image, resumable
+    results.py   results.csv: append-only, exact round trip
+    stats.py     the idea of the comparison: intervals over references, paired differences, matched gain
+    plots.py     the trade-off curve, side-by-side grids, the bootstrap histogram, the published numbers
+"""
+
+_ENTRY_POINTS = {"clip_t", "clip_i", "dino"}
+
+
+def __getattr__(name):  # the entry points, imported on first use so that `helpers.evaluate.stats` stays light
+    if name in _ENTRY_POINTS:
+        from . import metrics
+
+        return getattr(metrics, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,57 @@
+"""python -m helpers.evaluate: notebook 05's grid from a terminal, with the same settings (profile, references,
+prompts, models, scales, seeds, scorers), written to --out-dir row by row; run it again to resume.
+
+    python -m helpers.evaluate --profile full [--references N --scales 0.3,0.5 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..data.prepare import use_prepared
+from ..sample.bank import load_models
+from ..sample.registry import parse_models
+from ..support.env import output_root
+from ..support.profile import get_profile
+from . import stats
+from .grid import run_grid
+from .protocol import grid_settings, protocol
+
+
+def main(argv=None):
+    """python -m helpers.evaluate: notebook 05's grid with the same settings (profile, references, prompts,
+    models, scales, seeds, scorers), written to --out-dir row by row; run it again to resume."""
+    ap = argparse.ArgumentParser(prog="python -m helpers.evaluate", description=main.__doc__.split("\n")[0])
+    ap.add_argument("--profile", default="auto", choices=["auto", "full", "tiny"])
+    ap.add_argument("--data-dir", default=None, help="notebook 01's folder (default: <output root>/data)")
+    ap.add_argument("--runs-dir", default=None, help="notebook 03's folder (default: <output root>/runs)")
+    ap.add_argument("--out-dir", default=None, help="where results.csv goes (default: <output root>/eval)")
+    ap.add_argument("--references", type=int, help="held-out references (default: the profile's)")
+    ap.add_argument("--edits-per-reference", type=int, help="edit prompts per reference (default: the profile's)")
+    ap.add_argument("--scales", default="", help="IP-Adapter scales, e.g. 0.3,0.5,0.7,1.0 (default: the profile's)")
+    ap.add_argument("--seeds", default="", help="seeds, e.g. 0,1 (default: the profile's)")
+    ap.add_argument("--extra-models", default="", help="more adapters, 'name=user/repo, folder' (as in 04 and 05)")
+    args = ap.parse_args(argv)
+    root = output_root(colab=False, drive=False)
+    data_dir, runs_dir, out_dir = (Path(d) if d else root / name for d, name in
+                                   ((args.data_dir, "data"), (args.runs_dir, "runs"), (args.out_dir, "eval")))
+    profile = get_profile(args.profile, eval_num_references=args.references,
+                          eval_edits_per_reference=args.edits_per_reference,
+                          eval_scales=tuple(float(s) for s in args.scales.split(",")) if args.scales.strip() else None,
+                          eval_seeds=tuple(int(s) for s in args.seeds.split(",")) if args.seeds.strip() else None)
+    prep = use_prepared(data_dir, profile, progress=False)
+    references, prompts = protocol(profile, prep)
+    bank = load_models(profile, runs_dir, extra=parse_models(args.extra_models), baselines=True)
+    result = run_grid(bank, references, prompts, train=prep.train, out_dir=out_dir, **grid_settings(profile))
+    summary = stats.summarize(result.rows)
+    summary.to_csv(out_dir / "summary.csv", index=False)
+    text = stats.headline(result.rows, random_weights=profile.random_weights)
+    (out_dir / "headline.txt").write_text(text + "\n")
+    print(f"{len(result.rows)} images ({result.n_resumed} from an earlier run, {result.n_generated} made now) in "
+          f"{result.csv}\n{text}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

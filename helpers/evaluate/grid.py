@@ -1,0 +1,214 @@
+"""Generate and score the evaluation grid, one row per image, written as it goes (notebook 05, helpers.evaluation).
+
+    result = run_grid(bank, references, prompts, train=prep.train, out_dir=EVAL_DIR, **grid_settings(profile))
+    result.rows          # one dict per image (helpers.results_file.CSV_COLUMNS), in grid order
+    result.samples(rows) # those images as helpers.sampling.Sample objects (read back from out_dir)
+
+The grid is models x IP-Adapter scales x references x prompts x seeds. Each reference's prompts x seeds,
+at one model and scale, is one job: generated (helpers.sampling.generate, one torch.Generator per image),
+saved, scored (helpers.metrics: CLIP-T, CLIP-I, DINO) and appended to results.csv before the next job.
+A rerun skips the jobs already in results.csv and runs the others exactly as an uninterrupted run would
+(the same jobs, so the same batches), so its final CSV is the same, row for row and value for value.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..sample.generate import Sample, as_list
+from ..sample.generate import generate as generate_images
+from ..sample.references import Reference
+from ..sample.saved import sample_filename
+from ..support.profile import DINO, EVAL_CLIP
+from .metrics import get_clip, get_dino, x100
+from .protocol import PromptSpec, check_held_out
+from .results import ResultsFile, load_samples, row_key
+from .stats import EDIT
+
+
+def score_samples(samples, references: Sequence[Reference], prompts: Sequence[PromptSpec], *,
+                  clip=EVAL_CLIP, dino=DINO, files=None) -> list[dict]:
+    """One row per sample (CSV_COLUMNS): its settings, prompt kind, and CLIP-T / CLIP-I / DINO scores.
+
+    samples: objects with image, model, reference, prompt, scale, seed (steps, guidance optional), e.g.
+             helpers.sampling.Sample
+    clip, dino: ids/folders or loaded helpers.metrics scorers (loaded once and reused)
+    files: optional file name per sample (where the image was saved)
+    """
+    samples = list(samples)
+    by_id = {r.id: r for r in references}
+    kinds = {(p.reference, p.prompt): p for p in prompts}
+    missing = sorted({s.reference for s in samples} - set(by_id))
+    if missing:
+        raise KeyError(f"samples refer to references that were not given: {missing}")
+    clip_s, dino_s = get_clip(clip), get_dino(dino)
+    images = [s.image for s in samples]
+    refs = [by_id[s.reference].image for s in samples]
+    t = clip_s.text_image(images, [s.prompt for s in samples]) if samples else []
+    i = clip_s.image_image(images, refs) if samples else []
+    d = dino_s.image_image(images, refs) if samples else []
+    rows = []
+    for k, s in enumerate(samples):
+        spec = kinds.get((s.reference, s.prompt), PromptSpec(s.reference, s.prompt, EDIT, ""))
+        rows.append({
+            "model": s.model, "scale": float(s.scale), "reference": str(s.reference), "prompt": s.prompt,
+            "prompt_kind": spec.kind, "edit": spec.edit, "seed": int(s.seed),
+            "steps": getattr(s, "steps", None), "guidance": getattr(s, "guidance", None),
+            "clip_t": float(t[k]), "clip_t_x100": float(x100(t[k])),
+            "clip_i": float(i[k]), "clip_i_x100": float(x100(i[k])), "dino": float(d[k]),
+            "clip_model": clip_s.name, "dino_model": dino_s.name,
+            "file": files[k] if files is not None else "",
+        })
+    return rows
+
+
+@dataclass
+class GridResult:
+    """What `run_grid` made or found: one row per image of the grid (grid order), and the CSV path.
+
+    n_generated / n_resumed: images made by this call / rows found in results.csv from an earlier run
+    n_other: rows of results.csv that belong to other settings (kept in the file, left out of `rows`)
+    samples(rows): helpers.sampling.Sample objects for rows (default all), images from memory or from disk
+    """
+
+    rows: list[dict] = field(repr=False)
+    csv: Path | None
+    n_generated: int
+    n_resumed: int
+    n_other: int
+    seconds_generating: float
+    seconds_scoring: float
+    out_dir: Path | None = None
+    references: list = field(default_factory=list, repr=False)
+    images: dict = field(default_factory=dict, repr=False)  # row key -> PIL image, when nothing was saved
+
+    def samples(self, rows=None) -> list:
+        rows = self.rows if rows is None else list(rows)
+        if self.out_dir is not None:
+            return load_samples(rows, self.out_dir, self.references)
+        refs = {r.id: r.image for r in self.references}
+        return [Sample(self.images[row_key(r)], r["model"], r["reference"], r["prompt"], r["scale"], r["seed"],
+                                r["steps"], r["guidance"], reference_image=refs.get(r["reference"])) for r in rows]
+
+
+def _grid_jobs(models, scales, references, prompts, seeds, steps, guidance):
+    """The grid in generation order, one unit per pipeline job list: (model, scale, reference, prompts,
+    [row keys of its prompts x seeds])."""
+    by_ref = {r.id: [p.prompt for p in prompts if p.reference == r.id] for r in references}
+    for m in models:
+        for s in scales:
+            for r in references:
+                keys = [(m, float(s), r.id, p, int(seed), int(steps), float(guidance)) for p in by_ref[r.id] for seed in seeds]
+                if keys:
+                    yield m, float(s), r, by_ref[r.id], keys
+
+
+def run_grid(bank, references: Sequence[Reference], prompts: Sequence[PromptSpec], *, train, scales, seeds=(0,),
+             models=None, out_dir=None, clip=EVAL_CLIP, dino=DINO,
+             steps=None, guidance=None, batch_size=None, progress=True, generate=None) -> GridResult:
+    """Generate every model x scale x reference x prompt x seed and score each image, writing as it goes.
+
+    train:    the training split: references found in it are refused (check_held_out) before anything runs
+    bank:     helpers.bank.load_models(...); models: names to evaluate (default: all the bank has)
+    out_dir:  where results.csv and images/ go (None: write nothing). Each reference's prompts x seeds, at
+              one model and scale, are generated in one job, scored, saved and appended to results.csv
+              (flushed and fsynced) before the next; a rerun with the same out_dir skips every row already
+              there and ends with the same rows and values as a run that was never interrupted
+    steps, guidance: default to the bank's profile (num_inference_steps, guidance_scale)
+    generate: the generation function (default helpers.sampling.generate; tests pass a stand-in)
+    """
+    references = list(references)
+    _check_inputs(references, prompts, train)
+    steps, guidance = _steps_and_guidance(bank, steps, guidance)
+    models = list(getattr(bank, "names", bank) if models is None else as_list(models))
+    clip_s, dino_s = get_clip(clip), get_dino(dino)
+    out_dir = Path(out_dir) if out_dir is not None else None
+    results = ResultsFile(out_dir / "results.csv" if out_dir is not None else None, clip_model=clip_s.name,
+                          dino_model=dino_s.name)
+    if results.dropped_partial_line:
+        print(f"{results.path}: dropped a last line cut short by an interruption")
+    jobs = list(_grid_jobs(models, scales, references, prompts, seeds, steps, guidance))
+    planned = [k for *_, keys in jobs for k in keys]
+    resumed = sum(results.has(k) for k in planned)
+    if resumed:
+        print(f"Resuming: {resumed} of {len(planned)} images are already in {results.path}")
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(planned), initial=resumed, desc="generating + scoring", unit="img")
+    grid = _Grid(bank, references, prompts, results, out_dir, tuple(seeds), steps, guidance, batch_size,
+                 generate or generate_images, clip_s, dino_s)
+    for model, scale, ref, ref_prompts, keys in jobs:
+        if not all(results.has(k) for k in keys):
+            grid.run_job(model, scale, ref, ref_prompts, keys)
+            if bar is not None:
+                bar.update(len(keys))
+    if bar is not None:
+        bar.close()
+    by_key = {row_key(r): r for r in results.rows}
+    rows = [by_key[k] for k in planned]
+    return GridResult(rows, results.path, len(planned) - resumed, resumed, len(results.rows) - len(planned),
+                      grid.seconds_generating, grid.seconds_scoring, out_dir, references, grid.images)
+
+
+def _check_inputs(references, prompts, train) -> None:
+    """Refuse training images as references (check_held_out), and prompts for references not given."""
+    check_held_out(references, train)
+    stray = sorted({p.reference for p in prompts} - {r.id for r in references})
+    if stray:
+        raise KeyError(f"prompts refer to unknown references {stray}")
+
+
+def _steps_and_guidance(bank, steps, guidance) -> tuple[int, float]:
+    profile = getattr(bank, "profile", None)
+    if profile is None and (steps is None or guidance is None):
+        raise ValueError("give steps and guidance (the bank has no profile to take them from)")
+    return int(steps or profile.num_inference_steps), float(profile.guidance_scale if guidance is None else guidance)
+
+
+@dataclass
+class _Grid:
+    """What every job of one run_grid call shares."""
+
+    bank: object
+    references: list
+    prompts: Sequence[PromptSpec]
+    results: ResultsFile
+    out_dir: Path | None
+    seeds: tuple
+    steps: int
+    guidance: float
+    batch_size: int | None
+    generate: object
+    clip: object
+    dino: object
+    images: dict = field(default_factory=dict)  # row key -> PIL image, when there is no out_dir
+    seconds_generating: float = 0.0
+    seconds_scoring: float = 0.0
+
+    def run_job(self, model: str, scale: float, ref: Reference, ref_prompts: list[str], keys: list[tuple]) -> None:
+        """One job: generate one reference's prompts x seeds at one model and scale, save the images (or keep
+        them in `images`), score them and append their rows to results.csv."""
+        start = time.perf_counter()
+        made = self.generate(self.bank, {ref.id: ref.image}, {ref.id: ref_prompts}, models=[model], scales=(scale,),
+                             seeds=self.seeds, steps=self.steps, guidance=self.guidance, batch_size=self.batch_size,
+                             progress=False)
+        self.seconds_generating += time.perf_counter() - start
+        if [row_key(s) for s in made] != keys:
+            raise RuntimeError(f"the generator returned other images than asked for ({model}, scale {scale}, {ref.id})")
+        start = time.perf_counter()
+        files = None
+        if self.out_dir is not None:
+            (self.out_dir / "images").mkdir(parents=True, exist_ok=True)
+            files = [f"images/{sample_filename(s, '.jpg')}" for s in made]
+            for s, f in zip(made, files):
+                s.image.convert("RGB").save(self.out_dir / f, quality=95)
+        else:
+            self.images.update((row_key(s), s.image) for s in made)
+        self.results.append(score_samples(made, self.references, self.prompts, clip=self.clip, dino=self.dino,
+                                          files=files))
+        self.seconds_scoring += time.perf_counter() - start

@@ -1,0 +1,285 @@
+"""CLIP-T, CLIP-I and DINO similarity: per-sample scores for the evaluation (notebook 05).
+
+    clip_t(images, prompts, clip=...)     cosine(CLIP image embedding, CLIP text embedding), shape (N,)
+    clip_i(images, references, clip=...)  cosine(CLIP image embedding, CLIP image embedding), shape (N,)
+    dino(images, references, dino=...)    cosine of DINO ViT CLS embeddings (DreamBooth's DINO), shape (N,)
+
+All three return the *plain cosine* in [-1, 1], one value per (image, prompt) or (image, reference)
+pair, the convention of DreamBooth's CLIP-T / CLIP-I and (almost certainly) of the seed project's
+"CLIP-T 0.32". torchmetrics' `CLIPScore` reports `max(100 * cosine, 0)` instead; `x100()` converts.
+Always name the CLIP model next to a number: scores from different CLIP models are not comparable.
+
+CLIP goes through torchmetrics' own CLIP score code (`_clip_score_update`, wrapped in helpers.compat:
+processor, features, normalisation), fed by the callable `model_name_or_path` hook of `CLIPScore`. With transformers 5,
+`CLIPModel.get_{image,text}_features` return output objects (the projected embedding is in
+`.pooler_output`) where torchmetrics expects tensors; `TensorFeatures` is the thin wrapper that fixes
+that (and exposes `.config`, which torchmetrics reads). torchmetrics' public `clip_score` / `CLIPScore`
+only give the mean over a batch, clamped at 0; the per-sample values come from `_clip_score_update`,
+which returns `100 * cosine` for each pair before any averaging or clamping (checked in torchmetrics 1.9).
+
+Images are prepared by transformers' PIL image processors (`CLIPImageProcessorPil`,
+`ViTImageProcessorPil`), named explicitly: the default classes resize with torchvision when it is
+installed (Colab) and with PIL when not, which gives slightly different pixels, and on transformers 5.15
+`AutoImageProcessor` raises ImportError without torchvision. The PIL classes run everywhere and give the
+same tensors on every transformers version the requirements admit (tests/test_metrics.py checks them
+against a hand-written resize and normalisation).
+
+Models are loaded once per (id, device) and reused (`get_clip`, `get_dino`; `clear_cache()` frees them);
+pass a `CLIPScorer` / `DINOScorer` object instead of an id to control that yourself. Work runs in
+batches on the GPU when there is one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..support.compat import clip_score_update
+from ..support.device import default_device
+from ..support.loading import loading
+from ..support.profile import DINO as DEFAULT_DINO
+from ..support.profile import EVAL_CLIP as DEFAULT_CLIP
+
+ImageLike = Union[Image.Image, np.ndarray, torch.Tensor]
+
+
+def to_chw_uint8(image: ImageLike) -> torch.Tensor:
+    """A PIL image, an (H, W, 3) uint8 array or a (3, H, W) tensor -> a (3, H, W) uint8 tensor (CPU).
+
+    Float tensors/arrays are read as [0, 1] and rounded to 8 bits, as a saved PNG would be.
+    """
+    if isinstance(image, Image.Image):
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+    t = torch.as_tensor(np.asarray(image) if isinstance(image, np.ndarray) else image).detach().cpu()
+    if t.ndim == 3 and t.shape[-1] == 3 and t.shape[0] != 3:  # HWC -> CHW
+        t = t.permute(2, 0, 1)
+    if t.ndim != 3 or t.shape[0] != 3:
+        raise ValueError(f"expected an RGB image (PIL, HxWx3 or 3xHxW), got shape {tuple(t.shape)}")
+    if t.is_floating_point():
+        t = (t.clamp(0, 1) * 255).round()
+    return t.to(torch.uint8).contiguous()
+
+
+def x100(cosine: torch.Tensor) -> torch.Tensor:
+    """torchmetrics' CLIPScore scale for per-sample cosines: max(100 * cosine, 0)."""
+    return torch.clamp(100 * cosine, min=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Image processors: the PIL ones, the same pixels everywhere (module docstring)
+# --------------------------------------------------------------------------------------------------
+
+
+def clip_image_processor(name: str):
+    """CLIP's image processor for `name` (Hub id or folder): resize the short side, centre crop, normalise;
+    PIL images -> `pixel_values` (N, 3, crop, crop)."""
+    from transformers import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil.from_pretrained(name)
+
+
+def dino_image_processor(name: str):
+    """DINO ViT's image processor for `name` (Hub id or folder): resize, normalise;
+    PIL images -> `pixel_values` (N, 3, H, W)."""
+    from transformers import ViTImageProcessorPil
+
+    return ViTImageProcessorPil.from_pretrained(name)
+
+
+# --------------------------------------------------------------------------------------------------
+# CLIP through torchmetrics
+# --------------------------------------------------------------------------------------------------
+
+
+def _as_tensor(features) -> torch.Tensor:
+    """transformers < 5 returns the projected embedding as a tensor; 5.x returns an output object
+    whose `pooler_output` holds it."""
+    if isinstance(features, torch.Tensor):
+        return features
+    pooled = getattr(features, "pooler_output", None)
+    if isinstance(pooled, torch.Tensor):
+        return pooled
+    raise TypeError(f"cannot find the projected CLIP embedding in a {type(features).__name__}")
+
+
+class TensorFeatures(torch.nn.Module):
+    """Wraps a transformers `CLIPModel` so that `get_text_features` / `get_image_features` return the
+    projected embeddings as tensors, (N, projection_dim), which is what torchmetrics' CLIP score code
+    expects; `.config` is the wrapped model's (torchmetrics reads the text length from it)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def get_text_features(self, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
+        return _as_tensor(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask, **kwargs))
+
+    def get_image_features(self, pixel_values, **kwargs) -> torch.Tensor:
+        return _as_tensor(self.model.get_image_features(pixel_values=pixel_values, **kwargs))
+
+
+class CLIPScorer:
+    """One CLIP model, loaded once, scoring image-text and image-image pairs in batches.
+
+    name:       Hub id or local folder of a transformers `CLIPModel` (+ its processor files)
+    device:     where the model runs (default: CUDA when available)
+    batch_size: pairs per forward pass
+
+    `self.metric` is a torchmetrics `CLIPScore` built on the same model (through its callable
+    `model_name_or_path` hook), for torchmetrics' own aggregate: `update(...)` then `compute()`
+    gives max(100 * mean cosine, 0).
+    """
+
+    def __init__(self, name: str = DEFAULT_CLIP, *, device: str | torch.device | None = None, batch_size: int = 32):
+        from torchmetrics.multimodal.clip_score import CLIPScore
+        from transformers import AutoTokenizer, CLIPModel, CLIPProcessor
+
+        self.name = str(name)
+        self.device = torch.device(device) if device is not None else default_device()
+        self.batch_size = batch_size
+        with loading("evaluation CLIP (a transformers CLIPModel with its processor)", self.name):
+            model = CLIPModel.from_pretrained(self.name).eval()
+            processor = CLIPProcessor(image_processor=clip_image_processor(self.name),
+                                      tokenizer=AutoTokenizer.from_pretrained(self.name))
+        self.model = TensorFeatures(model).to(self.device).eval()
+        self.processor = processor
+        self.metric = CLIPScore(model_name_or_path=lambda: (self.model, self.processor))
+        self._update = clip_score_update()
+
+    def __repr__(self) -> str:
+        return f"CLIPScorer({self.name!r}, device={self.device})"
+
+    def _images(self, images: Sequence[ImageLike]) -> list[torch.Tensor]:
+        return [to_chw_uint8(im).to(self.device) for im in images]
+
+    @torch.inference_mode()
+    def _pairs(self, source: list, target: list) -> torch.Tensor:
+        if len(source) != len(target):
+            raise ValueError(f"got {len(source)} images but {len(target)} prompts/references: they must pair up")
+        if not source:
+            return torch.zeros(0)
+        out = []
+        for i in range(0, len(source), self.batch_size):
+            s, t = source[i:i + self.batch_size], target[i:i + self.batch_size]
+            s = self._images(s)
+            t = list(t) if isinstance(t[0], str) else self._images(t)
+            score, _ = self._update(s, t, self.model, self.processor)  # (n,) = 100 * cosine
+            out.append(score.float().cpu() / 100)
+        return torch.cat(out)
+
+    def text_image(self, images: Sequence[ImageLike], prompts: Sequence[str]) -> torch.Tensor:
+        """CLIP-T: cosine between each image and its prompt, (N,) float32 on the CPU."""
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list with one prompt per image, not a single string")
+        return self._pairs(list(images), list(prompts))
+
+    def image_image(self, images: Sequence[ImageLike], references: Sequence[ImageLike]) -> torch.Tensor:
+        """CLIP-I: cosine between each image and its reference image, (N,) float32 on the CPU."""
+        return self._pairs(list(images), list(references))
+
+
+# --------------------------------------------------------------------------------------------------
+# DINO
+# --------------------------------------------------------------------------------------------------
+
+
+class DINOScorer:
+    """A DINO ViT (transformers `ViTModel`), loaded once; similarity = cosine of the CLS embeddings
+    (`last_hidden_state[:, 0]`, after the final layer norm), as in DreamBooth's DINO metric."""
+
+    def __init__(self, name: str = DEFAULT_DINO, *, device: str | torch.device | None = None, batch_size: int = 32):
+        from transformers import ViTModel
+
+        self.name = str(name)
+        self.device = torch.device(device) if device is not None else default_device()
+        self.batch_size = batch_size
+        with loading("DINO model (a transformers ViTModel with its image processor)", self.name):
+            self.model = ViTModel.from_pretrained(self.name, add_pooling_layer=False).to(self.device).eval()
+            self.processor = dino_image_processor(self.name)
+
+    def __repr__(self) -> str:
+        return f"DINOScorer({self.name!r}, device={self.device})"
+
+    @torch.inference_mode()
+    def embed(self, images: Sequence[ImageLike]) -> torch.Tensor:
+        """Unit-length CLS embeddings, (N, hidden) float32 on the CPU."""
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            batch = [Image.fromarray(to_chw_uint8(im).permute(1, 2, 0).numpy()) for im in images[i:i + self.batch_size]]
+            pixels = self.processor(images=batch, return_tensors="pt")["pixel_values"].to(self.device)
+            cls = self.model(pixel_values=pixels).last_hidden_state[:, 0].float()
+            out.append(torch.nn.functional.normalize(cls, dim=-1).cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.model.config.hidden_size)
+
+    def image_image(self, images: Sequence[ImageLike], references: Sequence[ImageLike]) -> torch.Tensor:
+        """Cosine between each image's and its reference's CLS embedding, (N,)."""
+        images, references = list(images), list(references)
+        if len(images) != len(references):
+            raise ValueError(f"got {len(images)} images but {len(references)} references: they must pair up")
+        return (self.embed(images) * self.embed(references)).sum(-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loaded once, reused
+# --------------------------------------------------------------------------------------------------
+
+_CACHE: dict[tuple, object] = {}
+
+
+def get_clip(clip: "str | CLIPScorer" = DEFAULT_CLIP, *, device=None) -> CLIPScorer:
+    """A `CLIPScorer` for `clip` (returned as is if it already is one), loaded once per (id, device)."""
+    if isinstance(clip, CLIPScorer):
+        return clip
+    key = ("clip", str(clip), str(torch.device(device) if device is not None else default_device()))
+    if key not in _CACHE:
+        _CACHE[key] = CLIPScorer(str(clip), device=device)
+    return _CACHE[key]
+
+
+def get_dino(dino: "str | DINOScorer" = DEFAULT_DINO, *, device=None) -> DINOScorer:
+    """A `DINOScorer` for `dino` (returned as is if it already is one), loaded once per (id, device)."""
+    if isinstance(dino, DINOScorer):
+        return dino
+    key = ("dino", str(dino), str(torch.device(device) if device is not None else default_device()))
+    if key not in _CACHE:
+        _CACHE[key] = DINOScorer(str(dino), device=device)
+    return _CACHE[key]
+
+
+def clear_cache() -> None:
+    """Forget the cached models (frees their GPU memory)."""
+    _CACHE.clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------------
+# The public functions (docs/architecture.md, "Entry points")
+# --------------------------------------------------------------------------------------------------
+
+
+def clip_t(images: Sequence[ImageLike], prompts: Sequence[str], clip: "str | CLIPScorer" = DEFAULT_CLIP) -> torch.Tensor:
+    """CLIP-T per sample: cosine in [-1, 1] between images[i] and prompts[i], shape (N,).
+
+    clip: Hub id or local folder of a transformers CLIPModel, or a loaded `CLIPScorer`.
+    torchmetrics' CLIPScore scale for the same pairs: `x100(clip_t(...))`.
+    """
+    return get_clip(clip).text_image(images, prompts)
+
+
+def clip_i(images: Sequence[ImageLike], references: Sequence[ImageLike], clip: "str | CLIPScorer" = DEFAULT_CLIP) -> torch.Tensor:
+    """CLIP-I per sample: cosine in [-1, 1] between images[i] and references[i], shape (N,)."""
+    return get_clip(clip).image_image(images, references)
+
+
+def dino(images: Sequence[ImageLike], references: Sequence[ImageLike], dino: "str | DINOScorer" = DEFAULT_DINO) -> torch.Tensor:
+    """DINO similarity per sample: cosine of DINO ViT CLS embeddings of images[i] and references[i], (N,)."""
+    return get_dino(dino).image_image(images, references)

@@ -1,0 +1,197 @@
+"""The evaluation protocol of notebook 05 (and `python -m helpers.evaluation`): consistency (CLIP-I, DINO)
+against variation (CLIP-T), for every model of the bank, baselines included.
+
+    references  held-out test images (helpers.sampling.pick_references: notebook 01's test split, one per
+                group, seeded); `check_held_out` refuses any reference that is in, or a near-duplicate of,
+                the training split
+    prompts     each reference's own caption + EDIT_PROMPTS (setting, outfit, action, style), rotated over
+                the references so that every edit is used (`build_prompts`)
+    grid        models x IP-Adapter scales x references x prompts x seeds, generated and scored per image
+                by helpers.grid.run_grid (one row per image in results.csv, appended job by job; a rerun
+                skips the rows already there)
+    size        the full profile's default is the largest number of references whose grid fits a T4 budget
+                (`references_for_budget`, from an *estimated* T4 time per image, T4_SECONDS_PER_IMAGE)
+
+`protocol(profile, prep)` and `grid_settings(profile)` are the one definition of which references, prompts
+and settings a run uses; the notebook and the command line both call them:
+
+    python -m helpers.evaluation --profile full [--references N --scales 0.3,0.5 ...]   # resumes like 05
+
+The statistics of the rows (intervals, paired differences, headline) are in helpers.stats, the figures in
+helpers.eval_figures, the CSV format in helpers.results_file. All scores are plain cosines (helpers.metrics);
+`*_x100` columns are torchmetrics' CLIPScore scale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import ImageOps
+
+from ..data.duplicates import MAX_HASH_DISTANCE, dhash
+from ..sample.references import Reference, column, pick_references
+from ..support.profile import EVAL_CLIP
+from .metrics import get_clip
+from .stats import EDIT, OWN, bootstrap_ci
+
+# The edit prompts: each asks for something a reference does not show. A generic "cartoon character",
+# so the reference, not the words, supplies who it is.
+EDIT_PROMPTS = {
+    "setting": ["a cartoon character standing on a beach at sunset",
+                "a cartoon character in a snowy forest at night"],
+    "outfit": ["a cartoon character wearing a black tuxedo and a top hat",
+               "a cartoon character wearing a white space suit"],
+    "action": ["a cartoon character riding a bicycle",
+               "a cartoon character playing an electric guitar"],
+    "style": ["a watercolor painting of a cartoon character",
+              "a pixel art picture of a cartoon character"],
+}
+REFERENCE_SEED = 0  # which held-out groups pick_references draws
+
+# The full profile's default size. NOT MEASURED: no T4 timing exists yet. Deci's published A10 figure
+# (2.95 s for 50 steps of SD 1.5 at fp16) x 30/50 steps x ~2.5 (a T4 is about 2.5 times slower than an A10)
+# = 4.4 s, rounded up to 5 s for IP-Adapter's image encoder and attention. Notebook 05 times one image on
+# the user's GPU and projects the whole grid from that instead.
+T4_SECONDS_PER_IMAGE = 5.0
+T4_BUDGET_MINUTES = 90  # generation time the default run may take: one sitting on a free Colab T4
+FULL_TEST_GROUPS = 26  # near-duplicate groups in the full profile's test split (529 rows, ~2 per group, 10%)
+
+
+class TrainingImageError(ValueError):
+    """A reference image that belongs to (or duplicates an image of) the training split."""
+
+
+def check_held_out(references: Sequence[Reference], train, *, max_distance: int | None = None) -> None:
+    """Raise TrainingImageError if any reference is a training image.
+
+    A reference counts as a training image when its `id` or its `group` appears in the training split, or
+    when its perceptual hash, or its mirror's, is within `max_distance` bits of a training image's: the
+    rule helpers.duplicates uses to keep near-duplicates (mirrored copies, re-encodings) on one side of the split
+    (256-bit dHash, default max distance helpers.duplicates.MAX_HASH_DISTANCE).
+
+    train: the training split (datasets.Dataset, or a list of dicts with image and, if known, id / group).
+    """
+    max_distance = MAX_HASH_DISTANCE if max_distance is None else max_distance
+    refs = list(references)
+    if not refs or not len(train):
+        return
+    train_ids = {str(i) for i in (column(train, "id") or [])}
+    train_groups = {str(g) for g in (column(train, "group") or [])}
+    images = column(train, "image")
+    if images is None:
+        raise KeyError("the training split has no 'image' column: cannot check the references against it")
+    hashes = np.stack([dhash(im) for im in images])  # (n_train, 256) bool
+    train_ref = column(train, "id", default=lambda i: f"train row {i}")
+    problems = []
+    for ref in refs:
+        why = []
+        if ref.id in train_ids:
+            why.append("its id is in the training split")
+        if ref.group and ref.group in train_groups:
+            why.append(f"its group {ref.group!r} is in the training split")
+        for label, im in (("", ref.image), ("mirrored ", ImageOps.mirror(ref.image))):
+            distance = (hashes != dhash(im)).sum(axis=1)
+            j = int(distance.argmin())
+            if distance[j] <= max_distance:
+                why.append(f"{label}it matches training image {train_ref[j]!r} (dHash distance {distance[j]} bits)")
+                break
+        if why:
+            problems.append(f"reference {ref.id!r}: " + "; ".join(why))
+    if problems:
+        raise TrainingImageError(
+            "these references are training images, so they cannot measure generalisation:\n  "
+            + "\n  ".join(problems)
+            + "\nUse the held-out test split from notebook 01 (helpers.data.load_prepared(...).test).")
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompts
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """One prompt for one reference: its own caption, or an edit of a given category."""
+
+    reference: str
+    prompt: str
+    kind: str  # OWN or EDIT
+    edit: str = ""  # edit category ("setting", "outfit", "action", "style"); "" for the own caption
+
+
+def _flat_edits(edit_prompts) -> list[tuple[str, str]]:
+    """(category, prompt) pairs, interleaved across categories so that a rotation visits all of them."""
+    if isinstance(edit_prompts, Mapping):
+        columns = [[(cat, p) for p in ([ps] if isinstance(ps, str) else ps)] for cat, ps in edit_prompts.items()]
+        out = []
+        for i in range(max((len(c) for c in columns), default=0)):
+            out += [c[i] for c in columns if i < len(c)]
+        return out
+    return [(EDIT, p) for p in edit_prompts]
+
+
+def build_prompts(references: Sequence[Reference], edit_prompts, edits_per_reference: int) -> list[PromptSpec]:
+    """Each reference's own caption, plus `edits_per_reference` edit prompts taken in turn from
+    `edit_prompts` ({category: [prompts]} or a list), so that consecutive references get different edits
+    and every edit is used once before any is used twice."""
+    edits = _flat_edits(edit_prompts)
+    if edits_per_reference < 0 or edits_per_reference > len(edits):
+        raise ValueError(f"edits_per_reference={edits_per_reference}: choose 0 to {len(edits)} (the number of edit prompts)")
+    specs = []
+    for i, ref in enumerate(references):
+        specs.append(PromptSpec(ref.id, ref.caption, OWN))
+        for j in range(edits_per_reference):
+            cat, prompt = edits[(i * edits_per_reference + j) % len(edits)]
+            if prompt != ref.caption:
+                specs.append(PromptSpec(ref.id, prompt, EDIT, cat))
+    return specs
+
+
+def grid_size(n_prompts: int, n_models: int, n_scales: int, n_seeds: int) -> int:
+    """Images in an evaluation grid: (reference, prompt) pairs x models x scales x seeds."""
+    return n_prompts * n_models * n_scales * n_seeds
+
+
+def references_for_budget(minutes: float, seconds_per_image: float, *, n_models: int, n_scales: int, n_seeds: int,
+                          prompts_per_reference: int, available: int) -> int:
+    """The most references (at most `available`) whose grid takes no more than `minutes` to generate at
+    `seconds_per_image`: how notebook 05's default size is chosen."""
+    per_reference = seconds_per_image * grid_size(prompts_per_reference, n_models, n_scales, n_seeds)
+    return int(max(1, min(available, (60 * minutes) // per_reference)))
+
+
+def protocol(profile, prep, *, edit_prompts=None) -> tuple[list[Reference], list["PromptSpec"]]:
+    """The references (profile.eval_num_references held-out groups, seeded) and prompts (own caption +
+    profile.eval_edits_per_reference edits each) of a run on notebook 01's split `prep`."""
+    references = pick_references(prep.test, profile.eval_num_references, seed=REFERENCE_SEED)
+    prompts = build_prompts(references, EDIT_PROMPTS if edit_prompts is None else edit_prompts,
+                            profile.eval_edits_per_reference)
+    return references, prompts
+
+
+def grid_settings(profile) -> dict:
+    """run_grid's settings from the profile: scales, seeds, scorers, batch size."""
+    return {"scales": tuple(profile.eval_scales), "seeds": tuple(profile.eval_seeds), "clip": profile.eval_clip,
+            "dino": profile.dino, "batch_size": profile.eval_batch_size}
+
+
+# --------------------------------------------------------------------------------------------------
+# What a copy of the reference would score
+# --------------------------------------------------------------------------------------------------
+
+
+def copy_baseline(references: Sequence[Reference], prompts: Sequence[PromptSpec], *,
+                  clip=EVAL_CLIP) -> dict[str, tuple[float, float, float]]:
+    """CLIP-T of the reference images themselves with each of their prompts, per prompt kind:
+    {kind: (mean, low, high)} over references. It is what a model that copies the reference and ignores
+    the prompt would score (its CLIP-I and DINO would be 1)."""
+    by_id = {r.id: r for r in references}
+    scores = get_clip(clip).text_image([by_id[p.reference].image for p in prompts], [p.prompt for p in prompts])
+    out = {}
+    for kind in (OWN, EDIT):
+        keep = [k for k, p in enumerate(prompts) if p.kind == kind]
+        if keep:
+            out[kind] = bootstrap_ci(scores[keep].numpy(), [prompts[k].reference for k in keep])
+    return out

@@ -1,0 +1,78 @@
+"""The models this project compares, by name: one registry, and nothing heavy imported (helpers.evaluate.stats,
+the model card and the bank all read it).
+
+`MODELS` is name -> ModelSpec (what the model is, where its weights come from), in the order every table and
+plot uses (`model_order`); `label(name)` is what plots and tables call it. A trained model is an entry with
+a `folder` under notebook 03's runs/; a baseline or ablation is an entry with a `source` (the model whose
+weights it reuses) and `block=False` and/or `ip_layers`. To add a model, add an entry
+(docs/architecture.md, "Where to change what"); helpers.sample.bank loads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+PRETRAINED = "pretrained"
+
+# InstantStyle (arXiv 2404.02733), its SD 1.5 script: style + layout blocks. (Style only: ("up_blocks.1",).)
+# SD 1.5's up_blocks.0 has no attention: an SDXL-style "up_blocks.0" would leave every IP layer at 0.
+INSTANTSTYLE_SD15 = ("down_blocks.2", "mid_block", "up_blocks.1")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One entry of the registry: what the model is and where its adapter weights come from."""
+
+    label: str  # what it is, as plots and tables call it
+    folder: str | None = None  # trained by notebook 03: runs_dir/<folder>/adapter.safetensors
+    variant: str = "vanilla"  # "vanilla" or "text_aware" (of the file in `folder`)
+    source: str | None = None  # a baseline or ablation: reuse this model's adapter weights
+    block: bool = True  # False: run without the source's text-image block
+    ip_layers: tuple[str, ...] | None = None  # IP-Adapter only in these UNet blocks (others at scale 0); None: all
+
+
+MODELS: dict[str, ModelSpec] = {
+    PRETRAINED: ModelSpec("IP-Adapter Plus (pretrained)"),
+    "pretrained-instantstyle": ModelSpec("+ InstantStyle layers", source=PRETRAINED, ip_layers=INSTANTSTYLE_SD15),
+    "finetuned-vanilla": ModelSpec("fine-tuned vanilla", folder="vanilla", variant="vanilla"),
+    "finetuned-text-aware": ModelSpec("fine-tuned text-aware", folder="text_aware", variant="text_aware"),
+    "finetuned-text-aware-no-block": ModelSpec("fine-tuned text-aware, block removed", source="finetuned-text-aware",
+                                               block=False),
+    "finetuned-text-aware-neighbour": ModelSpec("fine-tuned text-aware, neighbour pairing",
+                                                folder="text_aware_neighbour", variant="text_aware"),
+}
+
+FINETUNED = {name: (m.folder, m.variant) for name, m in MODELS.items() if m.folder}  # name -> (folder, variant)
+
+BASELINES = tuple(name for name, m in MODELS.items() if m.source)  # derived from another model's weights
+
+MODEL_NAMES = tuple(MODELS)
+
+
+def label(name: str) -> str:
+    """What a model is, for plots and tables ("fine-tuned text-aware"); other names (extra models) as given."""
+    spec = MODELS.get(name)
+    return spec.label if spec is not None else str(name)
+
+
+def model_order(names) -> list[str]:
+    """Distinct names in MODEL_NAMES order, then any others sorted (the order of every table and plot)."""
+    names = list(dict.fromkeys(names))
+    return [m for m in MODEL_NAMES if m in names] + sorted(m for m in names if m not in MODEL_NAMES)
+
+
+def parse_models(text: str) -> dict[str, str]:
+    """A notebook form field 'name=spec, spec2' -> {'name': 'spec', '<last part of spec2>': 'spec2'}
+    (spec: a Hub id, a run folder or an adapter file, as resolve_adapter takes)."""
+    out = {}
+    for item in (t.strip() for t in text.replace("\n", ",").split(",")):
+        if not item:
+            continue
+        name, _, spec = item.partition("=") if "=" in item else ("", "", item)
+        spec = spec.strip()
+        name = name.strip() or Path(spec.rstrip("/")).name.removesuffix(".safetensors")
+        if name in out:
+            raise ValueError(f"two models named {name!r} in {text!r}: name them, as 'name=user/repo'")
+        out[name] = spec
+    return out

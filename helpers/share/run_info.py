@@ -1,0 +1,129 @@
+"""What a trained run and notebook 05 say about one adapter, read from their folders without loading a model.
+
+    run = read_run("outputs/runs/text_aware")             # config.json, loss_log.csv, the adapter's metadata
+    evaluation = read_evaluation("outputs/eval", run)     # notebook 05's summary rows of this model
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..data.prepare import read_manifest
+from ..model.adapter_file import ADAPTER_FILE
+from ..model.official_format import BLOCK_PREFIX
+from ..sample.registry import FINETUNED
+from ..support.profile import RICK_AND_MORTY
+from ..train.config import read_run_settings
+from ..train.loss_log import LOSS_LOG, read_loss_log
+
+TRADEOFF_FILE = "tradeoff.png"  # notebook 05's trade-off plot
+
+
+def eval_model_name(run: "RunInfo") -> str:
+    """Notebook 05's model name for a run: by its folder (runs/text_aware_neighbour), else the self-paired
+    model of its variant (helpers.sample.registry's one registry)."""
+    by_folder = {folder: name for name, (folder, _) in FINETUNED.items()}
+    by_variant = {variant: name for name, (folder, variant) in FINETUNED.items() if folder == variant}
+    return by_folder.get(run.run_dir.name) or by_variant.get(run.variant, run.variant)
+
+
+@dataclass
+class RunInfo:
+    """What one training run folder says about its adapter."""
+
+    run_dir: Path
+    adapter: Path
+    variant: str  # "vanilla" or "text_aware"
+    profile: str  # "full", "tiny", or "unknown"
+    config: dict = field(default_factory=dict)  # config.json (helpers.train), {} if absent
+    metadata: dict = field(default_factory=dict)  # the adapter file's string metadata
+    steps: int | None = None  # from loss_log.csv
+    train_seconds: float | None = None  # sum of the logged step times (model steps only, no loading)
+    seconds_per_step: float | None = None  # median
+    loss_start: float | None = None  # mean of the first 10% of logged losses
+    loss_end: float | None = None  # mean of the last 10%
+    data_source: str | None = None  # notebook 01's prepared.json "source", if found
+    tensors: int = 0
+    size_mb: float = 0.0
+
+    @property
+    def random_weights(self) -> bool:
+        return self.profile == "tiny"
+
+    @property
+    def base_model(self) -> str:
+        return str(self.config.get("base_model") or self.metadata.get("base_model") or "")
+
+    @property
+    def ip_adapter(self) -> str:
+        return str(self.config.get("ip_adapter") or "")
+
+
+def read_run(run_dir) -> RunInfo:
+    """Read notebook 03's run folder (adapter.safetensors, config.json, loss_log.csv) without loading a model."""
+    from safetensors import safe_open
+
+    run_dir = Path(run_dir)
+    adapter = run_dir / ADAPTER_FILE
+    if not adapter.is_file():
+        raise FileNotFoundError(f"{run_dir}: no {ADAPTER_FILE} here; train it in notebook 03 "
+                                "(or python -m helpers.train) first, or pass the run's own folder")
+    with safe_open(str(adapter), framework="pt", device="cpu") as f:
+        metadata, keys = dict(f.metadata() or {}), list(f.keys())
+    config = read_run_settings(run_dir) or json.loads(metadata.get("training_config", "{}"))
+    variant = metadata.get("variant") or config.get("variant") or (
+        "text_aware" if any(k.startswith(BLOCK_PREFIX) for k in keys) else "vanilla")
+    info = RunInfo(run_dir, adapter, variant, str(config.get("profile") or "unknown"), config, metadata,
+                   tensors=len(keys), size_mb=adapter.stat().st_size / 2**20)
+    if (run_dir / LOSS_LOG).is_file() and (rows := read_loss_log(run_dir)):
+        losses, secs = [r["loss"] for r in rows], [r["seconds"] for r in rows]
+        k = max(1, len(rows) // 10)
+        info.steps, info.train_seconds = rows[-1]["step"], sum(secs)
+        info.seconds_per_step = statistics.median(secs)
+        info.loss_start, info.loss_end = statistics.fmean(losses[:k]), statistics.fmean(losses[-k:])
+    data_dir = config.get("data_dir")
+    manifest = read_manifest(data_dir) if data_dir else None
+    if manifest is not None:
+        info.data_source = manifest.get("source")
+    elif info.profile == "full":
+        info.data_source = RICK_AND_MORTY
+    return info
+
+
+@dataclass
+class Evaluation:
+    """Notebook 05's summary rows for one model, and where its plot and headline are."""
+
+    profile: str
+    model: str
+    rows: list[dict]  # summary.csv rows of this model
+    clip_model: str = ""
+    tradeoff: Path | None = None
+    headline: str = ""
+
+
+def read_evaluation(eval_dir, run: RunInfo, *, profile: str | None = None) -> Evaluation | None:
+    """This run's rows of notebook 05's summary.csv (None when eval_dir has no summary or no such model).
+
+    profile: the profile notebook 05 ran with (its files do not record it); default: the run's own."""
+    eval_dir = Path(eval_dir)
+    summary = eval_dir / "summary.csv"
+    model = eval_model_name(run)
+    if not summary.is_file():
+        return None
+    with open(summary, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("model") == model]
+    if not rows:
+        return None
+    clip_model = ""
+    if (eval_dir / "results.csv").is_file():
+        with open(eval_dir / "results.csv", newline="") as f:
+            clip_model = next(csv.DictReader(f), {}).get("clip_model", "")
+    tradeoff = eval_dir / TRADEOFF_FILE
+    headline = eval_dir / "headline.txt"
+    return Evaluation(profile or run.profile, model, rows, clip_model, tradeoff if tradeoff.is_file() else None,
+                      headline.read_text().strip() if headline.is_file() else "")

@@ -1,0 +1,10 @@
+"""Plumbing every stage uses.
+
+    profile.py    the full and tiny profiles: every model id, size and count that differs between them
+    device.py     the one device and precision decision
+    env.py        Colab or not, Google Drive, the output root, the repository's address
+    loading.py    a failed load turned into a message that names the id and says what to do
+    locations.py  what a name stands for: a local path or a Hub repo (and a path in it)
+    compat.py     every private library name, each behind one thin wrapper with its reason
+    atomic.py     writes that an interruption never leaves half done
+"""

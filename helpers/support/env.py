@@ -1,0 +1,154 @@
+"""Where a notebook runs (Colab or not), where it writes, and the repository's public address.
+
+REPO is the single place that holds the repository's address: the Colab badges in README.md and the
+notebooks, and the notebooks' install cells, are written from it. To publish under another address:
+
+    python -m helpers.env --set-repo OWNER/NAME     # rewrites README.md and notebooks/*.ipynb
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = "ipa-text-aware/ip-adapter-text-aware"  # GitHub OWNER/NAME; change with --set-repo
+BRANCH = "main"
+OUTPUT_ENV = "IPA_OUTPUT_ROOT"
+DRIVE_MOUNT = "/content/drive"
+DRIVE_FOLDER = "MyDrive/ip-adapter-text-aware"
+
+
+def in_colab() -> bool:
+    """True inside a Google Colab kernel."""
+    return "google.colab" in sys.modules
+
+
+def install_command(repo: str = REPO) -> str:
+    """The pip command the notebooks' setup cells run in Colab (torch and other preinstalled packages
+    already meet the lower bounds, so only this package and torchmetrics get installed)."""
+    return f'pip install -q "ipa-text-aware @ git+https://github.com/{repo}.git@{BRANCH}"'
+
+
+def colab_badge(notebook: str, repo: str = REPO) -> str:
+    """Markdown for an "Open in Colab" badge of notebooks/<notebook>."""
+    url = f"https://colab.research.google.com/github/{repo}/blob/{BRANCH}/notebooks/{notebook}"
+    return f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({url})"
+
+
+def repo_root(start: Path | None = None) -> Path | None:
+    """The checkout this runs in (the folder with this project's pyproject.toml), if any."""
+    for folder in [start or Path.cwd(), *(start or Path.cwd()).parents]:
+        toml = folder / "pyproject.toml"
+        if toml.is_file() and 'name = "ipa-text-aware"' in toml.read_text():
+            return folder
+    return None
+
+
+@dataclass
+class Env:
+    colab: bool
+    drive: bool  # outputs go to Google Drive (they survive the Colab session)
+    output_root: Path
+
+    def describe(self) -> str:
+        where = "Google Drive" if self.drive else ("this Colab session's disk (lost when it ends)" if self.colab
+                                                  else "local disk")
+        return f"Outputs: {self.output_root} ({where})"
+
+
+def output_root(*, colab: bool, drive: bool, drive_mount: str = DRIVE_MOUNT) -> Path:
+    """$IPA_OUTPUT_ROOT if set; else Drive when mounted; else /content/outputs in Colab; else
+    <checkout>/outputs (or ./outputs outside a checkout)."""
+    if os.environ.get(OUTPUT_ENV):
+        return Path(os.environ[OUTPUT_ENV])
+    if drive:
+        return Path(drive_mount) / DRIVE_FOLDER / "outputs"
+    if colab:
+        return Path("/content/outputs")
+    return (repo_root() or Path.cwd()) / "outputs"
+
+
+def setup(mount_drive: bool = True, *, drive_mount: str = DRIVE_MOUNT, quiet: bool = True) -> Env:
+    """Call once at the top of a notebook: mounts Google Drive in Colab when asked (so checkpoints and
+    results survive a disconnect), picks the output root, and quiets library log spam."""
+    colab = in_colab()
+    drive = False
+    if colab and mount_drive:
+        from google.colab import drive as gdrive  # only importable in Colab
+
+        gdrive.mount(drive_mount)
+        drive = True
+    if quiet:
+        quiet_libraries()
+    env = Env(colab=colab, drive=drive, output_root=output_root(colab=colab, drive=drive, drive_mount=drive_mount))
+    env.output_root.mkdir(parents=True, exist_ok=True)
+    print(env.describe())
+    return env
+
+
+def quiet_libraries() -> None:
+    """Keep library warnings out of the notebooks (errors still show; progress bars stay)."""
+    import importlib
+    import warnings
+
+    for mod in ("diffusers", "transformers", "datasets"):
+        try:
+            logging = importlib.import_module(f"{mod}.utils.logging")
+        except ImportError:
+            continue
+        logging.set_verbosity_error()
+        if mod != "datasets":  # model-loading bars; the denoising and training bars stay
+            logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+
+
+# --------------------------------------------------------------------------------------------------
+# Keeping README and notebooks in step with REPO
+# --------------------------------------------------------------------------------------------------
+
+_REPO_URL = re.compile(r"(colab\.research\.google\.com/github/|github\.com/)([\w.-]+/[\w.-]+?)(/blob/|\.git)")
+
+
+def set_repo(new: str, root: Path | None = None, *, old: str = REPO) -> list[Path]:
+    """Rewrite every badge and install URL in README.md and notebooks/*.ipynb (and REPO in this file)
+    from `old` to `new`. Returns the files changed."""
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", new):
+        raise ValueError(f"expected OWNER/NAME, got {new!r}")
+    root = root or repo_root() or Path.cwd()
+    files = [root / "README.md", *sorted((root / "notebooks").glob("*.ipynb")), root / "helpers" / "env.py"]
+    changed = []
+    for f in files:
+        if not f.is_file():
+            continue
+        text = f.read_text()
+        new_text = text.replace(f'REPO = "{old}"', f'REPO = "{new}"') if f.suffix == ".py" else \
+            _REPO_URL.sub(lambda m: m.group(1) + (new if m.group(2) == old else m.group(2)) + m.group(3), text)
+        if new_text != text:
+            f.write_text(new_text)
+            changed.append(f)
+    return changed
+
+
+def repo_urls(text: str) -> set[str]:
+    """Repository addresses found in badge and install URLs of a text."""
+    return {m.group(2) for m in _REPO_URL.finditer(text)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m helpers.env", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--set-repo", metavar="OWNER/NAME", help="rewrite badges and install cells to this repository")
+    args = ap.parse_args(argv)
+    if args.set_repo:
+        for f in set_repo(args.set_repo):
+            print(f"updated {f}")
+    else:
+        print(f"repository: {REPO}\ninstall:    {install_command()}")
+
+
+if __name__ == "__main__":
+    main()

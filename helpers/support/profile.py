@@ -1,0 +1,214 @@
+"""Which models, data and sizes a run uses: the `full` profile (Colab, real weights) or `tiny` (CI, random).
+
+Every Hub id, size, count and path that differs between the two profiles lives here and nowhere else;
+the notebooks and `helpers` read them from the `Profile` that `get_profile()` returns (or, for a default
+argument, from the constants below).
+
+    full  Stable Diffusion 1.5 + IP-Adapter Plus + the Rick and Morty drawings, 512 px: real results.
+    tiny  the same code on small random models and a synthetic cartoon dataset built offline
+          (helpers.tiny.assets): every number and picture it gives is meaningless, by design.
+    auto  full with a CUDA GPU, tiny without. IPA_PROFILE=full|tiny|auto overrides the default.
+
+A quick run (a notebook's QUICK_RUN field, or IPA_QUICK=1) keeps the profile's models and cuts the counts
+(`Profile.quick_run`): a few training steps per variant, 2 references, 1 IP scale, few denoising steps.
+It tries the whole series on real models in minutes before committing an hour. IPA_RESOLUTION=N trains and
+samples at N px instead of the profile's size (a multiple of 64: smaller is faster, and worse).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+
+PROFILE_ENV = "IPA_PROFILE"
+QUICK_ENV = "IPA_QUICK"
+RESOLUTION_ENV = "IPA_RESOLUTION"
+NAMES = ("auto", "full", "tiny")
+# The sampler of every notebook: DDIM, as the seed project and the IP-Adapter paper sampled. A diffusers
+# scheduler class, built from the base model's own scheduler config (helpers.model.pipeline.make_scheduler).
+DEFAULT_SCHEDULER = "DDIMScheduler"
+
+# The full profile's models and data: the one place that names them
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+IP_ADAPTER_PLUS = "h94/IP-Adapter/models/ip-adapter-plus_sd15.safetensors"  # its image encoder: models/image_encoder
+EVAL_CLIP = "openai/clip-vit-large-patch14"  # CLIP-T / CLIP-I: the IP-Adapter paper's and torchmetrics' default
+DINO = "facebook/dino-vits16"  # DreamBooth's DINO metric
+BLIP = "Salesforce/blip-image-captioning-base"  # captions for images that have none
+RICK_AND_MORTY = "Norod78/RickAndMorty-HorizontalMirror-blip-captions"
+
+# a quick run: counts only, the models stay the profile's
+QUICK_TRAIN_STEPS = 2  # per variant
+QUICK_REFERENCES = 2
+QUICK_SCALE = 0.7
+QUICK_INFERENCE_STEPS = 4
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str  # "full" or "tiny"
+    reason: str  # why this profile was chosen (printed in the banner)
+    random_weights: bool  # True: outputs are noise with the right shape, label them so
+    # models (Hub ids or local folders)
+    base_model: str
+    ip_adapter: str  # official IP-Adapter Plus file: local path or "hub_id/subfolder/weight_name"
+    image_encoder: str | None  # None = the image_encoder folder next to ip_adapter
+    eval_clip: str  # CLIP for CLIP-T / CLIP-I
+    dino: str  # ViT for DINO similarity
+    captioner: str | None  # BLIP for missing captions (None: a deterministic stand-in)
+    # data
+    dataset: str  # Hub id or local dataset folder
+    resolution: int  # pixels
+    test_fraction: float = 0.1
+    feature_batch_size: int = 16  # images per batch when caching VAE/CLIP features (helpers.data.features)
+    # training (the seed's recipe)
+    train_batch_size: int = 4
+    num_epochs: int = 6
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    checkpoint_every: int = 200  # steps
+    max_train_steps: int | None = None  # None: num_epochs over the training split
+    gradient_checkpointing: bool = False  # trade ~30% speed for activation memory (the OOM knob, with batch size)
+    # sampling and evaluation
+    scheduler: str = DEFAULT_SCHEDULER  # the sampler (a diffusers scheduler class name), set in load_pipeline
+    num_inference_steps: int = 30
+    guidance_scale: float = 7.5
+    eval_scales: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0)
+    # full: as many of the test split's groups as fit a T4 sitting (helpers.evaluate.protocol.references_for_budget)
+    eval_num_references: int = 15  # held-out references (one per near-duplicate group)
+    eval_seeds: tuple[int, ...] = (0,)
+    eval_edits_per_reference: int = 2  # edit prompts per reference, besides its own caption
+    eval_batch_size: int | None = None  # images per pipeline call in the evaluation; None: sampling's choice
+    sample_references: int = 3  # held-out references in notebook 04's gallery
+    sweep_scales: tuple[float, ...] = (0.0, 0.4, 0.7, 1.0)  # notebook 04's IP-scale sweep
+    quick: bool = False  # a quick run (quick_run): counts cut, models unchanged
+
+    def replace(self, **overrides) -> "Profile":
+        """A copy with the given fields changed. None, and only None, means "keep the profile's value" (a
+        notebook form field left at None); every other value is used as given, so 0, False and "" stick:
+        guidance_scale=0 turns guidance off, test_fraction=0 keeps no test split."""
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise TypeError(f"Profile has no field {', '.join(unknown)}; the fields are "
+                            f"{', '.join(f.name for f in dataclasses.fields(self))}")
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def sampler(self) -> str:
+        """The sampling settings in words, e.g. "DDIM sampler (diffusers DDIMScheduler), 30 steps, guidance 7.5"."""
+        short = self.scheduler.removesuffix("Scheduler").removesuffix("Discrete").removesuffix("Multistep")
+        return (f"{short} sampler (diffusers {self.scheduler}), {self.num_inference_steps} steps, "
+                f"guidance {self.guidance_scale:g}")
+
+    def quick_run(self) -> "Profile":
+        """The same models with every count cut, to try the whole series in minutes: QUICK_TRAIN_STEPS
+        training steps per variant, QUICK_REFERENCES references, one IP scale (QUICK_SCALE), one seed, one
+        edit prompt per reference, QUICK_INFERENCE_STEPS denoising steps, a two-point scale sweep."""
+        return dataclasses.replace(
+            self, quick=True, num_epochs=1, max_train_steps=min(self.max_train_steps or QUICK_TRAIN_STEPS, QUICK_TRAIN_STEPS),
+            num_inference_steps=min(self.num_inference_steps, QUICK_INFERENCE_STEPS),
+            eval_num_references=min(self.eval_num_references, QUICK_REFERENCES), eval_scales=(QUICK_SCALE,),
+            eval_seeds=self.eval_seeds[:1], eval_edits_per_reference=min(self.eval_edits_per_reference, 1),
+            sample_references=min(self.sample_references, QUICK_REFERENCES), sweep_scales=(0.0, QUICK_SCALE))
+
+    def banner(self) -> str:
+        """Which profile and why, what its results mean, the sampler, and a quick run's or a resolution
+        override's cuts (printed by get_profile)."""
+        quick = (f" QUICK RUN: {self.max_train_steps} training steps, {self.num_inference_steps} denoising steps, "
+                 f"{self.eval_num_references} references; counts too small for results.") if self.quick else ""
+        size = f" {self.resolution} px (${RESOLUTION_ENV})." if os.environ.get(RESOLUTION_ENV, "").strip() else ""
+        sampling = f" Sampling: {self.sampler()}."
+        if self.random_weights:
+            return (f"Profile: {self.name} ({self.reason}). Small RANDOM-weight models and synthetic data: "
+                    "pictures and scores below are meaningless; they only show that the code runs." + sampling
+                    + size + quick)
+        return f"Profile: {self.name} ({self.reason}). Real models from the Hugging Face Hub." + sampling + size + quick
+
+
+def full_profile(reason: str) -> Profile:
+    return Profile(
+        name="full",
+        reason=reason,
+        random_weights=False,
+        base_model=SD15,
+        ip_adapter=IP_ADAPTER_PLUS,
+        image_encoder=None,  # the one beside IP_ADAPTER_PLUS (OpenCLIP ViT-H/14)
+        eval_clip=EVAL_CLIP,
+        dino=DINO,
+        captioner=BLIP,
+        dataset=RICK_AND_MORTY,
+        resolution=512,
+    )
+
+
+def tiny_profile(reason: str) -> Profile:
+    from ..tiny.assets import IP_ADAPTER_FILE, RESOLUTION, build_tiny_assets
+
+    root = build_tiny_assets()
+    return Profile(
+        name="tiny",
+        reason=reason,
+        random_weights=True,
+        base_model=str(root / "sd15"),
+        ip_adapter=str(root / "ip_adapter" / IP_ADAPTER_FILE),
+        image_encoder=None,
+        eval_clip=str(root / "clip"),
+        dino=str(root / "dino"),
+        captioner=None,
+        dataset=str(root / "dataset"),
+        resolution=RESOLUTION,
+        test_fraction=0.25,
+        num_epochs=1,
+        checkpoint_every=4,
+        max_train_steps=8,
+        num_inference_steps=4,
+        eval_scales=(0.5, 1.0),
+        eval_num_references=3,
+        eval_edits_per_reference=1,
+    )
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _env_resolution() -> int | None:
+    raw = os.environ.get(RESOLUTION_ENV, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 64 or int(raw) % 64:
+        raise ValueError(f"${RESOLUTION_ENV}={raw!r}: give a size in pixels, a multiple of 64 (e.g. 256), or unset it")
+    return int(raw)
+
+
+def get_profile(name: str | None = None, *, announce: bool = True, quick: bool = False, **overrides) -> Profile:
+    """Resolve a profile: `name` ("full"/"tiny"), else $IPA_PROFILE, else auto (full with a CUDA GPU, tiny
+    without).
+
+    quick=True (or $IPA_QUICK=1) makes it a quick run (Profile.quick_run); $IPA_RESOLUTION=N sets the
+    resolution. Prints one line saying which profile and why (announce=False to stay quiet). Keyword
+    overrides replace fields after that; None keeps the profile's value, anything else is used (see Profile.replace).
+    """
+    name = (name or "").strip().lower()
+    env_name = os.environ.get(PROFILE_ENV, "").strip().lower()
+    # an explicit full/tiny wins; "auto" (a notebook's default) leaves the choice to $IPA_PROFILE
+    requested = name if name not in ("", "auto") else (env_name or "auto")
+    if requested not in NAMES:
+        raise ValueError(f"unknown profile {requested!r}: choose one of {', '.join(NAMES)} (argument or ${PROFILE_ENV})")
+    source = "asked for" if requested == name else f"${PROFILE_ENV}={env_name}"
+    if requested == "auto":
+        if torch.cuda.is_available():
+            profile = full_profile(f"auto: CUDA GPU found ({torch.cuda.get_device_name(0)})")
+        else:
+            profile = tiny_profile(f"auto: no CUDA GPU, so the offline tiny models; set {PROFILE_ENV}=full to override")
+    elif requested == "full":
+        profile = full_profile(f"{source}")
+    else:
+        profile = tiny_profile(f"{source}")
+    if quick or _env_flag(QUICK_ENV):
+        profile = profile.quick_run()
+    profile = profile.replace(resolution=_env_resolution()).replace(**overrides)
+    if announce:
+        print(profile.banner())
+    return profile

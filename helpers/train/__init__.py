@@ -1,0 +1,23 @@
+"""Notebook 03: fine-tune the adapter with Accelerate (`python -m helpers.train`, or train(TrainConfig(...))).
+
+    loss.py         the objective: condition dropout, the epoch's order, the denoising loss
+    pairing.py      which reference each target is conditioned on: self, mirror or neighbour
+    config.py       TrainConfig, the recipe's values against the profile, the command line, config.json
+    run.py          what a run holds, built once (prepare_run), resumed, released
+    step.py         one training step, and the checkpoint every K steps
+    loop.py         train(): the steps in a loop with a progress bar; the final adapter
+    checkpoints.py  checkpoints that survive a cut Drive sync, and an exact resume
+    loss_log.py     the per-step loss log, and its plot
+"""
+
+
+def __getattr__(name):  # the entry points, imported on first use
+    if name in ("train", "TrainResult"):
+        from . import loop
+
+        return getattr(loop, name)
+    if name == "TrainConfig":
+        from .config import TrainConfig
+
+        return TrainConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

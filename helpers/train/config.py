@@ -1,0 +1,125 @@
+"""The settings of a training run: TrainConfig, how its values resolve against the profile, and the command
+line that sets them (`python -m helpers.train`, see helpers.train).
+
+None, in every TrainConfig field that has it, means "the profile's value" (helpers.profile); any other value
+is used as given. The data settings (dataset, resolution, test_fraction) are not defaults but expectations:
+the data is what notebook 01 prepared in data_dir, and a given value must match it
+(helpers.data.prepare.use_prepared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..support.atomic import write_json
+from .pairing import PAIRINGS
+
+RUN_SETTINGS = "config.json"  # every value a run used, in its folder (written by helpers.train.loop)
+
+# what a resumed run must share with the checkpoint it resumes (settings name -> words for the message)
+RESUME_SETTINGS = {"variant": "variant", "batch_size": "batch size", "learning_rate": "learning rate",
+                   "weight_decay": "weight decay", "seed": "seed", "num_processes": "number of processes",
+                   "data": "training data (fingerprint of notebook 01's images and captions, resolution and models)"}
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str
+    variant: str = "text_aware"
+    profile: str = "auto"
+    data_dir: str | None = None  # default: <output root>/data (notebook 01's folder), used as it is
+    # the data asked for: None = whatever data_dir holds; given, it must match (helpers.data.prepare.use_prepared)
+    dataset: str | None = None
+    resolution: int | None = None
+    test_fraction: float | None = None
+    # None means the profile's value in every field below
+    batch_size: int | None = None  # the profile's: 4
+    epochs: int | None = None  # the profile's: 6
+    max_steps: int | None = None  # the profile's, else epochs over the training split
+    learning_rate: float | None = None
+    weight_decay: float | None = None
+    checkpoint_every: int | None = None
+    seed: int = 0
+    mixed_precision: str = "auto"  # auto: fp16 on a T4 (no native bf16), bf16 on Ampere+, no on a CPU
+    gradient_checkpointing: bool | None = None
+    max_grad_norm: float = 1.0
+    keep_checkpoints: int = 2  # 2: an incomplete newest checkpoint can fall back to the one before
+    fresh_start: bool = False  # delete output_dir's checkpoints, loss log and adapter first, and start at step 0
+    pairing: str = "self"  # self | mirror | neighbour (helpers.train.pairing)
+    pairing_self_prob: float | None = None  # mirror/neighbour: fraction of samples kept self; None: 0.25
+
+
+def or_default(value, default):
+    """A setting: the given value, or the default when it is None (0 and False are values)."""
+    return default if value is None else value
+
+
+def recipe(config: TrainConfig, profile) -> dict:
+    """batch_size, learning_rate, weight_decay, checkpoint_every and gradient_checkpointing of this run: the
+    config's values, the profile's where None. Raises ValueError for a value that cannot work."""
+    values = {"batch_size": or_default(config.batch_size, profile.train_batch_size),
+              "learning_rate": or_default(config.learning_rate, profile.learning_rate),
+              "weight_decay": or_default(config.weight_decay, profile.weight_decay),
+              "checkpoint_every": or_default(config.checkpoint_every, profile.checkpoint_every),
+              "gradient_checkpointing": or_default(config.gradient_checkpointing, profile.gradient_checkpointing)}
+    checks = {**{k: values[k] for k in ("batch_size", "learning_rate", "checkpoint_every")}, "epochs": config.epochs,
+              "keep_checkpoints": config.keep_checkpoints}
+    bad = [f"{k} = {v!r}" for k, v in checks.items() if v is not None and not v > 0]
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: must be above 0 (leave a setting at None for the profile's value)")
+    return values
+
+
+def max_steps(config: TrainConfig, profile, steps_per_epoch: int) -> int:
+    """The run's length: max_steps if given, else epochs over the training split if given, else the profile's
+    max_train_steps, else the profile's epochs."""
+    if config.max_steps is not None:
+        return config.max_steps
+    if config.epochs is None and profile.max_train_steps is not None:
+        return profile.max_train_steps
+    return or_default(config.epochs, profile.num_epochs) * steps_per_epoch
+
+
+def parse_config(argv=None, description: str = "") -> TrainConfig:
+    """The TrainConfig that `python -m helpers.train` arguments ask for."""
+    ap = argparse.ArgumentParser(prog="python -m helpers.train", description=description)
+    ap.add_argument("--profile", default="auto", choices=["auto", "full", "tiny"])
+    ap.add_argument("--variant", default="text_aware", choices=["vanilla", "text_aware"])
+    ap.add_argument("--output-dir", required=True)
+    ap.add_argument("--data-dir", default=None,
+                    help="notebook 01's prepared data, used as it is (default: <output root>/data; prepared from "
+                         "the profile's dataset only if missing)")
+    ap.add_argument("--dataset", help="the data source you expect --data-dir to hold: a mismatch stops the run")
+    ap.add_argument("--resolution", type=int, help="the resolution you expect --data-dir to hold")
+    ap.add_argument("--test-fraction", type=float, help="the test fraction you expect --data-dir to hold")
+    ap.add_argument("--max-steps", type=int)
+    ap.add_argument("--epochs", type=int)
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--learning-rate", type=float)
+    ap.add_argument("--weight-decay", type=float)
+    ap.add_argument("--checkpoint-every", type=int)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"])
+    ap.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    ap.add_argument("--keep-checkpoints", type=int, default=2)
+    ap.add_argument("--fresh-start", action="store_true",
+                    help="delete --output-dir's checkpoints, loss log and adapter, and train from step 0")
+    ap.add_argument("--pairing", default="self", choices=PAIRINGS,
+                    help="the reference of each target: itself (default), its mirror, or its nearest other drawing")
+    ap.add_argument("--pairing-self-prob", type=float, default=None,
+                    help="mirror/neighbour: fraction of samples that keep their own image (default 0.25)")
+    return TrainConfig(**vars(ap.parse_args(argv)))
+
+
+def write_run_settings(run_dir, settings: dict) -> Path:
+    """Write run_dir/config.json (atomically): every value a run uses."""
+    return write_json(Path(run_dir) / RUN_SETTINGS, settings, indent=2)
+
+
+def read_run_settings(run_dir) -> dict:
+    """A run's config.json as a dict ({} when the folder has none)."""
+    path = Path(run_dir) / RUN_SETTINGS
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -1,0 +1,115 @@
+"""Fine-tune IP-Adapter Plus, vanilla or text-aware, from cached features, with Accelerate.
+
+    result = train(TrainConfig(output_dir=DIR, variant="text_aware"))   # prepare, resume, steps, checkpoints
+
+    python -m helpers.train --profile tiny|full --variant vanilla|text_aware --output-dir DIR \\
+           [--max-steps N] [--checkpoint-every K] [--seed S] [--batch-size B] [--epochs E] ...
+           [--pairing self|mirror|neighbour [--pairing-self-prob P]]
+
+The recipe is the seed project's, the same for both variants so that the comparison isolates the
+architecture (helpers.support.profile holds its values; notebook 03 shows them). It starts from the pretrained
+IP-Adapter Plus weights (the text-image block at zero). Trainable: the Resampler, every to_k_ip / to_v_ip,
+and (text-aware) the text-image block, in fp32; the UNet stays frozen in the mixed-precision dtype. The VAE
+and both encoders never run here: training reads notebook 01's feature cache and samples each latent from the
+cached VAE distribution. The data is notebook 01's prepared folder as it is (--data-dir, default <output
+root>/data; helpers.data.prepare.use_prepared).
+
+Every K steps a checkpoint is written under DIR/checkpoints/ (helpers.train.checkpoints); running the same
+command again resumes from the newest complete one, exactly. The final adapter goes to DIR/adapter.safetensors,
+with DIR/config.json and DIR/loss_log.csv (helpers.train.loss_log) beside it. Nothing of a run stays in
+memory after train() returns (TrainResult holds numbers and a path). Under `torchrun`/`accelerate launch`
+the same code runs data-parallel; only the main process writes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..model.adapter_file import ADAPTER_FILE, save_adapter
+from .checkpoints import list_checkpoints
+from .config import TrainConfig, write_run_settings
+from .loss_log import LossLog
+from .run import Run, drop_frames, prepare_run, release, resume
+from .step import save_checkpoint_if_due, training_step
+
+
+@dataclass
+class TrainResult:
+    """What a run leaves behind: a path and numbers, never the model, optimizer or caches (those are freed)."""
+
+    adapter: Path
+    steps: int
+    resumed_from: int  # 0 for a fresh run
+    losses: list[float]  # the losses of this process's steps in this call
+    seconds_per_step: float  # median over this call's steps (the first ones excluded when there are many)
+    total_seconds: float
+    peak_gpu_memory_gib: float | None  # this run's own peak (stats reset after the data step); None on a CPU
+    mixed_precision: str
+    trainable_parameters: int = 0
+    checkpoint_bytes: int = 0  # size of the newest checkpoint on disk (0 if none)
+
+
+def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
+    """Train one adapter as configured; resumes from DIR's newest complete checkpoint (config.fresh_start:
+    deletes the earlier run first). Returns a TrainResult. Everything the run put on the device is freed
+    before this returns, also when it fails or is interrupted."""
+    run = None
+    try:
+        run = prepare_run(config, progress=progress)
+        return _train(run, progress)
+    except BaseException as e:
+        drop_frames(e)  # a kept traceback (a notebook keeps the last one) would hold the run's tensors
+        raise
+    finally:
+        release(run)
+
+
+def _train(run: Run, progress: bool) -> TrainResult:
+    from tqdm.auto import tqdm
+
+    config, main = run.config, run.accelerator.is_main_process
+    start = resume(run)
+    if main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        write_run_settings(run.out, run.settings)
+    run.log = LossLog(run.out, start, enabled=main)
+    losses, times = [], []
+    t_start = time.perf_counter()
+    bar = tqdm(total=run.max_steps, initial=start, disable=not (progress and main), desc=f"train {config.variant}",
+               unit="step")
+    step = start
+    try:
+        while step < run.max_steps:
+            t0 = time.perf_counter()
+            value = training_step(run, step)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            step += 1
+            losses.append(value)
+            run.log.add(step, (step - 1) // run.steps_per_epoch, value, times[-1])
+            if main:
+                bar.set_postfix(loss=f"{value:.4f}", s_per_step=f"{times[-1]:.2f}")
+            bar.update(1)
+            save_checkpoint_if_due(run, step)
+    finally:
+        bar.close()
+        run.log.flush()  # an interrupted run keeps its rows; a resume cuts those past its checkpoint
+    run.accelerator.wait_for_everyone()
+    adapter_path = run.out / ADAPTER_FILE
+    if main:
+        save_adapter(run.accelerator.unwrap_model(run.model), adapter_path,
+                     metadata={"base_model": run.profile.base_model, "training_config": run.settings})
+    steady = times[2:] if len(times) > 5 else times
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    newest = list_checkpoints(run.out)
+    return TrainResult(adapter=adapter_path, steps=step, resumed_from=start, losses=losses,
+                       seconds_per_step=float(sorted(steady)[len(steady) // 2]) if steady else float("nan"),
+                       total_seconds=time.perf_counter() - t_start, peak_gpu_memory_gib=peak,
+                       mixed_precision=run.settings["mixed_precision"],
+                       trainable_parameters=run.settings["trainable_parameters"],
+                       checkpoint_bytes=sum(f.stat().st_size for f in newest[-1][1].iterdir()) if newest else 0)

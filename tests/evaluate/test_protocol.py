@@ -1,0 +1,258 @@
+"""helpers.evaluation and helpers.grid: the protocol on plain data, with a stand-in for generation (no
+diffusion here), results written row by row and resumed; the command line on the tiny models."""
+
+import pandas as pd
+import pytest
+from PIL import Image, ImageOps
+
+import helpers.evaluate.grid as grid_module
+from helpers.data.prepare import use_prepared
+from helpers.evaluate.__main__ import main as evaluation_main
+from helpers.evaluate.grid import run_grid
+from helpers.evaluate.metrics import clip_i, clip_t
+from helpers.evaluate.protocol import (
+    FULL_TEST_GROUPS,
+    T4_BUDGET_MINUTES,
+    T4_SECONDS_PER_IMAGE,
+    PromptSpec,
+    TrainingImageError,
+    build_prompts,
+    check_held_out,
+    copy_baseline,
+    grid_size,
+    protocol,
+    references_for_budget,
+)
+from helpers.evaluate.results import (
+    CSV_COLUMNS,
+    KEY_COLUMNS,
+    ResultsFile,
+    ResultsFileError,
+    read_csv,
+)
+from helpers.evaluate.stats import EDIT, OWN
+from helpers.sample.generate import Sample, generate
+from helpers.sample.references import Reference, pick_references
+from helpers.sample.registry import MODEL_NAMES
+
+
+def fake_generate(bank, references, prompts, *, models=None, scales=(1.0,), seeds=(0,), steps=2, guidance=7.5,
+                  **kwargs):
+    """Like helpers.sample.generate.generate: models x scales x references x prompts x seeds, in that order.
+    The "image" is the reference blended towards grey, more so at low scale, tinted per model and seed."""
+    out = []
+    for m in models or bank:
+        tint = (37 * len(m) % 100, 50, 17 * (MODEL_NAMES.index(m) if m in MODEL_NAMES else 5))
+        for s in scales:
+            for r, image in references.items():
+                grey = Image.new("RGB", image.size, tint)
+                for p in prompts[r]:
+                    for seed in seeds:
+                        blended = Image.blend(grey, image, s * (1 - 0.1 * seed) * (0.8 + 0.05 * (len(p) % 4)))
+                        out.append(Sample(blended, m, r, p, s, seed, steps, guidance))
+    return out
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+def interrupted_after(n_images):
+    """fake_generate that raises once it has made n_images (a disconnect in the middle of the grid)."""
+    made = []
+
+    def generate(*args, **kwargs):
+        if len(made) >= n_images:
+            raise Interrupted(f"stopped after {len(made)} images")
+        out = fake_generate(*args, **kwargs)
+        made.extend(out)
+        return out
+
+    generate.made = made
+    return generate
+
+
+@pytest.fixture(scope="module")
+def split(tiny_profile, tmp_path_factory):
+    """Notebook 01's leak-free split of the tiny dataset (helpers.data), as lists of rows."""
+    from helpers.data.prepare import prepare_dataset
+
+    prep = prepare_dataset(tiny_profile.dataset, tmp_path_factory.mktemp("data"), resolution=tiny_profile.resolution,
+                           test_fraction=tiny_profile.test_fraction, seed=0, progress=False)
+    return [prep.train[i] for i in range(len(prep.train))], [prep.test[i] for i in range(len(prep.test))]
+
+
+EDITS = {"setting": ["a cartoon character on a beach", "a cartoon character in a forest at night"],
+         "outfit": ["a cartoon character wearing a red hat", "a cartoon character wearing a black coat"],
+         "action": ["a cartoon character dancing", "a cartoon character eating"],
+         "style": ["a watercolor painting of a character", "a pixel art character"]}
+
+
+def test_references_one_per_group_from_the_test_split(split):
+    train, test = split
+    refs = pick_references(test, 4, seed=0)
+    assert len(refs) == 4 and len({r.group for r in refs}) == 4
+    assert len(pick_references(test, 100)) == len({r["group"] for r in test})
+    check_held_out(refs, train)  # held-out references pass
+
+
+def test_training_references_are_refused(split):
+    train, test = split
+    row = train[0]
+    same = Reference(row["id"], row["image"], row["text"], str(row["group"]))
+    with pytest.raises(TrainingImageError, match=f"reference {row['id']!r}.*id is in the training split"):
+        check_held_out([same], train)
+    # a mirrored, resized copy under a new id and group is still found (perceptual hash), also when the
+    # training split does not hold the mirrored twin
+    copy = Reference("new", ImageOps.mirror(row["image"]).resize((96, 96)), row["text"], "new-group")
+    with pytest.raises(TrainingImageError, match="reference 'new': it matches training image"):
+        check_held_out([copy], train)
+    no_twin = [r for r in train if r["group"] != row["group"] or r["id"] == row["id"]]
+    with pytest.raises(TrainingImageError, match=f"mirrored it matches training image {row['id']!r}"):
+        check_held_out([copy], no_twin)
+    # and the whole evaluation refuses before generating anything
+    called = []
+    with pytest.raises(TrainingImageError, match="held-out test split"):
+        run_grid(["m"], [copy], [PromptSpec("new", "x", OWN)], train=train, scales=(1.0,), steps=2,
+                 guidance=7.5, generate=lambda *a, **k: called.append(1))
+    assert not called
+
+
+def test_prompts_own_caption_plus_rotating_edits(split):
+    refs = pick_references(split[1], 6)
+    specs = build_prompts(refs, EDITS, 2)
+    for r in refs:
+        mine = [s for s in specs if s.reference == r.id]
+        assert [s.kind for s in mine] == [OWN, EDIT, EDIT] and mine[0].prompt == r.caption
+    edits = [s.prompt for s in specs if s.kind == EDIT]
+    n = sum(len(v) for v in EDITS.values())
+    assert sorted(edits[:n]) == sorted(p for v in EDITS.values() for p in v)  # all used before any repeats
+    assert len({s.edit for s in specs[:3 * 2] if s.kind == EDIT}) == 4  # categories interleaved
+    with pytest.raises(ValueError, match="edits_per_reference"):
+        build_prompts(refs, EDITS, 9)
+
+
+def grid(split, tiny_profile, out_dir, generate=fake_generate, models=MODEL_NAMES, **kw):
+    train, test = split
+    refs = pick_references(test, 3)
+    specs = build_prompts(refs, EDITS, 1)
+    result = run_grid(list(models), refs, specs, train=train, scales=(0.5, 1.0), seeds=(0, 1), out_dir=out_dir,
+                      clip=tiny_profile.eval_clip, dino=tiny_profile.dino, steps=2, guidance=7.5, generate=generate,
+                      progress=False, **kw)
+    return result, refs, specs
+
+
+def test_grid_writes_one_csv_row_per_image_for_every_model(split, tiny_profile, tmp_path):
+    result, refs, specs = grid(split, tiny_profile, tmp_path)
+    n = grid_size(len(specs), len(MODEL_NAMES), 2, 2)
+    assert len(result.rows) == n and result.n_generated == n and result.n_resumed == 0
+    table = pd.read_csv(result.csv)
+    assert len(table) == n and list(table.columns) == list(CSV_COLUMNS)
+    counts = table.groupby("model").size()
+    assert set(counts.index) == set(MODEL_NAMES) and (counts == n // len(MODEL_NAMES)).all()
+    assert not table.duplicated(list(KEY_COLUMNS)).any()  # one row per image
+    assert set(table["prompt_kind"]) == {OWN, EDIT} and (table["clip_model"] == tiny_profile.eval_clip).all()
+    assert set(table.loc[table["prompt_kind"] == EDIT, "edit"]) <= set(EDITS)
+    assert all((tmp_path / f).is_file() for f in table["file"]) and table["file"].nunique() == n
+    # the rows carry the metrics of their own image (scored in memory, before the JPEG was written)
+
+    k = 5
+    row = result.rows[k]
+    s = fake_generate([row["model"]], {row["reference"]: next(r.image for r in refs if r.id == row["reference"])},
+                      {row["reference"]: [row["prompt"]]}, scales=(row["scale"],), seeds=(row["seed"],))[0]
+    ref = next(r for r in refs if r.id == s.reference)
+    assert row["clip_i"] == pytest.approx(float(clip_i([s.image], [ref.image], clip=tiny_profile.eval_clip)[0]), abs=1e-5)
+    assert row["clip_t"] == pytest.approx(float(clip_t([s.image], [s.prompt], clip=tiny_profile.eval_clip)[0]), abs=1e-5)
+    assert read_csv(result.csv) == result.rows  # typed, exactly as written
+    # the "copy the reference" line: CLIP-T of the references themselves with their edit prompts
+    edits = [p for p in specs if p.kind == EDIT]
+    by_id = {r.id: r.image for r in refs}
+    direct = clip_t([by_id[p.reference] for p in edits], [p.prompt for p in edits], clip=tiny_profile.eval_clip)
+    assert copy_baseline(refs, specs, clip=tiny_profile.eval_clip)[EDIT][0] == pytest.approx(float(direct.mean()), abs=1e-6)
+
+
+def test_an_interrupted_grid_resumes_to_the_same_csv(split, tiny_profile, tmp_path):
+    whole, _, _ = grid(split, tiny_profile, tmp_path / "whole")
+    stop = interrupted_after(7)
+    with pytest.raises(Interrupted):
+        grid(split, tiny_profile, tmp_path / "cut", generate=stop)
+    written = read_csv(tmp_path / "cut" / "results.csv")
+    assert 0 < len(written) == len(stop.made) < len(whole.rows)  # every image made so far is on disk
+    again, _, _ = grid(split, tiny_profile, tmp_path / "cut")
+    assert again.n_resumed == len(written) and again.n_generated == len(whole.rows) - len(written)
+    assert (tmp_path / "cut" / "results.csv").read_bytes() == (tmp_path / "whole" / "results.csv").read_bytes()
+    assert again.rows == whole.rows
+    # a crash in the middle of a write: the cut line is dropped and its job made again
+    csv = tmp_path / "cut" / "results.csv"
+    text = csv.read_text()
+    csv.write_text(text[: len(text) - 40])
+    third, _, _ = grid(split, tiny_profile, tmp_path / "cut")
+    assert third.n_generated >= 1 and csv.read_bytes() == (tmp_path / "whole" / "results.csv").read_bytes()
+    # a finished grid makes nothing more
+    nothing = interrupted_after(0)
+    done, _, _ = grid(split, tiny_profile, tmp_path / "cut", generate=nothing)
+    assert done.n_generated == 0 and done.rows == whole.rows
+    # scores from another CLIP model do not mix
+    with pytest.raises(ResultsFileError, match="scored with CLIP"):
+        ResultsFile(csv, clip_model="another/clip")
+
+
+def test_grid_samples_are_the_images_of_the_rows(split, tiny_profile, tmp_path):
+    saved, refs, _ = grid(split, tiny_profile, tmp_path, models=MODEL_NAMES[:2])
+    in_memory, _, _ = grid(split, tiny_profile, None, models=MODEL_NAMES[:2])
+    assert in_memory.rows == [dict(r, file="") for r in saved.rows]
+    rows = saved.rows[3:6]
+    for a, b in zip(saved.samples(rows), in_memory.samples(rows)):
+        assert (a.model, a.reference, a.prompt, a.scale, a.seed) == (b.model, b.reference, b.prompt, b.scale, b.seed)
+        assert a.image.size == b.image.size and a.reference_image is not None
+        diff = abs(pd.Series(list(a.image.convert("L").getdata())) - pd.Series(list(b.image.convert("L").getdata())))
+        assert diff.mean() < 3  # the saved JPEG is the image (quality 95)
+
+
+def test_default_size_comes_from_the_t4_budget():
+    from helpers.support.profile import full_profile
+
+    full = full_profile("test")
+    prompts = 1 + full.eval_edits_per_reference
+    n = references_for_budget(T4_BUDGET_MINUTES, T4_SECONDS_PER_IMAGE, n_models=len(MODEL_NAMES),
+                                 n_scales=len(full.eval_scales), n_seeds=len(full.eval_seeds),
+                                 prompts_per_reference=prompts, available=FULL_TEST_GROUPS)
+    assert full.eval_num_references == n and full.eval_edits_per_reference > 1
+    images = grid_size(n * prompts, len(MODEL_NAMES), len(full.eval_scales), len(full.eval_seeds))
+    assert images * T4_SECONDS_PER_IMAGE <= 60 * T4_BUDGET_MINUTES
+    per_reference = grid_size(prompts, len(MODEL_NAMES), len(full.eval_scales), len(full.eval_seeds))
+    assert (images + per_reference) * T4_SECONDS_PER_IMAGE > 60 * T4_BUDGET_MINUTES  # one more would not fit
+
+
+def test_command_line_runs_the_protocol_and_resumes(tiny_profile, runs, tmp_path, monkeypatch, capsys):
+    """python -m helpers.evaluation on the tiny models: cut after the first job, run again, and the CSV is
+    the one an uninterrupted run writes, with notebook 05's references, prompts and every model."""
+
+    args = ["--profile", "tiny", "--data-dir", str(tmp_path / "data"), "--runs-dir", str(runs[0]),
+            "--references", "1", "--edits-per-reference", "1", "--scales", "1.0"]
+    whole = evaluation_main(args + ["--out-dir", str(tmp_path / "whole")])
+    real = generate
+    calls = []
+
+    def cut(*a, **k):
+        if calls:
+            raise Interrupted("disconnected")
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(grid_module, "generate_images", cut)
+    with pytest.raises(Interrupted):
+        evaluation_main(args + ["--out-dir", str(tmp_path / "cut")])
+    monkeypatch.setattr(grid_module, "generate_images", real)
+    capsys.readouterr()
+    resumed = evaluation_main(args + ["--out-dir", str(tmp_path / "cut")])
+    assert "Resuming: 2 of 12 images" in capsys.readouterr().out
+    assert resumed.n_resumed == 2 and resumed.n_generated == 10
+    assert (tmp_path / "cut" / "results.csv").read_bytes() == (tmp_path / "whole" / "results.csv").read_bytes()
+    # the notebook's protocol: the same references and prompts, every model of the bank with its baselines
+    profile = tiny_profile.replace(eval_num_references=1, eval_edits_per_reference=1, eval_scales=(1.0,))
+    refs, prompts = protocol(profile, use_prepared(tmp_path / "data", profile, progress=False))
+    table = pd.read_csv(tmp_path / "whole" / "results.csv")
+    assert set(table["model"]) == set(MODEL_NAMES) and len(table) == len(whole.rows) == len(MODEL_NAMES) * len(prompts)
+    assert set(zip(table["reference"].astype(str), table["prompt"])) == {(p.reference, p.prompt) for p in prompts}
+    assert (tmp_path / "whole" / "summary.csv").is_file() and (tmp_path / "whole" / "headline.txt").is_file()

@@ -1,0 +1,82 @@
+"""helpers.sampling: deterministic batched generation, and held-out references from the test split."""
+import numpy as np
+import pytest
+from _samples import pixels
+from PIL import Image
+
+from helpers.sample.generate import generate, pick_batch_size
+from helpers.sample.references import held_out_references
+
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def references(reference_image):
+    return {"ref": reference_image, "flipped": reference_image.transpose(Image.FLIP_LEFT_RIGHT)}
+
+
+def test_same_seed_same_image_different_seeds_differ_batching_does_not_matter(bank, references):
+    kwargs = dict(models=["finetuned-text-aware"], seeds=(0, 1), steps=STEPS, progress=False)
+    one = generate(bank, references, ["a cat", "a robot"], batch_size=1, **kwargs)
+    again = generate(bank, references, ["a cat", "a robot"], batch_size=1, **kwargs)
+    batched = generate(bank, references, ["a cat", "a robot"], batch_size=3, **kwargs)
+    order = [(s.reference, s.prompt, s.seed) for s in one]
+    assert order == [(r, p, s) for r in references for p in ["a cat", "a robot"] for s in (0, 1)]
+    assert [(s.reference, s.prompt, s.seed) for s in batched] == order
+    for a, b, c in zip(one, again, batched):
+        assert np.array_equal(pixels(a.image), pixels(b.image))  # same seed, same image
+        assert np.abs(pixels(a.image) - pixels(c.image)).max() <= 2  # batch of 3: float rounding only
+    assert np.abs(pixels(one[0].image) - pixels(one[1].image)).mean() > 5  # seeds 0 and 1 differ
+    s = one[0]
+    assert (s.model, s.steps, s.guidance, s.scale, s.variant, s.image.size) == (
+        "finetuned-text-aware", STEPS, bank.profile.guidance_scale, 1.0, "text_aware", (64, 64))
+
+
+def test_at_scale_zero_every_model_is_plain_stable_diffusion(bank, reference_image):
+    out = generate(bank, {"r": reference_image}, ["a cat"], scales=(0.0,), steps=STEPS, progress=False)
+    assert len(out) == len(bank.names) == 4 and all(np.array_equal(pixels(s.image), pixels(out[0].image)) for s in out)
+
+
+def test_per_reference_prompts_and_progress_callback(bank, references):
+    calls = []
+    out = generate(bank, references, {"ref": ["a cat"], "flipped": ["a dog", "a robot"]},
+                            models=["pretrained"], steps=STEPS, progress=lambda done, total: calls.append((done, total)))
+    assert [(s.reference, s.prompt) for s in out] == [("ref", "a cat"), ("flipped", "a dog"), ("flipped", "a robot")]
+    assert calls[-1] == (3, 3)
+    with pytest.raises(KeyError, match="unknown references"):
+        generate(bank, references, {"nope": ["a cat"]}, progress=False)
+    with pytest.raises(KeyError, match="not available"):
+        generate(bank, references, ["a cat"], models=["finetuned-lora"], progress=False)
+
+
+def test_held_out_references_come_from_the_test_split(tiny_profile, tmp_path):
+    from helpers.data.prepare import load_prepared
+
+    refs, message = held_out_references(tiny_profile, tmp_path / "data", n=3)
+    assert "prepared now" in message  # no notebook 01 output: prepared with the same call
+    test = load_prepared(tmp_path / "data").test
+    groups = dict(zip(map(str, test["id"]), test["group"]))
+    assert len(refs) == 3 and set(refs) <= set(groups) and len({groups[i] for i in refs}) == 3
+    again, message = held_out_references(tiny_profile, tmp_path / "data", n=3)
+    assert "notebook 01 wrote" in message and list(again) == list(refs)
+
+
+def test_batch_size_is_one_on_cpu():
+    assert pick_batch_size("cpu", 512) == 1
+
+
+def test_on_step_counts_denoising_steps_and_samples_name_the_sampler(bank, references):
+    steps = []
+    out = generate(bank, references, ["a cat"], models=["pretrained"], steps=3, progress=False,
+                            on_step=lambda: steps.append(1))
+    assert len(out) == 2 and len(steps) == 2 * 3  # two pipeline calls (one per reference) x 3 DDIM steps
+    assert {s.sampler for s in out} == {"DDIMScheduler"}
+
+
+def test_held_out_references_carry_their_captions(tiny_profile, tmp_path):
+    from helpers.data.prepare import load_prepared
+
+    refs, _ = held_out_references(tiny_profile, tmp_path / "data", n=2)
+    test = load_prepared(tmp_path / "data").test
+    own = dict(zip(map(str, test["id"]), test["text"]))
+    assert set(refs.captions) == set(refs) and all(refs.captions[i] == own[i] for i in refs)

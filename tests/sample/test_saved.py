@@ -1,0 +1,35 @@
+"""helpers.sample_files: generated images keep their settings on disk, and read back."""
+import csv
+import json
+
+import numpy as np
+import pytest
+from _samples import fake_samples, pixels
+from PIL import Image
+
+from helpers.sample.saved import load_saved, png_settings, save_samples
+
+
+def test_saved_settings_round_trip(tmp_path):
+    samples = fake_samples(scales=(0.5,))
+    samples[0].prompt, samples[0].negative_prompt = 'a "quoted", prompt, with commas', "blurry"
+    paths = save_samples(samples, tmp_path)
+    assert len(paths) == len(set(paths)) == 4 and all(p.suffix == ".png" for p in paths)
+    for s, p in zip(samples, paths):
+        assert png_settings(p) == s.settings()
+        with Image.open(p) as im:
+            assert im.text["prompt"] == s.prompt and im.text["seed"] == "0"  # readable in any PNG viewer
+    rows = json.loads((tmp_path / "index.json").read_text())
+    assert [r["file"] for r in rows] == [p.name for p in paths] and rows[0]["scale"] == 0.5
+    with open(tmp_path / "index.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert table[0]["prompt"] == samples[0].prompt and table[0]["model"] == "pretrained"
+    back = load_saved(tmp_path)
+    assert [b.settings() for b in back] == [s.settings() for s in samples]
+    assert all(np.array_equal(pixels(b.image), pixels(s.image)) for b, s in zip(back, samples))
+    save_samples(samples[:1], tmp_path)  # the same image again: no duplicate row
+    save_samples(fake_samples(scales=(1.0,))[:1], tmp_path)  # another one: one more row
+    assert len(json.loads((tmp_path / "index.json").read_text())) == 5
+    with pytest.raises(ValueError, match="no 'ipa-settings'"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+        png_settings(tmp_path / "plain.png")

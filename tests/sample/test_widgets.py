@@ -1,0 +1,194 @@
+"""helpers.widgets, headless: set widget values, press the buttons, read the panel's kernel-side state."""
+import io
+from datetime import datetime
+
+import ipywidgets
+import numpy as np
+import pytest
+from _adapters import write_finetuned_adapters
+from PIL import Image
+
+from helpers.sample.bank import load_models
+from helpers.sample.generate import generate
+from helpers.sample.references import held_out_references
+from helpers.sample.saved import png_settings
+from helpers.sample.widgets import SamplingPanel, parse_upload
+
+
+@pytest.fixture(scope="module")
+def bank(tiny_profile, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    write_finetuned_adapters(tiny_profile, runs)
+    return load_models(tiny_profile, runs, device="cpu", verbose=False)
+
+
+@pytest.fixture
+def panel(bank, reference_image, tmp_path):
+    refs = {"ref": reference_image, "flipped": reference_image.transpose(Image.FLIP_LEFT_RIGHT)}
+    captions = {"ref": "a cartoon drawing of a boy", "flipped": "a cartoon drawing of a boy, mirrored"}
+    p = SamplingPanel(bank, refs, out_dir=tmp_path / "samples", captions=captions, scale=0.7)
+    p.steps.value = 2
+    return p
+
+
+def png(color=(10, 200, 30), size=(40, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_generate_button_gives_one_image_per_model(panel, bank):
+    panel.select("flipped")
+    panel.prompt.value = "a cartoon drawing of a robot"
+    panel.scale.value, panel.seed.value, panel.guidance.value = 0.6, 7, 5.0
+    panel.generate_button.click()
+    assert panel.last_error is None, panel.last_error
+    assert list(panel.last_images) == bank.names and len(bank.names) == 4
+    for s in panel.last_samples:
+        assert (s.reference, s.prompt, s.scale, s.seed, s.steps, s.guidance) == (
+            "flipped", "a cartoon drawing of a robot", 0.6, 7, 2, 5.0)
+        assert s.image.size == (64, 64)
+        assert bytes(panel.result_images[s.model].value)[:4] == b"\x89PNG"  # shown in the panel
+    assert panel.progress.value == panel.progress.max == 4 * 2 and "4 images" in panel.status.value  # 4 models x 2 steps
+    assert {s.sampler for s in panel.last_samples} == {"DDIMScheduler"} and "DDIMScheduler" in panel.status.value
+    # the same settings through helpers.sampling give the same pixels
+    again = generate(bank, {"flipped": panel.references["flipped"]}, ["a cartoon drawing of a robot"],
+                              models=["finetuned-text-aware"], scales=(0.6,), seeds=(7,), steps=2, guidance=5.0,
+                              progress=False)[0]
+    assert np.array_equal(np.asarray(again.image), np.asarray(panel.last_images["finetuned-text-aware"]))
+
+
+def test_unticked_models_are_skipped_and_errors_go_to_the_status(panel):
+    panel.model_boxes["finetuned-vanilla"].value = False
+    panel.model_boxes["pretrained"].value = False
+    panel.model_boxes["finetuned-text-aware-neighbour"].value = False
+    panel.generate_button.click()
+    assert list(panel.last_images) == ["finetuned-text-aware"]
+    panel.model_boxes["finetuned-text-aware"].value = False
+    panel.generate_button.click()
+    assert "no model ticked" in panel.last_error and "no model ticked" in panel.status.value
+    assert not panel.generate_button.disabled  # the panel stays usable
+
+
+def test_save_button_writes_images_with_settings(panel, tmp_path):
+    panel.save_button.click()
+    assert "nothing to save yet" in panel.last_error
+    panel.model_boxes["pretrained"].value = False
+    panel.model_boxes["finetuned-text-aware-neighbour"].value = False
+    panel.generate_button.click()
+    panel.save_button.click()
+    assert panel.last_error is None
+    assert len(panel.last_saved) == 2 and all(p.is_file() for p in panel.last_saved)
+    assert {png_settings(p)["model"] for p in panel.last_saved} == {"finetuned-vanilla", "finetuned-text-aware"}
+    assert (tmp_path / "samples" / "index.json").is_file() and (tmp_path / "samples" / "index.csv").is_file()
+
+
+def test_progress_bar_counts_denoising_steps(panel):
+    seen = []
+    panel.progress.observe(lambda change: seen.append(change["new"]), names="value")
+    panel.steps.value = 3
+    panel.model_boxes["pretrained"].value = False
+    panel.model_boxes["finetuned-text-aware-neighbour"].value = False
+    panel.generate_button.click()
+    assert panel.last_error is None and panel.progress.max == 2 * 3
+    assert [v for v in seen if v] == [1, 2, 3, 4, 5, 6]  # one tick per denoising step, both models
+
+
+def test_scale_starts_at_the_notebooks_value_and_settings_follow_the_widgets(panel, bank):
+    assert panel.scale.value == 0.7 and "IP scale: 0.7" in panel.settings_view.value
+    assert "sampler: DDIMScheduler, 2 steps" in panel.settings_view.value
+    panel.scale.value = 1.2
+    panel.prompt.value = "a robot in space"
+    assert "IP scale: 1.2" in panel.settings_view.value and "prompt: a robot in space" in panel.settings_view.value
+    panel.select("flipped")
+    assert "reference: flipped: a cartoon drawing of a boy, mirrored" in panel.settings_view.value
+    assert SamplingPanel(bank, {}).scale.value == 1.0  # no SCALE given: the slider's default
+
+
+def test_parse_upload_reads_ipywidgets_7_and_8_values():
+    v7 = {"drawing.png": {"metadata": {"name": "drawing.png", "type": "image/png", "size": 99}, "content": png()}}
+    v8 = ({"name": "drawing.png", "type": "image/png", "size": 99, "last_modified": datetime.now(),
+           "content": memoryview(png())},)
+    for value in (v7, v8):
+        (name, image), = parse_upload(value)
+        assert name == "drawing.png" and image.size == (40, 30) and image.getpixel((0, 0)) == (10, 200, 30)
+    assert parse_upload(()) == [] and parse_upload({}) == []
+    with pytest.raises(ValueError, match="notes.txt.*not an image"):
+        parse_upload(({"name": "notes.txt", "content": memoryview(b"hello")},))
+    assert parse_upload({"colab.png": png()})[0][0] == "colab.png"  # google.colab.files.upload()'s {name: bytes}
+
+
+@pytest.mark.parametrize("value", [
+    {"phone.jpg": {"metadata": {"name": "phone.jpg", "size": 3_400_000}, "content": b""}},  # ipywidgets 7 in Colab
+    ({"name": "phone.jpg", "size": 3_400_000, "content": memoryview(b"")},),  # ipywidgets 8
+    ({"name": "phone.jpg", "size": 3_400_000, "content": memoryview(png())},),  # cut short
+])
+def test_an_upload_that_arrives_empty_names_the_file_and_the_1mb_limit(value, panel):
+    with pytest.raises(ValueError, match=r"upload of 'phone.jpg' arrived (empty|cut short).*about 1 MB.*Path box"):
+        parse_upload(value)
+    panel._on_upload({"new": value})
+    assert "phone.jpg" in panel.last_error and "1 MB" in panel.status.value
+    assert panel.reference.value == "ref"  # nothing changed
+
+
+def test_a_path_becomes_the_selected_reference(panel, tmp_path):
+    (tmp_path / "drive").mkdir()
+    Image.new("RGB", (50, 40), (1, 2, 3)).save(tmp_path / "drive" / "big.png")
+    panel.path.value = str(tmp_path / "drive" / "big.png")
+    panel.path_button.click()
+    assert panel.last_error is None and panel.reference.value == "upload:big.png"
+    assert panel.references["upload:big.png"].getpixel((0, 0)) == (1, 2, 3)
+    panel.path.value = str(tmp_path / "nothing.png")
+    panel.path_button.click()
+    assert "nothing.png: no such file" in panel.last_error
+    (tmp_path / "notes.png").write_text("not an image")
+    panel.path.value = str(tmp_path / "notes.png")
+    panel.path_button.click()
+    assert "notes.png: not an image" in panel.last_error
+
+
+def test_colab_upload_button_only_in_colab(panel, monkeypatch):
+    assert panel.colab_button.layout.display == "none"  # not in Colab here
+    panel.colab_button.click()
+    assert "only available in Google Colab" in panel.last_error
+    import sys
+    import types
+
+    files = types.SimpleNamespace(upload=lambda: {"photo.png": png((9, 9, 9), (1200, 900))})
+    monkeypatch.setitem(sys.modules, "google.colab", types.SimpleNamespace(files=files))
+    monkeypatch.setitem(sys.modules, "google.colab.files", files)
+    assert panel.colab_upload() == ["upload:photo.png"] and panel.reference.value == "upload:photo.png"
+
+
+def test_upload_becomes_the_selected_reference(panel):
+    content = png((250, 0, 0))
+    if int(ipywidgets.__version__.split(".")[0]) >= 8:
+        value = ({"name": "mine.png", "type": "image/png", "size": len(content), "last_modified": datetime.now(),
+                  "content": memoryview(content)},)
+    else:
+        value = {"mine.png": {"metadata": {"name": "mine.png", "type": "image/png", "size": len(content)},
+                              "content": content}}
+    panel.upload.set_trait("value", value)  # as the browser does (read-only from Python in 7); fires the observer
+    assert panel.last_error is None and panel.reference.value == "upload:mine.png"
+    panel._on_upload({"new": {"other.png": {"metadata": {}, "content": png((0, 0, 250))}}})  # 7's shape, any version
+    assert panel.reference.value == "upload:other.png" and panel.references["upload:other.png"].getpixel((0, 0)) == (0, 0, 250)
+    assert bytes(panel.preview.value)[:4] == b"\x89PNG"
+    panel.generate()
+    assert {s.reference for s in panel.last_samples} == {"upload:other.png"}
+    panel._on_upload({"new": ({"name": "bad.png", "content": memoryview(b"xx")},)})
+    assert "bad.png" in panel.last_error
+
+
+def test_thumbnails_show_captions_and_select_their_reference(panel):
+    assert len(panel.thumbnails.children) == 2
+    image, button, caption = panel.thumbnails.children[1].children
+    assert "a cartoon drawing of a boy, mirrored" in caption.value and "flipped" not in caption.value
+    assert [label for label, _ in panel.reference.options][1] == "a cartoon drawing of a boy, mirrored (flipped)"
+    button.click()
+    assert panel.reference.value == "flipped"
+
+
+def test_captions_come_with_held_out_references(bank, tiny_profile, tiny_data):
+    refs, _ = held_out_references(tiny_profile, tiny_data[2], n=2)
+    panel = SamplingPanel(bank, refs)
+    assert set(panel.captions) == set(refs) and all(c.startswith("a cartoon drawing") for c in panel.captions.values())

@@ -1,0 +1,305 @@
+"""helpers.hub and helpers.model_card: the upload folder and its card, the push (dry run and a fake HfApi), and
+loading by Hub id from a Hub-cache layout, on the tiny profile. Nothing touches the network."""
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import huggingface_hub
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import ModelCard, ModelCardData, constants
+from huggingface_hub.utils import validate_repo_id
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from helpers.evaluate.plots import tradeoff_plot
+from helpers.evaluate.stats import EDIT, OWN, headline, summarize
+from helpers.model.adapter_file import AdapterFileError, resolve_adapter, save_adapter
+from helpers.model.official_format import adapter_state_dict, official_to_live
+from helpers.model.pipeline import load_pipeline, load_unet
+from helpers.sample.bank import load_models
+from helpers.sample.registry import parse_models
+from helpers.share.__main__ import main as hub_main
+from helpers.share.card import load_snippet
+from helpers.share.hub import build_upload_folder, ensure_token, push_adapter
+from helpers.share.run_info import RunInfo, eval_model_name
+from helpers.support.profile import RICK_AND_MORTY
+
+REPO = "me/my-adapter"
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def run_config(profile, variant, data_dir, name="tiny"):
+    """The keys helpers.train writes to config.json (values of a short run)."""
+    return {"output_dir": "runs/" + variant, "variant": variant, "profile": name, "data_dir": str(data_dir),
+            "batch_size": 4, "epochs": 1, "max_steps": 6, "learning_rate": 1e-4, "weight_decay": 0.01,
+            "checkpoint_every": 4, "seed": 0, "mixed_precision": "no", "gradient_checkpointing": False,
+            "max_grad_norm": 1.0, "keep_checkpoints": 2, "steps_per_epoch": 3, "train_images": 12,
+            "base_model": profile.base_model, "ip_adapter": profile.ip_adapter,
+            "drop_rates": {"text": 0.05, "image": 0.05, "both": 0.05}, "num_processes": 1, "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_profile, tmp_path_factory):
+    """runs/text_aware and runs/vanilla as notebook 03 leaves them (perturbed weights, config.json, loss_log.csv)."""
+    root = tmp_path_factory.mktemp("out")
+    pipe = load_pipeline(tiny_profile.base_model, tiny_profile.ip_adapter, variant="text_aware", device="cpu")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if name.startswith(("encoder_hid_proj.", "text_image_attn.")) or "_ip." in name:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    (root / "data").mkdir()
+    (root / "data" / "prepared.json").write_text(json.dumps({"source": tiny_profile.dataset}))
+    for variant in ("text_aware", "vanilla"):
+        if variant == "vanilla":
+            pipe.unet.text_image_attn = None
+        config = run_config(tiny_profile, variant, root / "data")
+        run = root / "runs" / variant
+        save_adapter(pipe, run / "adapter.safetensors", metadata={"base_model": tiny_profile.base_model,
+                                                                  "training_config": config})
+        (run / "config.json").write_text(json.dumps(config))
+        with open(run / "loss_log.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["step", "epoch", "loss", "seconds"])
+            w.writerows([s, (s - 1) // 3, 0.5 - 0.01 * s, 0.25] for s in range(1, 7))
+    return root
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty Hub cache for this test, used by hf_hub_download exactly as $HF_HUB_CACHE would be."""
+    cache = tmp_path / "hub-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def put_in_cache(cache, repo_id, folder, commit="0123456789abcdef0123456789abcdef01234567"):
+    """Copy a folder into the Hub cache's layout (models--user--name/snapshots/<commit>/, refs/main), as a
+    download of repo_id would have left it."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+def check_metadata(data: ModelCardData):
+    """What the Hub's validation asks of these fields, offline: Hub ids where ids go, known values elsewhere."""
+    for repo_id in ([data.base_model] if data.base_model else []) + list(data.datasets or []):
+        validate_repo_id(repo_id)
+    assert data.license == "cc-by-nc-sa-4.0" and data.library_name == "diffusers"
+    assert data.pipeline_tag == "text-to-image" and all(isinstance(t, str) for t in data.tags)
+    assert ModelCardData(**data.to_dict()).to_dict() == data.to_dict()  # round-trips through the dataclass
+
+
+def test_tiny_card_parses_validates_and_says_random_first(runs, tmp_path):
+    grid = Image.new("RGB", (96, 64), "white")
+    folder = build_upload_folder(runs / "runs" / "text_aware", tmp_path / "up", samples=grid, repo_id=REPO)
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapter.safetensors", "samples.png"]
+    card = ModelCard.load(folder / "README.md")  # raises on malformed metadata
+    check_metadata(card.data)
+    assert card.data.base_model is None and card.data.datasets is None  # local tiny models and data: not Hub ids
+    assert "text-aware" in card.data.tags and "random-weights" in card.data.tags
+    first = card.text.strip().splitlines()[0]
+    assert first.startswith("**These weights are random**") and "`tiny` profile" in first
+    assert f'adapter="{REPO}"' in card.text and "from helpers.model import load_pipeline" in card.text
+    assert "| steps | 6 (~2.0 epochs) |" in card.text and "0.0 min of training steps (median 0.25 s/step" in card.text
+    assert "![Samples" in card.text and "Evaluation" not in card.text
+
+
+def test_full_run_card_has_hub_metadata_and_notebook_05s_table(runs, tmp_path, tiny_profile):
+    import pandas as pd
+
+
+    run = tmp_path / "runs" / "text_aware"
+    shutil.copytree(runs / "runs" / "text_aware", run)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "prepared.json").write_text(json.dumps({"source": RICK_AND_MORTY}))
+    config = {**run_config(tiny_profile, "text_aware", data, "full"), "base_model": SD15,
+              "ip_adapter": "h94/IP-Adapter/models/ip-adapter-plus_sd15.safetensors"}
+    (run / "config.json").write_text(json.dumps(config))
+    # notebook 05's files, written as it writes them
+    eval_dir = tmp_path / "eval"
+    rng = np.random.default_rng(0)
+    rows = [{"model": m, "scale": s, "reference": f"r{r}", "prompt_kind": k, "clip_t": 0.3 - 0.1 * s + rng.normal(0, .01),
+             "clip_i": 0.6 + 0.3 * s + rng.normal(0, .01), "dino": 0.5 + 0.3 * s, "clip_model": "openai/clip-vit-large-patch14"}
+            for m in ("pretrained", "finetuned-text-aware") for s in (0.5, 1.0) for r in range(4) for k in (OWN, EDIT)]
+    eval_dir.mkdir()
+    pd.DataFrame(rows).to_csv(eval_dir / "results.csv", index=False)
+    summaries = {kind: summarize(rows, prompt_kind=kind) for kind in (EDIT, OWN)}
+    pd.concat([s.assign(prompt_kind=k) for k, s in summaries.items()]).to_csv(eval_dir / "summary.csv", index=False)
+    tradeoff_plot(summaries[EDIT]).savefig(eval_dir / "tradeoff.png")
+    (eval_dir / "headline.txt").write_text(headline(rows) + "\n")
+
+    folder = build_upload_folder(run, tmp_path / "up", eval_dir=eval_dir, repo_id=REPO)
+    card = ModelCard.load(folder / "README.md")
+    check_metadata(card.data)
+    assert card.data.base_model == SD15 and card.data.datasets == [RICK_AND_MORTY]
+    assert card.data.to_dict()["base_model_relation"] == "adapter"
+    assert card.text.strip().startswith("# Text-aware IP-Adapter Plus")  # no random-weights line
+    assert "## Evaluation (notebook 05, `full` profile)" in card.text and "openai/clip-vit-large-patch14" in card.text
+    table = [line for line in card.text.splitlines() if line.startswith(("| edit |", "| own caption |"))]
+    line = summaries[EDIT].query("model == 'finetuned-text-aware' and scale == 1.0").iloc[0]
+    assert len(table) == 4 and f"| edit | 1 | 4 | {line['clip_t']:.3f} [{line['clip_t_lo']:.3f}" in card.text
+    assert (folder / "tradeoff.png").read_bytes() == (eval_dir / "tradeoff.png").read_bytes()
+    assert "inherit its terms: non-commercial" in card.text
+    # the vanilla run is not in 05's results: no table, no plot
+    vanilla = build_upload_folder(runs / "runs" / "vanilla", tmp_path / "up-vanilla", eval_dir=eval_dir)
+    assert "Evaluation" not in (vanilla / "README.md").read_text() and not (vanilla / "tradeoff.png").exists()
+    assert 'pipe.load_ip_adapter("user/repo", subfolder="", weight_name="adapter.safetensors"' in \
+        (vanilla / "README.md").read_text()
+
+
+def test_folder_adapter_loads_back_equal_to_the_runs(runs, tmp_path, tiny_profile):
+    run = runs / "runs" / "text_aware"
+    folder = build_upload_folder(run, tmp_path / "up")
+    original, copied = load_file(str(run / "adapter.safetensors")), load_file(str(folder / "adapter.safetensors"))
+    assert original.keys() == copied.keys() and all(torch.equal(original[k], copied[k]) for k in original)
+    pipe = load_pipeline(tiny_profile.base_model, tiny_profile.ip_adapter, variant="text_aware", adapter=folder, device="cpu")
+    loaded = adapter_state_dict(pipe.unet)
+    assert loaded.keys() == original.keys() and all(torch.equal(loaded[k], original[k]) for k in original)
+    with pytest.raises(ValueError, match="holds other files"):
+        (tmp_path / "up" / "notes.txt").write_text("x")
+        build_upload_folder(run, tmp_path / "up")
+
+
+def test_push_dry_run_gives_the_exact_calls_and_a_push_makes_them(runs, tmp_path, monkeypatch):
+    folder = build_upload_folder(runs / "runs" / "vanilla", tmp_path / "up", repo_id=REPO)
+    calls = push_adapter(folder, REPO, dry_run=True)
+    assert [(c.method, c.kwargs) for c in calls] == [
+        ("create_repo", {"repo_id": REPO, "repo_type": "model", "private": True, "exist_ok": True}),
+        ("upload_folder", {"repo_id": REPO, "repo_type": "model", "folder_path": str(folder),
+                           "commit_message": "Upload vanilla IP-Adapter"})]
+    assert push_adapter(folder, REPO, private=False, dry_run=True)[0].kwargs["private"] is False
+    made = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            self.token = token
+
+        def __getattr__(self, method):
+            return lambda **kw: made.append((method, kw, self.token)) or f"done {method}"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(ModelCard, "validate", lambda self, repo_type=None: made.append(("validate", {}, None)))
+    pushed = push_adapter(folder, REPO, token="hf_x")
+    assert made == [("validate", {}, None)] + [(c.method, c.kwargs, "hf_x") for c in calls]
+    assert [c.result for c in pushed] == ["done create_repo", "done upload_folder"]
+    with pytest.raises(FileNotFoundError, match="no README.md"):
+        push_adapter(runs / "runs" / "vanilla", REPO, dry_run=True)  # a run folder is not an upload folder
+
+
+def test_cli_builds_the_folder_and_dry_runs(runs, tmp_path, capsys):
+    calls = hub_main([str(runs / "runs" / "text_aware"), "--repo-id", REPO, "--public", "--dry-run",
+                      "--out", str(tmp_path / "up")])
+    out = capsys.readouterr().out
+    assert [c.method for c in calls] == ["create_repo", "upload_folder"] and calls[0].kwargs["private"] is False
+    assert f"would call HfApi.create_repo(repo_id={REPO!r}" in out and (tmp_path / "up" / "README.md").is_file()
+
+
+def test_loading_by_hub_id_reads_the_hub_cache(runs, tmp_path, tiny_profile, hub_cache, monkeypatch):
+    folder = build_upload_folder(runs / "runs" / "text_aware", tmp_path / "up", repo_id=REPO)
+    put_in_cache(hub_cache, REPO, folder)
+    seen = []
+    real = huggingface_hub.hf_hub_download
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **kw: seen.append(a) or real(*a, **kw))
+    path = resolve_adapter(REPO)
+    assert seen == [(REPO, "adapter.safetensors")] and hub_cache in path.parents
+    assert path.read_bytes() == (folder / "adapter.safetensors").read_bytes()
+    # the card's own loading code, run as written (on the CPU), loads the same weights by id
+    scope = {}
+    exec(load_snippet("text_aware", REPO, base_model=tiny_profile.base_model,
+                                 ip_adapter=tiny_profile.ip_adapter, device="cpu", dtype="float32"), scope)
+    original = load_file(str(runs / "runs" / "text_aware" / "adapter.safetensors"))
+    loaded = adapter_state_dict(scope["pipe"].unet)
+    assert loaded.keys() == original.keys() and all(torch.equal(loaded[k], original[k]) for k in original)
+    unet = load_unet(tiny_profile.base_model, tiny_profile.ip_adapter, variant="text_aware", adapter=REPO,
+                     image_encoder_dim=scope["pipe"].image_encoder.config.hidden_size, device="cpu")
+    assert all(torch.equal(v, original[k]) for k, v in adapter_state_dict(unet).items())
+
+
+def test_vanilla_upload_loads_by_id_in_plain_diffusers(runs, tmp_path, tiny_profile, hub_cache):
+    folder = build_upload_folder(runs / "runs" / "vanilla", tmp_path / "up")
+    put_in_cache(hub_cache, REPO, folder)
+    scope = {}
+    exec(load_snippet("vanilla", REPO, base_model=tiny_profile.base_model,
+                                 ip_adapter=tiny_profile.ip_adapter, device="cpu", dtype="float32"), scope)
+    assert "helpers" not in load_snippet("vanilla", REPO, base_model=SD15, ip_adapter="h94/IP-Adapter/a/b")
+    original = load_file(str(folder / "adapter.safetensors"))
+    loaded = adapter_state_dict(scope["pipe"].unet)
+    assert loaded.keys() == original.keys() and all(torch.equal(loaded[k], original[k]) for k in original)
+    assert type(scope["pipe"].scheduler).__name__ == "DDIMScheduler"  # the sampler of the notebooks
+
+
+def test_foreign_repos_files_and_folders_fail_clearly(tmp_path, tiny_profile, hub_cache):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    shutil.copyfile(tiny_profile.ip_adapter, foreign / "adapter.safetensors")  # official format, not ours
+    put_in_cache(hub_cache, "someone/other-model", foreign)
+    with pytest.raises(AdapterFileError, match=r"Hub repo someone/other-model: adapter.safetensors is not an adapter "
+                                               r"saved by this project .*format='ip-adapter-plus'"):
+        load_pipeline(tiny_profile.base_model, tiny_profile.ip_adapter, adapter="someone/other-model")
+    with pytest.raises(AdapterFileError, match=f"{foreign}: adapter.safetensors is not an adapter saved by this project"):
+        resolve_adapter(foreign)
+    with pytest.raises(AdapterFileError, match="someone/absent: not a local file or folder, and the Hub repo "
+                                               "'someone/absent' is not in the local cache"):
+        resolve_adapter("someone/absent")
+    with pytest.raises(AdapterFileError, match="no adapter.safetensors in this folder"):
+        resolve_adapter(tmp_path / "hub-cache")
+    junk = tmp_path / "not-an-adapter.safetensors"
+    save_file({"weight": torch.zeros(2)}, str(junk))
+    with pytest.raises(AdapterFileError, match="not-an-adapter.safetensors: no image_proj.* or ip_adapter.* tensors"):
+        load_pipeline(tiny_profile.base_model, tiny_profile.ip_adapter, adapter=junk)
+
+
+def test_bank_takes_extra_models_by_hub_id_and_a_vae(runs, tmp_path, tiny_profile, hub_cache):
+    from diffusers import AutoencoderKL
+
+
+    folder = build_upload_folder(runs / "runs" / "text_aware", tmp_path / "up")
+    put_in_cache(hub_cache, REPO, folder)
+    vae = AutoencoderKL.from_pretrained(tiny_profile.base_model, subfolder="vae")
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(1.0)
+    vae.save_pretrained(tmp_path / "my-vae")
+    bank = load_models(tiny_profile, None, extra={"shared": REPO, "broken": str(tmp_path)},
+                                vae=str(tmp_path / "my-vae"), device="cpu", verbose=False)
+    assert bank.names == ["pretrained", "shared"] and bank.models["shared"].variant == "text_aware"
+    expected = official_to_live(load_file(str(folder / "adapter.safetensors")))
+    assert all(torch.equal(bank.models["shared"].params[k], v) for k, v in expected.items())
+    assert bank.missing["broken"].startswith(f"cannot use {tmp_path}: ") and "no adapter.safetensors" in bank.missing["broken"]
+    assert torch.equal(bank.pipe.vae.decoder.conv_out.bias, vae.decoder.conv_out.bias)
+    with pytest.raises(ValueError, match="taken by the built-in models"):
+        load_models(tiny_profile, None, extra={"pretrained": REPO})
+
+
+def test_model_names_and_form_fields():
+    def run(folder, variant):
+        return RunInfo(Path(folder), Path(folder) / "adapter.safetensors", variant, "tiny")
+
+    assert eval_model_name(run("runs/vanilla", "vanilla")) == "finetuned-vanilla"
+    assert eval_model_name(run("runs/text_aware", "text_aware")) == "finetuned-text-aware"
+    assert eval_model_name(run("runs/text_aware_neighbour", "text_aware")) == "finetuned-text-aware-neighbour"
+    assert eval_model_name(run("elsewhere/mine", "text_aware")) == "finetuned-text-aware"  # by its variant
+    assert parse_models("mine=me/a, you/b,\n./runs/text_aware/ , x=/tmp/y.safetensors") == {
+        "mine": "me/a", "b": "you/b", "text_aware": "./runs/text_aware/", "x": "/tmp/y.safetensors"}
+    with pytest.raises(ValueError, match="two models named 'a'"):
+        parse_models("me/a, you/a")
+    for not_a_file in ("/abs/path", "outputs/runs/text_aware", "me/a/sub/not_weights.txt"):
+        with pytest.raises(AdapterFileError, match="no such file or folder"):
+            resolve_adapter(not_a_file)  # neither local nor 'user/name[/file.safetensors]': refused before any download
+
+
+def test_token_comes_from_the_login_else_a_login_box(monkeypatch):
+    shown = []
+    monkeypatch.setattr(huggingface_hub, "notebook_login", lambda *a, **kw: shown.append(True))
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_stored")
+    assert ensure_token() == "hf_stored" and not shown
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    assert ensure_token() is None and shown == [True]  # outside Colab: no secret, so the login box

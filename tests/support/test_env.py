@@ -1,0 +1,95 @@
+"""helpers.env: the Colab-only branches (install, Drive, output root), tested by faking Colab."""
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from IPython.core.inputtransformer2 import TransformerManager
+
+from helpers.support.env import (
+    DRIVE_FOLDER,
+    OUTPUT_ENV,
+    colab_badge,
+    in_colab,
+    install_command,
+    output_root,
+    repo_urls,
+    set_repo,
+    setup,
+)
+
+NOTEBOOKS = sorted((Path(__file__).parents[2] / "notebooks").glob("*.ipynb"))
+
+
+@pytest.fixture
+def fake_colab(monkeypatch, tmp_path):
+    """A stand-in `google.colab` whose drive.mount records the call and creates MyDrive."""
+    mounted = []
+
+    def mount(path):
+        mounted.append(path)
+        (Path(path) / "MyDrive").mkdir(parents=True, exist_ok=True)
+
+    google = types.ModuleType("google")
+    colab = types.ModuleType("google.colab")
+    colab.drive = types.SimpleNamespace(mount=mount)
+    google.colab = colab
+    monkeypatch.setitem(sys.modules, "google", google)
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    monkeypatch.delenv(OUTPUT_ENV, raising=False)
+    return mounted
+
+
+def test_outside_colab_outputs_go_to_the_checkout(monkeypatch):
+    monkeypatch.delenv(OUTPUT_ENV, raising=False)
+    assert not in_colab()
+    root = output_root(colab=False, drive=False)
+    assert root == Path(__file__).parents[2] / "outputs"
+
+
+def test_colab_mounts_drive_and_writes_there(fake_colab, tmp_path, capsys):
+    e = setup(mount_drive=True, drive_mount=str(tmp_path / "drive"), quiet=False)
+    assert fake_colab == [str(tmp_path / "drive")]
+    assert e.colab and e.drive and e.output_root == tmp_path / "drive" / DRIVE_FOLDER / "outputs"
+    assert e.output_root.is_dir() and "Google Drive" in capsys.readouterr().out
+
+
+def test_colab_without_drive_uses_session_disk(fake_colab):
+    assert in_colab()
+    assert output_root(colab=True, drive=False) == Path("/content/outputs")
+    assert fake_colab == []
+
+
+def test_output_root_variable_wins(monkeypatch, tmp_path):
+    monkeypatch.setenv(OUTPUT_ENV, str(tmp_path))
+    assert output_root(colab=True, drive=True) == tmp_path
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.name)
+def test_setup_cell_installs_only_in_colab(nb, fake_colab, monkeypatch):
+    """Run each notebook's setup cell as IPython would, with `!` commands recorded, not executed."""
+    import nbformat
+
+    cell = next(c for c in nbformat.read(nb, 4).cells if c.cell_type == "code")
+    code = TransformerManager().transform_cell(cell.source)
+    commands = []
+    shell = types.SimpleNamespace(system=commands.append)
+    exec(code, {"get_ipython": lambda: shell})
+    assert commands == [install_command()]
+    monkeypatch.delitem(sys.modules, "google.colab")
+    commands.clear()
+    exec(code, {"get_ipython": lambda: shell})
+    assert commands == []
+
+
+def test_set_repo_rewrites_badges_and_install_urls(tmp_path):
+    (tmp_path / "notebooks").mkdir()
+    nb = tmp_path / "notebooks" / "01_x.ipynb"
+    nb.write_text(colab_badge("01_x.ipynb") + "\n" + install_command())
+    (tmp_path / "README.md").write_text(colab_badge("01_x.ipynb") + " see github.com/other/repo/blob/x")
+    changed = set_repo("me/fork", tmp_path)
+    assert set(changed) == {nb, tmp_path / "README.md"}
+    assert repo_urls(nb.read_text()) == {"me/fork"}
+    assert repo_urls((tmp_path / "README.md").read_text()) == {"me/fork", "other/repo"}
+    with pytest.raises(ValueError, match="OWNER/NAME"):
+        set_repo("not a repo", tmp_path)
