@@ -67,7 +67,7 @@ def real_size_pipe(device, dtype, tokenizer_folder):
         CLIPVisionModelWithProjection,
     )
 
-    from helpers.tiny.shapes import VIT_H14
+    from helpers.model.sd15 import VIT_H14
 
     vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2,
@@ -95,8 +95,8 @@ def main(argv=None):
     from helpers.data.features import cache_features
     from helpers.data.prepare import prepare_dataset
     from helpers.model.pipeline import load_pipeline
+    from helpers.profile import get_profile
     from helpers.support.device import default_device_dtype
-    from helpers.support.profile import get_profile
 
     profile = get_profile(args.profile)
     device, dtype = default_device_dtype(args.device)

@@ -55,9 +55,9 @@ def main(argv=None):
 
     import datasets
 
+    from helpers.profile import get_profile
     from helpers.sample.bank import load_models
     from helpers.sample.generate import pick_batch_size
-    from helpers.support.profile import get_profile
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -6,8 +6,9 @@
     sample/    04  the models compared (registry, bank), generating, references, galleries, the widget panel
     evaluate/  05  CLIP-T / CLIP-I / DINO, the protocol, the grid, the statistics (stats.py), the plots
     share/         the model card and the Hub upload
-    support/       profiles, devices, environment, loading errors, library quirks, atomic writes, names
-    tiny/          the tiny profile's models and data, and the real SD 1.5 shapes with random weights
+    profile.py     which models, data and sizes a run uses: `full` (Colab) or `tiny` (CI, random weights)
+    support/       devices, environment, loading errors, library quirks, atomic writes, names
+    tiny/          the tiny profile's models and data, and SD 1.5 at its real size with random weights
 
 No module imports one that imports it back (tests/test_imports.py). The stage packages export their entry
 points: helpers.data.prepare_dataset, helpers.model.load_pipeline / save_adapter, helpers.train.train (and

@@ -19,7 +19,7 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def tiny_profile():
-    from helpers.support.profile import get_profile
+    from helpers.profile import get_profile
 
     return get_profile("tiny", announce=False)
 

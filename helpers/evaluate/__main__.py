@@ -10,10 +10,10 @@ import argparse
 from pathlib import Path
 
 from ..data.prepare import use_prepared
+from ..profile import get_profile
 from ..sample.bank import load_models
 from ..sample.registry import parse_models
 from ..support.env import output_root
-from ..support.profile import get_profile
 from . import stats
 from .grid import run_grid
 from .protocol import grid_settings, protocol

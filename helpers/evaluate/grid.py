@@ -18,11 +18,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..profile import DINO, EVAL_CLIP
 from ..sample.generate import Sample, as_list
 from ..sample.generate import generate as generate_images
 from ..sample.references import Reference
 from ..sample.saved import sample_filename
-from ..support.profile import DINO, EVAL_CLIP
 from .metrics import get_clip, get_dino, x100
 from .protocol import PromptSpec, check_held_out
 from .results import ResultsFile, load_samples, row_key

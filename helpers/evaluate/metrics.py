@@ -38,11 +38,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..profile import DINO as DEFAULT_DINO
+from ..profile import EVAL_CLIP as DEFAULT_CLIP
 from ..support.compat import clip_score_update
 from ..support.device import default_device
 from ..support.loading import loading
-from ..support.profile import DINO as DEFAULT_DINO
-from ..support.profile import EVAL_CLIP as DEFAULT_CLIP
 
 ImageLike = Union[Image.Image, np.ndarray, torch.Tensor]
 

@@ -31,8 +31,8 @@ import numpy as np
 from PIL import ImageOps
 
 from ..data.duplicates import MAX_HASH_DISTANCE, dhash
+from ..profile import EVAL_CLIP
 from ..sample.references import Reference, column, pick_references
-from ..support.profile import EVAL_CLIP
 from .metrics import get_clip
 from .stats import EDIT, OWN, bootstrap_ci
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from ..tiny.shapes import RESAMPLER_DIM, SD15_UNET, VIT_H14
 from .block import TextImageCrossAttention
 from .official_format import adapter_parameters, ip_adapter_layer_keys
+from .sd15 import RESAMPLER_DIM, SD15_UNET, VIT_H14
 
 _FROZEN, _TRAINED, _NEW, _DATA, _ORANGE = "#e6e6e6", "#cfe3f7", "#fbd3a6", "white", "#c05a00"
 

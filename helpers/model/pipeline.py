@@ -24,7 +24,6 @@ from ..support.compat import dtype_kwargs, load_ip_adapter_weights
 from ..support.device import default_device_dtype
 from ..support.loading import fp16_first, loading
 from ..support.locations import image_encoder_next_to, split_hub_name
-from ..support.profile import DEFAULT_SCHEDULER
 from .adapter_file import (
     check_adapter_tensors,
     read_adapter_file,
@@ -33,6 +32,7 @@ from .adapter_file import (
 )
 from .block import TextAwareUNet2DConditionModel
 from .official_format import split_official
+from .sd15 import DEFAULT_SCHEDULER
 
 VARIANTS = ("vanilla", "text_aware")
 

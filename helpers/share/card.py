@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 
 from ..model.adapter_file import ADAPTER_FILE
+from ..profile import IP_ADAPTER_PLUS, RICK_AND_MORTY, SD15
 from ..support.env import REPO, install_command
 from ..support.locations import image_encoder_next_to, is_hub_id
-from ..support.profile import IP_ADAPTER_PLUS, RICK_AND_MORTY, SD15
 from .run_info import TRADEOFF_FILE, Evaluation, RunInfo
 
 LICENSE = "cc-by-nc-sa-4.0"  # the Rick and Morty drawings' licence, which weights fitted to them inherit

@@ -15,8 +15,8 @@ from pathlib import Path
 from ..data.prepare import read_manifest
 from ..model.adapter_file import ADAPTER_FILE
 from ..model.official_format import BLOCK_PREFIX
+from ..profile import RICK_AND_MORTY
 from ..sample.registry import FINETUNED
-from ..support.profile import RICK_AND_MORTY
 from ..train.config import read_run_settings
 from ..train.loss_log import LOSS_LOG, read_loss_log
 

@@ -1,6 +1,5 @@
 """Plumbing every stage uses.
 
-    profile.py    the full and tiny profiles: every model id, size and count that differs between them
     device.py     the one device and precision decision
     env.py        Colab or not, Google Drive, the output root, the repository's address
     loading.py    a failed load turned into a message that names the id and says what to do

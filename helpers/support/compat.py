@@ -46,7 +46,9 @@ def clip_score_update():
     Image-image scoring arrived with its `_detect_modality` (torchmetrics 1.9).
     """
     try:
-        from torchmetrics.functional.multimodal.clip_score import _clip_score_update as update
+        from torchmetrics.functional.multimodal.clip_score import (
+            _clip_score_update as update,
+        )
         from torchmetrics.functional.multimodal.clip_score import _detect_modality  # noqa: F401  (present: 1.9+)
     except ImportError as e:
         import torchmetrics

@@ -3,7 +3,7 @@
 REPO is the single place that holds the repository's address: the Colab badges in README.md and the
 notebooks, and the notebooks' install cells, are written from it. To publish under another address:
 
-    python -m helpers.env --set-repo OWNER/NAME     # rewrites README.md and notebooks/*.ipynb
+    python -m helpers.support.env --set-repo OWNER/NAME     # rewrites README.md and notebooks/*.ipynb
 """
 
 from __future__ import annotations
@@ -120,7 +120,8 @@ def set_repo(new: str, root: Path | None = None, *, old: str = REPO) -> list[Pat
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", new):
         raise ValueError(f"expected OWNER/NAME, got {new!r}")
     root = root or repo_root() or Path.cwd()
-    files = [root / "README.md", *sorted((root / "notebooks").glob("*.ipynb")), root / "helpers" / "env.py"]
+    files = [root / "README.md", *sorted((root / "notebooks").glob("*.ipynb")),
+             root / "helpers" / "support" / "env.py"]
     changed = []
     for f in files:
         if not f.is_file():
@@ -140,7 +141,7 @@ def repo_urls(text: str) -> set[str]:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m helpers.env", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m helpers.support.env", description=__doc__.split("\n\n")[0])
     ap.add_argument("--set-repo", metavar="OWNER/NAME", help="rewrite badges and install cells to this repository")
     args = ap.parse_args(argv)
     if args.set_repo:

@@ -1,9 +1,7 @@
 """Real Stable Diffusion 1.5 / IP-Adapter Plus shapes with random weights: for tests and benchmarks that
 must see the real sizes (head counts, 64 x 64 latents, 257 x 1280 image features) without a download.
 
-Numbers from the published configs (docs/architecture.md, "Real shapes"): UNet 860M parameters with 16 cross-
-attention layers; OpenCLIP ViT-H/14 image encoder (hidden 1280, 32 layers); Plus Resampler (dim 768,
-depth 4, dim_head 64, 12 heads, 16 queries).
+The sizes are the published configs' (helpers.model.sd15).
 """
 
 from __future__ import annotations
@@ -12,23 +10,8 @@ import torch
 
 from ..model.block import TextAwareUNet2DConditionModel
 from ..model.official_format import ip_adapter_layer_keys, split_official
+from ..model.sd15 import RESAMPLER_DIM, SD15_UNET, VIT_H14
 from ..support.compat import load_ip_adapter_weights
-
-SD15_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-)
-VIT_H14 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
-               image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu")
-RESAMPLER_DIM = 768  # Plus for SD 1.5: 12 heads of 64
-TEXT_LEN = 77
 
 
 def random_ip_adapter_plus(unet, *, image_encoder_dim: int, dim: int, queries: int = 16, depth: int = 4,

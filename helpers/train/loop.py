@@ -7,7 +7,7 @@
            [--pairing self|mirror|neighbour [--pairing-self-prob P]]
 
 The recipe is the seed project's, the same for both variants so that the comparison isolates the
-architecture (helpers.support.profile holds its values; notebook 03 shows them). It starts from the pretrained
+architecture (helpers.profile holds its values; notebook 03 shows them). It starts from the pretrained
 IP-Adapter Plus weights (the text-image block at zero). Trainable: the Resampler, every to_k_ip / to_v_ip,
 and (text-aware) the text-image block, in fp32; the UNet stays frozen in the mixed-precision dtype. The VAE
 and both encoders never run here: training reads notebook 01's feature cache and samples each latent from the

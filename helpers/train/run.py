@@ -21,9 +21,9 @@ from ..data.features import load_feature_cache, prepare_for_training
 from ..model.adapter_file import ADAPTER_FILE
 from ..model.official_format import adapter_parameters
 from ..model.pipeline import load_unet
+from ..profile import get_profile
 from ..support.device import choose_mixed_precision
 from ..support.env import in_colab, output_root
-from ..support.profile import get_profile
 from .checkpoints import (
     CheckpointMismatch,
     SettingsMismatch,

@@ -210,7 +210,7 @@ def test_grid_samples_are_the_images_of_the_rows(split, tiny_profile, tmp_path):
 
 
 def test_default_size_comes_from_the_t4_budget():
-    from helpers.support.profile import full_profile
+    from helpers.profile import full_profile
 
     full = full_profile("test")
     prompts = 1 + full.eval_edits_per_reference

@@ -19,13 +19,13 @@ from helpers.evaluate.stats import EDIT, OWN, headline, summarize
 from helpers.model.adapter_file import AdapterFileError, resolve_adapter, save_adapter
 from helpers.model.official_format import adapter_state_dict, official_to_live
 from helpers.model.pipeline import load_pipeline, load_unet
+from helpers.profile import RICK_AND_MORTY
 from helpers.sample.bank import load_models
 from helpers.sample.registry import parse_models
 from helpers.share.__main__ import main as hub_main
 from helpers.share.card import load_snippet
 from helpers.share.hub import build_upload_folder, ensure_token, push_adapter
 from helpers.share.run_info import RunInfo, eval_model_name
-from helpers.support.profile import RICK_AND_MORTY
 
 REPO = "me/my-adapter"
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"

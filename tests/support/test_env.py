@@ -1,4 +1,4 @@
-"""helpers.env: the Colab-only branches (install, Drive, output root), tested by faking Colab."""
+"""helpers.support.env: the Colab-only branches (install, Drive, output root), tested by faking Colab."""
 import sys
 import types
 from pathlib import Path

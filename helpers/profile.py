@@ -23,13 +23,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .model.sd15 import DEFAULT_SCHEDULER
+
 PROFILE_ENV = "IPA_PROFILE"
 QUICK_ENV = "IPA_QUICK"
 RESOLUTION_ENV = "IPA_RESOLUTION"
 NAMES = ("auto", "full", "tiny")
-# The sampler of every notebook: DDIM, as the seed project and the IP-Adapter paper sampled. A diffusers
-# scheduler class, built from the base model's own scheduler config (helpers.model.pipeline.make_scheduler).
-DEFAULT_SCHEDULER = "DDIMScheduler"
 
 # The full profile's models and data: the one place that names them
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -143,7 +142,7 @@ def full_profile(reason: str) -> Profile:
 
 
 def tiny_profile(reason: str) -> Profile:
-    from ..tiny.assets import IP_ADAPTER_FILE, RESOLUTION, build_tiny_assets
+    from .tiny.assets import IP_ADAPTER_FILE, RESOLUTION, build_tiny_assets
 
     root = build_tiny_assets()
     return Profile(

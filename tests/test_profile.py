@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from helpers.support.profile import (
+from helpers.profile import (
     DEFAULT_SCHEDULER,
     PROFILE_ENV,
     QUICK_ENV,
