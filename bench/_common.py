@@ -229,7 +229,7 @@ def ddpm_scheduler():
 
 
 def make_trainable(unet, device: torch.device, dtype: torch.dtype) -> dict[str, torch.nn.Parameter]:
-    """As helpers.train: the UNet frozen in `dtype`, the adapter's parameters (helpers.adapter_file's
+    """As helpers.train: the UNet frozen in `dtype`, the adapter's parameters (helpers.model.adapter_file's
     adapter_parameters, including the text-image block when it is attached) trainable in fp32."""
     from helpers.model.official_format import adapter_parameters
 

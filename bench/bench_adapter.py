@@ -5,7 +5,7 @@ of a training step, measured side by side in one process (issue 3, "Speed").
     python bench/bench_adapter.py --repeats 3 --batch 1    # a few minutes on a 2-core CPU
     python bench/bench_adapter.py --only sampling          # or: --only training
 
-One model is built (helpers.shapes.real_size_models: the 860M-parameter SD 1.5 UNet, a random IP-Adapter
+One model is built (helpers.tiny.shapes.real_size_models: the 860M-parameter SD 1.5 UNet, a random IP-Adapter
 Plus loaded by diffusers' own loader, ViT-H/14 for the image features) and the text-image block is attached
 once; the two variants are the same model with the block detached (`unet.text_image_attn = None`, diffusers'
 stock path) and attached, so every other weight and every input is identical.
@@ -14,7 +14,7 @@ stock path) and attached, so every other weight and every input is identical.
     rows, 512 px (64 x 64 latents), text states (2, 77, 768), image features (2, 1, 257, 1280); the call
     includes process_encoder_hidden_states (Resampler, and the block when attached). Target: text-aware
     <= 1.03x vanilla.
-(b) Training: one helpers.train step (helpers.loss.diffusion_loss, backward to the adapter's parameters
+(b) Training: one helpers.train step (helpers.train.loss.diffusion_loss, backward to the adapter's parameters
     only, gradient clipping, AdamW) at --batch; frozen UNet in the run's dtype, trainable parameters in fp32
     (autocast + GradScaler with fp16, as Accelerate does). Target: text-aware <= 1.05x vanilla.
 

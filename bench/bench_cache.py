@@ -1,4 +1,4 @@
-"""How fast helpers.features.cache_features encodes images on this machine (images per second).
+"""How fast helpers.data.features.cache_features encodes images on this machine (images per second).
 
     python bench/bench_cache.py                         # active profile (tiny without a GPU): end to end
     python bench/bench_cache.py --profile full          # the real models and data (needs the Hub, a GPU)
@@ -6,7 +6,7 @@
                                                         # random weights: real compute, no download
 
 Two figures: end to end (cache_features into an empty folder: loading the models, encoding, writing the
-file) and encoding alone (helpers.features.encode_batch on already-loaded models, the part that grows with the
+file) and encoding alone (helpers.data.features.encode_batch on already-loaded models, the part that grows with the
 data). The issue's target: the 529 Rick and Morty images in under 5 minutes on a T4. Say the machine when
 you quote a figure; the script prints it.
 """
@@ -55,7 +55,7 @@ def time_encoding(pipe, images, texts, resolution, batch_size, device) -> float:
 
 def real_size_pipe(device, dtype, tokenizer_folder):
     """The three frozen encoders at their real sizes (random weights): SD 1.5's VAE, CLIP ViT-L/14's text
-    encoder, OpenCLIP ViT-H/14 as CLIPVisionModelWithProjection (helpers.shapes.VIT_H14)."""
+    encoder, OpenCLIP ViT-H/14 as CLIPVisionModelWithProjection (helpers.model.sd15.VIT_H14)."""
     from diffusers import AutoencoderKL
     from diffusers.image_processor import VaeImageProcessor
     from transformers import (

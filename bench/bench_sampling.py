@@ -1,4 +1,4 @@
-"""How fast helpers.sampling.generate makes images on this machine (images per second).
+"""How fast helpers.sample.generate.generate makes images on this machine (images per second).
 
     python bench/bench_sampling.py                     # active profile (tiny, 64 px, on a CPU)
     python bench/bench_sampling.py --profile full      # SD 1.5 + IP-Adapter Plus, 512 px, fp16 on a GPU

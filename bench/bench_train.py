@@ -6,14 +6,14 @@ measured side by side in one process (issue 5, "Speed and memory").
 
 cached      what helpers.train does: latents sampled from the cached VAE mean/std, cached text states
             (B, 77, 768) and image features (B, 257, 1280) (fp16, as notebook 01's cache holds them); only
-            the UNet runs (helpers.loss.diffusion_loss, backward, clipping, AdamW).
+            the UNet runs (helpers.train.loss.diffusion_loss, backward, clipping, AdamW).
 on-the-fly  what the reference IP-Adapter training script (tutorial_train_plus.py) does in each step: the
             VAE encoder on the 512 x 512 pixels, CLIP ViT-H/14 on the 224 x 224 crop (penultimate hidden
             states) and the CLIP text encoder on the token ids, all frozen under no_grad, then the same
             UNet step. Image decoding, resizing and tokenising happen in the data loader in both cases and
             are not timed; neither is condition dropout (it changes inputs, not cost).
 
-Models at their SD 1.5 sizes, with random weights and no download: helpers.shapes.real_size_models (UNet
+Models at their SD 1.5 sizes, with random weights and no download: helpers.tiny.shapes.real_size_models (UNet
 860M + IP-Adapter Plus, ViT-H/14 632M), an AutoencoderKL with block_out_channels (128, 256, 512, 512)
 and a CLIPTextModel (hidden 768, 12 layers, 12 heads, intermediate 3072, 77 positions). On a GPU the frozen
 weights are fp16, the trainable ones fp32 (autocast + GradScaler), and the encoders are moved off the GPU
@@ -35,7 +35,7 @@ T4_MEMORY_TARGET_GIB = 13.0
 
 
 def real_size_vae_and_text(seed: int):
-    """SD 1.5's VAE and CLIP ViT-L/14 text encoder shapes, random weights (fast init, helpers.shapes)."""
+    """SD 1.5's VAE and CLIP ViT-L/14 text encoder shapes, random weights (fast init, helpers.tiny.shapes)."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
 

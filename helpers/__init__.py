@@ -11,6 +11,6 @@
     tiny/          the tiny profile's models and data, and SD 1.5 at its real size with random weights
 
 No module imports one that imports it back (tests/test_imports.py). The stage packages export their entry
-points: helpers.data.prepare_dataset, helpers.model.load_pipeline / save_adapter, helpers.train.train (and
+points: helpers.data.prepare.prepare_dataset, helpers.model.load_pipeline / save_adapter, helpers.train.train (and
 `python -m helpers.train`), helpers.evaluate.clip_t / clip_i.
 """

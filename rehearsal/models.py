@@ -1,7 +1,7 @@
 """The mirror's model repos: the real config files (rehearsal/hub_files/) with random weights at their shapes.
 
 Each model is built from its repo's own config file with the libraries' initialisers skipped
-(`helpers.shapes.no_init`) and filled by `helpers.shapes.random_init` (fast, scale-preserving), then saved
+(`helpers.tiny.shapes.no_init`) and filled by `helpers.tiny.shapes.random_init` (fast, scale-preserving), then saved
 with the installed library's `save_pretrained` into a scratch folder, from which only the weight files are
 copied: every config file in the mirror is the published one, not what today's library would write.
 Weight dtypes follow the published files: fp32 weights plus `.fp16` variants for SD 1.5, fp16 for the

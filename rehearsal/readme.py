@@ -12,7 +12,7 @@ PROVENANCE = {
     models.SD15: "config files copied byte for byte from a git mirror of the published repo (model_index, scheduler, "
                  "unet, vae, text_encoder, tokenizer, feature_extractor, safety_checker)",
     models.IP_ADAPTER: "models/image_encoder/config.json copied from a public copy of the published file; the "
-                       "IP-Adapter Plus file has the official keys (helpers.shapes.random_ip_adapter_plus), fp16 "
+                       "IP-Adapter Plus file has the official keys (helpers.tiny.shapes.random_ip_adapter_plus), fp16 "
                        "as published",
     models.CLIP_L: "config.json, preprocessor_config.json, tokenizer_config.json, special_tokens_map.json copied "
                    "byte for byte from a git mirror of the published repo; tokenizer.json written by the "
@@ -51,7 +51,7 @@ def render(root: Path, files: dict[str, list[str]], revisions: dict[str, str], *
         f"- CLIP's BPE vocabulary (SD 1.5 tokenizer and CLIP-L): {vocab_source}.",
         "",
         "## What is not",
-        "- **every weight is random** (scale-preserving noise, helpers.shapes.random_init): pictures are noise,",
+        "- **every weight is random** (scale-preserving noise, helpers.tiny.shapes.random_init): pictures are noise,",
         "  scores meaningless, captions from BLIP gibberish;",
         f"- **the dataset is synthetic and small**: {n_rows} rows ({dataset.N_PAIRS} procedural drawings and their",
         f"  mirrors, {dataset.SIZE} x {dataset.SIZE} PNG) instead of 529 Rick and Morty frames. The real images' size",

@@ -26,9 +26,9 @@ def make_text_aware_nonzero(pipe, seed=1):
 
 
 def write_finetuned_adapters(profile, runs_dir, *, seed: int = 0) -> dict[str, Path]:
-    """runs_dir/<folder>/adapter.safetensors for every model of helpers.bank.FINETUNED: the profile's
+    """runs_dir/<folder>/adapter.safetensors for every model of helpers.sample.bank.FINETUNED: the profile's
     IP-Adapter with every adapter weight perturbed (and, for text-aware, a block that is not the identity),
-    saved with helpers.adapter.save_adapter. Returns model name -> file."""
+    saved with helpers.model.pipeline.save_adapter. Returns model name -> file."""
     g = torch.Generator().manual_seed(seed)
     paths = {}
     for name, (folder, variant) in FINETUNED.items():

@@ -33,11 +33,13 @@ def dhash(im: Image.Image, hash_size: int = HASH_SIZE) -> np.ndarray:
 
 
 def hash_distances(images: Sequence[Image.Image], hash_size: int = HASH_SIZE) -> tuple[np.ndarray, np.ndarray]:
-    """(hashes, distance): hashes (N, hash_size**2) bool; distance (N, N) int, the Hamming distance between
-    image i and image j or j's mirror, whichever is smaller (so an exact mirror pair is at 0)."""
+    """(hashes, distance): hashes (N, hash_size**2) bool; distance (N, N) int, symmetric: the smallest Hamming
+    distance between image i and image j with either one mirrored or neither (so an exact mirror pair is at 0).
+    A mirror's dHash is not the original's bits reversed, so |h_i ^ m_j| and |m_i ^ h_j| differ: both count."""
     hashes = np.stack([dhash(im, hash_size) for im in images]) if images else np.zeros((0, hash_size**2), bool)
     flipped = np.stack([dhash(ImageOps.mirror(im), hash_size) for im in images]) if images else hashes
-    return hashes, _hamming_min(hashes, flipped)
+    distance = _hamming_min(hashes, flipped)
+    return hashes, np.minimum(distance, distance.T)
 
 
 def _hamming_min(hashes: np.ndarray, flipped: np.ndarray, chunk: int = 1024) -> np.ndarray:

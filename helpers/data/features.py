@@ -152,7 +152,7 @@ def cache_features(split, out_dir, *, base_model, ip_adapter, image_encoder=None
         null_image_embeds (1, 257, 1280); null_text_embeds (1, 77, 768)   (see encode_batch, null_features)
     Metadata (strings): fingerprint and its parts (data, models, resolution, version), ids (JSON list),
     scaling_factor. An existing file with the same fingerprint is reused without loading any model; a
-    different one is rebuilt. Models come from helpers.adapter.load_pipeline (fp16 on a GPU).
+    different one is rebuilt. Models come from helpers.model.pipeline.load_pipeline (fp16 on a GPU).
     """
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -206,7 +206,7 @@ def load_feature_cache(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata() or {})
         if meta.get("format") != "ipa-feature-cache":
-            raise ValueError(f"{path}: not a feature cache written by helpers.features.cache_features")
+            raise ValueError(f"{path}: not a feature cache written by helpers.data.features.cache_features")
         return {k: f.get_tensor(k) for k in f.keys()}, meta
 
 
@@ -221,7 +221,7 @@ def mirror_cache_path(cache_path) -> Path:
 
 def cache_mirror_features(split, cache_path, *, base_model, ip_adapter, image_encoder=None, resolution: int,
                           batch_size: int = 16, device=None, progress: bool = True) -> Path:
-    """Image-encoder features of every row of `split` mirrored left to right (helpers.pairing's `mirror`
+    """Image-encoder features of every row of `split` mirrored left to right (helpers.train.pairing's `mirror`
     pairing), written beside the feature cache `cache_path` (mirror_cache_path) and returned as a path.
 
     Tensor: mirror_image_embeds (N, 257, 1280) fp16, rows in the cache's order: encode_images of
@@ -273,7 +273,7 @@ def cache_mirror_features(split, cache_path, *, base_model, ip_adapter, image_en
 def prepare_for_training(profile, data_dir, *, device=None, progress: bool = True, announce: bool = True,
                          dataset=None, resolution: int | None = None,
                          test_fraction: float | None = None) -> tuple[PreparedData, Path]:
-    """Everything training needs: notebook 01's prepared data in data_dir, read as it is (helpers.data.use_prepared:
+    """Everything training needs: notebook 01's prepared data in data_dir, read as it is (helpers.data.prepare.use_prepared:
     prepared from the profile's dataset only if missing; dataset / resolution / test_fraction, when given, must
     match it), and the train split's feature cache data_dir/train_features.safetensors at the data's resolution
     with the profile's models, built only if missing or stale. Returns (prep, path)."""

@@ -53,7 +53,7 @@ from .images import SkipItem, center_square, decode_image, png_bytes
 from .sources import DataSourceError, SourceItem, open_source, source_stamp  # noqa: F401  (DataSourceError: public here)
 
 PREPARED_JSON = "prepared.json"  # what was prepared from what; written last, so its presence means complete
-PREPARED_VERSION = "1"  # bump when prepared data would come out different, so old folders are rebuilt
+PREPARED_VERSION = "2"  # 2: distances symmetric (either image mirrored)  # bump when prepared data would come out different, so old folders are rebuilt
 DATA_SEED = 0  # the split seed prepare_for_training uses (notebook 01 uses the same, so training reuses its work)
 
 

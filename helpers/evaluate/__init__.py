@@ -5,6 +5,7 @@
     grid.py      generate and score the grid, one row per image, resumable
     results.py   results.csv: append-only, exact round trip
     stats.py     the idea of the comparison: intervals over references, paired differences, matched gain
+    headline.py  the text-aware model against every baseline, as tables and sentences
     plots.py     the trade-off curve, side-by-side grids, the bootstrap histogram, the published numbers
 """
 

@@ -14,7 +14,8 @@ from ..profile import get_profile
 from ..sample.bank import load_models
 from ..sample.registry import parse_models
 from ..support.env import output_root
-from . import stats
+from .headline import headline
+from .stats import summarize
 from .grid import run_grid
 from .protocol import grid_settings, protocol
 
@@ -44,9 +45,9 @@ def main(argv=None):
     references, prompts = protocol(profile, prep)
     bank = load_models(profile, runs_dir, extra=parse_models(args.extra_models), baselines=True)
     result = run_grid(bank, references, prompts, train=prep.train, out_dir=out_dir, **grid_settings(profile))
-    summary = stats.summarize(result.rows)
+    summary = summarize(result.rows)
     summary.to_csv(out_dir / "summary.csv", index=False)
-    text = stats.headline(result.rows, random_weights=profile.random_weights)
+    text = headline(result.rows, random_weights=profile.random_weights)
     (out_dir / "headline.txt").write_text(text + "\n")
     print(f"{len(result.rows)} images ({result.n_resumed} from an earlier run, {result.n_generated} made now) in "
           f"{result.csv}\n{text}")

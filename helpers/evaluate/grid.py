@@ -1,12 +1,12 @@
-"""Generate and score the evaluation grid, one row per image, written as it goes (notebook 05, helpers.evaluation).
+"""Generate and score the evaluation grid, one row per image, written as it goes (notebook 05, helpers.evaluate.protocol).
 
     result = run_grid(bank, references, prompts, train=prep.train, out_dir=EVAL_DIR, **grid_settings(profile))
-    result.rows          # one dict per image (helpers.results_file.CSV_COLUMNS), in grid order
-    result.samples(rows) # those images as helpers.sampling.Sample objects (read back from out_dir)
+    result.rows          # one dict per image (helpers.evaluate.results.CSV_COLUMNS), in grid order
+    result.samples(rows) # those images as helpers.sample.generate.Sample objects (read back from out_dir)
 
 The grid is models x IP-Adapter scales x references x prompts x seeds. Each reference's prompts x seeds,
-at one model and scale, is one job: generated (helpers.sampling.generate, one torch.Generator per image),
-saved, scored (helpers.metrics: CLIP-T, CLIP-I, DINO) and appended to results.csv before the next job.
+at one model and scale, is one job: generated (helpers.sample.generate.generate, one torch.Generator per image),
+saved, scored (helpers.evaluate.metrics: CLIP-T, CLIP-I, DINO) and appended to results.csv before the next job.
 A rerun skips the jobs already in results.csv and runs the others exactly as an uninterrupted run would
 (the same jobs, so the same batches), so its final CSV is the same, row for row and value for value.
 """
@@ -34,8 +34,8 @@ def score_samples(samples, references: Sequence[Reference], prompts: Sequence[Pr
     """One row per sample (CSV_COLUMNS): its settings, prompt kind, and CLIP-T / CLIP-I / DINO scores.
 
     samples: objects with image, model, reference, prompt, scale, seed (steps, guidance optional), e.g.
-             helpers.sampling.Sample
-    clip, dino: ids/folders or loaded helpers.metrics scorers (loaded once and reused)
+             helpers.sample.generate.Sample
+    clip, dino: ids/folders or loaded helpers.evaluate.metrics scorers (loaded once and reused)
     files: optional file name per sample (where the image was saved)
     """
     samples = list(samples)
@@ -71,7 +71,7 @@ class GridResult:
 
     n_generated / n_resumed: images made by this call / rows found in results.csv from an earlier run
     n_other: rows of results.csv that belong to other settings (kept in the file, left out of `rows`)
-    samples(rows): helpers.sampling.Sample objects for rows (default all), images from memory or from disk
+    samples(rows): helpers.sample.generate.Sample objects for rows (default all), images from memory or from disk
     """
 
     rows: list[dict] = field(repr=False)
@@ -112,13 +112,13 @@ def run_grid(bank, references: Sequence[Reference], prompts: Sequence[PromptSpec
     """Generate every model x scale x reference x prompt x seed and score each image, writing as it goes.
 
     train:    the training split: references found in it are refused (check_held_out) before anything runs
-    bank:     helpers.bank.load_models(...); models: names to evaluate (default: all the bank has)
+    bank:     helpers.sample.bank.load_models(...); models: names to evaluate (default: all the bank has)
     out_dir:  where results.csv and images/ go (None: write nothing). Each reference's prompts x seeds, at
               one model and scale, are generated in one job, scored, saved and appended to results.csv
               (flushed and fsynced) before the next; a rerun with the same out_dir skips every row already
               there and ends with the same rows and values as a run that was never interrupted
     steps, guidance: default to the bank's profile (num_inference_steps, guidance_scale)
-    generate: the generation function (default helpers.sampling.generate; tests pass a stand-in)
+    generate: the generation function (default helpers.sample.generate.generate; tests pass a stand-in)
     """
     references = list(references)
     _check_inputs(references, prompts, train)

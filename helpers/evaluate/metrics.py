@@ -9,7 +9,7 @@ pair, the convention of DreamBooth's CLIP-T / CLIP-I and (almost certainly) of t
 "CLIP-T 0.32". torchmetrics' `CLIPScore` reports `max(100 * cosine, 0)` instead; `x100()` converts.
 Always name the CLIP model next to a number: scores from different CLIP models are not comparable.
 
-CLIP goes through torchmetrics' own CLIP score code (`_clip_score_update`, wrapped in helpers.compat:
+CLIP goes through torchmetrics' own CLIP score code (`_clip_score_update`, wrapped in helpers.support.compat:
 processor, features, normalisation), fed by the callable `model_name_or_path` hook of `CLIPScore`. With transformers 5,
 `CLIPModel.get_{image,text}_features` return output objects (the projected embedding is in
 `.pooler_output`) where torchmetrics expects tensors; `TensorFeatures` is the thin wrapper that fixes

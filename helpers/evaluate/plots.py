@@ -1,5 +1,5 @@
 """Notebook 05's figures: what a reader would rather look at than read. Each returns a matplotlib Figure or a
-PIL image (tests check what they hold); models are labelled by what they are (helpers.bank.label).
+PIL image (tests check what they hold); models are labelled by what they are (helpers.sample.bank.label).
 
     tradeoff_plot(summary)                 CLIP-I and DINO against CLIP-T, one curve per model through its IP
                                            scales, 95% interval bars over references
@@ -42,8 +42,8 @@ def tradeoff_plot(summary, *, y: Sequence[str] = ("clip_i", "dino"), x: str = "c
     scales (labelled at each point), 95% bootstrap intervals over references as error bars; baselines and
     ablations dashed. Up and to the right is better: more like the reference and more like the prompt.
 
-    summary: helpers.stats.summarize(rows, prompt_kind=...); clip_model / dino_model: named on the axes.
-    copy_clip_t: CLIP-T of the unedited references with the same prompts (helpers.evaluation.copy_baseline),
+    summary: helpers.evaluate.stats.summarize(rows, prompt_kind=...); clip_model / dino_model: named on the axes.
+    copy_clip_t: CLIP-T of the unedited references with the same prompts (helpers.evaluate.protocol.copy_baseline),
     drawn as a dashed line: left of it, an image follows the prompt less than the reference itself does."""
     import matplotlib.pyplot as plt
 
@@ -113,7 +113,7 @@ def side_by_side(samples, *, scale: float | None = None, n_rows: int = 4, prompt
 def category_grids(rows, prompts: Sequence[PromptSpec], load: Callable, *, scale: float | None = None,
                    n_rows: int = 3, categories: Sequence[str] = CATEGORIES, cell: int | None = None) -> dict:
     """{edit category: side_by_side grid} for every category that has edit prompts. rows: the grid's rows
-    (helpers.grid.GridResult.rows); load(rows) -> Samples (GridResult.samples): only the images shown are
+    (helpers.evaluate.grid.GridResult.rows); load(rows) -> Samples (GridResult.samples): only the images shown are
     loaded. Same scale rule and seed as side_by_side."""
     scales = sorted({float(r["scale"]) for r in rows})
     scale = min(scales, key=lambda v: abs(v - 0.5)) if scale is None else float(scale)

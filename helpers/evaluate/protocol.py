@@ -1,13 +1,13 @@
-"""The evaluation protocol of notebook 05 (and `python -m helpers.evaluation`): consistency (CLIP-I, DINO)
+"""The evaluation protocol of notebook 05 (and `python -m helpers.evaluate`): consistency (CLIP-I, DINO)
 against variation (CLIP-T), for every model of the bank, baselines included.
 
-    references  held-out test images (helpers.sampling.pick_references: notebook 01's test split, one per
+    references  held-out test images (helpers.sample.generate.pick_references: notebook 01's test split, one per
                 group, seeded); `check_held_out` refuses any reference that is in, or a near-duplicate of,
                 the training split
     prompts     each reference's own caption + EDIT_PROMPTS (setting, outfit, action, style), rotated over
                 the references so that every edit is used (`build_prompts`)
     grid        models x IP-Adapter scales x references x prompts x seeds, generated and scored per image
-                by helpers.grid.run_grid (one row per image in results.csv, appended job by job; a rerun
+                by helpers.evaluate.grid.run_grid (one row per image in results.csv, appended job by job; a rerun
                 skips the rows already there)
     size        the full profile's default is the largest number of references whose grid fits a T4 budget
                 (`references_for_budget`, from an *estimated* T4 time per image, T4_SECONDS_PER_IMAGE)
@@ -15,11 +15,11 @@ against variation (CLIP-T), for every model of the bank, baselines included.
 `protocol(profile, prep)` and `grid_settings(profile)` are the one definition of which references, prompts
 and settings a run uses; the notebook and the command line both call them:
 
-    python -m helpers.evaluation --profile full [--references N --scales 0.3,0.5 ...]   # resumes like 05
+    python -m helpers.evaluate --profile full [--references N --scales 0.3,0.5 ...]   # resumes like 05
 
-The statistics of the rows (intervals, paired differences, headline) are in helpers.stats, the figures in
-helpers.eval_figures, the CSV format in helpers.results_file. All scores are plain cosines (helpers.metrics);
-`*_x100` columns are torchmetrics' CLIPScore scale.
+The statistics of the rows are in helpers.evaluate.stats (and, against every baseline, helpers.evaluate.headline),
+the figures in helpers.evaluate.plots, the CSV format in helpers.evaluate.results. All scores are plain cosines
+(helpers.evaluate.metrics); `*_x100` columns are torchmetrics' CLIPScore scale.
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ def check_held_out(references: Sequence[Reference], train, *, max_distance: int 
 
     A reference counts as a training image when its `id` or its `group` appears in the training split, or
     when its perceptual hash, or its mirror's, is within `max_distance` bits of a training image's: the
-    rule helpers.duplicates uses to keep near-duplicates (mirrored copies, re-encodings) on one side of the split
-    (256-bit dHash, default max distance helpers.duplicates.MAX_HASH_DISTANCE).
+    rule helpers.data.duplicates uses to keep near-duplicates (mirrored copies, re-encodings) on one side of the split
+    (256-bit dHash, default max distance helpers.data.duplicates.MAX_HASH_DISTANCE).
 
     train: the training split (datasets.Dataset, or a list of dicts with image and, if known, id / group).
     """
@@ -103,7 +103,7 @@ def check_held_out(references: Sequence[Reference], train, *, max_distance: int 
         raise TrainingImageError(
             "these references are training images, so they cannot measure generalisation:\n  "
             + "\n  ".join(problems)
-            + "\nUse the held-out test split from notebook 01 (helpers.data.load_prepared(...).test).")
+            + "\nUse the held-out test split from notebook 01 (helpers.data.prepare.load_prepared(...).test).")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -35,10 +35,10 @@ class ResultsFileError(ValueError):
 
 
 def row_key(row) -> tuple:
-    """(model, scale, reference, prompt, seed, steps, guidance) of a row dict or of a Sample-like object."""
+    """The KEY_COLUMNS of a row dict or of a Sample-like object, typed: (model, scale, reference, prompt, seed,
+    steps, guidance)."""
     get = row.get if isinstance(row, dict) else lambda k: getattr(row, k)
-    return (str(get("model")), float(get("scale")), str(get("reference")), str(get("prompt")), int(get("seed")),
-            int(get("steps")), float(get("guidance")))
+    return tuple(float(get(c)) if c in _FLOATS else int(get(c)) if c in _INTS else str(get(c)) for c in KEY_COLUMNS)
 
 
 def _text(column: str, value) -> str:
@@ -112,11 +112,6 @@ class ResultsFile:
                 os.fsync(f.fileno())
         self.rows += [_typed({c: r[c] for c in CSV_COLUMNS}) for r in rows]
         self._keys.update(row_key(r) for r in rows)
-
-
-def read_csv(path) -> list[dict]:
-    """The rows of a results.csv, typed (floats exactly as written)."""
-    return ResultsFile(path).rows
 
 
 def load_samples(rows, root, references) -> list:

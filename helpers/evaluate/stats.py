@@ -1,6 +1,7 @@
-"""The statistics of the evaluation: intervals over references, paired differences between models, the headline.
+"""The statistics of the evaluation: intervals over references, paired differences between models, and the
+gain in prompt following at matched consistency (helpers.evaluate.headline writes it up against every baseline).
 
-Input: rows, one per generated image (helpers.evaluation.score_samples, or results.csv read back), with at least
+Input: rows, one per generated image (helpers.evaluate.protocol.score_samples, or results.csv read back), with at least
 model, scale, reference, prompt, seed, prompt_kind, edit and the metric columns (clip_t, clip_i, dino: plain cosines).
 
     bootstrap_ci(values, groups)          mean and 95% percentile bootstrap interval, resampling *references*
@@ -9,9 +10,6 @@ model, scale, reference, prompt, seed, prompt_kind, edit and the metric columns 
                                           seed, scale), with a paired bootstrap interval over references
     matched_gain(rows, a, b)              a's CLIP-T minus b's at matched CLIP-I, along each model's scale curve,
                                           with a paired bootstrap interval (and its bootstrap draws)
-    paired_table(rows)                    those differences per IP scale, against every baseline
-    headline_table(rows) / headline(rows) that result against every baseline, overall and per edit category,
-                                          as a table and in sentences, computed from the rows
 
 Images of one reference are not independent evidence, so every interval resamples references; every model
 sees the same references, prompts and seeds, so differences between models resample the references *once
@@ -29,7 +27,7 @@ import numpy as np
 from ..sample.registry import label, model_order
 
 OWN, EDIT = "own caption", "edit"  # prompt kinds: a reference's own caption, or an edit prompt
-CATEGORIES = ("setting", "outfit", "action", "style")  # edit categories (helpers.evaluation.EDIT_PROMPTS)
+CATEGORIES = ("setting", "outfit", "action", "style")  # edit categories (helpers.evaluate.protocol.EDIT_PROMPTS)
 METRICS = ("clip_t", "clip_i", "dino")
 N_BOOT = 2000  # bootstrap draws, for every interval in this module
 LEVEL = 0.95
@@ -63,7 +61,7 @@ def bootstrap_ci(values, groups=None, *, n_boot: int = N_BOOT, level: float = LE
     return mean, float(lo), float(hi)
 
 
-def _frame(rows, *, prompt_kind: str | None = None, edit: str | None = None):
+def as_frame(rows, *, prompt_kind: str | None = None, edit: str | None = None):
     """rows as a pandas DataFrame, optionally only one prompt kind and/or one edit category."""
     import pandas as pd
 
@@ -79,7 +77,7 @@ def _frame(rows, *, prompt_kind: str | None = None, edit: str | None = None):
 
 def backbones(rows) -> str:
     """The score backbones and scale, for a table's caption: 'plain cosines; CLIP-T/CLIP-I: CLIP <id>; DINO: <id>'."""
-    frame = _frame(rows)
+    frame = as_frame(rows)
     clip = frame["clip_model"].iloc[0] if "clip_model" in frame else "?"
     dino = frame["dino_model"].iloc[0] if "dino_model" in frame else "?"
     return f"plain cosines in [-1, 1]; CLIP-T and CLIP-I: CLIP {clip}; DINO: {dino} (CLS token)"
@@ -94,7 +92,7 @@ def summarize(rows, *, prompt_kind: str | None = None, edit: str | None = None, 
     """
     import pandas as pd
 
-    frame = _frame(rows, prompt_kind=prompt_kind, edit=edit)
+    frame = as_frame(rows, prompt_kind=prompt_kind, edit=edit)
     if frame.empty:
         raise ValueError(f"no rows with prompt_kind {prompt_kind!r}" + (f" and edit {edit!r}" if edit else ""))
     out = []
@@ -118,7 +116,7 @@ def format_summary(summary, digits: int = 3):
     shown = summary[["label", "scale", "n_references", "n_images"]].rename(columns={"label": "model"})
     for m in METRICS:
         if m in summary:
-            shown[_short(m)] = [f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+            shown[metric_label(m)] = [f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
                                 for v, lo, hi in zip(summary[m], summary[f"{m}_lo"], summary[f"{m}_hi"])]
     if "clip_t_x100" in summary:
         shown["CLIPScore (x100)"] = summary["clip_t_x100"].round(1)
@@ -136,7 +134,7 @@ def paired_difference(rows, model: str, baseline: str, metric: str = "clip_t", *
     from the same reference, prompt, seed and scale (all scales, or one). The differences are averaged per
     reference and the references resampled (bootstrap_ci), so both models are resampled together.
     Raises ValueError when an image of one model has no partner in the other (not a paired design)."""
-    frame = _frame(rows, prompt_kind=prompt_kind, edit=edit)
+    frame = as_frame(rows, prompt_kind=prompt_kind, edit=edit)
     if scale is not None:
         frame = frame[np.isclose(frame["scale"].astype(float), float(scale))]
     a, b = (frame[frame["model"] == m].set_index(list(PAIR_KEYS))[metric] for m in (model, baseline))
@@ -152,27 +150,10 @@ def paired_difference(rows, model: str, baseline: str, metric: str = "clip_t", *
     return bootstrap_ci(diff.to_numpy(), diff.index.get_level_values("reference"), seed=seed)
 
 
-def paired_table(rows, *, model: str = "finetuned-text-aware", baselines: Sequence[str] | None = None,
-                 prompt_kind: str | None = EDIT):
-    """`model` minus each baseline (default: every other model), image by image, per IP scale: each metric's
-    mean difference with its 95% paired interval, as 'mean [low, high]' strings (DataFrame; empty when
-    `model` is not in the rows)."""
-    import pandas as pd
-
-    frame = _frame(rows)
-    out = []
-    for base in comparisons(frame, model, baselines) if model in set(frame["model"]) else ():
-        for scale in sorted(frame.loc[frame["model"] == model, "scale"].unique()):
-            line = {"comparison": f"{label(model)} - {label(base)}", "IP scale": float(scale)}
-            for m in METRICS:
-                mean, lo, hi = paired_difference(frame, model, base, m, scale=scale, prompt_kind=prompt_kind)
-                line[f"{_short(m)} difference"] = f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
-            out.append(line)
-    return pd.DataFrame(out)
 
 
 # --------------------------------------------------------------------------------------------------
-# The headline: CLIP-T gain at matched CLIP-I
+# CLIP-T gain at matched CLIP-I (helpers.evaluate.headline puts it in sentences and tables)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -229,7 +210,7 @@ def matched_gain(rows, model: str, baseline: str, *, x: str = "clip_t", y: str =
     """`model`'s x minus `baseline`'s x at matched y (see MatchedGain), with a bootstrap interval that
     resamples the references both models share (the same draw for both: a paired comparison), N_BOOT draws.
     None when a model is missing, has fewer than two scales, or the curves do not overlap in y."""
-    frame = _frame(rows, prompt_kind=prompt_kind, edit=edit)
+    frame = as_frame(rows, prompt_kind=prompt_kind, edit=edit)
     present = set(frame["model"])
     if model not in present or baseline not in present:
         return None
@@ -252,109 +233,18 @@ def matched_gain(rows, model: str, baseline: str, *, x: str = "clip_t", y: str =
     return MatchedGain(model, baseline, point[0], lo, hi, point[1], len(refs), x, y, prompt_kind, edit, boots)
 
 
-def _short(name: str) -> str:
+def metric_label(name: str) -> str:
+    """'clip_t' -> 'CLIP-T', 'clip_i' -> 'CLIP-I', 'dino' -> 'DINO' (other names as they are)."""
     return {"clip_t": "CLIP-T", "clip_i": "CLIP-I", "dino": "DINO"}.get(name, name)
 
 
-def describe_gain(g: MatchedGain, clip_model: str = "") -> str:
-    """One sentence for a MatchedGain, numbers included."""
-    kind = {EDIT: "edit prompts", OWN: "the references' own captions", None: "all prompts"}[g.prompt_kind]
-    if g.edit:
-        kind = f"{g.edit} edits"
-    sign = "higher" if g.gain >= 0 else "lower"
-    if math.isnan(g.low):
-        ci, verdict = "no bootstrap interval: too few references, or the curves rarely overlap in resamples", ""
-    else:
-        ci = f"95% paired interval {g.low:+.3f} to {g.high:+.3f}"
-        verdict = (" - larger than the resampling noise" if g.low > 0 or g.high < 0 else
-                   " - within the resampling noise (the interval includes 0)")
-    return (f"On {kind}, at matched {_short(g.y)} ({g.y_range[0]:.3f} to {g.y_range[1]:.3f}, where both curves "
-            f"overlap), {label(g.model)} has a {_short(g.x)} {abs(g.gain):.3f} {sign} than {label(g.baseline)} "
-            f"({ci}, over {g.n_references} references; plain cosine"
-            f"{', CLIP ' + clip_model if clip_model else ''}){verdict}.")
 
 
-def _why_no_overlap(frame, a: str, b: str, y: str) -> str:
-    """Why matched_gain found nothing: too few scales, or the two curves' y ranges (given) do not meet."""
-    means = {m: frame[frame["model"] == m].groupby("scale")[y].mean() for m in (a, b)}
-    if any(len(v) < 2 for v in means.values()):
-        return "a curve needs at least two IP scales"
-    ranges = ", ".join(f"{label(m)} {v.min():.3f} to {v.max():.3f}" for m, v in means.items())
-    return f"their {_short(y)} ranges do not overlap ({ranges})"
 
 
-# whom the text-aware model is compared with first: the nearest comparisons lead the headline
-HEADLINE_BASELINES = ("finetuned-vanilla", "finetuned-text-aware-no-block", "pretrained-instantstyle", "pretrained")
 
 
-def comparisons(rows, model: str = "finetuned-text-aware", baselines: Sequence[str] | None = None) -> list[str]:
-    """The baselines `model` is compared with: the given ones, else every other model in the rows
-    (HEADLINE_BASELINES first, in that order, then the rest in model_order)."""
-    present = model_order(_frame(rows)["model"])
-    if baselines is None:
-        baselines = [b for b in HEADLINE_BASELINES if b in present] + [b for b in present if b not in HEADLINE_BASELINES]
-    return [b for b in baselines if b != model]
 
 
-def headline_table(rows, *, model: str = "finetuned-text-aware", baselines: Sequence[str] | None = None,
-                   y: str = "clip_i", categories: Sequence[str] = CATEGORIES):
-    """`model`'s CLIP-T gain at matched `y` over each baseline (default: every other model in the rows), on
-    all edit prompts and per edit category: a DataFrame with the gain, its 95% paired interval, the half
-    width (the smallest difference this run resolves), the references, the matched range and the scores'
-    backbones (empty when `model` is not in the rows); and the MatchedGain objects behind it, {(baseline,
-    edit or None): MatchedGain, or None where the curves do not meet}. Returns (table, gains)."""
-    import pandas as pd
-
-    frame = _frame(rows)
-    clip = str(frame["clip_model"].iloc[0]) if "clip_model" in frame else "?"
-    out, gains = [], {}
-    for base in comparisons(frame, model, baselines) if model in set(frame["model"]) else ():
-        for edit in (None, *categories):
-            if edit is not None and ("edit" not in frame or not (frame["edit"] == edit).any()):
-                continue
-            g = matched_gain(frame, model, base, y=y, edit=edit)
-            gains[(base, edit)] = g
-            out.append({"comparison": f"{label(model)} - {label(base)}", "edit prompts": edit or "all",
-                        f"CLIP-T gain at matched {_short(y)}": None if g is None else round(g.gain, 4),
-                        "95% low": None if g is None else round(g.low, 4),
-                        "95% high": None if g is None else round(g.high, 4),
-                        "± resolvable": None if g is None else round(g.half_width, 4),
-                        "references": None if g is None else g.n_references,
-                        f"matched {_short(y)}": "curves do not meet" if g is None else f"{g.y_range[0]:.3f}-{g.y_range[1]:.3f}",
-                        "scores": f"plain cosine, CLIP {clip}"})
-    return pd.DataFrame(out), gains
 
 
-def headline(rows, *, model: str = "finetuned-text-aware", baselines: Sequence[str] | None = None,
-             prompt_kind: str | None = EDIT, random_weights: bool = False, seed: int = 0) -> str:
-    """The result in sentences, computed from the rows: `model`'s CLIP-T gain at matched CLIP-I over each
-    baseline (default: every other model in the rows), and at matched DINO over the first. Says plainly
-    when a model is missing or the curves do not overlap. random_weights=True prefixes a warning that the
-    numbers are meaningless."""
-    frame = _frame(rows)
-    clip_model = str(frame["clip_model"].iloc[0]) if "clip_model" in frame else ""
-    present = set(frame["model"])
-    lines = []
-    if random_weights:
-        lines.append("RANDOM WEIGHTS (tiny profile): the numbers below are meaningless; they only show that the code runs.")
-    if model not in present:
-        others = model_order(present)
-        lines.append(f"{label(model)} was not evaluated (no adapter), so there is no headline comparison; "
-                     f"evaluated: {', '.join(map(label, others))}.")
-        if len(others) >= 2:  # still compare what there is: the last against the first
-            g = matched_gain(frame, others[-1], others[0], prompt_kind=prompt_kind, seed=seed)
-            if g is not None:
-                lines.append(describe_gain(g, clip_model))
-        return " ".join(lines)
-    lines += [f"{label(b)} was not evaluated (no adapter), so no comparison with it." for b in (baselines or ())
-              if b != model and b not in present]
-    kept = _frame(frame, prompt_kind=prompt_kind)
-    for i, base in enumerate(b for b in comparisons(frame, model, baselines) if b in present):
-        for y in (("clip_i", "dino") if i == 0 and "dino" in frame else ("clip_i",)):
-            g = matched_gain(frame, model, base, y=y, prompt_kind=prompt_kind, seed=seed)
-            if g is None:
-                lines.append(f"{label(model)} and {label(base)} cannot be compared at matched {_short(y)}: "
-                             f"{_why_no_overlap(kept, model, base, y)}.")
-            else:
-                lines.append(describe_gain(g, clip_model))
-    return " ".join(lines)

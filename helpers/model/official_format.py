@@ -48,30 +48,28 @@ _RESAMPLER_RENAME = {"0.norm1.": "ln0.", "0.norm2.": "ln1.", "0.to_q.weight": "a
 def resampler_to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers' IPAdapterPlusImageProjection state dict -> tencent-ailab Resampler keys (the inverse of
     diffusers' `_convert_ip_adapter_image_proj_to_diffusers`, and of resampler_from_official)."""
-    out = {}
-    for key, value in sd.items():
-        m = re.fullmatch(r"layers\.(\d+)\.(.+)", key)
-        if m is None:  # latents, proj_in, proj_out, norm_out
-            out[key] = value
-            continue
-        i, rest = m.groups()
+    def stack_kv(out, i, rest, value):  # to_k and to_v are stored stacked, as one (2 * inner, dim) to_kv
         if rest == "attn.to_k.weight":
             out[f"layers.{i}.0.to_kv.weight"] = torch.cat([value, sd[f"layers.{i}.attn.to_v.weight"]], dim=0)
-            continue
-        if rest == "attn.to_v.weight":
-            continue  # stored with to_k as to_kv
-        for official, ours in _RESAMPLER_RENAME.items():
-            if rest.startswith(ours):
-                out[f"layers.{i}.{official}{rest[len(ours):]}"] = value
-                break
-        else:
-            raise KeyError(f"unexpected Resampler key {key!r}")
-    return out
+        return rest in ("attn.to_k.weight", "attn.to_v.weight")
+
+    return _rename_layers(sd, [(ours, official) for official, ours in _RESAMPLER_RENAME.items()], stack_kv)
 
 
 def resampler_from_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """tencent-ailab Resampler keys -> diffusers' IPAdapterPlusImageProjection keys (what diffusers'
     `_convert_ip_adapter_image_proj_to_diffusers` does; the inverse of resampler_to_official)."""
+    def split_kv(out, i, rest, value):  # (2 * inner, dim): to_k stacked on to_v
+        if rest == "0.to_kv.weight":
+            out[f"layers.{i}.attn.to_k.weight"], out[f"layers.{i}.attn.to_v.weight"] = value.chunk(2, dim=0)
+        return rest == "0.to_kv.weight"
+
+    return _rename_layers(sd, list(_RESAMPLER_RENAME.items()), split_kv)
+
+
+def _rename_layers(sd: dict, renames: list[tuple[str, str]], special) -> dict:
+    """Keys outside `layers.{i}.` as they are; inside, `special(out, i, rest, value)` handles a key (True) or
+    the first matching (old prefix, new prefix) of `renames` renames it."""
     out = {}
     for key, value in sd.items():
         m = re.fullmatch(r"layers\.(\d+)\.(.+)", key)
@@ -79,15 +77,12 @@ def resampler_from_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
             out[key] = value
             continue
         i, rest = m.groups()
-        if rest == "0.to_kv.weight":  # (2 * inner, dim): to_k stacked on to_v
-            out[f"layers.{i}.attn.to_k.weight"], out[f"layers.{i}.attn.to_v.weight"] = value.chunk(2, dim=0)
+        if special(out, i, rest, value):
             continue
-        for old, new in _RESAMPLER_RENAME.items():
-            if rest.startswith(old):
-                out[f"layers.{i}.{new}{rest[len(old):]}"] = value
-                break
-        else:
-            raise KeyError(f"unexpected Resampler key image_proj.{key}")
+        new = next((f"layers.{i}.{dst}{rest[len(src):]}" for src, dst in renames if rest.startswith(src)), None)
+        if new is None:
+            raise KeyError(f"unexpected Resampler key {key!r}")
+        out[new] = value
     return out
 
 

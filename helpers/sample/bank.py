@@ -125,7 +125,7 @@ class ModelBank:
         return set_ip_scale(self.pipe, scale, layers)
 
     def block_effect(self, references: dict[str, Image.Image], prompts, name: str = "finetuned-text-aware") -> list[dict]:
-        """How much model `name`'s text-image block changes the image tokens (helpers.block.block_effect:
+        """How much model `name`'s text-image block changes the image tokens (helpers.model.block.block_effect:
         |update| / |tokens|), for every reference x prompt. prompts: a list for every reference, or
         {reference id: [prompts]}. Returns rows {"reference", "prompt", "update / tokens"}."""
         if name not in self.models or self.models[name].block is None:

@@ -68,7 +68,7 @@ def held_out_references(profile, data_dir, n: int = 4, *, seed: int = 0) -> tupl
     captions), picked by `pick_references` (one per near-duplicate group, seeded), from notebook 01's test
     split in data_dir, and a sentence saying where they came from.
 
-    The data is read as notebook 01 prepared it, whatever its source (helpers.data.use_prepared); if data_dir
+    The data is read as notebook 01 prepared it, whatever its source (helpers.data.prepare.use_prepared); if data_dir
     holds no prepared data yet, it is prepared here from the profile's dataset as notebook 01 does.
     """
     data_dir = Path(data_dir)

@@ -36,11 +36,11 @@ def epoch_order(n: int, epoch: int, seed: int, global_batch: int) -> torch.Tenso
 
 def make_batch(features: dict[str, torch.Tensor], rows: torch.Tensor, generator: torch.Generator,
                references: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """The rows of the feature cache (helpers.features) as one training batch, with the conditions dropped
+    """The rows of the feature cache (helpers.data.features) as one training batch, with the conditions dropped
     out (drop_masks, drawn from `generator`): a dropped text becomes the empty prompt's states, a dropped image
     the features of a zero image.
 
-    references: (B, 257, 1280) the image features to condition on (helpers.pairing); None: the rows' own
+    references: (B, 257, 1280) the image features to condition on (helpers.train.pairing); None: the rows' own
     returns latent_mean, latent_std (B, 4, r/8, r/8); text_embeds (B, 77, C); image_embeds (B, 257, 1280)
     """
     drop_text, drop_image = drop_masks(len(rows), generator)

@@ -6,7 +6,7 @@ prompt (IP-Adapter's maintainers say so in tencent-ailab/IP-Adapter issue 94).
 
     self       X itself: the seed's objective and IP-Adapter's, the default (training exactly as before)
     mirror     X flipped left to right: the image encoder's features of the mirrored image
-               (helpers.features.cache_mirror_features). The identity stays; the exact layout does not.
+               (helpers.data.features.cache_mirror_features). The identity stays; the exact layout does not.
     neighbour  another drawing, most likely of the same character: X's nearest drawing in the training split
                by image-encoder features, outside X's near-duplicate group (so never X's own mirror copy).
                The model must keep the identity and take everything else from the caption. "Nearest" is
@@ -142,7 +142,7 @@ def nearest_outside_group(unit: torch.Tensor, groups, chunk: int = 1024) -> tupl
 
 def make_pairs(pairing: str, features: dict[str, torch.Tensor], cache_meta: dict, ids, groups, *,
                self_prob: float | None = None, mirror_embeds: torch.Tensor | None = None) -> Pairs:
-    """Pairs for `pairing` ("mirror" or "neighbour") from the feature cache (helpers.features).
+    """Pairs for `pairing` ("mirror" or "neighbour") from the feature cache (helpers.data.features).
 
     features:      the cache's tensors (image_embeds (N, 257, 1280)); cache_meta its metadata
     ids, groups:   the training split's id and group columns, in the cache's row order (checked against it)
@@ -157,14 +157,14 @@ def make_pairs(pairing: str, features: dict[str, torch.Tensor], cache_meta: dict
     ids = list(ids)
     if json.loads(cache_meta.get("ids", "[]")) != ids:
         raise PairingError("the feature cache's rows are not the training split's (ids differ): rebuild the cache "
-                           "with helpers.features.prepare_for_training on the same data folder")
+                           "with helpers.data.features.prepare_for_training on the same data folder")
     embeds = features["image_embeds"]
     mean = embeds[:, 0].float().mean(0)
     unit = cls_features(embeds, mean)
     if pairing == "mirror":
         if mirror_embeds is None or mirror_embeds.shape != embeds.shape:
             raise PairingError("mirror pairing needs the mirror features of this cache "
-                               "(helpers.features.cache_mirror_features), shaped like its image_embeds")
+                               "(helpers.data.features.cache_mirror_features), shaped like its image_embeds")
         reference = torch.arange(len(ids))
         similarity = (unit * cls_features(mirror_embeds, mean)).sum(-1)
     else:
@@ -186,7 +186,7 @@ def load_pairs(run_dir) -> Pairs:
     except (OSError, ValueError) as e:
         raise PairingError(f"{path}: cannot read the run's pairs ({e})") from None
     if data.get("format") != "ipa-pairs":
-        raise PairingError(f"{path}: not a pairs file written by helpers.pairing")
+        raise PairingError(f"{path}: not a pairs file written by helpers.train.pairing")
     return Pairs.from_json(data)
 
 

@@ -50,7 +50,7 @@ class Run:
     accelerator: object  # accelerate.Accelerator
     profile: object  # helpers.profile.Profile
     out: Path
-    feats: dict[str, torch.Tensor]  # the feature cache (helpers.features), fp16 on the CPU
+    feats: dict[str, torch.Tensor]  # the feature cache (helpers.data.features), fp16 on the CPU
     batch_size: int  # per process
     steps_per_epoch: int
     max_steps: int
@@ -62,7 +62,7 @@ class Run:
     scaling: float  # the VAE's latent scaling factor
     settings: dict = dataclasses.field(default_factory=dict)  # config.json: every value this run uses
     log: LossLog | None = None  # the buffered loss log (train() makes it once the start step is known)
-    pairs: object = None  # helpers.pairing.Pairs; None: self pairing
+    pairs: object = None  # helpers.train.pairing.Pairs; None: self pairing
 
 
 def prepare_run(config: TrainConfig, *, progress: bool = True) -> Run:
@@ -157,7 +157,7 @@ def _model(config: TrainConfig, accelerator, profile, mp: str, r: dict, image_en
 def resume(run: Run) -> int:
     """Load the newest complete checkpoint of run.out, if any (and say so); returns the step to start from.
     An incomplete newest one falls back to the one before, with a message; one written with other
-    RESUME_SETTINGS than this run's raises TrainingError naming each difference (helpers.checkpoints.resume_from)."""
+    RESUME_SETTINGS than this run's raises TrainingError naming each difference (helpers.train.checkpoints.resume_from)."""
     main = run.accelerator.is_main_process
     try:
         step, path, state = resume_from(run.out, run.settings, RESUME_SETTINGS, run.params, run.optimizer,

@@ -22,7 +22,7 @@ def step_batch(run: Run, step: int) -> tuple[dict[str, torch.Tensor], torch.Gene
     exactly what an uninterrupted one sees.
 
     batch: latent_mean, latent_std (B, 4, r/8, r/8); text_embeds (B, 77, C); image_embeds (B, 257, 1280), the
-    features of each row's reference (helpers.pairing; self pairing: the row's own)
+    features of each row's reference (helpers.train.pairing; self pairing: the row's own)
     """
     acc, feats, b = run.accelerator, run.feats, run.batch_size
     global_batch = b * acc.num_processes

@@ -1,4 +1,4 @@
-"""helpers.captions: caption lengths counted in the base model's own tokens, against its 77 positions."""
+"""helpers.data.captions: caption lengths counted in the base model's own tokens, against its 77 positions."""
 from helpers.data.captions import token_counts
 
 

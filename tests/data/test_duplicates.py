@@ -1,4 +1,4 @@
-"""helpers.duplicates: hashes find mirrors and near-duplicates, and the split never separates a group."""
+"""helpers.data.duplicates: hashes find mirrors and near-duplicates, and the split never separates a group."""
 import io
 
 import datasets
@@ -46,3 +46,21 @@ def test_split_never_separates_a_mirror_pair(tiny_profile, tiny_data):
     for seed in range(20):
         is_test = split_by_group(groups, 0.25, seed)
         assert not set(groups[is_test]) & set(groups[~is_test]) and is_test.any() and not is_test.all()
+
+
+def test_distances_are_symmetric_so_groups_do_not_depend_on_row_order():
+    """A mirror's dHash is not the original's bits reversed: with only j mirrored, d(i, j) != d(j, i) in general.
+    The distance takes either image mirrored, so it is symmetric and the groups are the same in any order."""
+    from helpers.data.duplicates import dhash, near_duplicate_groups
+
+    images = [draw_character(c, pose, c % 3) for c in range(4) for pose in ("standing", "waving")]
+    images += [ImageOps.mirror(im) for im in images[::3]]
+    hashes, d = hash_distances(images)
+    assert np.array_equal(d, d.T)
+    one_way = np.array([[(dhash(a) != dhash(ImageOps.mirror(b))).sum() for b in images] for a in images])
+    assert (one_way != one_way.T).any()  # the asymmetry the symmetric distance removes
+    order = np.random.default_rng(0).permutation(len(images))
+    _, d_shuffled = hash_distances([images[i] for i in order])
+    groups, shuffled = near_duplicate_groups(d), near_duplicate_groups(d_shuffled)
+    same = lambda g: {frozenset(np.flatnonzero(g == k)) for k in set(g)}  # noqa: E731  (the partition)
+    assert same(groups) == {frozenset(order[list(s)]) for s in same(shuffled)}

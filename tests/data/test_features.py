@@ -1,4 +1,4 @@
-"""helpers.features: the cache equals diffusers' own encoders, is reused while nothing changes, rebuilt when anything does."""
+"""helpers.data.features: the cache equals diffusers' own encoders, is reused while nothing changes, rebuilt when anything does."""
 import json
 import os
 import shutil

@@ -1,4 +1,4 @@
-"""helpers.data (with helpers.images, sources, captions behind it): every input is kept or skipped with a reason, sources fail clearly, prepared data is reused."""
+"""helpers.data (with helpers.data.images, sources, captions behind it): every input is kept or skipped with a reason, sources fail clearly, prepared data is reused."""
 import io
 import json
 
@@ -269,7 +269,7 @@ def test_prepared_data_is_reused_and_redone_when_the_source_changes(tmp_path, mo
 
 
 # --------------------------------------------------------------------------------------------------
-# The prepared folder as the contract between the notebooks (helpers.data.use_prepared)
+# The prepared folder as the contract between the notebooks (helpers.data.prepare.use_prepared)
 # --------------------------------------------------------------------------------------------------
 
 

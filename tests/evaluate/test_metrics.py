@@ -1,4 +1,4 @@
-"""helpers.metrics against a direct computation with transformers on the tiny CLIP and DINO."""
+"""helpers.evaluate.metrics against a direct computation with transformers on the tiny CLIP and DINO."""
 import json
 from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""helpers.eval_figures: every model by its label; each grid row holds one reference and prompt across the
+"""helpers.evaluate.plots: every model by its label; each grid row holds one reference and prompt across the
 models; the histogram marks zero."""
 import pytest
 from PIL import Image

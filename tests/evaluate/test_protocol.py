@@ -1,4 +1,4 @@
-"""helpers.evaluation and helpers.grid: the protocol on plain data, with a stand-in for generation (no
+"""helpers.evaluate.protocol and helpers.evaluate.grid: the protocol on plain data, with a stand-in for generation (no
 diffusion here), results written row by row and resumed; the command line on the tiny models."""
 
 import pandas as pd
@@ -28,7 +28,6 @@ from helpers.evaluate.results import (
     KEY_COLUMNS,
     ResultsFile,
     ResultsFileError,
-    read_csv,
 )
 from helpers.evaluate.stats import EDIT, OWN
 from helpers.sample.generate import Sample, generate
@@ -163,7 +162,7 @@ def test_grid_writes_one_csv_row_per_image_for_every_model(split, tiny_profile, 
     ref = next(r for r in refs if r.id == s.reference)
     assert row["clip_i"] == pytest.approx(float(clip_i([s.image], [ref.image], clip=tiny_profile.eval_clip)[0]), abs=1e-5)
     assert row["clip_t"] == pytest.approx(float(clip_t([s.image], [s.prompt], clip=tiny_profile.eval_clip)[0]), abs=1e-5)
-    assert read_csv(result.csv) == result.rows  # typed, exactly as written
+    assert ResultsFile(result.csv).rows == result.rows  # typed, exactly as written
     # the "copy the reference" line: CLIP-T of the references themselves with their edit prompts
     edits = [p for p in specs if p.kind == EDIT]
     by_id = {r.id: r.image for r in refs}
@@ -176,7 +175,7 @@ def test_an_interrupted_grid_resumes_to_the_same_csv(split, tiny_profile, tmp_pa
     stop = interrupted_after(7)
     with pytest.raises(Interrupted):
         grid(split, tiny_profile, tmp_path / "cut", generate=stop)
-    written = read_csv(tmp_path / "cut" / "results.csv")
+    written = ResultsFile(tmp_path / "cut" / "results.csv").rows
     assert 0 < len(written) == len(stop.made) < len(whole.rows)  # every image made so far is on disk
     again, _, _ = grid(split, tiny_profile, tmp_path / "cut")
     assert again.n_resumed == len(written) and again.n_generated == len(whole.rows) - len(written)
@@ -225,7 +224,7 @@ def test_default_size_comes_from_the_t4_budget():
 
 
 def test_command_line_runs_the_protocol_and_resumes(tiny_profile, runs, tmp_path, monkeypatch, capsys):
-    """python -m helpers.evaluation on the tiny models: cut after the first job, run again, and the CSV is
+    """python -m helpers.evaluate on the tiny models: cut after the first job, run again, and the CSV is
     the one an uninterrupted run writes, with notebook 05's references, prompts and every model."""
 
     args = ["--profile", "tiny", "--data-dir", str(tmp_path / "data"), "--runs-dir", str(runs[0]),

@@ -1,4 +1,4 @@
-"""helpers.adapter_file: saved adapters round-trip, load in plain diffusers, and bad files fail with clear errors."""
+"""helpers.model.adapter_file: saved adapters round-trip, load in plain diffusers, and bad files fail with clear errors."""
 import shutil
 
 import pytest

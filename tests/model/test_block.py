@@ -1,4 +1,4 @@
-"""helpers.block: the text-image block is attention done right, starts as the identity, and steers by the prompt."""
+"""helpers.model.block: the text-image block is attention done right, starts as the identity, and steers by the prompt."""
 import torch
 from _adapters import make_text_aware_nonzero, run
 

@@ -1,4 +1,4 @@
-"""helpers.adapter: vanilla is diffusers' own path, the UNet alone matches the pipeline's, real SD 1.5 shapes run."""
+"""helpers.model.pipeline: vanilla is diffusers' own path, the UNet alone matches the pipeline's, real SD 1.5 shapes run."""
 import os
 
 import pytest

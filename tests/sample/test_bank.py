@@ -1,4 +1,4 @@
-"""helpers.bank: the registered models over one pipeline, each exactly its standalone pipeline; missing ones explained."""
+"""helpers.sample.bank: the registered models over one pipeline, each exactly its standalone pipeline; missing ones explained."""
 import numpy as np
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""helpers.figures: grids hold what their labels say; the plots and tables of the notebooks build."""
+"""helpers.sample.gallery: grids hold what their labels say."""
 import numpy as np
 import pytest
 from _samples import fake_samples

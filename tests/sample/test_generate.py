@@ -1,4 +1,4 @@
-"""helpers.sampling: deterministic batched generation, and held-out references from the test split."""
+"""helpers.sample.generate: deterministic batched generation, and held-out references from the test split."""
 import numpy as np
 import pytest
 from _samples import pixels

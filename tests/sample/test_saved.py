@@ -1,4 +1,4 @@
-"""helpers.sample_files: generated images keep their settings on disk, and read back."""
+"""helpers.sample.saved: generated images keep their settings on disk, and read back."""
 import csv
 import json
 

@@ -1,4 +1,4 @@
-"""helpers.widgets, headless: set widget values, press the buttons, read the panel's kernel-side state."""
+"""helpers.sample.widgets, headless: set widget values, press the buttons, read the panel's kernel-side state."""
 import io
 from datetime import datetime
 
@@ -51,7 +51,7 @@ def test_generate_button_gives_one_image_per_model(panel, bank):
         assert bytes(panel.result_images[s.model].value)[:4] == b"\x89PNG"  # shown in the panel
     assert panel.progress.value == panel.progress.max == 4 * 2 and "4 images" in panel.status.value  # 4 models x 2 steps
     assert {s.sampler for s in panel.last_samples} == {"DDIMScheduler"} and "DDIMScheduler" in panel.status.value
-    # the same settings through helpers.sampling give the same pixels
+    # the same settings through helpers.sample.generate give the same pixels
     again = generate(bank, {"flipped": panel.references["flipped"]}, ["a cartoon drawing of a robot"],
                               models=["finetuned-text-aware"], scales=(0.6,), seeds=(7,), steps=2, guidance=5.0,
                               progress=False)[0]

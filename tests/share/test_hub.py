@@ -1,4 +1,4 @@
-"""helpers.hub and helpers.model_card: the upload folder and its card, the push (dry run and a fake HfApi), and
+"""helpers.share.hub and helpers.share.card: the upload folder and its card, the push (dry run and a fake HfApi), and
 loading by Hub id from a Hub-cache layout, on the tiny profile. Nothing touches the network."""
 import csv
 import json
@@ -15,7 +15,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from helpers.evaluate.plots import tradeoff_plot
-from helpers.evaluate.stats import EDIT, OWN, headline, summarize
+from helpers.evaluate.headline import headline
+from helpers.evaluate.stats import EDIT, OWN, summarize
 from helpers.model.adapter_file import AdapterFileError, resolve_adapter, save_adapter
 from helpers.model.official_format import adapter_state_dict, official_to_live
 from helpers.model.pipeline import load_pipeline, load_unet

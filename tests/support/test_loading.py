@@ -1,4 +1,4 @@
-"""helpers.loading: a wrong or unreachable id fails with a message that names it and says what to do.
+"""helpers.support.loading: a wrong or unreachable id fails with a message that names it and says what to do.
 
 The suite runs offline (HF_HUB_OFFLINE=1, conftest), so a made-up Hub id is exactly what a user sees for a
 typo on a machine without the files, or on Colab with the Hub unreachable.

@@ -1,4 +1,4 @@
-"""helpers.checkpoints: complete vs cut-off checkpoints, the fallback, the settings check, the size."""
+"""helpers.train.checkpoints: complete vs cut-off checkpoints, the fallback, the settings check, the size."""
 import pytest
 import torch
 

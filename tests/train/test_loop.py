@@ -45,7 +45,7 @@ def config(tmp_path, data_dir, **kw):
 
 
 def adapter_names(unet):
-    """unet.named_parameters() names of the adapter's parameters (helpers.adapter_file.adapter_parameters)."""
+    """unet.named_parameters() names of the adapter's parameters (helpers.model.adapter_file.adapter_parameters)."""
     ids = {id(p) for p in adapter_parameters(unet).values()}
     return {n for n, p in unet.named_parameters() if id(p) in ids}
 

@@ -1,4 +1,4 @@
-"""helpers.loss: the condition dropout keeps its rates (the loss itself is tested by training in test_train.py)."""
+"""helpers.train.loss: the condition dropout keeps its rates (the loss itself is tested by training in test_train.py)."""
 import torch
 
 from helpers.train.loss import drop_masks

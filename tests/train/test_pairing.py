@@ -1,4 +1,4 @@
-"""helpers.pairing: neighbours stay in the training split and outside their own group, mirror features are the
+"""helpers.train.pairing: neighbours stay in the training split and outside their own group, mirror features are the
 flipped images', self pairing is today's training bit for bit, and every pairing resumes exactly."""
 import json
 

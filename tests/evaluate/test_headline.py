@@ -1,0 +1,52 @@
+"""helpers.evaluate.headline: the headline is computed from the rows (overall and per edit category, against
+every baseline) and says plainly when a comparison cannot be made."""
+import pytest
+from _rows import synthetic_rows
+
+from helpers.evaluate.headline import headline, headline_table
+from helpers.evaluate.stats import CATEGORIES, N_BOOT, matched_gain
+from helpers.sample.registry import label
+
+
+def test_headline_is_computed_from_the_rows():
+    rows = synthetic_rows({"pretrained": 0.0, "finetuned-vanilla": 0.01, "finetuned-text-aware": 0.03})
+    g = matched_gain(rows, "finetuned-text-aware", "finetuned-vanilla")
+    assert g.gain == pytest.approx(0.02, abs=1e-9) and g.low <= g.gain <= g.high and g.n_references == 12
+    assert len(g.boots) == N_BOOT  # one number of draws throughout
+    text = headline(rows)
+    assert f"{g.gain:.3f} higher than {label('finetuned-vanilla')}" in text and "tiny-clip" in text
+    # change the rows: the headline follows
+    for r in rows:
+        if r["model"] == "finetuned-text-aware":
+            r["clip_t"] -= 0.05
+    g2 = matched_gain(rows, "finetuned-text-aware", "finetuned-vanilla")
+    assert g2.gain == pytest.approx(g.gain - 0.05, abs=1e-9)
+    assert headline(rows) != text and f"{abs(g2.gain):.3f} lower than {label('finetuned-vanilla')}" in headline(rows)
+    assert headline(rows, random_weights=True).startswith("RANDOM WEIGHTS")
+
+def test_headline_says_when_a_model_is_missing_or_curves_do_not_meet():
+    rows = synthetic_rows({"pretrained": 0.0, "finetuned-vanilla": 0.01})
+    text = headline(rows)
+    assert f"{label('finetuned-text-aware')} was not evaluated" in text
+    assert f"{label('finetuned-vanilla')} has a CLIP-T" in text
+    apart = synthetic_rows({"finetuned-vanilla": 0.0, "finetuned-text-aware": 0.0})
+    for r in apart:
+        if r["model"] == "finetuned-text-aware":
+            r["clip_i"] += 1.0  # no CLIP-I in common
+    assert matched_gain(apart, "finetuned-text-aware", "finetuned-vanilla") is None
+    assert "cannot be compared at matched CLIP-I: their CLIP-I ranges do not overlap" in headline(apart)
+
+def test_headline_table_per_edit_category_against_every_baseline():
+    rows = synthetic_rows({"pretrained": 0.0, "pretrained-instantstyle": 0.0, "finetuned-vanilla": 0.0,
+                           "finetuned-text-aware": {"style": 0.04}}, n_refs=16)
+    table, gains = headline_table(rows)
+    assert list(table["comparison"].unique()) == [f"{label('finetuned-text-aware')} - {label(b)}" for b in
+                                                  ("finetuned-vanilla", "pretrained-instantstyle", "pretrained")]
+    assert list(table["edit prompts"][:5]) == ["all", *CATEGORIES]
+    gain = table.set_index(["comparison", "edit prompts"])["CLIP-T gain at matched CLIP-I"]
+    first = table["comparison"].iloc[0]
+    assert gain[first, "style"] == pytest.approx(0.04, abs=1e-6) and gain[first, "setting"] == pytest.approx(0, abs=1e-6)
+    assert gain[first, "all"] == pytest.approx(0.01, abs=1e-6)  # a quarter of the edits are style edits
+    assert (table["scores"] == "plain cosine, CLIP tiny-clip").all() and (table["references"].iloc[1:5] == 4).all()
+    g = gains[("pretrained", "style")]
+    assert g.low > 0 and table["± resolvable"].iloc[4] == pytest.approx(round(g.half_width, 4))
