@@ -17,6 +17,7 @@ from ..model.adapter_file import ADAPTER_FILE
 from ..profile import IP_ADAPTER_PLUS, RICK_AND_MORTY, SD15
 from ..support.env import REPO, install_command
 from ..support.locations import image_encoder_next_to, is_hub_id
+from .public import public_name
 from .run_info import TRADEOFF_FILE, Evaluation, RunInfo
 
 LICENSE = "cc-by-nc-sa-4.0"  # the Rick and Morty drawings' licence, which weights fitted to them inherit
@@ -65,7 +66,7 @@ def evaluation_markdown(ev: Evaluation, *, with_plot: bool) -> str:
 def load_snippet(variant: str, adapter: str, *, base_model: str, ip_adapter: str, device: str = "cuda",
                  dtype: str = "float16") -> str:
     """Python that loads the adapter (a Hub repo id or a local folder) into a StableDiffusionPipeline named
-    `pipe`. Vanilla: plain diffusers. Text-aware: helpers.adapter.load_pipeline (the block is ours)."""
+    `pipe`. Vanilla: plain diffusers. Text-aware: helpers.model.pipeline.load_pipeline (the block is ours)."""
     q = json.dumps  # a Python string literal in double quotes
     if variant == "text_aware":
         return (
@@ -144,9 +145,9 @@ def _training_table(run: RunInfo) -> str:
               str(c.get("epochs") or "-"))
     rows = [
         ("profile", f"`{run.profile}`" + (" (random weights)" if run.random_weights else "")),
-        ("base model", f"`{run.base_model or 'not recorded'}`"),
-        ("started from", f"`{run.ip_adapter or 'not recorded'}`" + (" (new block at zero)" if run.variant == "text_aware" else "")),
-        ("data", f"`{run.data_source or c.get('data_dir') or 'not recorded'}`, {c.get('train_images', '?')} training images"),
+        ("base model", f"`{public_name(run.base_model) or 'not recorded'}`"),
+        ("started from", f"`{public_name(run.ip_adapter) or 'not recorded'}`" + (" (new block at zero)" if run.variant == "text_aware" else "")),
+        ("data", f"`{public_name(run.data_source) or 'not recorded'}`, {c.get('train_images', '?')} training images"),
         ("steps", f"{run.steps if run.steps is not None else c.get('max_steps', '?')} (~{epochs} epochs)"),
         ("batch", f"{c.get('batch_size', '?')} x {c.get('num_processes', 1)} process(es)"),
         ("optimizer", f"AdamW, lr {c.get('learning_rate', '?')}, weight decay {c.get('weight_decay', '?')}"),
@@ -182,9 +183,10 @@ def card_text(run: RunInfo, *, repo_id: str | None = None, evaluation: Evaluatio
               samples: bool = False, license: str = LICENSE) -> str:
     """The card's Markdown body (no metadata)."""
     ref = repo_id or "user/repo"
-    # the run's own models (local paths in a tiny run: they load on the machine that trained it)
-    base = run.base_model or SD15
-    ip = run.ip_adapter or IP_ADAPTER_PLUS
+    # Hub ids as trained; a run on local models (the tiny profile) shows where to put their paths instead
+    base = run.base_model if is_hub_id(run.base_model) else "path/to/the/base/model" if run.base_model else SD15
+    ip = (run.ip_adapter if public_name(run.ip_adapter) == run.ip_adapter else "path/to/the/ip-adapter.safetensors"
+          ) if run.ip_adapter else IP_ADAPTER_PLUS
     title = "Text-aware IP-Adapter Plus (SD 1.5)" if run.variant == "text_aware" else "IP-Adapter Plus, fine-tuned (SD 1.5)"
     parts = []
     if run.random_weights:

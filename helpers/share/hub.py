@@ -24,6 +24,7 @@ from ..sample.gallery import image_grid
 from ..sample.generate import GALLERY_PROMPTS, generate
 from ..sample.references import held_out_references
 from .card import LICENSE, SAMPLES_FILE, make_card
+from .public import write_public_adapter
 from .run_info import TRADEOFF_FILE, read_evaluation, read_run
 
 CARD_FILE = "README.md"
@@ -61,8 +62,8 @@ def build_upload_folder(run_dir, out_dir, *, eval_dir=None, eval_profile: str | 
                (its files do not record it); default: the run's own
     samples:   a PIL image or an image file (e.g. sample_grid(...) or notebook 04's gallery.png), or None
     repo_id:   used in the card's loading code (default 'user/repo')
-    out_dir gets adapter.safetensors (a byte copy of the run's), README.md (the model card), and samples.png /
-    tradeoff.png when given. It must be empty or hold only those files (which are replaced).
+    out_dir gets adapter.safetensors (the run's tensors; its metadata without local paths, helpers.share.public),
+    README.md (the model card), and samples.png / tradeoff.png when given. It must be empty or hold only those files (which are replaced).
     """
     from PIL import Image
 
@@ -78,7 +79,7 @@ def build_upload_folder(run_dir, out_dir, *, eval_dir=None, eval_profile: str | 
         for name in UPLOAD_FILES:
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(run.adapter, out / ADAPTER_FILE)
+    write_public_adapter(run.adapter, out / ADAPTER_FILE)  # the same tensors; no local path in its metadata
     evaluation = read_evaluation(eval_dir, run, profile=eval_profile) if eval_dir is not None else None
     if evaluation is not None and evaluation.tradeoff is not None:
         shutil.copyfile(evaluation.tradeoff, out / TRADEOFF_FILE)
