@@ -304,8 +304,15 @@ def run_estimate_lines(step_seconds: dict[str, float], *, batch: int, train_imag
 _FP16_TFLOPS = {"T4": 65, "V100": 125, "L4": 121, "A100": 312, "H100": 989, "H200": 989}
 
 
-def t4_slowdown(gpu_name: str) -> float | None:
-    for key, tflops in _FP16_TFLOPS.items():
+def fp16_peak_tflops(gpu_name: str) -> float | None:
+    """The GPU's peak dense fp16 tensor-core rate in TFLOPS (the table above; the longest name that the GPU's
+    name contains), or None for a GPU not in the table."""
+    for key in sorted(_FP16_TFLOPS, key=len, reverse=True):
         if key.lower() in gpu_name.lower():
-            return tflops / _FP16_TFLOPS["T4"] if key != "T4" else 1.0
+            return _FP16_TFLOPS[key]
     return None
+
+
+def t4_slowdown(gpu_name: str) -> float | None:
+    peak = fp16_peak_tflops(gpu_name)
+    return None if peak is None else peak / _FP16_TFLOPS["T4"]

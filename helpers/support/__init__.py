@@ -6,4 +6,5 @@
     locations.py  what a name stands for: a local path or a Hub repo (and a path in it)
     compat.py     every private library name, each behind one thin wrapper with its reason
     atomic.py     writes that an interruption never leaves half done
+    budget.py     what the full profile costs on a T4, counted (t4_budget.json, written by bench/t4_budget.py)
 """

@@ -1,0 +1,132 @@
+"""bench/t4_budget.py and its parts: the emulation of a T4's numerics (CUDA autocast's policy on CPU tensors,
+SDPA's memory-efficient kernel) and its check against CUDA's own kernels, the memory count of checkpointed
+blocks, and, at SD 1.5's real size, the 13 GiB limit of the text-aware training step (marked `budget`; it
+runs in CI with the rest: a change that would not fit a T4 fails there)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+sys.path.insert(0, str(Path(__file__).parents[2] / "bench"))
+
+import _t4_check as X  # noqa: E402
+import _t4_counting as K  # noqa: E402
+import _t4_emulation as E  # noqa: E402
+
+
+def test_the_policy_table_is_the_one_cuda_autocast_registers_in_this_torch():
+    missing, extra = E.cuda_policy_matches_dispatcher()
+    assert not missing, f"CUDA autocast has kernels for ops the emulation does not know: {sorted(missing)}"
+    assert not extra, f"the emulation lists ops CUDA autocast does not register: {sorted(extra)}"
+
+
+def _every_policy(device: str) -> None:
+    """A forward that meets every kind of cast: matmuls and convolutions (fp16), norms, upsampling, exp/log
+    and losses (fp32), softmax and sums (fp32 unless a dtype is given), norm (fp32 appended), addcmul and
+    index_put (the widest input), cat (no policy on CUDA, promote on the CPU), a double (never cast)."""
+    mode = FakeTensorMode()
+    with mode:
+        x = torch.empty(2, 8, 6, 6, device=device)
+        w, w16 = torch.empty(8, 8, 3, 3, device=device), torch.empty(16, 8, device=device, dtype=torch.float16)
+        with X.fp16_autocast(device):
+            h = F.group_norm(F.conv2d(x, w, padding=1), 4)
+            h = F.interpolate(h, scale_factor=2.0, mode="nearest")
+            t = F.layer_norm(F.linear(h.flatten(2).transpose(1, 2), w16.float()), (16,))
+            q = t.view(2, -1, 2, 8).transpose(1, 2)
+            a = torch.matmul(q, q.transpose(-1, -2)).softmax(-1) @ q
+            af = a.flatten(0, 1)
+            b = torch.baddbmm(torch.bmm(af, af.transpose(1, 2)), af, af.transpose(1, 2)).exp().log()
+            s = b.sum() + a.sum() + a.sum(dtype=torch.float16) + a.cumsum(-1).mean()
+            s = s + F.log_softmax(a, -1).pow(2).mean()
+            n = torch.ops.aten.norm.Scalar(a, 2) + torch.addcmul(a, a, a.float()).mean() + torch.addcmul(a, a, a).mean()
+            i = torch.zeros(4, device=device).index_put((torch.ones(1, dtype=torch.long, device=device),), s.reshape(1))
+            c = torch.cat([a.half().flatten(), a.float().flatten()]) * n
+            d = torch.empty(3, 3, device=device, dtype=torch.float64)
+            F.mse_loss(c[:4], i) + d.mm(d).sum()
+
+
+def test_the_emulation_casts_as_cuda_autocast_does_and_cpu_autocast_does_not():
+    emulated = X.check_against_cuda_autocast(_every_policy)
+    assert emulated["ops"] > 30 and emulated["casts"] > 5
+    assert emulated["mismatches"] == [], emulated["mismatches"]
+    cpu_policy = X.check_against_cuda_autocast(_every_policy, emulate=False)  # the check has teeth
+    assert cpu_policy["mismatches"], "CPU autocast's own policy passed as CUDA's: the check compares nothing"
+
+
+def test_sdpa_runs_the_memory_efficient_kernel_with_logsumexp_only_for_training():
+    mode = FakeTensorMode()
+    with mode:
+        q = torch.empty(2, 4, 64, 40, dtype=torch.float16, requires_grad=True)
+        k = v = torch.empty(2, 4, 77, 40, dtype=torch.float16)
+    for grad in (True, False):
+        trace = X.DtypeTrace()
+        with E.t4_attention(), mode, trace, torch.set_grad_enabled(grad):
+            out = F.scaled_dot_product_attention(q, k, v)
+            if grad:
+                out.sum().backward()
+        ops = [op for op, _ in trace.ops]
+        assert "_scaled_dot_product_efficient_attention" in ops and "_safe_softmax" not in ops
+        assert ("_scaled_dot_product_efficient_attention_backward" in ops) == grad
+        assert out.shape == (2, 4, 64, 40) and out.dtype == torch.float16
+    assert q.grad is not None and q.grad.shape == q.shape
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        return x + self.b(F.gelu(self.a(x)))
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_checkpointed_blocks_are_counted_as_they_run_without_the_trackers_hooks(checkpointing):
+    """8 frozen blocks after a trainable layer, batch 256 x 1024 fp32 (1 MiB per block input and output):
+    each block keeps the input of its GELU (4 MiB) for backward, beside the last output (1 MiB); checkpointed,
+    the 8 block inputs stay and one block at a time is recomputed. Without FrozenAwareMemTracker's collection
+    the cycles of the tracker's own hooks would keep every recomputed block: 8 x 4 + 8 + 1 MiB."""
+    from torch.utils.checkpoint import checkpoint
+
+    mode = FakeTensorMode()
+    with torch.device("meta"):
+        head, blocks = torch.nn.Linear(1024, 1024), torch.nn.ModuleList(_Block(1024) for _ in range(8))
+    for m in (head, blocks):
+        K.fake_copy(m, mode)
+    blocks.requires_grad_(False)
+    with mode:
+        x = torch.empty(256, 1024)
+        with K.Counted(head, blocks) as counted:
+            h = head(x)
+            for block in blocks:
+                h = checkpoint(block, h, use_reentrant=False) if checkpointing else block(h)
+            h.sum().backward()
+    activations_mib = counted.parts_gib()["activations"] * 1024
+    assert activations_mib == pytest.approx(8 + 4 + 1 if checkpointing else 8 * 4 + 1, abs=0.01)
+
+
+@pytest.mark.budget
+def test_the_text_aware_training_step_fits_a_t4_at_the_profiles_defaults():
+    """SD 1.5 + IP-Adapter Plus + the block at 512 px, the full profile's batch: helpers.train's step, counted
+    at step 2 as a T4 runs it. Fails when a change would not fit a free T4's ~15 GiB (limit 13 GiB)."""
+    import t4_budget
+
+    from helpers.profile import full_profile
+
+    profile = full_profile("the T4 budget test")
+    c = t4_budget.count_training(profile, "text_aware")
+    parts = c["parts_gib"]
+    assert c["peak_gib"] <= t4_budget.T4_MEMORY_LIMIT_GIB, (
+        f"the text-aware training step counts {c['peak_gib']:.2f} GiB at batch {profile.train_batch_size}, "
+        f"{profile.resolution} px: over the {t4_budget.T4_MEMORY_LIMIT_GIB:g} GiB a free T4 can hold ({parts})")
+    assert sum(parts.values()) == pytest.approx(c["peak_gib"], rel=1e-6)
+    gib = 2**30
+    # frozen UNet in fp16, adapter and block in fp32; AdamW's two fp32 states of every trainable weight
+    # (each tensor rounded up to 512-byte blocks, as CUDA's allocator does)
+    weights = 2 * c["frozen_parameters"] + 4 * c["trainable_parameters"]
+    assert parts["parameters"] == pytest.approx(weights / gib, rel=1e-3)
+    assert parts["optimizer_state"] == pytest.approx(8 * c["trainable_parameters"] / gib, rel=1e-2)
