@@ -75,8 +75,10 @@ class Profile:
     num_inference_steps: int = 30
     guidance_scale: float = 7.5
     eval_scales: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0)
-    # full: as many of the test split's groups as fit a T4 sitting (helpers.evaluate.protocol.references_for_budget)
-    eval_num_references: int = 15  # held-out references (one per near-duplicate group)
+    # held-out references (one per near-duplicate group); None: as many as fit eval_minutes of a T4 (the counted
+    # budget at 25% of its peak: helpers.evaluate.protocol.grid_references)
+    eval_num_references: int | None = None
+    eval_minutes: float = 45.0  # the default grid's generation time on a T4 (a free Colab sitting)
     eval_seeds: tuple[int, ...] = (0,)
     eval_edits_per_reference: int = 2  # edit prompts per reference, besides its own caption
     eval_batch_size: int | None = None  # images per pipeline call in the evaluation; None: sampling's choice
@@ -107,7 +109,8 @@ class Profile:
         return dataclasses.replace(
             self, quick=True, num_epochs=1, max_train_steps=min(self.max_train_steps or QUICK_TRAIN_STEPS, QUICK_TRAIN_STEPS),
             num_inference_steps=min(self.num_inference_steps, QUICK_INFERENCE_STEPS),
-            eval_num_references=min(self.eval_num_references, QUICK_REFERENCES), eval_scales=(QUICK_SCALE,),
+            eval_num_references=min(self.eval_num_references or QUICK_REFERENCES, QUICK_REFERENCES),
+            eval_scales=(QUICK_SCALE,),
             eval_seeds=self.eval_seeds[:1], eval_edits_per_reference=min(self.eval_edits_per_reference, 1),
             sample_references=min(self.sample_references, QUICK_REFERENCES), sweep_scales=(0.0, QUICK_SCALE))
 

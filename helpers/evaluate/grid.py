@@ -196,6 +196,7 @@ class _Grid:
         start = time.perf_counter()
         made = self.generate(self.bank, {ref.id: ref.image}, {ref.id: ref_prompts}, models=[model], scales=(scale,),
                              seeds=self.seeds, steps=self.steps, guidance=self.guidance, batch_size=self.batch_size,
+                             concepts={p.prompt: p.concept for p in self.prompts if p.reference == ref.id},
                              progress=False)
         self.seconds_generating += time.perf_counter() - start
         if [row_key(s) for s in made] != keys:

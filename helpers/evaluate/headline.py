@@ -60,7 +60,8 @@ def _why_no_overlap(frame, a: str, b: str, y: str) -> str:
     return f"their {metric_label(y)} ranges do not overlap ({ranges})"
 
 # whom the text-aware model is compared with first: the nearest comparisons lead the headline
-HEADLINE_BASELINES = ("finetuned-vanilla", "finetuned-text-aware-no-block", "pretrained-instantstyle", "pretrained")
+HEADLINE_BASELINES = ("finetuned-vanilla", "finetuned-text-aware-no-block", "pretrained-conceptrol", "pretrained-instantstyle",
+                      "pretrained")
 
 def comparisons(rows, model: str = "finetuned-text-aware", baselines: Sequence[str] | None = None) -> list[str]:
     """The baselines `model` is compared with: the given ones, else every other model in the rows

@@ -9,8 +9,9 @@ against variation (CLIP-T), for every model of the bank, baselines included.
     grid        models x IP-Adapter scales x references x prompts x seeds, generated and scored per image
                 by helpers.evaluate.grid.run_grid (one row per image in results.csv, appended job by job; a rerun
                 skips the rows already there)
-    size        the full profile's default is the largest number of references whose grid fits a T4 budget
-                (`references_for_budget`, from an *estimated* T4 time per image, T4_SECONDS_PER_IMAGE)
+    size        the full profile's default is the largest number of references whose grid fits
+                profile.eval_minutes on a T4 (`grid_references`: the counted cost of an image at GRID_EFFICIENCY
+                of the T4's peak, helpers.support.budget)
 
 `protocol(profile, prep)` and `grid_settings(profile)` are the one definition of which references, prompts
 and settings a run uses; the notebook and the command line both call them:
@@ -31,6 +32,10 @@ import numpy as np
 from PIL import ImageOps
 
 from ..data.duplicates import MAX_HASH_DISTANCE, dhash
+from ..model.conceptrol import ConceptNotFound
+from ..sample.concepts import subject_of
+from ..sample.registry import MODEL_NAMES
+from ..support.budget import seconds_per_image
 from ..profile import EVAL_CLIP
 from ..sample.references import Reference, column, pick_references
 from .metrics import get_clip
@@ -50,13 +55,9 @@ EDIT_PROMPTS = {
 }
 REFERENCE_SEED = 0  # which held-out groups pick_references draws
 
-# The full profile's default size. NOT MEASURED: no T4 timing exists yet. Deci's published A10 figure
-# (2.95 s for 50 steps of SD 1.5 at fp16) x 30/50 steps x ~2.5 (a T4 is about 2.5 times slower than an A10)
-# = 4.4 s, rounded up to 5 s for IP-Adapter's image encoder and attention. Notebook 05 times one image on
-# the user's GPU and projects the whole grid from that instead.
-T4_SECONDS_PER_IMAGE = 5.0
-T4_BUDGET_MINUTES = 90  # generation time the default run may take: one sitting on a free Colab T4
-FULL_TEST_GROUPS = 26  # near-duplicate groups in the full profile's test split (529 rows, ~2 per group, 10%)
+# The default grid fits profile.eval_minutes at this fraction of the T4's fp16 peak, from the counted cost of an
+# image (helpers.support.budget: counted FLOPs, not a measurement; notebook 05 re-projects from the user's GPU)
+GRID_EFFICIENCY = 0.25
 
 
 class TrainingImageError(ValueError):
@@ -119,6 +120,17 @@ class PromptSpec:
     prompt: str
     kind: str  # OWN or EDIT
     edit: str = ""  # edit category ("setting", "outfit", "action", "style"); "" for the own caption
+    concept: str = ""  # the words naming the subject (Conceptrol's mask): concept_of(prompt)
+
+
+def concept_of(prompt: str) -> tuple[str, str]:
+    """(concept, how it was found) of a prompt: its subject by helpers.sample.concepts.subject_of ("subject"),
+    or, when no words name one, the whole prompt ("whole prompt: no subject found"), so that Conceptrol still
+    masks by the prompt's own attention. The second value is shown in notebook 05's prompt table."""
+    try:
+        return subject_of(prompt), "subject"
+    except ConceptNotFound:
+        return prompt, "whole prompt: no subject found"
 
 
 def _flat_edits(edit_prompts) -> list[tuple[str, str]]:
@@ -141,11 +153,11 @@ def build_prompts(references: Sequence[Reference], edit_prompts, edits_per_refer
         raise ValueError(f"edits_per_reference={edits_per_reference}: choose 0 to {len(edits)} (the number of edit prompts)")
     specs = []
     for i, ref in enumerate(references):
-        specs.append(PromptSpec(ref.id, ref.caption, OWN))
+        specs.append(PromptSpec(ref.id, ref.caption, OWN, concept=concept_of(ref.caption)[0]))
         for j in range(edits_per_reference):
             cat, prompt = edits[(i * edits_per_reference + j) % len(edits)]
             if prompt != ref.caption:
-                specs.append(PromptSpec(ref.id, prompt, EDIT, cat))
+                specs.append(PromptSpec(ref.id, prompt, EDIT, cat, concept_of(prompt)[0]))
     return specs
 
 
@@ -162,10 +174,24 @@ def references_for_budget(minutes: float, seconds_per_image: float, *, n_models:
     return int(max(1, min(available, (60 * minutes) // per_reference)))
 
 
-def protocol(profile, prep, *, edit_prompts=None) -> tuple[list[Reference], list["PromptSpec"]]:
-    """The references (profile.eval_num_references held-out groups, seeded) and prompts (own caption +
+def grid_references(profile, available: int, n_models: int = len(MODEL_NAMES)) -> int:
+    """How many held-out references the grid takes: profile.eval_num_references when set, else the most whose
+    grid of n_models (default: every model of the registry) fits profile.eval_minutes on a T4 at
+    GRID_EFFICIENCY of its peak (the counted seconds per image, helpers.support.budget); at most `available`
+    (the test split's near-duplicate groups)."""
+    if profile.eval_num_references is not None:
+        return max(1, min(profile.eval_num_references, available))
+    return references_for_budget(profile.eval_minutes, seconds_per_image(GRID_EFFICIENCY), n_models=n_models,
+                                 n_scales=len(profile.eval_scales), n_seeds=len(profile.eval_seeds),
+                                 prompts_per_reference=1 + profile.eval_edits_per_reference, available=available)
+
+
+def protocol(profile, prep, *, n_models: int = len(MODEL_NAMES), edit_prompts=None) -> tuple[list[Reference],
+                                                                                                list["PromptSpec"]]:
+    """The references (grid_references of them: held-out groups, seeded) and prompts (own caption +
     profile.eval_edits_per_reference edits each) of a run on notebook 01's split `prep`."""
-    references = pick_references(prep.test, profile.eval_num_references, seed=REFERENCE_SEED)
+    groups = len(set(prep.test["group"])) if len(prep.test) else 0
+    references = pick_references(prep.test, grid_references(profile, max(1, groups), n_models), seed=REFERENCE_SEED)
     prompts = build_prompts(references, EDIT_PROMPTS if edit_prompts is None else edit_prompts,
                             profile.eval_edits_per_reference)
     return references, prompts

@@ -37,6 +37,7 @@ from ..model.adapter_file import (
     text_image_block,
 )
 from ..model.block import TextImageCrossAttention, block_effect
+from ..model.conceptrol import SD15_GLOBAL_LAYER, conceptrol_state, stock_processors, use_conceptrol
 from ..model.official_format import adapter_parameters, official_to_live
 from ..model.pipeline import load_pipeline
 from .registry import (
@@ -61,6 +62,7 @@ class AdapterWeights:
     block: TextImageCrossAttention | None = field(default=None, repr=False)
     metadata: dict = field(default_factory=dict)
     ip_layers: tuple[str, ...] | None = None  # see ModelSpec
+    attention: str | None = None  # see ModelSpec: "conceptrol", or None for diffusers' own processors
 
 
 class ModelBank:
@@ -78,6 +80,7 @@ class ModelBank:
         self.missing = missing
         self.active: str | None = None
         self._live = adapter_parameters(pipe.unet, block=False)
+        self.conceptrol_layer = SD15_GLOBAL_LAYER  # Conceptrol's global mask: their SD 1.5 layer (same name in tiny)
         self._features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # image digest -> (negative, positive)
 
     @property
@@ -99,7 +102,9 @@ class ModelBank:
             m = self.models[n]
             spec = MODELS.get(n)
             how = (", text-image block removed" if spec is not None and not spec.block else "") + (
-                f", IP-Adapter only in {', '.join(m.ip_layers)}" if m.ip_layers else "")
+                f", IP-Adapter only in {', '.join(m.ip_layers)}" if m.ip_layers else "") + (
+                f", IP attention masked by the prompt's subject (global mask of {self.conceptrol_layer})"
+                if m.attention == "conceptrol" else "")
             lines.append(f"{n} ({label(n)}): {m.variant}, {m.source}{how}")
         lines += [f"{n}: NOT AVAILABLE - {msg}" for n, msg in self.missing.items()]
         return "\n".join(lines)
@@ -115,8 +120,19 @@ class ModelBank:
             for key, param in self._live.items():
                 param.data = model.params[key]
             self.pipe.unet.text_image_attn = model.block  # None: exactly the vanilla UNet
+            # Conceptrol's processors hold the same to_k_ip / to_v_ip modules, so the swap above reaches them
+            if model.attention == "conceptrol" and conceptrol_state(self.pipe.unet) is None:
+                use_conceptrol(self.pipe.unet, global_layer=self.conceptrol_layer)
+            elif model.attention is None:
+                stock_processors(self.pipe.unet)  # diffusers' own processor objects, exactly
             self.active = name
         return self.pipe
+
+    @property
+    def uses_concepts(self) -> bool:
+        """Whether the active model masks its IP attention by the prompt's subject (Conceptrol): then every
+        pipeline call needs set_concepts first (helpers.sample.generate does it)."""
+        return self.active is not None and self.models[self.active].attention == "conceptrol"
 
     def set_ip_scale(self, scale: float) -> dict[str, float]:
         """Set the active model's IP-Adapter scale: every IP layer at `scale`, or only its `ip_layers`
@@ -228,10 +244,10 @@ def _baseline_weights(name: str, spec: ModelSpec, models: dict[str, AdapterWeigh
     src = models[spec.source]
     block = src.block if spec.block else None
     return AdapterWeights(name, src.variant if block is not None else "vanilla", src.source, src.params, block,
-                          dict(src.metadata), spec.ip_layers)
+                          dict(src.metadata), spec.ip_layers, spec.attention)
 
 
-def load_models(profile, runs_dir=None, *, extra=None, vae=None, device=None, dtype=None, baselines: bool = False,
+def load_models(profile, runs_dir=None, *, extra=None, vae=None, device=None, dtype=None, baselines=False,
                 verbose: bool = True) -> ModelBank:
     """The pretrained IP-Adapter Plus and notebook 03's fine-tuned adapters over one shared pipeline.
 
@@ -242,7 +258,8 @@ def load_models(profile, runs_dir=None, *, extra=None, vae=None, device=None, dt
               the variant comes from the file
     vae:      None = profile.base_model's VAE; else a Hub id or folder of an AutoencoderKL
     device, dtype: default cuda + fp16 with a GPU, else cpu + fp32
-    baselines: also the registry's baselines and ablations (BASELINES) whose source model is available
+    baselines: also the registry's baselines and ablations (BASELINES) whose source model is available: True
+              for all of them, or a list of their names
 
     A missing or unusable adapter file never raises: the bank records why in `bank.missing` (printed
     once here unless verbose=False) and offers the models it has (always "pretrained").
@@ -274,7 +291,7 @@ def load_models(profile, runs_dir=None, *, extra=None, vae=None, device=None, dt
             models[name] = _load_finetuned(pipe, name, path, variant, live)
         except (AdapterFileError, KeyError, OSError, RuntimeError, ValueError) as e:
             missing[name] = f"cannot use {path}: {e}"
-    for name in BASELINES if baselines else ():
+    for name in BASELINES if baselines is True else [b for b in BASELINES if b in (baselines or ())]:
         spec = MODELS[name]
         if spec.source in models:
             models[name] = _baseline_weights(name, spec, models)

@@ -46,6 +46,7 @@ class Sample:
     profile: str = ""  # "full" or "tiny" (tiny: random weights, the picture means nothing)
     reference_image: Image.Image | None = field(default=None, repr=False, compare=False)
     sampler: str = ""  # the pipeline's scheduler class, e.g. "DDIMScheduler"
+    concept: str = ""  # Conceptrol: the prompt's words that name the subject; "" for every other model
 
     def settings(self) -> dict:
         """The settings as a JSON-friendly dict (no images)."""
@@ -60,15 +61,20 @@ SETTING_NAMES = tuple(f.name for f in fields(Sample) if f.name not in ("image", 
 # --------------------------------------------------------------------------------------------------
 
 
+MAX_BATCH = 8  # images per pipeline call at most (pick_batch_size)
+
+
 def pick_batch_size(device, resolution: int = 512, guidance: float = 7.5) -> int:
-    """Images per pipeline call: 1 on a CPU (no gain there); on a GPU as many as the free memory allows,
-    up to 8 (an estimated ~1 GB per guided 512 px image at fp16 with VAE slicing; not measured on a T4)."""
+    """Images per pipeline call: 1 on a CPU (no gain there); on a GPU as many as 70% of the free memory holds,
+    up to MAX_BATCH, by the counted sampling memory (helpers.support.budget.sampling_memory: the denoising
+    UNet's memory per image plus one image's VAE decode, counted at fp16 with VAE slicing for a T4)."""
+    from ..support.budget import fits_batch
+
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return 1
     free, _ = torch.cuda.mem_get_info(device)
-    per_image = 1.0e9 * (resolution / 512) ** 2 * (1.0 if guidance > 1 else 0.6)
-    return int(max(1, min(8, 0.7 * free // per_image)))
+    return fits_batch(free / 2**30, resolution, guidance, margin=0.7, most=MAX_BATCH)
 
 
 def as_list(x) -> list:
@@ -90,7 +96,7 @@ def _prompt_table(references: dict, prompts) -> dict[str, list[str]]:
 
 
 def generate(bank: ModelBank, references: dict, prompts, *, models=None, scales=(1.0,), seeds=(0,), steps=None,
-             guidance=None, negative_prompt: str = "", batch_size=None, resolution=None,
+             guidance=None, negative_prompt: str = "", batch_size=None, resolution=None, concepts=None,
              progress: bool | Callable[[int, int], None] = True,
              on_step: Callable[[], None] | None = None) -> list[Sample]:
     """Images for every model x scale x reference x prompt x seed, in that order.
@@ -102,6 +108,9 @@ def generate(bank: ModelBank, references: dict, prompts, *, models=None, scales=
     batch_size: images per pipeline call (default pick_batch_size); a call holds one reference's prompts x
                 seeds (diffusers repeats one reference's features over a call). Results do not depend on
                 it beyond floating-point rounding: every image has its own torch.Generator(seed) on the CPU
+    concepts:   {prompt: the words naming its subject}, for a model that masks by them (Conceptrol); a prompt
+                not in it gets helpers.sample.concepts.subject_of(prompt), which raises ConceptNotFound when
+                no words name a subject (a prompt is never run unmasked)
     progress:   True for a tqdm bar, False for none, or a callable(done images, total images)
     on_step:    called after every denoising step of every pipeline call (a widget's progress bar)
     """
@@ -110,6 +119,7 @@ def generate(bank: ModelBank, references: dict, prompts, *, models=None, scales=
     if not isinstance(references, dict) or not all(isinstance(v, Image.Image) for v in references.values()):
         raise TypeError("references must be a dict {id: PIL.Image}")
     call = _call_settings(bank, steps, guidance, resolution, negative_prompt, on_step)
+    call["concepts"] = dict(concepts or {})
     models = _available(bank, models)
     scales = [float(s) for s in as_list(scales)]
     jobs = _jobs(references, prompts, seeds)
@@ -168,6 +178,14 @@ def _pipeline_call(bank, name: str, scale: float, ref_id: str, image, chunk, cal
     """One call of the stock pipeline: one reference, a chunk of (prompt, seed), the active model and scale."""
     neg, pos = bank.image_features(image)  # (1, 1, tokens, width) each
     embeds = torch.cat([neg, pos]) if call["cfg"] else pos  # the pipeline's [negative, positive] order
+    concepts = [""] * len(chunk)
+    if bank.uses_concepts:  # one list of token positions per conditional row
+        from ..model.conceptrol import concept_token_indices, set_concepts  # here: Sample stays free of diffusers
+        from .concepts import subject_of
+
+        concepts = [call["concepts"].get(p) or subject_of(p) for p, _ in chunk]
+        set_concepts(bank.pipe.unet, [concept_token_indices(bank.pipe.tokenizer, p, c)
+                                      for (p, _), c in zip(chunk, concepts)], guided=call["cfg"])
     on_step = call["on_step"]
     hook = {} if on_step is None else {"callback_on_step_end": lambda _pipe, _i, _t, kw: (on_step(), kw)[1]}
     with torch.no_grad():
@@ -180,4 +198,4 @@ def _pipeline_call(bank, name: str, scale: float, ref_id: str, image, chunk, cal
         ).images
     return [Sample(im, name, ref_id, p, scale, s, call["steps"], call["guidance"], call["negative_prompt"],
                    call["resolution"], bank.models[name].variant, bank.profile.name, image,
-                   type(bank.pipe.scheduler).__name__) for (p, s), im in zip(chunk, result)]
+                   type(bank.pipe.scheduler).__name__, c) for (p, s), im, c in zip(chunk, result, concepts)]

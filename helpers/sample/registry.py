@@ -30,11 +30,15 @@ class ModelSpec:
     source: str | None = None  # a baseline or ablation: reuse this model's adapter weights
     block: bool = True  # False: run without the source's text-image block
     ip_layers: tuple[str, ...] | None = None  # IP-Adapter only in these UNet blocks (others at scale 0); None: all
+    attention: str | None = None  # "conceptrol": IP attention masked by the prompt's subject (helpers.model.conceptrol)
 
 
 MODELS: dict[str, ModelSpec] = {
     PRETRAINED: ModelSpec("IP-Adapter Plus (pretrained)"),
     "pretrained-instantstyle": ModelSpec("+ InstantStyle layers", source=PRETRAINED, ip_layers=INSTANTSTYLE_SD15),
+    # Conceptrol (He and Yao, 2025, arXiv 2503.06568), training-free: every IP layer's output masked by the
+    # prompt's attention to the words naming the subject (helpers.sample.concepts), global masking
+    "pretrained-conceptrol": ModelSpec("+ Conceptrol", source=PRETRAINED, attention="conceptrol"),
     "finetuned-vanilla": ModelSpec("fine-tuned vanilla", folder="vanilla", variant="vanilla"),
     "finetuned-text-aware": ModelSpec("fine-tuned text-aware", folder="text_aware", variant="text_aware"),
     "finetuned-text-aware-no-block": ModelSpec("fine-tuned text-aware, block removed", source="finetuned-text-aware",

@@ -154,16 +154,20 @@ class SamplingPanel:
         wide = W.Layout(width="95%")
         self.prompt = W.Text(value=prompt, description="Prompt", layout=wide)
         self.negative_prompt = W.Text(value="", description="Negative", layout=wide)
+        self.concept = W.Text(value="", placeholder="empty: the prompt's subject", description="Concept", layout=wide,
+                              tooltip="Conceptrol masks the image by the prompt's attention to these words")
         self.scale = W.FloatSlider(value=scale, min=0.0, max=1.5, step=0.05, description="IP scale")
         self.seed = W.IntText(value=0, description="Seed")
         self.steps = W.IntSlider(value=profile.num_inference_steps, min=1, max=100, description="Steps")
         self.guidance = W.FloatSlider(value=profile.guidance_scale, min=1.0, max=15.0, step=0.5, description="Guidance")
         self.model_boxes = {name: W.Checkbox(value=True, description=name, indent=False) for name in self.bank.names}
         self.settings_view = W.HTML(value="", layout=W.Layout(width="320px"))
-        for w in (self.reference, self.prompt, self.negative_prompt, self.scale, self.seed, self.steps, self.guidance,
-                  *self.model_boxes.values()):
+        for w in (self.reference, self.prompt, self.negative_prompt, self.concept, self.scale, self.seed, self.steps,
+                  self.guidance, *self.model_boxes.values()):
             w.observe(self._show_settings, names="value")
-        return W.VBox([self.prompt, self.negative_prompt, W.HBox([self.scale, self.seed]),
+        self._masks = any(self.bank.models[n].attention for n in self.bank.names)  # a model needs the concept
+        return W.VBox([self.prompt, self.negative_prompt, *([self.concept] if self._masks else []),
+                       W.HBox([self.scale, self.seed]),
                        W.HBox([self.steps, self.guidance]), W.HBox(list(self.model_boxes.values()))],
                       layout=W.Layout(flex="1 1 auto"))
 
@@ -232,6 +236,7 @@ class SamplingPanel:
         """The settings the next Generate will use."""
         return {"reference": self.reference.value, "prompt": self.prompt.value,
                 "negative_prompt": self.negative_prompt.value, "scale": float(self.scale.value),
+                "concept": self.concept.value.strip() or _subject_or_none(self.prompt.value),
                 "seed": int(self.seed.value), "steps": int(self.steps.value), "guidance": float(self.guidance.value),
                 "sampler": type(self.bank.pipe.scheduler).__name__,
                 "models": [name for name, box in self.model_boxes.items() if box.value]}
@@ -257,6 +262,7 @@ class SamplingPanel:
                 self.bank, {ref_id: self.references[ref_id]}, [self.prompt.value], models=[name],
                 scales=(self.scale.value,), seeds=(int(self.seed.value),), steps=steps,
                 guidance=float(self.guidance.value), negative_prompt=self.negative_prompt.value, progress=False,
+                concepts={self.prompt.value: self.concept.value.strip()} if self.concept.value.strip() else None,
                 on_step=self._step)
             samples.append(sample)
             self.result_images[name].value = png_bytes(_enlarge(sample.image, self.image_size))
@@ -294,7 +300,9 @@ class SamplingPanel:
         s = self.settings()
         caption = self.captions.get(s["reference"], "")
         rows = [("reference", f"{s['reference']}" + (f": {caption}" if caption else "")), ("prompt", s["prompt"]),
-                ("negative", s["negative_prompt"] or "(none)"), ("IP scale", f"{s['scale']:g}"), ("seed", s["seed"]),
+                ("negative", s["negative_prompt"] or "(none)"),
+                *([("concept", s["concept"] or "(no subject found: type one)")] if self._masks else []),
+                ("IP scale", f"{s['scale']:g}"), ("seed", s["seed"]),
                 ("sampler", f"{s['sampler']}, {s['steps']} steps"), ("guidance", f"{s['guidance']:g}"),
                 ("models", ", ".join(s["models"]) or "(none ticked)")]
         self.settings_view.value = ("<div class='ipa-settings' style='font-size:12px;line-height:1.35'><b>Next Generate uses</b><br>"
@@ -331,6 +339,16 @@ class SamplingPanel:
     def _on_reference(self, _change) -> None:
         ref_id = self.reference.value
         self.preview.value = _thumbnail(self.references[ref_id], 128) if ref_id in self.references else b""
+
+
+def _subject_or_none(prompt: str) -> str | None:
+    """The prompt's subject (helpers.sample.concepts.subject_of), or None when no words name one."""
+    from .concepts import subject_of
+
+    try:
+        return subject_of(prompt)
+    except ValueError:  # ConceptNotFound: the panel shows it, and Generate reports it for Conceptrol
+        return None
 
 
 def _enlarge(image: Image.Image, size: int) -> Image.Image:

@@ -11,17 +11,15 @@ from helpers.evaluate.__main__ import main as evaluation_main
 from helpers.evaluate.grid import run_grid
 from helpers.evaluate.metrics import clip_i, clip_t
 from helpers.evaluate.protocol import (
-    FULL_TEST_GROUPS,
-    T4_BUDGET_MINUTES,
-    T4_SECONDS_PER_IMAGE,
+    GRID_EFFICIENCY,
     PromptSpec,
     TrainingImageError,
     build_prompts,
     check_held_out,
     copy_baseline,
+    grid_references,
     grid_size,
     protocol,
-    references_for_budget,
 )
 from helpers.evaluate.results import (
     CSV_COLUMNS,
@@ -208,19 +206,25 @@ def test_grid_samples_are_the_images_of_the_rows(split, tiny_profile, tmp_path):
         assert diff.mean() < 3  # the saved JPEG is the image (quality 95)
 
 
-def test_default_size_comes_from_the_t4_budget():
+def test_default_size_comes_from_the_counted_t4_budget():
+    """The full profile's grid is the most references whose images, every model of the registry included, take
+    at most eval_minutes on a T4 at GRID_EFFICIENCY of its peak, counted (helpers.support.budget)."""
     from helpers.profile import full_profile
+    from helpers.support.budget import images_minutes
 
     full = full_profile("test")
-    prompts = 1 + full.eval_edits_per_reference
-    n = references_for_budget(T4_BUDGET_MINUTES, T4_SECONDS_PER_IMAGE, n_models=len(MODEL_NAMES),
-                                 n_scales=len(full.eval_scales), n_seeds=len(full.eval_seeds),
-                                 prompts_per_reference=prompts, available=FULL_TEST_GROUPS)
-    assert full.eval_num_references == n and full.eval_edits_per_reference > 1
-    images = grid_size(n * prompts, len(MODEL_NAMES), len(full.eval_scales), len(full.eval_seeds))
-    assert images * T4_SECONDS_PER_IMAGE <= 60 * T4_BUDGET_MINUTES
-    per_reference = grid_size(prompts, len(MODEL_NAMES), len(full.eval_scales), len(full.eval_seeds))
-    assert (images + per_reference) * T4_SECONDS_PER_IMAGE > 60 * T4_BUDGET_MINUTES  # one more would not fit
+    assert full.eval_num_references is None and full.eval_edits_per_reference > 1  # sized, not typed
+    prompts, plenty = 1 + full.eval_edits_per_reference, 10**6
+
+    def images(n):
+        return grid_size(n * prompts, len(MODEL_NAMES), len(full.eval_scales), len(full.eval_seeds))
+
+    n = grid_references(full, plenty)
+    assert images_minutes(images(n), GRID_EFFICIENCY) <= full.eval_minutes < images_minutes(images(n + 1), GRID_EFFICIENCY)
+    assert grid_references(full, 3) == min(n, 3)  # never more than the test split's groups
+    more = full.replace(eval_minutes=2 * full.eval_minutes)  # one field for a user with more time
+    assert grid_references(more, plenty) >= 2 * n - 1
+    assert grid_references(full.replace(eval_num_references=4), plenty) == 4  # a number, when given, is used
 
 
 def test_command_line_runs_the_protocol_and_resumes(tiny_profile, runs, tmp_path, monkeypatch, capsys):
@@ -245,8 +249,9 @@ def test_command_line_runs_the_protocol_and_resumes(tiny_profile, runs, tmp_path
     monkeypatch.setattr(grid_module, "generate_images", real)
     capsys.readouterr()
     resumed = evaluation_main(args + ["--out-dir", str(tmp_path / "cut")])
-    assert "Resuming: 2 of 12 images" in capsys.readouterr().out
-    assert resumed.n_resumed == 2 and resumed.n_generated == 10
+    total = 2 * len(MODEL_NAMES)  # 1 reference x (own caption + 1 edit) x 1 scale, every model with its baselines
+    assert f"Resuming: 2 of {total} images" in capsys.readouterr().out
+    assert resumed.n_resumed == 2 and resumed.n_generated == total - 2
     assert (tmp_path / "cut" / "results.csv").read_bytes() == (tmp_path / "whole" / "results.csv").read_bytes()
     # the notebook's protocol: the same references and prompts, every model of the bank with its baselines
     profile = tiny_profile.replace(eval_num_references=1, eval_edits_per_reference=1, eval_scales=(1.0,))

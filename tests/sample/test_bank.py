@@ -166,6 +166,40 @@ def test_baselines_generate_what_their_definition_says(bank_with_baselines, runs
 def test_labels_and_a_missing_source(tiny_profile, tmp_path):
     assert label("finetuned-text-aware-no-block") == "fine-tuned text-aware, block removed" and label("mine") == "mine"
     bank = load_models(tiny_profile, tmp_path, device="cpu", verbose=False, baselines=True)
-    assert bank.names == ["pretrained", "pretrained-instantstyle"]
+    assert bank.names == ["pretrained", "pretrained-instantstyle", "pretrained-conceptrol"]
     assert "derived from finetuned-text-aware" in bank.missing["finetuned-text-aware-no-block"]
     assert "IP-Adapter only in down_blocks.2, mid_block, up_blocks.1" in bank.describe()
+
+
+def test_conceptrol_is_the_pretrained_adapter_masked_by_the_prompts_subject(bank_with_baselines, tiny_profile,
+                                                                            reference_image):
+    """The bank's Conceptrol = a standalone pretrained pipeline with helpers.model.conceptrol switched on for the
+    prompt's subject; the models generated after it (InstantStyle, block removed) are unchanged, because the
+    bank puts diffusers' own processors back."""
+    from helpers.model.conceptrol import ConceptNotFound, concept_token_indices, conceptrol
+
+    bank = bank_with_baselines
+    prompt, seed, scale = "a cartoon drawing of a girl with red hair", 3, 0.7
+    others = ["pretrained-instantstyle", "finetuned-text-aware-no-block"]
+
+    def run(models):
+        return {s.model: s for s in generate(bank, {"r": reference_image}, [prompt], models=models, scales=(scale,),
+                                             seeds=(seed,), steps=STEPS, progress=False)}
+
+    before = run(others)
+    made = run(["pretrained-conceptrol", "pretrained", *others])
+    assert made["pretrained-conceptrol"].concept == "girl" and made["pretrained"].concept == ""
+    for name in others:
+        assert np.array_equal(pixels(made[name].image), pixels(before[name].image)), name
+    pipe = load_pipeline(tiny_profile.base_model, tiny_profile.ip_adapter, variant="vanilla", device="cpu")
+    pipe.set_ip_adapter_scale(scale)
+    pipe.set_progress_bar_config(disable=True)
+    with conceptrol(pipe.unet, [concept_token_indices(pipe.tokenizer, prompt, "girl")]):
+        alone = pipe(prompt, ip_adapter_image=reference_image, num_inference_steps=STEPS,
+                     guidance_scale=tiny_profile.guidance_scale, height=tiny_profile.resolution,
+                     width=tiny_profile.resolution, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+    assert np.array_equal(pixels(made["pretrained-conceptrol"].image), pixels(alone))
+    assert not np.array_equal(pixels(alone), pixels(made["pretrained"].image))  # the mask does something
+    with pytest.raises(ConceptNotFound, match="in space"):
+        generate(bank, {"r": reference_image}, ["in space"], models=["pretrained-conceptrol"], steps=STEPS,
+                 progress=False)
