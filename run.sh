@@ -7,10 +7,19 @@
 #   ./run.sh browser-check   use notebook 04's widget panel in headless Chromium (tools/browser_check.py)
 #   ./run.sh rehearse [PX]  the five notebooks on the full profile, offline, as a quick run, against a local
 #                   mirror of its Hub repos (random weights; built once, see rehearsal/); PX: IPA_RESOLUTION
+#   ./run.sh gpu-check [--wheels DIR]  on a CUDA machine, with its own python and torch (no .venv): the T4
+#                   budget measured on a GPU made to look like a T4 (bench/gpu_check.py; --tiny: CPU self-test)
 # Without a CUDA GPU the notebooks use the tiny profile (small random models); IPA_PROFILE overrides.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
+if [ "${1:-}" = gpu-check ]; then
+  # the GPU machine's own python and CUDA torch, never .venv's CPU build; missing packages come from wheels
+  # (--wheels DIR or $IPA_WHEELS), installed without dependencies into a folder of the check's own
+  "$PY" -c "import torch" 2>/dev/null || { echo "gpu-check: $PY has no torch. Run it with the GPU machine's own" \
+    "python, the one that holds its CUDA torch: PYTHON=/path/to/python3 ./run.sh gpu-check" >&2; exit 2; }
+  exec "$PY" bench/gpu_check.py "${@:2}"
+fi
 VENV=.venv PINS=""
 [ "${1:-}" = test-colab ] && VENV=.venv-colab PINS="-c constraints/colab.txt"
 [ -x $VENV/bin/python ] || "$PY" -m venv $VENV
@@ -51,5 +60,5 @@ case "${1:-main}" in
     if [ -n "${2:-}" ]; then export IPA_RESOLUTION="$2"; fi
     python -m pytest $NBVAL -ra notebooks/ && rm -rf "$OUT" || { echo "outputs kept in $OUT" >&2; exit 1; } ;;
   *)
-    echo "usage: ./run.sh [main|test|test-colab|browser-check|rehearse [PX]]" >&2; exit 2 ;;
+    echo "usage: ./run.sh [main|test|test-colab|browser-check|rehearse [PX]|gpu-check [--wheels DIR]]" >&2; exit 2 ;;
 esac
