@@ -13,11 +13,11 @@ from ..data.prepare import use_prepared
 from ..profile import get_profile
 from ..sample.bank import load_models
 from ..sample.registry import parse_models
-from ..support.env import output_root
-from .headline import headline
-from .stats import summarize
+from ..support.env import output_root, quiet_libraries
 from .grid import run_grid
+from .headline import headline
 from .protocol import grid_settings, protocol
+from .stats import summarize
 
 
 def main(argv=None):
@@ -34,6 +34,7 @@ def main(argv=None):
     ap.add_argument("--seeds", default="", help="seeds, e.g. 0,1 (default: the profile's)")
     ap.add_argument("--extra-models", default="", help="more adapters, 'name=user/repo, folder' (as in 04 and 05)")
     args = ap.parse_args(argv)
+    quiet_libraries()  # the same harmless library noise the notebooks drop
     root = output_root(colab=False, drive=False)
     data_dir, runs_dir, out_dir = (Path(d) if d else root / name for d, name in
                                    ((args.data_dir, "data"), (args.runs_dir, "runs"), (args.out_dir, "eval")))

@@ -66,7 +66,7 @@ def load_image_encoder(spec, dtype):
         repo, sub = hub
     with loading("image encoder (a CLIPVisionModelWithProjection)", spec):
         encoder, _ = fp16_first(lambda **v: CLIPVisionModelWithProjection.from_pretrained(
-            repo, subfolder=sub, dtype=dtype, **v), dtype)
+            repo, subfolder=sub, dtype=dtype, **v), dtype, source=repo)
     return encoder
 
 
@@ -80,7 +80,8 @@ def load_vae(spec, dtype=None):
     sub = "vae" if (Path(spec) / "vae").is_dir() else None
     kwargs = dtype_kwargs(dtype) if dtype is not None else {}
     with loading("VAE (an AutoencoderKL: a Hub id such as stabilityai/sd-vae-ft-mse, or a folder)", spec):
-        vae, _ = fp16_first(lambda **v: AutoencoderKL.from_pretrained(str(spec), subfolder=sub, **kwargs, **v), dtype)
+        vae, _ = fp16_first(lambda **v: AutoencoderKL.from_pretrained(str(spec), subfolder=sub, **kwargs, **v), dtype,
+                            source=spec)
     return vae
 
 
@@ -155,10 +156,10 @@ def load_pipeline(base_model, ip_adapter, *, variant="vanilla", adapter=None, im
     with loading("base model (a Stable Diffusion 1.5 pipeline)", base_model):
         if variant == "text_aware":
             kwargs["unet"], _ = fp16_first(lambda **v: TextAwareUNet2DConditionModel.from_pretrained(
-                base_model, subfolder="unet", **dtype_kwargs(dtype), **v), dtype)
+                base_model, subfolder="unet", **dtype_kwargs(dtype), **v), dtype, source=base_model)
         pipe, weights_variant = fp16_first(lambda **v: StableDiffusionPipeline.from_pretrained(
             base_model, safety_checker=None, requires_safety_checker=False, image_encoder=encoder,
-            **dtype_kwargs(dtype), **kwargs, **v), dtype)
+            **dtype_kwargs(dtype), **kwargs, **v), dtype, source=base_model)
     if scheduler is not None:
         pipe.scheduler = make_scheduler(pipe.scheduler.config, scheduler)
     _attach_adapter(pipe.unet, tensors, meta, variant=variant, path=path, as_finetuned=adapter is not None,
@@ -180,8 +181,8 @@ def load_unet(base_model, ip_adapter, *, variant="vanilla", adapter=None, image_
     cls = TextAwareUNet2DConditionModel if variant == "text_aware" else UNet2DConditionModel
     with loading("base model's UNet", str(base_model)):
         unet, weights_variant = fp16_first(lambda **v: cls.from_pretrained(
-            str(base_model), subfolder="unet", **dtype_kwargs(dtype), **v), dtype)
+            str(base_model), subfolder="unet", **dtype_kwargs(dtype), **v), dtype, source=base_model)
     _attach_adapter(unet, tensors, meta, variant=variant, path=path, as_finetuned=adapter is not None,
                     image_encoder_dim=image_encoder_dim, attach=lambda sd: load_ip_adapter_weights(unet, sd))
     unet.adapter_info = {"variant": variant, "weights": str(path), "base_weights": weights_variant, **meta}
-    return unet.to(device=device, dtype=dtype)
+    return unet.to(device=device)  # loaded in dtype already: a dtype here makes diffusers warn about fp32 modules

@@ -9,6 +9,7 @@ notebooks, and the notebooks' install cells, are written from it. To publish und
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import sys
@@ -90,21 +91,47 @@ def setup(mount_drive: bool = True, *, drive_mount: str = DRIVE_MOUNT, quiet: bo
     return env
 
 
+# The library messages a notebook reader can do nothing about, each harmless, each with its reason; every other
+# warning still shows. (logger name, words of the message)
+HARMLESS_NOISE = (
+    # diffusers' own _load_ip_adapter_weights calls .to(dtype=self.dtype), and ModelMixin.to warns on any dtype,
+    # even when no module is to be kept in fp32 (diffusers 0.39-0.42)
+    ("diffusers.models.modeling_utils", "should be kept in float32: []"),
+    # without torchvision (not on Colab, where it is installed) transformers' image processors fall back to
+    # their PIL versions, the ones helpers.evaluate.metrics picks on purpose
+    ("transformers.utils.import_utils", "requires torchvision (not installed); falling back to"),
+)
+# diffusers passes hf_hub_download an argument that huggingface_hub deprecated (its configuration_utils)
+HARMLESS_WARNINGS = ("The `local_dir_use_symlinks` argument is deprecated",)
+
+
+class _HarmlessNoise(logging.Filter):
+    def __init__(self, words: str):
+        super().__init__()
+        self.words = words
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.words not in record.getMessage()
+
+
 def quiet_libraries() -> None:
-    """Keep library warnings out of the notebooks (errors still show; progress bars stay)."""
+    """The one place that quiets the libraries: the model-loading progress bars of diffusers and transformers
+    go (training, denoising and data bars stay), and HARMLESS_NOISE / HARMLESS_WARNINGS are dropped. Calling
+    it again adds nothing."""
     import importlib
     import warnings
 
-    for mod in ("diffusers", "transformers", "datasets"):
+    for mod in ("diffusers", "transformers"):
         try:
-            logging = importlib.import_module(f"{mod}.utils.logging")
+            importlib.import_module(f"{mod}.utils.logging").disable_progress_bar()
         except ImportError:
             continue
-        logging.set_verbosity_error()
-        if mod != "datasets":  # model-loading bars; the denoising and training bars stay
-            logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*torchvision.*")
+    for name, words in HARMLESS_NOISE:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _HarmlessNoise) and f.words == words for f in logger.filters):
+            logger.addFilter(_HarmlessNoise(words))
+    for words in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=re.escape(words), category=UserWarning)
 
 
 # --------------------------------------------------------------------------------------------------

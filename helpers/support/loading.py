@@ -136,14 +136,18 @@ def _is_load_failure(error: BaseException) -> bool:
     return isinstance(error, (OSError, ValueError)) or bool(names & _HUB_ERRORS)
 
 
-def fp16_first(load: Callable[..., T], dtype: torch.dtype | None) -> tuple[T, str]:
+def fp16_first(load: Callable[..., T], dtype: torch.dtype | None, source=None) -> tuple[T, str]:
     """(`load(variant="fp16")`, "fp16") when dtype is float16 and the repo has fp16 files, else (`load()`, "default").
 
     SD 1.5's repo ships fp16 copies of its weights (`*.fp16.safetensors`): on a GPU they halve the ~4 GB a
     fresh Colab runtime downloads. A local folder or a community checkpoint without such files loads its
-    default files, converted to fp16 by `dtype`. Failures of the default load propagate (wrap the call in
-    `loading` for a clear message).
+    default files, converted to fp16 by `dtype`. source: the folder or Hub id being loaded; a local folder
+    without any `*.fp16.*` file is not tried (the libraries would log the failed attempt). Failures of the
+    default load propagate (wrap the call in `loading` for a clear message).
     """
+    folder = Path(str(source)).expanduser() if source is not None else None
+    if folder is not None and folder.is_dir() and not any(folder.rglob(f"*.{FP16_VARIANT}.*")):
+        return load(), "default"
     if dtype == torch.float16:
         try:
             return load(variant=FP16_VARIANT), FP16_VARIANT

@@ -4,12 +4,14 @@ run from a terminal (helpers.train.loop; `--help` lists every option). Run it ag
 from __future__ import annotations
 
 from ..data.prepare import DataSourceError, PreparedDataMismatch
+from ..support.env import quiet_libraries
 from .config import parse_config
 from .loop import TrainResult, train
 from .run import TrainingError
 
 
 def main(argv=None) -> TrainResult:
+    quiet_libraries()  # the same harmless library noise the notebooks drop
     config = parse_config(argv, description="Fine-tune IP-Adapter Plus, vanilla or text-aware, from cached features, with Accelerate.")
     try:
         result = train(config)

@@ -93,3 +93,43 @@ def test_set_repo_rewrites_badges_and_install_urls(tmp_path):
     assert repo_urls((tmp_path / "README.md").read_text()) == {"me/fork", "other/repo"}
     with pytest.raises(ValueError, match="OWNER/NAME"):
         set_repo("not a repo", tmp_path)
+
+
+def test_quiet_libraries_drops_only_the_named_harmless_noise(text_aware):
+    """diffusers' own .to(dtype) when it attaches an IP-Adapter warns about an empty list of fp32 modules:
+    quiet_libraries drops exactly the messages it names, each once, and every other warning still shows."""
+    import logging
+    import warnings
+
+    from helpers.support.env import HARMLESS_NOISE, quiet_libraries
+
+    class Keep(logging.Handler):  # on the loggers themselves: diffusers' and transformers' do not propagate
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    quiet_libraries()
+    quiet_libraries()  # idempotent: one filter per message
+    loggers = [logging.getLogger(name) for name, _ in HARMLESS_NOISE]
+    assert all(sum(getattr(f, "words", None) == words for f in logger.filters) == 1
+               for logger, (_, words) in zip(loggers, HARMLESS_NOISE))
+    keep = Keep()
+    for logger in loggers:
+        logger.addHandler(keep)
+    try:
+        text_aware.unet.to(dtype=text_aware.unet.dtype)  # the call diffusers makes when it attaches an adapter
+        loggers[0].warning("There are modules in X that should be kept in float32: ['norm']. Casting ...")
+        loggers[1].warning("`CLIPImageProcessor` requires torchvision (not installed); falling back to `...Pil`")
+    finally:
+        for logger in loggers:
+            logger.removeHandler(keep)
+    assert keep.messages == ["There are modules in X that should be kept in float32: ['norm']. Casting ..."]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        quiet_libraries()
+        warnings.warn("The `local_dir_use_symlinks` argument is deprecated and ignored in `hf_hub_download`.")
+        warnings.warn("something else")
+    assert [str(w.message) for w in caught] == ["something else"]
