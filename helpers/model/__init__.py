@@ -5,6 +5,7 @@
     adapter_file.py     this project's adapter file: save, read, check against a model, find by name
     pipeline.py         load_pipeline / load_unet: Stable Diffusion 1.5 with the adapter, vanilla or text-aware
     conceptrol.py       Conceptrol, the baseline: IP attention masked by the prompt's attention to the subject's words
+    sd15.py             Stable Diffusion 1.5 + IP-Adapter Plus as numbers (the published configs), the sampler
     diagram.py          the architecture drawn, and its parameters per part
 """
 

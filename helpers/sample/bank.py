@@ -37,7 +37,12 @@ from ..model.adapter_file import (
     text_image_block,
 )
 from ..model.block import TextImageCrossAttention, block_effect
-from ..model.conceptrol import SD15_GLOBAL_LAYER, conceptrol_state, stock_processors, use_conceptrol
+from ..model.conceptrol import (
+    SD15_GLOBAL_LAYER,
+    conceptrol_state,
+    stock_processors,
+    use_conceptrol,
+)
 from ..model.official_format import adapter_parameters, official_to_live
 from ..model.pipeline import load_pipeline
 from .registry import (

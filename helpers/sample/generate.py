@@ -180,7 +180,10 @@ def _pipeline_call(bank, name: str, scale: float, ref_id: str, image, chunk, cal
     embeds = torch.cat([neg, pos]) if call["cfg"] else pos  # the pipeline's [negative, positive] order
     concepts = [""] * len(chunk)
     if bank.uses_concepts:  # one list of token positions per conditional row
-        from ..model.conceptrol import concept_token_indices, set_concepts  # here: Sample stays free of diffusers
+        from ..model.conceptrol import (  # here: Sample stays free of diffusers
+            concept_token_indices,
+            set_concepts,
+        )
         from .concepts import subject_of
 
         concepts = [call["concepts"].get(p) or subject_of(p) for p, _ in chunk]

@@ -12,7 +12,8 @@ from helpers.sample.bank import load_models
 from helpers.sample.generate import generate
 from helpers.sample.references import held_out_references
 from helpers.sample.saved import png_settings
-from helpers.sample.widgets import SamplingPanel, parse_upload
+from helpers.sample.uploads import parse_upload
+from helpers.sample.widgets import SamplingPanel
 
 
 @pytest.fixture(scope="module")
