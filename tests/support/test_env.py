@@ -116,16 +116,18 @@ def test_quiet_libraries_drops_only_the_named_harmless_noise(text_aware):
     loggers = [logging.getLogger(name) for name, _ in HARMLESS_NOISE]
     assert all(sum(getattr(f, "words", None) == words for f in logger.filters) == 1
                for logger, (_, words) in zip(loggers, HARMLESS_NOISE))
-    keep = Keep()
+    keep, levels = Keep(), [logger.level for logger in loggers]
     for logger in loggers:
         logger.addHandler(keep)
+        logger.setLevel(logging.WARNING)  # whatever verbosity another test or $DIFFUSERS_VERBOSITY left
     try:
         text_aware.unet.to(dtype=text_aware.unet.dtype)  # the call diffusers makes when it attaches an adapter
         loggers[0].warning("There are modules in X that should be kept in float32: ['norm']. Casting ...")
         loggers[1].warning("`CLIPImageProcessor` requires torchvision (not installed); falling back to `...Pil`")
     finally:
-        for logger in loggers:
+        for logger, level in zip(loggers, levels):
             logger.removeHandler(keep)
+            logger.setLevel(level)
     assert keep.messages == ["There are modules in X that should be kept in float32: ['norm']. Casting ..."]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
