@@ -5,6 +5,7 @@ attention to the words that name the subject, a training-free baseline.
     stock_processors(unet)                                 put diffusers' own processor objects back
     conceptrol(unet, ...)                                  the two as a context manager
     set_concepts(unet, token_indices)                      the concept's token positions, one list per prompt row
+    clear_concepts(unet)                                   forget them (a call without its own then raises)
     concept_token_indices(tokenizer, prompt, concept)      those positions, or ConceptNotFound
     recording_masks(unet)                                  keep the masks each layer used, for plotting
 
@@ -18,8 +19,9 @@ In each cross-attention layer, with Q the image queries and K the 77 text keys (
 With global masking, M of one layer (SD 1.5: SD15_GLOBAL_LAYER, at 1/32 of the image) is resized (nearest) to
 every other layer's grid and used there instead of that layer's own.
 
-Taken from their code (github.com/QY-H00/Conceptrol, `ip_adapter/attention_processor.py`,
-`ConceptrolAttnProcessor.__call__`, unless named otherwise), and what we chose:
+Taken from their code (github.com/QY-H00/Conceptrol at commit 5a639814e83c87af1d8730c160ca05c1af4a0aeb,
+`ip_adapter/attention_processor.py`, `ConceptrolAttnProcessor.__call__`, unless named otherwise), and what we
+chose:
 - The mask averages the text branch's post-softmax probabilities (over all 77 keys) of the concept's tokens,
   over the tokens, then the heads, and divides by its maximum over the image positions plus 1e-6.
 - The conditional row's mask serves both halves of the guided batch (their `ip_attention_mask[1:2]`, written
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -61,7 +64,8 @@ class ConceptNotFound(ValueError):
     """A concept whose tokens do not occur, in a row, among the prompt's (after truncation to 77)."""
 
     def __init__(self, prompt: str, concept: str, why: str):
-        super().__init__(f"concept {concept!r} not found in prompt {prompt!r}: {why}")
+        what = f"concept {concept!r} not found" if concept else "no subject found"
+        super().__init__(f"{what} in prompt {prompt!r}: {why}")
         self.prompt, self.concept = prompt, concept
 
 
@@ -286,13 +290,21 @@ def set_concepts(unet, token_indices, *, guided: bool = True) -> None:
     rows. Clears the kept global mask, so the next call starts afresh."""
     state = conceptrol_state(unet, required=True)
     rows = list(token_indices)
-    if rows and all(isinstance(i, int) for i in rows):  # a single list of positions
+    if rows and all(isinstance(i, numbers.Integral) for i in rows):  # a single list of positions
         rows = [rows]
     rows = [sorted({int(i) for i in r}) for r in rows]
     if not rows or any(not r or r[0] < 1 for r in rows):
         raise ValueError(f"token_indices {token_indices!r}: give one non-empty list of positions >= 1 per prompt row "
                          "(position 0 is the start token)")
     state.concepts, state.guided, state.global_mask, state.last_timestep = rows, guided, None, None
+
+
+def clear_concepts(unet) -> None:
+    """Forget the concepts set_concepts gave, so that a later call without its own raises instead of masking by
+    another prompt's positions. Nothing happens when Conceptrol is off."""
+    state = conceptrol_state(unet)
+    if state is not None:
+        state.concepts, state.global_mask, state.last_timestep = None, None, None
 
 
 @contextlib.contextmanager
@@ -323,6 +335,7 @@ def concept_token_indices(tokenizer, prompt: str, concept: str) -> list[int]:
     if found is not None:
         return found
     if find(tokenizer(prompt).input_ids) is not None:
-        raise ConceptNotFound(prompt, concept, f"it comes after the text encoder's {tokenizer.model_max_length} tokens")
+        raise ConceptNotFound(prompt, concept, f"it does not fit in the first {tokenizer.model_max_length} tokens, all "
+                              "the text encoder reads")
     raise ConceptNotFound(prompt, concept, f"its tokens {tokenizer.convert_ids_to_tokens(words)} do not occur in a row "
                           f"among the prompt's {tokenizer.tokenize(prompt)}")

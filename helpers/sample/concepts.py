@@ -38,5 +38,5 @@ def subject_of(prompt: str) -> str:
         head = head[1:]
     if not head:
         raise ConceptNotFound(prompt, "", "no words before the description name a subject (the rule: "
-                                          "helpers.sample.concepts.subject_of)")
+                                          "helpers.sample.concepts.subject_of); give it: concepts={prompt: words}")
     return " ".join(head)

@@ -179,8 +179,9 @@ def _pipeline_call(bank, name: str, scale: float, ref_id: str, image, chunk, cal
     neg, pos = bank.image_features(image)  # (1, 1, tokens, width) each
     embeds = torch.cat([neg, pos]) if call["cfg"] else pos  # the pipeline's [negative, positive] order
     concepts = [""] * len(chunk)
-    if bank.uses_concepts:  # one list of token positions per conditional row
+    if bank.uses_concepts:  # one list of token positions per conditional row, for this call only
         from ..model.conceptrol import (  # here: Sample stays free of diffusers
+            clear_concepts,
             concept_token_indices,
             set_concepts,
         )
@@ -191,14 +192,18 @@ def _pipeline_call(bank, name: str, scale: float, ref_id: str, image, chunk, cal
                                       for (p, _), c in zip(chunk, concepts)], guided=call["cfg"])
     on_step = call["on_step"]
     hook = {} if on_step is None else {"callback_on_step_end": lambda _pipe, _i, _t, kw: (on_step(), kw)[1]}
-    with torch.no_grad():
-        result = bank.pipe(
-            prompt=[p for p, _ in chunk],
-            negative_prompt=[call["negative_prompt"]] * len(chunk) if call["cfg"] else None,
-            ip_adapter_image_embeds=[embeds], num_inference_steps=call["steps"], guidance_scale=call["guidance"],
-            height=call["resolution"], width=call["resolution"],
-            generator=[torch.Generator("cpu").manual_seed(s) for _, s in chunk], **hook,
-        ).images
+    try:
+        with torch.no_grad():
+            result = bank.pipe(
+                prompt=[p for p, _ in chunk],
+                negative_prompt=[call["negative_prompt"]] * len(chunk) if call["cfg"] else None,
+                ip_adapter_image_embeds=[embeds], num_inference_steps=call["steps"], guidance_scale=call["guidance"],
+                height=call["resolution"], width=call["resolution"],
+                generator=[torch.Generator("cpu").manual_seed(s) for _, s in chunk], **hook,
+            ).images
+    finally:
+        if bank.uses_concepts:
+            clear_concepts(bank.pipe.unet)
     return [Sample(im, name, ref_id, p, scale, s, call["steps"], call["guidance"], call["negative_prompt"],
                    call["resolution"], bank.models[name].variant, bank.profile.name, image,
                    type(bank.pipe.scheduler).__name__, c) for (p, s), im, c in zip(chunk, result, concepts)]

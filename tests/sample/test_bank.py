@@ -176,7 +176,7 @@ def test_conceptrol_is_the_pretrained_adapter_masked_by_the_prompts_subject(bank
     """The bank's Conceptrol = a standalone pretrained pipeline with helpers.model.conceptrol switched on for the
     prompt's subject; the models generated after it (InstantStyle, block removed) are unchanged, because the
     bank puts diffusers' own processors back."""
-    from helpers.model.conceptrol import ConceptNotFound, concept_token_indices, conceptrol
+    from helpers.model.conceptrol import ConceptNotFound, concept_token_indices, conceptrol, conceptrol_state
 
     bank = bank_with_baselines
     prompt, seed, scale = "a cartoon drawing of a girl with red hair", 3, 0.7
@@ -200,6 +200,8 @@ def test_conceptrol_is_the_pretrained_adapter_masked_by_the_prompts_subject(bank
                      width=tiny_profile.resolution, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
     assert np.array_equal(pixels(made["pretrained-conceptrol"].image), pixels(alone))
     assert not np.array_equal(pixels(alone), pixels(made["pretrained"].image))  # the mask does something
-    with pytest.raises(ConceptNotFound, match="in space"):
+    with pytest.raises(ConceptNotFound, match=r"no subject found in prompt .in space.*concepts=\{prompt: words\}"):
         generate(bank, {"r": reference_image}, ["in space"], models=["pretrained-conceptrol"], steps=STEPS,
                  progress=False)
+    run(["pretrained-conceptrol"])
+    assert conceptrol_state(bank.pipe.unet).concepts is None  # the call's own concepts, forgotten after it
