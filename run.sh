@@ -48,8 +48,10 @@ case "${1:-main}" in
     python -m pytest $NBVAL -ra tests/ notebooks/ ;;
   browser-check)
     # notebook 04's panel used in headless Chromium through JupyterLab (tools/browser_check.py; ~2 min here)
-    command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
-      { [ "$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
+    command -v chromium >/dev/null || command -v chromium-browser >/dev/null || command -v google-chrome >/dev/null || \
+      { [ "$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || \
+      { echo "browser-check needs Chromium (or Google Chrome) on PATH: as root, this command installs it" \
+        "(apt-get install chromium); otherwise install it yourself" >&2; exit 2; }
     python -m pip install -q -r requirements-browser.txt
     python tools/browser_check.py "${@:2}" ;;
   rehearse)

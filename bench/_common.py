@@ -18,12 +18,20 @@ from typing import Callable
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 SD15_SCALING_FACTOR = 0.18215
+
+
+def quiet_logs() -> None:
+    """A script's output is its figures: diffusers' and transformers' loggers at ERROR. Called by each script's
+    main(), never on import: the tests import these modules, and the notebooks they run must show every warning."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
 
 
 def pick_device(device: str | None, dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
@@ -300,8 +308,10 @@ def run_estimate_lines(step_seconds: dict[str, float], *, batch: int, train_imag
     return lines
 
 
-# Peak dense fp16 tensor-core rates, TFLOPS (NVIDIA datasheets; SXM parts where there are two).
-_FP16_TFLOPS = {"T4": 65, "V100": 125, "L4": 121, "A100": 312, "H100": 989, "H200": 989}
+# Peak dense fp16 tensor-core rates, TFLOPS (NVIDIA datasheets; SXM parts where there are two). The longest
+# name wins, so "L40S" is not read as "L4", nor "H100 PCIe" as "H100".
+_FP16_TFLOPS = {"T4": 65, "V100": 125, "A100": 312, "L4": 121, "L40": 181, "L40S": 362,
+                "H100": 989, "H100 PCIe": 756, "H100 NVL": 835, "H200": 989}
 
 
 def fp16_peak_tflops(gpu_name: str) -> float | None:

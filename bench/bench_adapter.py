@@ -43,6 +43,7 @@ TARGETS = {"sampling": 1.03, "training": 1.05}
 
 
 def main(argv=None):
+    C.quiet_logs()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n\n".join(__doc__.split("\n\n")[1:]))

@@ -62,6 +62,7 @@ def token_ids(batch: int, g: torch.Generator, length: int = 77) -> torch.Tensor:
 
 
 def main(argv=None):
+    C.quiet_logs()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n\n".join(__doc__.split("\n\n")[1:]))

@@ -64,16 +64,25 @@ def _dist_name(wheel: Path) -> str:
 
 
 def wheels_to_install(folder: Path) -> list[Path]:
-    """The wheels in `folder` whose distribution is not installed here; never torch and its kin."""
+    """The wheels in `folder` whose distribution is missing here or older than the wheel; never torch and its
+    kin (the machine's own CUDA build stays)."""
+    from packaging.version import InvalidVersion, Version
+
     chosen = []
     for wheel in sorted(folder.glob("*.whl")):
         name = _dist_name(wheel)
         if NEVER_INSTALLED.match(name.replace("-", "_")) or NEVER_INSTALLED.match(name):
             continue
         try:
-            importlib.metadata.distribution(name)
+            installed = Version(importlib.metadata.version(name))
         except importlib.metadata.PackageNotFoundError:
             chosen.append(wheel)
+            continue
+        try:
+            if installed < Version(wheel.name.split("-")[1]):
+                chosen.append(wheel)
+        except (IndexError, InvalidVersion):
+            raise SystemExit(f"{wheel}: not a wheel's file name (NAME-VERSION-...whl)") from None
     return chosen
 
 
@@ -235,28 +244,30 @@ def with_counts(result: dict, device_info: dict, self_test: bool) -> dict:
     b = t4_budget()
     result["counted"] = f"helpers/support/t4_budget.json ({b['settings']['profile']} profile, {b['how']['date']})"
     peak = (device_info["gpu"] or {}).get("fp16_peak_tflops")
+    if self_test:  # the tiny models' figures sit beside no count
+        return result
     for variant, m in result.get("training", {}).items():
         if "error" in m or variant not in b["training"]:
             continue
         counted = b["training"][variant]["plain"]
         m.update(counted_peak_gib=counted["peak_gib"], counted_tflop_per_step=counted["tflop"])
-        if not self_test:
-            m["tflops"] = counted["tflop"] / m["median_s_per_step"]
-            m["fraction_of_peak"] = m["tflops"] / peak if peak else None
+        m["tflops"] = counted["tflop"] / m["median_s_per_step"]
+        m["fraction_of_peak"] = m["tflops"] / peak if peak else None
     s = result.get("sampling", {})
     if "s_per_image" in s:
         s.update(counted_tflop_per_image=b["sampling"]["tflop_per_image"], counted_peak_gib=b["sampling"]["peak_gib"])
-        if not self_test:
-            s["tflops"] = b["sampling"]["tflop_per_image"] / s["s_per_image"]
-            s["fraction_of_peak"] = s["tflops"] / peak if peak else None
+        s["tflops"] = b["sampling"]["tflop_per_image"] / s["s_per_image"]
+        s["fraction_of_peak"] = s["tflops"] / peak if peak else None
     return result
 
 
 def check_lines(result: dict) -> list[str]:
     """The results as lines: measured, counted beside, the fraction of the GPU's peak."""
     def pct(m):
-        if not m.get("fraction_of_peak"):
+        if "tflops" not in m:
             return ""
+        if not m.get("fraction_of_peak"):
+            return f", {m['tflops']:.1f} TFLOP/s (this GPU's fp16 peak is not in bench/_common's table)"
         return f", {m['tflops']:.1f} TFLOP/s = {m['fraction_of_peak']:.0%} of its fp16 peak"
 
     gpu = result["machine"]["gpu"]
@@ -303,12 +314,14 @@ def main(argv=None) -> int:
             return 2
         print("CPU self-test of the GPU check's plumbing, on the tiny models: no figure below is a GPU measurement")
     install_missing(Path(args.wheels) if args.wheels else None)
-    from helpers.profile import get_profile
+    C.quiet_logs()
+    from helpers.profile import full_profile, tiny_profile
 
     t0 = time.perf_counter()
     device = torch.device("cuda" if gpu else "cpu")
     dtype = torch.float16 if gpu else torch.float32
-    profile = get_profile("full" if gpu else "tiny", announce=False)
+    # the counted budget's settings, whatever $IPA_QUICK or $IPA_RESOLUTION say: the figures sit side by side
+    profile = full_profile("gpu check") if gpu else tiny_profile("gpu check --tiny")
     result = {"self_test": not gpu, "machine": machine(device), "t4_emulation": t4_like(device),
               "profile": profile.name, "training": {}}
     for variant in S.VARIANTS:

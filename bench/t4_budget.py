@@ -334,6 +334,7 @@ def budget_lines(b: dict) -> list[str]:
 
 
 def main(argv=None):
+    C.quiet_logs()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n\n".join(__doc__.split("\n\n")[1:]))

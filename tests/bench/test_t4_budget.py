@@ -130,3 +130,11 @@ def test_the_text_aware_training_step_fits_a_t4_at_the_profiles_defaults():
     weights = 2 * c["frozen_parameters"] + 4 * c["trainable_parameters"]
     assert parts["parameters"] == pytest.approx(weights / gib, rel=1e-3)
     assert parts["optimizer_state"] == pytest.approx(8 * c["trainable_parameters"] / gib, rel=1e-2)
+    # the figures the notebooks and README quote (helpers/support/t4_budget.json) are this count's: a change to
+    # the models or the step that moves them by more than 1% asks for `python bench/t4_budget.py`
+    from helpers.support.budget import t4_budget as shipped
+
+    quoted = shipped()["training"]["text_aware"]["plain"]
+    stale = "helpers/support/t4_budget.json is stale: rerun python bench/t4_budget.py"
+    assert c["peak_gib"] == pytest.approx(quoted["peak_gib"], rel=0.01), stale
+    assert c["tflop"] == pytest.approx(quoted["tflop"], rel=0.01), stale
