@@ -13,6 +13,7 @@ from ..data.prepare import use_prepared
 from ..profile import get_profile
 from ..sample.bank import load_models
 from ..sample.registry import parse_models
+from ..support.atomic import write_text
 from ..support.env import output_root, quiet_libraries
 from .grid import run_grid
 from .headline import headline
@@ -46,10 +47,9 @@ def main(argv=None):
     references, prompts = protocol(profile, prep)
     bank = load_models(profile, runs_dir, extra=parse_models(args.extra_models), baselines=True)
     result = run_grid(bank, references, prompts, train=prep.train, out_dir=out_dir, **grid_settings(profile))
-    summary = summarize(result.rows)
-    summary.to_csv(out_dir / "summary.csv", index=False)
+    write_text(out_dir / "summary.csv", summarize(result.rows).to_csv(index=False))
     text = headline(result.rows, random_weights=profile.random_weights)
-    (out_dir / "headline.txt").write_text(text + "\n")
+    write_text(out_dir / "headline.txt", text + "\n")
     print(f"{len(result.rows)} images ({result.n_resumed} from an earlier run, {result.n_generated} made now) in "
           f"{result.csv}\n{text}")
     return result

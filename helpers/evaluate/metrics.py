@@ -21,7 +21,7 @@ Images are prepared by transformers' PIL image processors (`CLIPImageProcessorPi
 `ViTImageProcessorPil`), named explicitly: the default classes resize with torchvision when it is
 installed (Colab) and with PIL when not, which gives slightly different pixels, and on transformers 5.15
 `AutoImageProcessor` raises ImportError without torchvision. The PIL classes run everywhere and give the
-same tensors on every transformers version the requirements admit (tests/test_metrics.py checks them
+same tensors on every transformers version the requirements admit (tests/evaluate/test_metrics.py checks them
 against a hand-written resize and normalisation).
 
 Models are loaded once per (id, device) and reused (`get_clip`, `get_dino`; `clear_cache()` frees them);

@@ -1,5 +1,5 @@
 """Notebook 05's figures: what a reader would rather look at than read. Each returns a matplotlib Figure or a
-PIL image (tests check what they hold); models are labelled by what they are (helpers.sample.bank.label).
+PIL image (tests check what they hold); models are labelled by what they are (helpers.sample.registry.label).
 
     tradeoff_plot(summary)                 CLIP-I and DINO against CLIP-T, one curve per model through its IP
                                            scales, 95% interval bars over references

@@ -1,7 +1,7 @@
 """The evaluation protocol of notebook 05 (and `python -m helpers.evaluate`): consistency (CLIP-I, DINO)
 against variation (CLIP-T), for every model of the bank, baselines included.
 
-    references  held-out test images (helpers.sample.generate.pick_references: notebook 01's test split, one per
+    references  held-out test images (helpers.sample.references.pick_references: notebook 01's test split, one per
                 group, seeded); `check_held_out` refuses any reference that is in, or a near-duplicate of,
                 the training split
     prompts     each reference's own caption + EDIT_PROMPTS (setting, outfit, action, style), rotated over

@@ -1,7 +1,7 @@
 """The statistics of the evaluation: intervals over references, paired differences between models, and the
 gain in prompt following at matched consistency (helpers.evaluate.headline writes it up against every baseline).
 
-Input: rows, one per generated image (helpers.evaluate.protocol.score_samples, or results.csv read back), with at least
+Input: rows, one per generated image (helpers.evaluate.grid.score_samples, or results.csv read back), with at least
 model, scale, reference, prompt, seed, prompt_kind, edit and the metric columns (clip_t, clip_i, dino: plain cosines).
 
     bootstrap_ci(values, groups)          mean and 95% percentile bootstrap interval, resampling *references*
@@ -150,8 +150,6 @@ def paired_difference(rows, model: str, baseline: str, metric: str = "clip_t", *
     return bootstrap_ci(diff.to_numpy(), diff.index.get_level_values("reference"), seed=seed)
 
 
-
-
 # --------------------------------------------------------------------------------------------------
 # CLIP-T gain at matched CLIP-I (helpers.evaluate.headline puts it in sentences and tables)
 # --------------------------------------------------------------------------------------------------
@@ -236,15 +234,3 @@ def matched_gain(rows, model: str, baseline: str, *, x: str = "clip_t", y: str =
 def metric_label(name: str) -> str:
     """'clip_t' -> 'CLIP-T', 'clip_i' -> 'CLIP-I', 'dino' -> 'DINO' (other names as they are)."""
     return {"clip_t": "CLIP-T", "clip_i": "CLIP-I", "dino": "DINO"}.get(name, name)
-
-
-
-
-
-
-
-
-
-
-
-

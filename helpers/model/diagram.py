@@ -90,7 +90,7 @@ _PUBLISHED = {"Resampler": "29.9M (Plus Resampler)", "to_k_ip + to_v_ip (16 laye
 
 
 def parameter_counts(unet) -> dict[str, int]:
-    """Parameters per part of a UNet with IP-Adapter Plus loaded (helpers.model.adapter_file.adapter_parameters
+    """Parameters per part of a UNet with IP-Adapter Plus loaded (helpers.model.official_format.adapter_parameters
     grouped: Resampler, to_k_ip + to_v_ip, text-image block), the UNet without them, and the adapter totals."""
     counts = dict.fromkeys([*_PARTS.values(), "UNet without adapter"], 0)
     for name, p in adapter_parameters(unet).items():

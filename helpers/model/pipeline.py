@@ -23,7 +23,7 @@ from diffusers import UNet2DConditionModel
 from ..support.compat import dtype_kwargs, load_ip_adapter_weights
 from ..support.device import default_device_dtype
 from ..support.loading import fp16_first, loading
-from ..support.locations import image_encoder_next_to, split_hub_name
+from ..support.locations import image_encoder_next_to, split_hub_file, split_hub_name
 from .adapter_file import (
     check_adapter_tensors,
     read_adapter_file,
@@ -43,14 +43,11 @@ def resolve_ip_adapter(ip_adapter: str | os.PathLike) -> Path:
     path = Path(ip_adapter).expanduser()
     if path.is_file():
         return path
-    hub = split_hub_name(ip_adapter)
-    if hub is None or not hub[1]:
-        raise ValueError(f"{ip_adapter!r} is neither an existing local file nor 'hub_owner/repo/subfolder/file'")
+    repo, sub, name = split_hub_file(ip_adapter)
     from huggingface_hub import hf_hub_download
 
-    sub, _, name = hub[1].rpartition("/")
     with loading("IP-Adapter file", ip_adapter):
-        return Path(hf_hub_download(hub[0], name, subfolder=sub or None))
+        return Path(hf_hub_download(repo, name, subfolder=sub or None))
 
 
 def load_image_encoder(spec, dtype):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..data.prepare import use_prepared
+from ..data.prepare import PREPARED_JSON, use_prepared
 
 
 @dataclass
@@ -72,7 +72,7 @@ def held_out_references(profile, data_dir, n: int = 4, *, seed: int = 0) -> tupl
     holds no prepared data yet, it is prepared here from the profile's dataset as notebook 01 does.
     """
     data_dir = Path(data_dir)
-    had = (data_dir / "prepared.json").is_file()
+    had = (data_dir / PREPARED_JSON).is_file()
     prep = use_prepared(data_dir, profile, announce=False, progress=False)
     where = (f"the test split notebook 01 wrote in {data_dir}" if had
              else f"the test split, prepared now in {data_dir} as notebook 01 does (it had not run)")

@@ -4,7 +4,7 @@ the model card and the bank all read it).
 `MODELS` is name -> ModelSpec (what the model is, where its weights come from), in the order every table and
 plot uses (`model_order`); `label(name)` is what plots and tables call it. A trained model is an entry with
 a `folder` under notebook 03's runs/; a baseline or ablation is an entry with a `source` (the model whose
-weights it reuses) and `block=False` and/or `ip_layers`. To add a model, add an entry
+weights it reuses) and what it changes: `block=False`, `ip_layers` or `attention`. To add a model, add an entry
 (docs/architecture.md, "Where to change what"); helpers.sample.bank loads it.
 """
 

@@ -184,8 +184,9 @@ def card_text(run: RunInfo, *, repo_id: str | None = None, evaluation: Evaluatio
     """The card's Markdown body (no metadata)."""
     ref = repo_id or "user/repo"
     # Hub ids as trained; a run on local models (the tiny profile) shows where to put their paths instead
-    base = run.base_model if is_hub_id(run.base_model) else "path/to/the/base/model" if run.base_model else SD15
-    ip = (run.ip_adapter if public_name(run.ip_adapter) == run.ip_adapter else "path/to/the/ip-adapter.safetensors"
+    # ("./": a placeholder must read as a local path, never as a Hub repo "path/to")
+    base = run.base_model if is_hub_id(run.base_model) else "./path/to/the/base/model" if run.base_model else SD15
+    ip = (run.ip_adapter if public_name(run.ip_adapter) == run.ip_adapter else "./path/to/ip-adapter.safetensors"
           ) if run.ip_adapter else IP_ADAPTER_PLUS
     title = "Text-aware IP-Adapter Plus (SD 1.5)" if run.variant == "text_aware" else "IP-Adapter Plus, fine-tuned (SD 1.5)"
     parts = []

@@ -50,9 +50,10 @@ def public_settings(settings: dict) -> dict:
             return {k: clean(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
             return [clean(v) for v in value]
-        return "local path" if isinstance(value, str) and is_local_path(value) else value
+        return "local path" if isinstance(value, (str, Path)) and is_local_path(value) else value
 
-    return {k: public_name(v) if k in SOURCE_KEYS else clean(v) for k, v in settings.items() if k not in LOCAL_KEYS}
+    return {k: public_name(v) if k in SOURCE_KEYS and (v is None or isinstance(v, str)) else clean(v)
+            for k, v in settings.items() if k not in LOCAL_KEYS}
 
 
 def public_metadata(metadata: dict[str, str]) -> dict[str, str]:

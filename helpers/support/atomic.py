@@ -22,8 +22,9 @@ from pathlib import Path
 @contextlib.contextmanager
 def replacing(path, *, fsync: bool = False):
     """Yield a temporary path beside `path` (a hidden name in the same folder). When the block ends without
-    an error, whatever was written there (a file or a folder) replaces `path` in one rename; otherwise, and
-    in any case afterwards, the temporary is deleted. The parent folder is created if needed."""
+    an error, whatever was written there (a file or a folder) replaces `path` in one rename (a folder over a
+    folder: the old one is renamed aside first, then deleted, so a crash leaves a whole folder, never half of
+    one); otherwise, and in any case afterwards, the temporary is deleted. The parent folder is created if needed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -33,9 +34,14 @@ def replacing(path, *, fsync: bool = False):
         if fsync and tmp.is_file():
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-        if tmp.is_dir() and path.is_dir():
-            shutil.rmtree(path)  # os.replace cannot put a folder over a non-empty one
-        os.replace(tmp, path)
+        if tmp.is_dir() and path.is_dir():  # os.replace cannot put a folder over a non-empty one
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            _remove(old)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            _remove(old)
+        else:
+            os.replace(tmp, path)
     finally:
         _remove(tmp)
 

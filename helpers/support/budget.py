@@ -58,10 +58,14 @@ def training_tflop_per_step(variant: str = "text_aware", *, checkpointing: bool 
                             budget: dict | None = None) -> float:
     """Counted TFLOP of one training step (forward, backward, AdamW) at the profile's batch and resolution;
     with gradient checkpointing the forward runs twice."""
+    return _training(variant, checkpointing, budget)["tflop"]
+
+
+def _training(variant: str, checkpointing: bool, budget: dict | None) -> dict:
     runs = (budget or t4_budget())["training"]
     if variant not in runs:
         raise KeyError(f"variant {variant!r}: counted are {', '.join(runs)}")
-    return runs[variant]["checkpointing" if checkpointing else "plain"]["tflop"]
+    return runs[variant]["checkpointing" if checkpointing else "plain"]
 
 
 def training_minutes(variant: str = "text_aware", steps: int | None = None, efficiency: float = 0.25, *,
@@ -105,8 +109,7 @@ def grid_minutes(efficiency: float = 0.25, *, budget: dict | None = None) -> flo
 
 def training_peak_gib(variant: str = "text_aware", *, checkpointing: bool = False, budget: dict | None = None) -> float:
     """Counted peak GiB of a training step (parts in t4_budget()["training"][variant][...]["parts_gib"])."""
-    runs = (budget or t4_budget())["training"]
-    return runs[variant]["checkpointing" if checkpointing else "plain"]["peak_gib"]
+    return _training(variant, checkpointing, budget)["peak_gib"]
 
 
 def sampling_memory(resolution: int = 512, guidance: float = 7.5, *, budget: dict | None = None) -> tuple[float, float]:
@@ -165,8 +168,8 @@ def summary_lines(budget: dict | None = None) -> list[str]:
 
 
 def fits_batch(free_gib: float, resolution: int = 512, guidance: float = 7.5, *, margin: float = 0.7,
-               most: int = 8) -> int:
+               most: int = 8, budget: dict | None = None) -> int:
     """Images per pipeline call that fit `margin` of `free_gib` (what the GPU has free with the models loaded),
     from the counted sampling memory; at least 1, at most `most`."""
-    per_image, overhead = sampling_memory(resolution, guidance)
+    per_image, overhead = sampling_memory(resolution, guidance, budget=budget)
     return int(max(1, min(most, math.floor((margin * free_gib - overhead) / per_image))))

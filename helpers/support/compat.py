@@ -1,7 +1,7 @@
 """Every use of a library's private name, each in one thin wrapper with the reason it is needed.
 
 Colab's library versions move under us, so nothing else in helpers/ touches a private name: when a library
-changes one of these, tests/test_compat.py fails with a message that names the wrapper to fix.
+changes one of these, tests/support/test_compat.py fails with a message that names the wrapper to fix.
 
     dtype_kwargs(dtype)            diffusers: `dtype=` or the older `torch_dtype=` for from_pretrained
     load_ip_adapter_weights(unet, state_dict)
@@ -33,7 +33,7 @@ def load_ip_adapter_weights(unet, state_dict: dict) -> None:
 
     Why private: diffusers' public `pipe.load_ip_adapter` needs a whole pipeline (image encoder, VAE, text
     encoder); training from cached features needs the UNet alone. `UNet2DConditionModel._load_ip_adapter_weights`
-    is the call `pipe.load_ip_adapter` makes, so the modules and weights are the same (tests/test_adapter.py).
+    is the call `pipe.load_ip_adapter` makes, so the modules and weights are the same (tests/support/test_compat.py).
     """
     unet._load_ip_adapter_weights([state_dict], low_cpu_mem_usage=False)
 

@@ -24,6 +24,8 @@ from typing import Callable, TypeVar
 
 import torch
 
+from .locations import looks_local
+
 T = TypeVar("T")
 FP16_VARIANT = "fp16"  # the variant name of SD 1.5's half-precision files (diffusion_pytorch_model.fp16.safetensors)
 LOGIN = "log in with `hf auth login` (or set HF_TOKEN; in Colab, the HF_TOKEN secret in the key-icon sidebar)"
@@ -63,10 +65,6 @@ def _cache_dir() -> str:
         return "~/.cache/huggingface/hub"
 
 
-def _looks_local(name: str) -> bool:
-    return name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") == 0 and Path(name).suffix != ""
-
-
 def explain(what: str, name, error: BaseException) -> str:
     """A message for a failed load of `what` (e.g. "base model") from `name` (Hub id or folder): what went
     wrong and what to do, then the library's own first line."""
@@ -80,7 +78,7 @@ def explain(what: str, name, error: BaseException) -> str:
     if Path(name).expanduser().exists():
         advice = (f"the local path {name} exists but does not hold a loadable {what} (config and weight files as "
                   "save_pretrained writes them): check that it is the right folder")
-    elif _looks_local(name):
+    elif looks_local(name):
         advice = "there is no such local file or folder: check the path"
     elif "HFValidationError" in kinds and "OfflineModeIsEnabled" not in kinds:
         advice = "it is neither an existing local folder nor a valid Hub id ('owner/name'): check the spelling"

@@ -6,6 +6,7 @@ that reads such a string:
     looks_local("./runs/text_aware")                 True: can only be a path on this machine
     is_hub_id("h94/IP-Adapter")                      True: a valid repo id 'owner/name' (and no such local path)
     split_hub_name("h94/IP-Adapter/models/x.bin")    ('h94/IP-Adapter', 'models/x.bin'); None if it cannot be one
+    split_hub_file("h94/IP-Adapter/models/x.bin")    ('h94/IP-Adapter', 'models', 'x.bin'); ValueError if not a file's
     image_encoder_next_to(ip_adapter)                where an IP-Adapter file's image encoder lies by default
 
 A Hub name is 'owner/repo' followed by an optional path inside the repo. Existing local paths always win
@@ -53,6 +54,16 @@ def is_hub_id(name) -> bool:
     return hub is not None and hub[1] == "" and not Path(str(name)).expanduser().exists()
 
 
+def split_hub_file(name) -> tuple[str, str, str]:
+    """'owner/repo/sub/folder/file' -> ('owner/repo', 'sub/folder', 'file') ('' for no subfolder); ValueError
+    for a name that is neither that nor, as the caller checks first, an existing local file."""
+    hub = split_hub_name(name)
+    if hub is None or not hub[1]:
+        raise ValueError(f"{str(name)!r} is neither an existing local file nor 'hub_owner/repo/subfolder/file'")
+    sub, _, file = hub[1].rpartition("/")
+    return hub[0], sub, file
+
+
 def image_encoder_next_to(ip_adapter) -> tuple[str, str]:
     """(repo or folder, subfolder) of the image encoder beside an IP-Adapter file, as IP-Adapter lays them out:
     'h94/IP-Adapter/models/x.safetensors' -> ('h94/IP-Adapter', 'models/image_encoder'); a local file ->
@@ -60,8 +71,5 @@ def image_encoder_next_to(ip_adapter) -> tuple[str, str]:
     path = Path(str(ip_adapter)).expanduser()
     if path.is_file() or looks_local(ip_adapter):
         return str(path.parent / "image_encoder"), ""
-    hub = split_hub_name(ip_adapter)
-    if hub is None or not hub[1]:
-        raise ValueError(f"{ip_adapter!r} is neither an existing local file nor 'hub_owner/repo/subfolder/file'")
-    sub = hub[1].rpartition("/")[0]
-    return hub[0], f"{sub}/image_encoder" if sub else "image_encoder"
+    repo, sub, _ = split_hub_file(ip_adapter)
+    return repo, f"{sub}/image_encoder" if sub else "image_encoder"

@@ -15,6 +15,7 @@ checkpoint (flushed when a run is interrupted) are cut when the run resumes from
 from __future__ import annotations
 
 import csv
+import itertools
 from pathlib import Path
 
 LOSS_LOG = "loss_log.csv"
@@ -76,7 +77,7 @@ def loss_curves(logs: dict[str, list[dict]], *, title: str = "training loss"):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4))
-    for (label, log), color in zip(logs.items(), ("tab:blue", "tab:orange", "tab:green", "tab:red")):
+    for (label, log), color in zip(logs.items(), itertools.cycle(("tab:blue", "tab:orange", "tab:green", "tab:red"))):
         steps, losses = [r["step"] for r in log], [r["loss"] for r in log]
         ax.plot(steps, losses, color=color, alpha=0.25)
         ax.plot(steps, _moving_average(losses), color=color, label=label)

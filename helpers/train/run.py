@@ -44,7 +44,7 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class Run:
-    """Everything the steps of one training run share, built once by `setup`."""
+    """Everything the steps of one training run share, built once by `prepare_run`."""
 
     config: TrainConfig
     accelerator: object  # accelerate.Accelerator

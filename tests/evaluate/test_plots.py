@@ -2,7 +2,7 @@
 models; the histogram marks zero."""
 import pytest
 from PIL import Image
-from test_stats import synthetic_rows
+from _rows import synthetic_rows
 
 from helpers.evaluate.plots import (
     bootstrap_histogram,

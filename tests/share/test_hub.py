@@ -111,6 +111,11 @@ def test_tiny_card_parses_validates_and_says_random_first(runs, tmp_path):
     assert f'adapter="{REPO}"' in card.text and "from helpers.model import load_pipeline" in card.text
     assert "| steps | 6 (~2.0 epochs) |" in card.text and "0.0 min of training steps (median 0.25 s/step" in card.text
     assert "![Samples" in card.text and "Evaluation" not in card.text
+    # a vanilla run on local models: plain diffusers' code, with placeholders that read as local paths
+    vanilla = ModelCard.load(build_upload_folder(runs / "runs" / "vanilla", tmp_path / "up_vanilla", repo_id=REPO)
+                             / "README.md").text
+    assert 'from_pretrained("path/to/image_encoder"' in vanilla and '"path/to", subfolder' not in vanilla
+    assert 'StableDiffusionPipeline.from_pretrained("./path/to/the/base/model"' in vanilla
 
 
 def test_full_run_card_has_hub_metadata_and_notebook_05s_table(runs, tmp_path, tiny_profile):

@@ -66,3 +66,5 @@ def test_hub_names_stay_and_local_ones_become_neutral():
     settings = public_settings({"output_dir": "/x/runs", "data_dir": "./data", "dataset": "/home/me/drawings",
                                 "seed": 0, "notes": {"where": "/home/me/notes.txt"}})
     assert settings == {"dataset": "local folder", "seed": 0, "notes": {"where": "local path"}}
+    # a source given as a list (several folders) is cleaned item by item, never written as its str()
+    assert public_settings({"dataset": ["/home/me/a", "me/hub-data"]}) == {"dataset": ["local path", "me/hub-data"]}

@@ -5,6 +5,7 @@ from helpers.support.locations import (
     image_encoder_next_to,
     is_hub_id,
     looks_local,
+    split_hub_file,
     split_hub_name,
 )
 
@@ -22,6 +23,12 @@ def test_hub_names_split_into_repo_and_path():
         "h94/IP-Adapter", "models/ip-adapter-plus_sd15.safetensors")
     assert split_hub_name("gpt2") is None  # no owner/repo part
     assert split_hub_name("me/a b") is None  # not a valid repo id (huggingface_hub's own rule)
+    assert split_hub_file("h94/IP-Adapter/models/ip-adapter-plus_sd15.safetensors") == (
+        "h94/IP-Adapter", "models", "ip-adapter-plus_sd15.safetensors")
+    assert split_hub_file("me/a/w.bin") == ("me/a", "", "w.bin")
+    for name in ("me/a", "./x/w.bin", "gpt2"):
+        with pytest.raises(ValueError, match="neither an existing local file nor 'hub_owner/repo/subfolder/file'"):
+            split_hub_file(name)
 
 
 def test_a_hub_id_is_exactly_owner_name_and_not_a_local_path(tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ import gc
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import weakref
@@ -272,7 +273,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data_dir, tmp_path,
 def test_cli_under_torchrun_two_processes_builds_data_and_writes_once(tmp_path):
     """Fresh output root: the CLI prepares data and cache itself; two CPU processes train data-parallel."""
     env = {**os.environ, "IPA_OUTPUT_ROOT": str(tmp_path / "outputs"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    with socket.socket() as sock:  # a free port: another run of this test (the Colab-versions venv) may hold one
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            "-m", "helpers.train", "--profile", "tiny", "--variant", "vanilla",
            "--output-dir", str(tmp_path / "run"), "--max-steps", "2", "--checkpoint-every", "2"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[2])
