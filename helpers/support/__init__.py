@@ -6,5 +6,7 @@
     locations.py  what a name stands for: a local path or a Hub repo (and a path in it)
     compat.py     every private library name, each behind one thin wrapper with its reason
     atomic.py     writes that an interruption never leaves half done
+    disk.py       free space checked before a big write, and a full disk named as such
+    lock.py       one writer per folder: a lock file with a heartbeat, shared by the ranks of one launch
     budget.py     what the full profile costs on a T4, counted (t4_budget.json, written by bench/t4_budget.py)
 """

@@ -7,7 +7,11 @@
 
 A rename within one folder is atomic on every file system the notebooks write to (a local disk, Colab's,
 the mounted Google Drive): a reader sees the old file or the new one, never a part. `fsync=True` also
-flushes the data to disk before the rename, for results that must survive a crash of the machine.
+flushes the data to disk before the rename, for results that must survive a crash of the machine. A full disk
+inside the block raises helpers.support.disk.DiskFull naming the file, and the old file stays as it was.
+
+A process killed between its writes leaves `.NAME.tmp-PID` (or, between the two renames of a folder swap,
+`.NAME.old-PID`) behind; the next writer that takes the folder's lock removes them (helpers.support.lock).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import json
 import os
 import shutil
 from pathlib import Path
+
+from .disk import disk_errors
 
 
 @contextlib.contextmanager
@@ -30,7 +36,8 @@ def replacing(path, *, fsync: bool = False):
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     _remove(tmp)  # left by an earlier, interrupted write of this process id
     try:
-        yield tmp
+        with disk_errors(path):  # a full disk is named as such, with the file (helpers.support.disk)
+            yield tmp
         if fsync and tmp.is_file():
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
