@@ -8,7 +8,7 @@
     latents = pipeline_call(pipe, profile, eval_batch(profile), steps, reference_embeds(pipe, pixels))
     decode(pipe, latents)
 
-Real sizes come from helpers.model.sd15 (helpers.tiny.shapes.real_size_models for the UNet with IP-Adapter Plus
+Real sizes come from helpers.model.sd15 (bench/_real_size.py (real_size_models) for the UNet with IP-Adapter Plus
 and the ViT-H/14 image encoder, bench_train's VAE and text encoder); the tiny profile's models are its own
 files, loaded with helpers.model.pipeline.load_pipeline.
 """
@@ -38,7 +38,7 @@ def sd15_pipeline(profile, variant: str, *, device="cpu", dtype=torch.float16):
 
     from helpers.model.pipeline import make_scheduler
     from helpers.tiny.assets import SD15_SCHEDULER
-    from helpers.tiny.shapes import real_size_models
+    from _real_size import real_size_models
     from helpers.tiny.tokenizer import save_tokenizer
 
     with torch.device("meta") if str(device) == "meta" else contextlib.nullcontext():
@@ -68,7 +68,7 @@ def profile_unet(profile, variant: str, *, device="cpu", dtype=torch.float16):
     device. Built on the CPU, moved to `device`."""
     if profile.random_weights:
         return profile_pipeline(profile, variant, device=device, dtype=dtype).unet
-    from helpers.tiny.shapes import real_size_models
+    from _real_size import real_size_models
 
     unet, _ = real_size_models(variant, dtype=dtype, device="cpu")  # the image encoder stays behind
     return unet.to(device)

@@ -13,7 +13,7 @@ on-the-fly  what the reference IP-Adapter training script (tutorial_train_plus.p
             UNet step. Image decoding, resizing and tokenising happen in the data loader in both cases and
             are not timed; neither is condition dropout (it changes inputs, not cost).
 
-Models at their SD 1.5 sizes, with random weights and no download: helpers.tiny.shapes.real_size_models (UNet
+Models at their SD 1.5 sizes, with random weights and no download: bench/_real_size.py (real_size_models) (UNet
 860M + IP-Adapter Plus, ViT-H/14 632M), an AutoencoderKL with block_out_channels (128, 256, 512, 512)
 and a CLIPTextModel (hidden 768, 12 layers, 12 heads, intermediate 3072, 77 positions). On a GPU the frozen
 weights are fp16, the trainable ones fp32 (autocast + GradScaler), and the encoders are moved off the GPU
@@ -83,7 +83,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from helpers.model.sd15 import SD15_UNET, TEXT_LEN
-    from helpers.tiny.shapes import real_size_models
+    from _real_size import real_size_models
     from helpers.train.loss import diffusion_loss
 
     device, dtype = C.pick_device(args.device, args.dtype)

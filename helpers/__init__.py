@@ -7,8 +7,8 @@
     evaluate/  05  CLIP-T / CLIP-I / DINO, the protocol, the grid, the statistics (stats.py), the plots
     share/         the model card and the Hub upload
     profile.py     which models, data and sizes a run uses: `full` (Colab) or `tiny` (CI, random weights)
-    support/       devices, environment, loading errors, library quirks, atomic writes, names
-    tiny/          the tiny profile's models and data, and SD 1.5 at its real size with random weights
+    support/       devices, environment, loading errors, library quirks, atomic writes, locks, disk space, names
+    tiny/          the tiny profile's models and data (SD 1.5 at its real size lives beside the benchmarks, bench/)
 
 No module imports one that imports it back (tests/test_imports.py). The stage packages export their entry
 points: helpers.data.prepare.prepare_dataset, helpers.model.load_pipeline / save_adapter, helpers.train.train (and

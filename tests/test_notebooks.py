@@ -1,11 +1,15 @@
 """The notebooks' shared conventions; nbval runs them end to end (see README's test command)."""
 import re
+import sys
 from pathlib import Path
 
 import nbformat
 import pytest
 
-from helpers.support.env import REPO, colab_badge, install_command, repo_urls
+from helpers.support.env import REPO, install_command
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
+from repo import colab_badge, repo_urls  # noqa: E402  (maintainers' tool)
 
 ROOT = Path(__file__).parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))

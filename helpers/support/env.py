@@ -1,14 +1,12 @@
 """Where a notebook runs (Colab or not), where it writes, and the repository's public address.
 
 REPO is the single place that holds the repository's address: the Colab badges in README.md and the
-notebooks, and the notebooks' install cells, are written from it. To publish under another address:
-
-    python -m helpers.support.env --set-repo OWNER/NAME     # rewrites README.md and notebooks/*.ipynb
+notebooks, and the notebooks' install cells, are written from it. To publish under another address, a
+maintainer runs `python tools/repo.py --set-repo OWNER/NAME` (it rewrites README.md and notebooks/*.ipynb).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import re
@@ -16,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = "ipa-text-aware/ip-adapter-text-aware"  # GitHub OWNER/NAME; change with --set-repo
+REPO = "ipa-text-aware/ip-adapter-text-aware"  # GitHub OWNER/NAME; change with tools/repo.py --set-repo
 BRANCH = "main"
 OUTPUT_ENV = "IPA_OUTPUT_ROOT"
 DRIVE_MOUNT = "/content/drive"
@@ -32,12 +30,6 @@ def install_command(repo: str = REPO) -> str:
     """The pip command the notebooks' setup cells run in Colab (torch and other preinstalled packages
     already meet the lower bounds, so only this package and torchmetrics get installed)."""
     return f'pip install -q "ipa-text-aware @ git+https://github.com/{repo}.git@{BRANCH}"'
-
-
-def colab_badge(notebook: str, repo: str = REPO) -> str:
-    """Markdown for an "Open in Colab" badge of notebooks/<notebook>."""
-    url = f"https://colab.research.google.com/github/{repo}/blob/{BRANCH}/notebooks/{notebook}"
-    return f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({url})"
 
 
 def repo_root(start: Path | None = None) -> Path | None:
@@ -132,51 +124,3 @@ def quiet_libraries() -> None:
             logger.addFilter(_HarmlessNoise(words))
     for words in HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=re.escape(words), category=UserWarning)
-
-
-# --------------------------------------------------------------------------------------------------
-# Keeping README and notebooks in step with REPO
-# --------------------------------------------------------------------------------------------------
-
-_REPO_URL = re.compile(r"(colab\.research\.google\.com/github/|github\.com/)([\w.-]+/[\w.-]+?)(/blob/|\.git)")
-
-
-def set_repo(new: str, root: Path | None = None, *, old: str = REPO) -> list[Path]:
-    """Rewrite every badge and install URL in README.md and notebooks/*.ipynb (and REPO in this file)
-    from `old` to `new`. Returns the files changed."""
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", new):
-        raise ValueError(f"expected OWNER/NAME, got {new!r}")
-    root = root or repo_root() or Path.cwd()
-    files = [root / "README.md", *sorted((root / "notebooks").glob("*.ipynb")),
-             root / "helpers" / "support" / "env.py"]
-    changed = []
-    for f in files:
-        if not f.is_file():
-            continue
-        text = f.read_text()
-        new_text = text.replace(f'REPO = "{old}"', f'REPO = "{new}"') if f.suffix == ".py" else \
-            _REPO_URL.sub(lambda m: m.group(1) + (new if m.group(2) == old else m.group(2)) + m.group(3), text)
-        if new_text != text:
-            f.write_text(new_text)
-            changed.append(f)
-    return changed
-
-
-def repo_urls(text: str) -> set[str]:
-    """Repository addresses found in badge and install URLs of a text."""
-    return {m.group(2) for m in _REPO_URL.finditer(text)}
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m helpers.support.env", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--set-repo", metavar="OWNER/NAME", help="rewrite badges and install cells to this repository")
-    args = ap.parse_args(argv)
-    if args.set_repo:
-        for f in set_repo(args.set_repo):
-            print(f"updated {f}")
-    else:
-        print(f"repository: {REPO}\ninstall:    {install_command()}")
-
-
-if __name__ == "__main__":
-    main()

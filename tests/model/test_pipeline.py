@@ -1,5 +1,6 @@
 """helpers.model.pipeline: vanilla is diffusers' own path, the UNet alone matches the pipeline's, real SD 1.5 shapes run."""
 import os
+import sys
 
 import pytest
 import torch
@@ -27,7 +28,8 @@ def test_real_sd15_shapes_one_denoising_step_both_variants():
     """SD 1.5 UNet (860M), ViT-H/14 encoder and Plus Resampler at their real sizes, random weights: one
     guided denoising step at 512 px. Catches head-count and shape mistakes the tiny sizes hide."""
     from helpers.model.sd15 import RESAMPLER_DIM, SD15_UNET, TEXT_LEN
-    from helpers.tiny.shapes import real_size_models
+    sys.path.insert(0, str(Path(__file__).parents[2] / "bench"))  # maintainers' code, beside the benchmarks
+    from _real_size import real_size_models
 
     threads = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count() or 1)  # run.sh pins tiny runs to 1 thread; this one is big

@@ -9,12 +9,9 @@ from IPython.core.inputtransformer2 import TransformerManager
 from helpers.support.env import (
     DRIVE_FOLDER,
     OUTPUT_ENV,
-    colab_badge,
     in_colab,
     install_command,
     output_root,
-    repo_urls,
-    set_repo,
     setup,
 )
 
@@ -80,19 +77,6 @@ def test_setup_cell_installs_only_in_colab(nb, fake_colab, monkeypatch):
     commands.clear()
     exec(code, {"get_ipython": lambda: shell})
     assert commands == []
-
-
-def test_set_repo_rewrites_badges_and_install_urls(tmp_path):
-    (tmp_path / "notebooks").mkdir()
-    nb = tmp_path / "notebooks" / "01_x.ipynb"
-    nb.write_text(colab_badge("01_x.ipynb") + "\n" + install_command())
-    (tmp_path / "README.md").write_text(colab_badge("01_x.ipynb") + " see github.com/other/repo/blob/x")
-    changed = set_repo("me/fork", tmp_path)
-    assert set(changed) == {nb, tmp_path / "README.md"}
-    assert repo_urls(nb.read_text()) == {"me/fork"}
-    assert repo_urls((tmp_path / "README.md").read_text()) == {"me/fork", "other/repo"}
-    with pytest.raises(ValueError, match="OWNER/NAME"):
-        set_repo("not a repo", tmp_path)
 
 
 def test_quiet_libraries_drops_only_the_named_harmless_noise(text_aware):
