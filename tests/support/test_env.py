@@ -1,4 +1,5 @@
 """helpers.support.env: the Colab-only branches (install, Drive, output root), tested by faking Colab."""
+import shlex
 import sys
 import types
 from pathlib import Path
@@ -7,6 +8,7 @@ import pytest
 from IPython.core.inputtransformer2 import TransformerManager
 
 from helpers.support.env import (
+    REPO,
     DRIVE_FOLDER,
     OUTPUT_ENV,
     in_colab,
@@ -62,21 +64,37 @@ def test_output_root_variable_wins(monkeypatch, tmp_path):
     assert output_root(colab=True, drive=True) == tmp_path
 
 
-@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.name)
-def test_setup_cell_installs_only_in_colab(nb, fake_colab, monkeypatch):
-    """Run each notebook's setup cell as IPython would, with `!` commands recorded, not executed."""
+def _run_setup_cell(nb, monkeypatch, returncode=0):
+    """Run a notebook's setup cell as IPython would, with pip recorded (and answering `returncode`), not run."""
+    import subprocess
+
     import nbformat
 
     cell = next(c for c in nbformat.read(nb, 4).cells if c.cell_type == "code")
-    code = TransformerManager().transform_cell(cell.source)
-    commands = []
-    shell = types.SimpleNamespace(system=commands.append)
-    exec(code, {"get_ipython": lambda: shell})
-    assert commands == [install_command()]
+    calls = []
+
+    def fake_run(argv, **kwargs):
+        calls.append(argv)
+        return subprocess.CompletedProcess(argv, returncode, "pip's own output", "ERROR: could not resolve host")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    exec(TransformerManager().transform_cell(cell.source), {})
+    return calls
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.name)
+def test_setup_cell_installs_only_in_colab(nb, fake_colab, monkeypatch):
+    calls = _run_setup_cell(nb, monkeypatch)
+    assert calls == [[sys.executable, "-m", *shlex.split(install_command())]]
     monkeypatch.delitem(sys.modules, "google.colab")
-    commands.clear()
-    exec(code, {"get_ipython": lambda: shell})
-    assert commands == []
+    assert _run_setup_cell(nb, monkeypatch) == []
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.name)
+def test_a_failed_install_stops_the_notebook_naming_the_repository(nb, fake_colab, monkeypatch, capsys):
+    with pytest.raises(RuntimeError, match="Installing this project's helpers failed") as e:
+        _run_setup_cell(nb, monkeypatch, returncode=1)
+    assert REPO in str(e.value) and "could not resolve host" in capsys.readouterr().out
 
 
 def test_quiet_libraries_drops_only_the_named_harmless_noise(text_aware):
