@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -184,6 +185,20 @@ def _env_resolution() -> int | None:
     return int(raw)
 
 
+CPU_FULL_PEAK_GB = 14.0  # RAM in use at the CPU path's peak (README: the 512 px rehearsal, notebook 02)
+COLAB_FREE_RAM_GB = 12.7  # a free Colab runtime's RAM
+NO_GPU_IN_COLAB = "\n".join([
+    "!" * 100,
+    "!!  THIS COLAB RUNTIME HAS NO GPU, so PROFILE = \"auto\" chose the TINY profile: small RANDOM-weight models.",
+    "!!  Every picture and score below is meaningless. For the real models: Runtime > Change runtime type >",
+    "!!  T4 GPU, then run the notebook again from the top.",
+    "!" * 100])
+
+
+class ProfileError(ValueError):
+    """A profile that cannot run here (the full profile in Colab without a GPU); the message says what to do."""
+
+
 def get_profile(name: str | None = None, *, announce: bool = True, quick: bool = False, **overrides) -> Profile:
     """Resolve a profile: `name` ("full"/"tiny"), else $IPA_PROFILE, else auto (full with a CUDA GPU, tiny
     without).
@@ -199,12 +214,19 @@ def get_profile(name: str | None = None, *, announce: bool = True, quick: bool =
     if requested not in NAMES:
         raise ValueError(f"unknown profile {requested!r}: choose one of {', '.join(NAMES)} (argument or ${PROFILE_ENV})")
     source = "asked for" if requested == name else f"${PROFILE_ENV}={env_name}"
+    colab_without_gpu = "google.colab" in sys.modules and not torch.cuda.is_available()
     if requested == "auto":
         if torch.cuda.is_available():
             profile = full_profile(f"auto: CUDA GPU found ({torch.cuda.get_device_name(0)})")
         else:
             profile = tiny_profile(f"auto: no CUDA GPU, so the offline tiny models; set {PROFILE_ENV}=full to override")
     elif requested == "full":
+        if colab_without_gpu:  # refused before anything loads: the CPU path would run out of RAM hours later
+            raise ProfileError(
+                f"PROFILE = \"full\" needs a GPU in Colab, and this runtime has none. Stable Diffusion on the CPU "
+                f"had {CPU_FULL_PEAK_GB} GB of RAM in use at its peak, and a free Colab runtime has about "
+                f"{COLAB_FREE_RAM_GB} GB. Pick a T4: Runtime > Change runtime type > T4 GPU, then run the notebook "
+                "again from the top. (PROFILE = \"tiny\" runs the code on small random models instead.)")
         profile = full_profile(f"{source}")
     else:
         profile = tiny_profile(f"{source}")
@@ -213,4 +235,6 @@ def get_profile(name: str | None = None, *, announce: bool = True, quick: bool =
     profile = profile.replace(resolution=_env_resolution()).replace(**overrides)
     if announce:
         print(profile.banner())
+        if requested == "auto" and colab_without_gpu:
+            print(NO_GPU_IN_COLAB)
     return profile

@@ -104,3 +104,29 @@ def test_resolution_from_environment(monkeypatch):
     monkeypatch.setenv(RESOLUTION_ENV, "300")
     with pytest.raises(ValueError, match="IPA_RESOLUTION='300'.*multiple of 64"):
         get_profile("full", announce=False)
+
+
+def test_full_in_colab_without_a_gpu_is_refused_before_anything_loads(monkeypatch):
+    import sys
+    import types
+
+    from helpers.profile import ProfileError
+
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    monkeypatch.delenv("IPA_PROFILE", raising=False)
+    with pytest.raises(ProfileError, match="needs a GPU in Colab.*T4 GPU"):
+        get_profile("full", announce=False)
+
+
+def test_auto_falling_back_to_tiny_in_colab_says_so_loudly(monkeypatch, capsys):
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    monkeypatch.delenv("IPA_PROFILE", raising=False)
+    assert get_profile("auto").name == "tiny"
+    out = capsys.readouterr().out
+    assert "THIS COLAB RUNTIME HAS NO GPU" in out and "RANDOM-weight" in out
+    monkeypatch.delitem(sys.modules, "google.colab")
+    get_profile("auto")
+    assert "THIS COLAB RUNTIME HAS NO GPU" not in capsys.readouterr().out  # only in Colab
