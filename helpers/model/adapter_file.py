@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..support.atomic import replacing
+from ..support.loading import torch_weights
 from ..support.locations import split_hub_name
 from .block import TextImageCrossAttention, fresh_block
 from .official_format import BLOCK_PREFIX, adapter_state_dict, ip_adapter_layer_keys
@@ -68,7 +69,8 @@ def save_adapter(pipe, path: str | os.PathLike, *, metadata: dict | None = None)
 
 def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of an adapter file. Reads .safetensors, or a torch pickle with
-    `weights_only=True` (the official .bin layout {"image_proj": ..., "ip_adapter": ...})."""
+    `weights_only=True` (the official .bin layout {"image_proj": ..., "ip_adapter": ...}); a pickle that
+    holds anything but tensors is refused with AdapterFileError (helpers.support.loading.torch_weights)."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -80,10 +82,7 @@ def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
                 return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
         except (SafetensorError, OSError, ValueError) as e:
             raise AdapterFileError(f"{path}: not a readable safetensors file ({e})") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001  (any unpickling failure means the same thing to the user)
-        raise AdapterFileError(f"{path}: not a safetensors file nor a weights-only torch file ({e})") from None
+    obj = torch_weights(path, error_type=AdapterFileError, what="adapter file")  # our message for a refused pickle
     if not (isinstance(obj, dict) and set(obj) >= {"image_proj", "ip_adapter"}):
         raise AdapterFileError(f"{path}: expected a dict with 'image_proj' and 'ip_adapter'")
     return {f"{group}.{k}": v for group in ("image_proj", "ip_adapter") for k, v in obj[group].items()}, {}

@@ -4,7 +4,8 @@ Only ipywidgets, and code that works on both 7.7 (Colab) and 8. The logic is in 
 methods (`generate`, `save`, `select`, `add_reference`, `load_path`, `colab_upload`) and `parse_upload`,
 which the buttons and observers call; everything they produce is kept as attributes (`last_samples`,
 `last_images`, `last_saved`, `last_error`, `status.value`, `settings_view.value`), because a headless
-kernel (tests, nbval) never shows widget output.
+kernel (tests, nbval) never shows widget output. Every name, path, prompt or message put into an HTML widget is
+escaped (html.escape): a model name or file name such as `<b>` or `a & b` shows as typed.
 
     panel = SamplingPanel(bank, references, scale=0.7, out_dir=env.output_root / "samples" / "panel")
     panel.ui                     # display it (last expression of a cell)
@@ -73,7 +74,7 @@ class SamplingPanel:
         results = self._result_widgets()
         notes = ([f"Profile {bank.profile.name}: random weights, the pictures are noise."] if bank.profile.random_weights
                  else []) + [f"{name} is not available: {msg}" for name, msg in bank.missing.items()]
-        self.notes = widgets.HTML(value="<br>".join(f"<i>{n}</i>" for n in notes))
+        self.notes = widgets.HTML(value="<br>".join(f"<i>{html.escape(n)}</i>" for n in notes))
         self.ui = widgets.VBox([self.notes, pick, self.thumbnails, widgets.HBox([controls, self.settings_view]),
                                 widgets.HBox([self.generate_button, self.save_button, self.progress]), self.status,
                                 results])
@@ -91,7 +92,7 @@ class SamplingPanel:
         self.path_button = W.Button(description="Load path", icon="folder-open")
         self.colab_button = W.Button(description="Upload (Colab)", icon="upload", tooltip="no size limit",
                                      layout=W.Layout(display=None if in_colab() else "none"))
-        upload_note = W.HTML(value=f"<small>Large file? {COLAB_UPLOAD_LIMIT.split(': ', 1)[1]}.</small>")
+        upload_note = W.HTML(value=f"<small>Large file? {html.escape(COLAB_UPLOAD_LIMIT.split(': ', 1)[1])}.</small>")
         thumbs = []
         for ref_id in list(self.references)[:thumbnails]:
             caption = self.captions.get(ref_id, ref_id)
@@ -121,7 +122,8 @@ class SamplingPanel:
         self.seed = W.IntText(value=0, description="Seed")
         self.steps = W.IntSlider(value=profile.num_inference_steps, min=1, max=100, description="Steps")
         self.guidance = W.FloatSlider(value=profile.guidance_scale, min=1.0, max=15.0, step=0.5, description="Guidance")
-        self.model_boxes = {name: W.Checkbox(value=True, description=name, indent=False) for name in self.bank.names}
+        self.model_boxes = {name: W.Checkbox(value=True, description=_description(name), indent=False)
+                            for name in self.bank.names}
         self.settings_view = W.HTML(value="", layout=W.Layout(width="320px"))
         for w in (self.reference, self.prompt, self.negative_prompt, self.concept, self.scale, self.seed, self.steps,
                   self.guidance, *self.model_boxes.values()):
@@ -142,7 +144,7 @@ class SamplingPanel:
         self.progress = W.IntProgress(value=0, min=0, max=max(1, len(names) * self.bank.profile.num_inference_steps),
                                       description="Denoising")
         self.status = W.HTML(value="")
-        self.result_labels = {name: W.HTML(value=f"<b>{name}</b>") for name in names}
+        self.result_labels = {name: W.HTML(value=f"<b>{html.escape(name)}</b>") for name in names}
         self.result_images = {name: W.Image(value=b"", format="png", width=str(self.image_size)) for name in names}
         return W.HBox([W.VBox([self.result_labels[n], self.result_images[n]]) for n in names])
 
@@ -180,7 +182,7 @@ class SamplingPanel:
         except Exception as e:  # noqa: BLE001  (PIL raises several types for unreadable data)
             raise ValueError(f"{path}: not an image PIL can read ({e})") from None
         ref_id = self.add_reference(path.name, image)
-        self.status.value = f"Loaded {path} ({image.width} x {image.height})"
+        self._say(f"Loaded {path} ({image.width} x {image.height})")
         return ref_id
 
     def colab_upload(self) -> list[str]:
@@ -190,7 +192,7 @@ class SamplingPanel:
         from google.colab import files  # type: ignore[import-not-found]
 
         added = [self.add_reference(name, image) for name, image in parse_upload(files.upload())]
-        self.status.value = f"Uploaded {', '.join(added) or 'nothing'}"
+        self._say(f"Uploaded {', '.join(added) or 'nothing'}")
         return added
 
     def settings(self) -> dict:
@@ -214,10 +216,11 @@ class SamplingPanel:
         steps = int(self.steps.value)
         self.progress.max, self.progress.value = len(models) * steps, 0
         for name in self.bank.names:
-            self.result_labels[name].value = f"<b>{name}</b>: " + ("waiting..." if name in models else "not ticked")
+            self.result_labels[name].value = f"<b>{html.escape(name)}</b>: " + ("waiting..." if name in models
+                                                                                else "not ticked")
         samples, start = [], time.perf_counter()
         for i, name in enumerate(models):
-            self.status.value = f"Generating with {name} ({i + 1}/{len(models)})..."
+            self._say(f"Generating with {name} ({i + 1}/{len(models)})...")
             t = time.perf_counter()
             sample, = generate(
                 self.bank, {ref_id: self.references[ref_id]}, [self.prompt.value], models=[name],
@@ -227,14 +230,14 @@ class SamplingPanel:
                 on_step=self._step)
             samples.append(sample)
             self.result_images[name].value = png_bytes(_enlarge(sample.image, self.image_size))
-            self.result_labels[name].value = f"<b>{name}</b> ({time.perf_counter() - t:.1f} s)"
+            self.result_labels[name].value = f"<b>{html.escape(name)}</b> ({time.perf_counter() - t:.1f} s)"
             self.progress.value = (i + 1) * steps  # a sampler may take a step more or less than asked
         self.last_samples = samples
         self.last_images = {s.model: s.image for s in samples}
         self.save_button.disabled = False
-        self.status.value = (f"{len(samples)} images in {time.perf_counter() - start:.1f} s: reference {ref_id}, "
-                             f"scale {self.scale.value:g}, seed {self.seed.value}, {steps} steps "
-                             f"({samples[0].sampler}), guidance {self.guidance.value:g}")
+        self._say(f"{len(samples)} images in {time.perf_counter() - start:.1f} s: reference {ref_id}, "
+                  f"scale {self.scale.value:g}, seed {self.seed.value}, {steps} steps "
+                  f"({samples[0].sampler}), guidance {self.guidance.value:g}")
         return samples
 
     def save(self) -> list[Path]:
@@ -244,7 +247,7 @@ class SamplingPanel:
         if self.out_dir is None:
             raise ValueError("this panel has no out_dir: create it with SamplingPanel(..., out_dir=folder)")
         self.last_saved = save_samples(self.last_samples, self.out_dir)
-        self.status.value = f"Saved {len(self.last_saved)} images and their settings to {self.out_dir}"
+        self._say(f"Saved {len(self.last_saved)} images and their settings to {self.out_dir}")
         return self.last_saved
 
     # ----------------------------------------------------------------------------------------------
@@ -268,6 +271,10 @@ class SamplingPanel:
                 ("models", ", ".join(s["models"]) or "(none ticked)")]
         self.settings_view.value = ("<div class='ipa-settings' style='font-size:12px;line-height:1.35'><b>Next Generate uses</b><br>"
                                     + "<br>".join(f"{k}: {html.escape(str(v))}" for k, v in rows) + "</div>")
+
+    def _say(self, text: str) -> None:
+        """Plain text on the status line (escaped: it holds file, model and reference names)."""
+        self.status.value = html.escape(text)
 
     def _report(self, error: Exception) -> None:
         self.last_error = f"{type(error).__name__}: {error}"
@@ -294,12 +301,22 @@ class SamplingPanel:
         def add():
             for name, image in parse_upload(change["new"] if isinstance(change, dict) else change.new):
                 self.add_reference(name, image)
-                self.status.value = f"Uploaded {name} ({image.width} x {image.height})"
+                self._say(f"Uploaded {name} ({image.width} x {image.height})")
         self._guard(add)
 
     def _on_reference(self, _change) -> None:
         ref_id = self.reference.value
         self.preview.value = _thumbnail(self.references[ref_id], 128) if ref_id in self.references else b""
+
+
+# ipywidgets 7 (Colab) puts a description into the page as HTML; 8 shows it as plain text
+# (jupyter-widgets/ipywidgets#2785). HTML widgets' values are HTML in both.
+_HTML_DESCRIPTIONS = int(widgets.__version__.split(".")[0]) < 8
+
+
+def _description(text: str) -> str:
+    """A widget description that shows `text` itself (a user's model name) on ipywidgets 7 and 8 alike."""
+    return html.escape(text) if _HTML_DESCRIPTIONS else text
 
 
 def _subject_or_none(prompt: str) -> str | None:

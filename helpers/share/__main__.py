@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .hub import HubCall, build_upload_folder, push_adapter
+from ..support.lock import FolderInUse
+from .hub import HubCall, HubPushError, build_upload_folder, push_adapter
 
 
 def main(argv=None) -> list[HubCall] | None:
@@ -25,13 +26,16 @@ def main(argv=None) -> list[HubCall] | None:
     try:
         folder = build_upload_folder(run_dir, args.out or run_dir / "hub", eval_dir=eval_dir if eval_dir.is_dir() else None,
                                      eval_profile=args.eval_profile, samples=args.samples, repo_id=args.repo_id)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError, FolderInUse) as e:  # no adapter, stray files, DiskFull, another writer
         raise SystemExit(f"error: {e}") from None
     print(f"Upload folder: {folder} ({', '.join(sorted(p.name for p in folder.iterdir()))})")
     if not args.repo_id:
         print("No --repo-id: nothing pushed.")
         return None
-    calls = push_adapter(folder, args.repo_id, private=not args.public, dry_run=args.dry_run)
+    try:
+        calls = push_adapter(folder, args.repo_id, private=not args.public, dry_run=args.dry_run)
+    except (ValueError, HubPushError, FolderInUse) as e:  # HubVisibilityError among them: nothing was uploaded
+        raise SystemExit(f"error: {e}") from None
     for call in calls:
         print(("would call " if args.dry_run else "called ") + str(call))
     if not args.dry_run:

@@ -9,11 +9,18 @@
 
 Loading by id is helpers.model.adapter_file.resolve_adapter's job. Nothing here uploads unless
 `push_adapter` is called without dry_run.
+
+Faults: the upload folder has one writer at a time (helpers.support.lock.FolderLock, held while it is built
+and while it is pushed). Its files are written all or none: each goes to a temporary beside it
+(helpers.support.atomic), and they replace the old ones only once every one is complete, so a disconnect or a
+full disk (DiskFull naming the file) leaves the previous build whole. A push never changes a repo's
+visibility: an existing repo that is public while private was asked for (or the reverse) stops the push.
 """
 
 from __future__ import annotations
 
-import shutil
+import contextlib
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +30,11 @@ from ..sample.bank import load_models
 from ..sample.gallery import image_grid
 from ..sample.generate import GALLERY_PROMPTS, generate
 from ..sample.references import held_out_references
+from ..support.atomic import replacing
+from ..support.disk import disk_errors
+from ..support.lock import LOCK_FILE, FolderLock
 from .card import LICENSE, SAMPLES_FILE, make_card
-from .public import write_public_adapter
+from .public import public_adapter
 from .run_info import TRADEOFF_FILE, read_evaluation, read_run
 
 CARD_FILE = "README.md"
@@ -63,32 +73,58 @@ def build_upload_folder(run_dir, out_dir, *, eval_dir=None, eval_profile: str | 
     samples:   a PIL image or an image file (e.g. sample_grid(...) or notebook 04's gallery.png), or None
     repo_id:   used in the card's loading code (default 'user/repo')
     out_dir gets adapter.safetensors (the run's tensors; its metadata without local paths, helpers.share.public),
-    README.md (the model card), and samples.png / tradeoff.png when given. It must be empty or hold only those files (which are replaced).
+    README.md (the model card), and samples.png / tradeoff.png when given. It must be empty or hold only those
+    files (which are replaced). Built under the folder's lock; all files or none (see the module docstring).
     """
     from PIL import Image
+    from safetensors.torch import save_file
 
     run = read_run(run_dir)
     out = Path(out_dir)
     if out.resolve() == run.run_dir.resolve():
         raise ValueError(f"{out}: the upload folder must not be the run folder itself (its checkpoints would be uploaded)")
-    if out.is_dir():
-        stray = sorted(p.name for p in out.iterdir() if p.name not in UPLOAD_FILES)
+    evaluation = read_evaluation(eval_dir, run, profile=eval_profile) if eval_dir is not None else None
+    tradeoff = _whole_png(evaluation.tradeoff) if evaluation is not None and evaluation.tradeoff is not None else None
+    image = None if samples is None else samples if isinstance(samples, Image.Image) else Image.open(samples)
+    card = make_card(run, repo_id=repo_id, evaluation=evaluation, samples=samples is not None, license=license)
+    tensors, metadata = public_adapter(run.adapter)  # the same tensors; no local path in its metadata
+
+    with FolderLock(out, "building the upload folder"):  # also removes temporaries of an interrupted build
+        stray = sorted(p.name for p in out.iterdir() if p.name not in UPLOAD_FILES and p.name != LOCK_FILE)
         if stray:
             raise ValueError(f"{out}: holds other files ({', '.join(stray[:5])}), which upload_folder would upload too; "
                              "choose an empty folder")
-        for name in UPLOAD_FILES:
+        written = []
+        with contextlib.ExitStack() as stack:  # every file to a temporary; all replace the old ones at the end
+
+            def write(name, writer):
+                with disk_errors(out / name):  # a full disk is named with the file it hit
+                    writer(stack.enter_context(replacing(out / name)))
+                written.append(name)
+
+            write(ADAPTER_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+            if tradeoff is not None:
+                write(TRADEOFF_FILE, lambda tmp: tmp.write_bytes(tradeoff))
+            if image is not None:
+                write(SAMPLES_FILE, lambda tmp: image.convert("RGB").save(tmp, format="PNG"))
+            write(CARD_FILE, card.save)
+        for name in set(UPLOAD_FILES) - set(written):  # left by an earlier build that had them
             (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    write_public_adapter(run.adapter, out / ADAPTER_FILE)  # the same tensors; no local path in its metadata
-    evaluation = read_evaluation(eval_dir, run, profile=eval_profile) if eval_dir is not None else None
-    if evaluation is not None and evaluation.tradeoff is not None:
-        shutil.copyfile(evaluation.tradeoff, out / TRADEOFF_FILE)
-    if samples is not None:
-        image = samples if isinstance(samples, Image.Image) else Image.open(samples)
-        image.convert("RGB").save(out / SAMPLES_FILE)
-    card = make_card(run, repo_id=repo_id, evaluation=evaluation, samples=samples is not None, license=license)
-    card.save(out / CARD_FILE)
     return out
+
+
+def _whole_png(path: Path) -> bytes:
+    """The bytes of notebook 05's plot, read once and checked to be a whole PNG (never a half-written one)."""
+    from PIL import Image
+
+    data = path.read_bytes()
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()  # decodes every row: a cut file raises here
+    except Exception as e:  # noqa: BLE001  (PIL raises several types for a damaged file)
+        raise ValueError(f"{path}: not a whole PNG image ({e}); run notebook 05's plot cell again (or pass "
+                         "eval_dir=None to leave the evaluation out of the card)") from None
+    return data
 
 
 # --------------------------------------------------------------------------------------------------
@@ -108,15 +144,28 @@ class HubCall:
         return f"HfApi.{self.method}(" + ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items()) + ")"
 
 
+class HubPushError(RuntimeError):
+    """The Hub refused a call of the push; the message names the repo, the call and what to check."""
+
+
+class HubVisibilityError(ValueError):
+    """The repo exists with another visibility than the one asked for; nothing was pushed."""
+
+
 def push_adapter(folder, repo_id: str, *, private: bool = True, token: str | None = None, dry_run: bool = False,
                  commit_message: str | None = None) -> list[HubCall]:
-    """Upload an upload folder to a Hub model repo: HfApi.create_repo (exist_ok; a repo that exists keeps its
-    visibility) then HfApi.upload_folder. The card is validated by the Hub first, as ModelCard.push_to_hub does.
+    """Upload an upload folder to a Hub model repo: HfApi.repo_info, HfApi.create_repo (only when the repo does
+    not exist yet, with the visibility asked for), then HfApi.upload_folder (only UPLOAD_FILES). The card is
+    validated by the Hub first, as ModelCard.push_to_hub does.
 
-    dry_run=True: no network; returns the calls it would make. Otherwise returns them with `.result` set
-    (upload_folder's CommitInfo; `.result.commit_url`). token: None = the stored login or $HF_TOKEN.
+    An existing repo keeps its visibility on the Hub whatever create_repo is told, so a repo whose visibility
+    differs from `private` stops the push with HubVisibilityError (nothing uploaded) saying how to go on.
+    dry_run=True: no network; returns the calls it would make (create_repo is made only for a new repo).
+    Otherwise returns the calls made, with `.result` set (repo_info's ModelInfo, or None for a new repo;
+    upload_folder's CommitInfo: `.result.commit_url`). token: None = the stored login or $HF_TOKEN.
     """
     from huggingface_hub import HfApi, ModelCard
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
     from huggingface_hub.utils import validate_repo_id
 
     folder = Path(folder)
@@ -126,18 +175,50 @@ def push_adapter(folder, repo_id: str, *, private: bool = True, token: str | Non
     meta = check_saved_adapter(folder / ADAPTER_FILE, str(folder)) if (folder / ADAPTER_FILE).is_file() else None
     if meta is None:
         raise FileNotFoundError(f"{folder}: no {ADAPTER_FILE}; build the folder with build_upload_folder first")
-    calls = [
+    info, create, upload = (
+        HubCall("repo_info", {"repo_id": repo_id, "repo_type": "model"}),
         HubCall("create_repo", {"repo_id": repo_id, "repo_type": "model", "private": private, "exist_ok": True}),
         HubCall("upload_folder", {"repo_id": repo_id, "repo_type": "model", "folder_path": str(folder),
-                                  "commit_message": commit_message or f"Upload {meta.get('variant', '')} IP-Adapter"}),
-    ]
+                                  "allow_patterns": list(UPLOAD_FILES),  # never the lock or a temporary
+                                  "commit_message": commit_message or f"Upload {meta.get('variant', '')} IP-Adapter"}))
     if dry_run:
-        return calls
+        return [info, create, upload]
     ModelCard.load(folder / CARD_FILE).validate()
     api = HfApi(token=token)
-    for call in calls:
-        call.result = getattr(api, call.method)(**call.kwargs)
+    with FolderLock(folder, "pushing to the Hub"):  # no build replaces the files while they upload
+        try:
+            info.result = api.repo_info(**info.kwargs)
+        except RepositoryNotFoundError:
+            info.result = None  # a new repo (or one this token cannot see: create_repo then says so)
+        calls = [info]
+        if info.result is None:
+            calls.append(create)
+        else:
+            _check_visibility(repo_id, getattr(info.result, "private", None), private)
+        calls.append(upload)
+        for call in calls[1:]:
+            try:
+                call.result = getattr(api, call.method)(**call.kwargs)
+            except HfHubHTTPError as e:
+                raise HubPushError(
+                    f"{repo_id}: the Hub refused {call} ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+                    "Check the repo id (your user name or an organisation you can write to) and that the token "
+                    "is a write token (huggingface.co/settings/tokens).") from e
     return calls
+
+
+def _check_visibility(repo_id: str, is_private: bool | None, private: bool) -> None:
+    """Raise HubVisibilityError when an existing repo's visibility is not the one asked for."""
+    if is_private is None or bool(is_private) == private:
+        return
+    has, asked = ("public", "private") if private else ("private", "public")
+    raise HubVisibilityError(
+        f"https://huggingface.co/{repo_id} already exists and is {has}, but a {asked} push was asked for "
+        f"({'PRIVATE ticked, private=True' if private else 'PRIVATE unticked, private=False or --public'}). Pushing "
+        f"would leave it {has}: the Hub never changes an existing repo's visibility on upload. Nothing was uploaded. "
+        f"To go on, either make it {asked} first (on https://huggingface.co/{repo_id}/settings, or "
+        f"HfApi().update_repo_settings({repo_id!r}, private={private})), then push again; or push it as it is "
+        f"({'private=False, --public' if private else 'private=True, without --public'}); or choose another repo id.")
 
 
 def ensure_token() -> str | None:

@@ -6,7 +6,7 @@ tell strangers the user's folder names, so everything written to an upload folde
 
     public_name("/content/drive/MyDrive/sd15")      -> "local folder"   (a Hub id stays as it is)
     public_settings(config)                          the recipe, without output_dir / data_dir, sources neutral
-    write_public_adapter(run_adapter, out_file)      the same tensors; metadata made public
+    tensors, metadata = public_adapter(run_adapter)  the same tensors; metadata made public (hub.py writes them)
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..support.atomic import replacing
 from ..support.locations import looks_local, split_hub_name
 
 LOCAL_KEYS = ("output_dir", "data_dir")  # where the run wrote and read: of no use to anyone else
@@ -74,13 +73,11 @@ def public_metadata(metadata: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def write_public_adapter(adapter: Path, out_file: Path) -> Path:
-    """Write `adapter`'s tensors, unchanged, to out_file with public_metadata (atomically)."""
+def public_adapter(adapter: Path) -> tuple[dict, dict[str, str]]:
+    """`adapter`'s tensors, unchanged, and its metadata made public (public_metadata)."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     with safe_open(str(adapter), framework="pt", device="cpu") as f:
         tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    with replacing(out_file) as tmp:
-        save_file(tensors, str(tmp), metadata=public_metadata(metadata))
-    return Path(out_file)
+    return tensors, public_metadata(metadata)
+

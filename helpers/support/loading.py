@@ -13,12 +13,17 @@ bare LocalEntryNotFoundError / RepositoryNotFoundError or an OSError from deep i
 The advice depends on what went wrong: a machine that is offline (HF_HUB_OFFLINE=1, or no connection) and
 lacks the files in its cache; a repo that does not exist or is private or gated (log in); a repo without
 the expected file (check the subfolder); a local folder that does not exist.
+
+A torch pickle (.bin / .pt) is read only with `weights_only=True`; `torch_weights` turns a refusal into our
+own message (use a .safetensors file), never torch's advice to retry with weights_only=False, which would
+let the file run any code it holds.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -152,3 +157,22 @@ def fp16_first(load: Callable[..., T], dtype: torch.dtype | None, source=None) -
         except (OSError, ValueError):
             pass  # no fp16 files (or not reachable): the default files, below, say which
     return load(), "default"
+
+
+def torch_weights(path, *, error_type: type[Exception] = LoadError, what: str = "weights file"):
+    """`torch.load(path, map_location="cpu", weights_only=True)`. A file torch refuses (Python objects beside the
+    tensors, or not a torch file at all) raises `error_type` naming the file and saying to use a .safetensors
+    file. torch's own text, which advises `weights_only=False`, is not passed on, not even as the cause."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise  # a missing or unreadable file: its own message names it
+    except Exception as e:  # noqa: BLE001  (UnpicklingError, RuntimeError, EOFError...: the same to the user)
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        why = (f"it holds Python objects besides tensors ({found.group(1)}), and unpickling those can run any "
+               "code the file contains" if found else "it is not a torch weights file (damaged, cut short, or "
+               "another format)")
+        raise error_type(
+            f"{path}: refused to load this {what}: {why}. Use a .safetensors file instead (the official "
+            "IP-Adapter Plus weights are published as ip-adapter-plus_sd15.safetensors; notebook 03 saves "
+            "adapter.safetensors). Do not load a pickle from a source you cannot trust.") from None

@@ -7,7 +7,7 @@ from _adapters import make_text_aware_nonzero, run
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
 
-from helpers.model.adapter_file import AdapterFileError, save_adapter
+from helpers.model.adapter_file import AdapterFileError, read_adapter_file, save_adapter
 from helpers.model.official_format import adapter_state_dict
 from helpers.model.pipeline import load_pipeline
 
@@ -103,5 +103,41 @@ def test_base_ip_adapter_and_garbage_files_are_refused(paths, tmp_path):
         load_pipeline(*paths, adapter=tmp_path / "nothing.safetensors")
     pickle = tmp_path / "evil.bin"
     torch.save({"image_proj": {}, "ip_adapter": {}, "code": print}, pickle)  # not weights-only
-    with pytest.raises(AdapterFileError, match="evil.bin: not a safetensors file nor a weights-only torch file"):
+    with pytest.raises(AdapterFileError, match=r"evil.bin: refused to load this adapter file: it holds Python "
+                                               r"objects besides tensors \(print\).*Use a .safetensors file"):
         load_pipeline(*paths, adapter=pickle)
+
+
+class NotATensor:
+    """What an untrusted pickle may hold beside its tensors."""
+
+
+def messages(error: BaseException) -> str:
+    """Every message a traceback of `error` shows: its own and those of the causes Python prints with it."""
+    shown = []
+    while error is not None:
+        shown.append(f"{type(error).__name__}: {error}")
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    return "\n".join(shown)
+
+
+def test_a_refused_pickle_says_use_safetensors_and_not_torchs_advice(tmp_path):
+    pickle = tmp_path / "adapter.bin"
+    torch.save({"image_proj": {"latents": torch.zeros(2)}, "ip_adapter": {}, "extra": NotATensor()}, pickle)
+    with pytest.raises(Exception, match="weights_only"):  # torch's own advice, which must not reach the user
+        torch.load(pickle, map_location="cpu", weights_only=True)
+    with pytest.raises(AdapterFileError) as caught:
+        read_adapter_file(pickle)
+    shown = messages(caught.value)
+    assert f"{pickle}: refused to load this adapter file: it holds Python objects besides tensors (" in shown
+    assert "NotATensor)" in shown and "Use a .safetensors file instead" in shown
+    assert "weights_only" not in shown and "WeightsUnpickler" not in shown
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a pickle at all")
+    with pytest.raises(AdapterFileError, match=r"junk.pt: refused .*not a torch weights file .*\.safetensors") as caught:
+        read_adapter_file(junk)
+    assert "weights_only" not in messages(caught.value)
+    good = tmp_path / "official.bin"  # the official layout, tensors only, still loads
+    torch.save({"image_proj": {"latents": torch.ones(2)}, "ip_adapter": {"1.to_k_ip.weight": torch.ones(1)}}, good)
+    tensors, meta = read_adapter_file(good)
+    assert set(tensors) == {"image_proj.latents", "ip_adapter.1.to_k_ip.weight"} and meta == {}

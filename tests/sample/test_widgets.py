@@ -1,4 +1,5 @@
 """helpers.sample.widgets, headless: set widget values, press the buttons, read the panel's kernel-side state."""
+import html
 import io
 from datetime import datetime
 
@@ -193,3 +194,37 @@ def test_captions_come_with_held_out_references(bank, tiny_profile, tiny_data):
     refs, _ = held_out_references(tiny_profile, tiny_data[2], n=2)
     panel = SamplingPanel(bank, refs)
     assert set(panel.captions) == set(refs) and all(c.startswith("a cartoon drawing") for c in panel.captions.values())
+
+
+EVIL = "<script>alert(1)</script> & co"
+
+
+def test_user_strings_are_escaped_in_the_panels_html(bank, reference_image, monkeypatch):
+    from helpers.sample import widgets
+    from helpers.sample.bank import ModelBank
+
+    own = ModelBank(bank.pipe, bank.profile, {EVIL: bank.models["pretrained"]}, {"<b>mine</b> & co": "no <i>file</i>"})
+    try:
+        panel = SamplingPanel(own, {"ref": reference_image}, captions={"ref": "a <u>boy</u> & a dog"})
+        panel.add_reference("<img src=x onerror=alert(1)>.png", reference_image)
+        panel.prompt.value = "a <script>robot</script> & a cat"
+        panel.steps.value = 1
+        panel.generate_button.click()
+        assert panel.last_error is None, panel.last_error
+    finally:
+        bank.active = None  # the shared pipeline now holds another model's tensors: let the next use() swap
+    html_values = {"notes": panel.notes.value, "label": panel.result_labels[EVIL].value, "status": panel.status.value,
+                   "settings": panel.settings_view.value, "caption": panel.thumbnails.children[0].children[2].value}
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; co" in html_values["label"]
+    assert "&lt;b&gt;mine&lt;/b&gt; &amp; co is not available: no &lt;i&gt;file&lt;/i&gt;" in html_values["notes"]
+    assert "reference upload:&lt;img src=x onerror=alert(1)&gt;.png" in html_values["status"]
+    assert "a &lt;script&gt;robot&lt;/script&gt; &amp; a cat" in html_values["settings"]
+    assert "a &lt;u&gt;boy&lt;/u&gt; &amp; a dog" in html_values["caption"]
+    for where, value in html_values.items():
+        assert not any(tag in value for tag in ("<script", "<img", "<u>", "<i>file", "<b>mine", " & ")), where
+    panel._say("Saved to /tmp/a<b>&c")  # every status line goes through _say
+    assert panel.status.value == "Saved to /tmp/a&lt;b&gt;&amp;c"
+    # a model name as a checkbox description: plain text on ipywidgets 8, HTML on 7 (Colab), so escaped there
+    assert panel.model_boxes[EVIL].description == (html.escape(EVIL) if widgets._HTML_DESCRIPTIONS else EVIL)
+    monkeypatch.setattr(widgets, "_HTML_DESCRIPTIONS", True)
+    assert widgets._description(EVIL) == "&lt;script&gt;alert(1)&lt;/script&gt; &amp; co"

@@ -1,15 +1,19 @@
 """helpers.share.hub and helpers.share.card: the upload folder and its card, the push (dry run and a fake HfApi), and
 loading by Hub id from a Hub-cache layout, on the tiny profile. Nothing touches the network."""
 import csv
+import errno
 import json
 import shutil
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import huggingface_hub
 import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard, ModelCardData, constants
+from huggingface_hub.errors import RepositoryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -25,8 +29,10 @@ from helpers.sample.bank import load_models
 from helpers.sample.registry import parse_models
 from helpers.share.__main__ import main as hub_main
 from helpers.share.card import load_snippet
-from helpers.share.hub import build_upload_folder, ensure_token, push_adapter
+from helpers.share.hub import HubVisibilityError, build_upload_folder, ensure_token, push_adapter
 from helpers.share.run_info import RunInfo, eval_model_name
+from helpers.support.disk import DiskFull
+from helpers.support.lock import LOCK_FILE, FolderInUse, launch_id, read_lock
 
 REPO = "me/my-adapter"
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -175,37 +181,137 @@ def test_folder_adapter_loads_back_equal_to_the_runs(runs, tmp_path, tiny_profil
         build_upload_folder(run, tmp_path / "up")
 
 
-def test_push_dry_run_gives_the_exact_calls_and_a_push_makes_them(runs, tmp_path, monkeypatch):
+def full_disk(seen: list, folder: Path):
+    """A writer (file path as its second argument) that writes half a file and then finds the disk full; it
+    records who holds `folder`'s lock at that moment."""
+    def write(_what, path, *args, **kwargs):
+        seen.append((Path(path), (read_lock(folder) or {}).get("owner")))
+        Path(path).write_bytes(b"half a file")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return write
+
+
+@pytest.mark.parametrize("hit", ["README.md", "adapter.safetensors"])
+def test_a_full_disk_leaves_the_previous_upload_folder_whole(hit, runs, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    run, out = runs / "runs" / "text_aware", tmp_path / "up"
+    build_upload_folder(run, out, samples=Image.new("RGB", (32, 32), "white"), repo_id=REPO)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) == {"README.md", "adapter.safetensors", "samples.png"}
+    seen = []
+    if hit == "README.md":
+        monkeypatch.setattr(ModelCard, "save", full_disk(seen, out))
+    else:
+        monkeypatch.setattr(safetensors.torch, "save_file", full_disk(seen, out))
+    with pytest.raises(DiskFull, match=rf"The disk is full: could not write {out / hit} .*run the same cell or "
+                                       r"command again"):
+        build_upload_folder(run, out, samples=Image.new("RGB", (32, 32), "black"), repo_id="me/another")
+    (written, owner), = seen
+    assert written.parent == out and written.name.startswith(f".{hit}.tmp-")  # a temporary, never the file itself
+    assert owner == launch_id()  # written under the folder's lock
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # every old file whole; no temporary left
+
+
+def test_the_upload_folder_has_one_writer_and_copies_only_a_whole_plot(runs, tmp_path):
+    run, out, eval_dir = runs / "runs" / "text_aware", tmp_path / "up", tmp_path / "eval"
+    out.mkdir()
+    (out / LOCK_FILE).write_text(json.dumps({"owner": "colab-1/pid/7", "pid": 7, "host": "colab-1",
+                                             "purpose": "building the upload folder", "since": time.time(),
+                                             "seen": time.time()}))
+    with pytest.raises(FolderInUse, match=r"up is in use by pid 7 on colab-1 \(building the upload folder\)"):
+        build_upload_folder(run, out)
+    assert [p.name for p in out.iterdir()] == [LOCK_FILE]  # nothing written beside the other writer
+    (out / LOCK_FILE).unlink()
+    eval_dir.mkdir()
+    (eval_dir / "summary.csv").write_text("model,scale\nfinetuned-text-aware,1.0\n")
+    plot = Image.new("RGB", (64, 48), "white")
+    plot.save(eval_dir / "tradeoff.png")
+    whole = (eval_dir / "tradeoff.png").read_bytes()
+    (eval_dir / "tradeoff.png").write_bytes(whole[: len(whole) // 2])  # as a plain write cut short leaves it
+    with pytest.raises(ValueError, match="tradeoff.png: not a whole PNG image .*run notebook 05's plot cell again"):
+        build_upload_folder(run, out, eval_dir=eval_dir)
+    (eval_dir / "tradeoff.png").write_bytes(whole)
+    build_upload_folder(run, out, eval_dir=eval_dir)
+    assert (out / "tradeoff.png").read_bytes() == whole and "![Trade-off" in (out / "README.md").read_text()
+    build_upload_folder(run, out)  # built again without the evaluation: the old plot does not stay behind
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter.safetensors"]
+
+
+class FakeApi:
+    """huggingface_hub.HfApi without a network: `repos` {repo id: private?} are the repos that exist; every
+    call is recorded in `made` as (method, kwargs, token)."""
+
+    repos: dict = {}
+    made: list = []
+
+    def __init__(self, token=None):
+        self.token = token
+
+    def repo_info(self, **kw):
+        FakeApi.made.append(("repo_info", kw, self.token))
+        if kw["repo_id"] not in FakeApi.repos:
+            raise RepositoryNotFoundError("404 Client Error: Repository Not Found",
+                                          response=SimpleNamespace(headers={}, request=None))
+        return SimpleNamespace(id=kw["repo_id"], private=FakeApi.repos[kw["repo_id"]])
+
+    def __getattr__(self, method):
+        return lambda **kw: FakeApi.made.append((method, kw, self.token)) or f"done {method}"
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(ModelCard, "validate", lambda self, repo_type=None: None)
+    monkeypatch.setattr(FakeApi, "repos", {})
+    monkeypatch.setattr(FakeApi, "made", [])
+    return FakeApi
+
+
+def test_push_dry_run_gives_the_exact_calls_and_a_push_makes_them(runs, tmp_path, fake_hub):
     folder = build_upload_folder(runs / "runs" / "vanilla", tmp_path / "up", repo_id=REPO)
+    upload = {"repo_id": REPO, "repo_type": "model", "folder_path": str(folder),
+              "allow_patterns": ["adapter.safetensors", "README.md", "samples.png", "tradeoff.png"],
+              "commit_message": "Upload vanilla IP-Adapter"}
     calls = push_adapter(folder, REPO, dry_run=True)
     assert [(c.method, c.kwargs) for c in calls] == [
+        ("repo_info", {"repo_id": REPO, "repo_type": "model"}),
         ("create_repo", {"repo_id": REPO, "repo_type": "model", "private": True, "exist_ok": True}),
-        ("upload_folder", {"repo_id": REPO, "repo_type": "model", "folder_path": str(folder),
-                           "commit_message": "Upload vanilla IP-Adapter"})]
-    assert push_adapter(folder, REPO, private=False, dry_run=True)[0].kwargs["private"] is False
-    made = []
-
-    class FakeApi:
-        def __init__(self, token=None):
-            self.token = token
-
-        def __getattr__(self, method):
-            return lambda **kw: made.append((method, kw, self.token)) or f"done {method}"
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    monkeypatch.setattr(ModelCard, "validate", lambda self, repo_type=None: made.append(("validate", {}, None)))
-    pushed = push_adapter(folder, REPO, token="hf_x")
-    assert made == [("validate", {}, None)] + [(c.method, c.kwargs, "hf_x") for c in calls]
-    assert [c.result for c in pushed] == ["done create_repo", "done upload_folder"]
+        ("upload_folder", upload)]
+    assert push_adapter(folder, REPO, private=False, dry_run=True)[1].kwargs["private"] is False
+    assert fake_hub.made == []  # a dry run calls nothing
+    pushed = push_adapter(folder, REPO, token="hf_x")  # a new repo: created with the visibility asked for
+    assert fake_hub.made == [(c.method, c.kwargs, "hf_x") for c in calls]
+    assert [c.result for c in pushed] == [None, "done create_repo", "done upload_folder"]
+    fake_hub.made.clear()
+    fake_hub.repos[REPO] = True  # it exists, private as asked: uploaded to, not created again
+    assert [c.method for c in push_adapter(folder, REPO)] == ["repo_info", "upload_folder"]
+    assert [m for m, _, _ in fake_hub.made] == ["repo_info", "upload_folder"]
     with pytest.raises(FileNotFoundError, match="no README.md"):
         push_adapter(runs / "runs" / "vanilla", REPO, dry_run=True)  # a run folder is not an upload folder
+
+
+@pytest.mark.parametrize("exists_private, asked_private", [(False, True), (True, False)])
+def test_a_push_to_a_repo_of_the_other_visibility_stops(exists_private, asked_private, runs, tmp_path, fake_hub,
+                                                        capsys):
+    folder = build_upload_folder(runs / "runs" / "vanilla", tmp_path / "up", repo_id=REPO)
+    fake_hub.repos[REPO] = exists_private
+    has, asked = ("private", "public") if exists_private else ("public", "private")
+    with pytest.raises(HubVisibilityError, match=rf"huggingface.co/{REPO} already exists and is {has}, but a {asked} "
+                                                 rf"push was asked for .*Nothing was uploaded.*update_repo_settings"):
+        push_adapter(folder, REPO, private=asked_private)
+    assert [m for m, _, _ in fake_hub.made] == ["repo_info"]  # neither create_repo nor upload_folder
+    argv = [str(runs / "runs" / "vanilla"), "--repo-id", REPO, "--out", str(tmp_path / "up")]
+    with pytest.raises(SystemExit, match=f"error: https://huggingface.co/{REPO} already exists and is {has}"):
+        hub_main(argv + ([] if asked_private else ["--public"]))
+    assert [m for m, _, _ in fake_hub.made] == ["repo_info", "repo_info"]
 
 
 def test_cli_builds_the_folder_and_dry_runs(runs, tmp_path, capsys):
     calls = hub_main([str(runs / "runs" / "text_aware"), "--repo-id", REPO, "--public", "--dry-run",
                       "--out", str(tmp_path / "up")])
     out = capsys.readouterr().out
-    assert [c.method for c in calls] == ["create_repo", "upload_folder"] and calls[0].kwargs["private"] is False
+    assert [c.method for c in calls] == ["repo_info", "create_repo", "upload_folder"] and calls[1].kwargs["private"] is False
     assert f"would call HfApi.create_repo(repo_id={REPO!r}" in out and (tmp_path / "up" / "README.md").is_file()
 
 
