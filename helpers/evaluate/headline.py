@@ -41,7 +41,7 @@ def describe_gain(g: MatchedGain, clip_model: str = "") -> str:
         kind = f"{g.edit} edits"
     sign = "higher" if g.gain >= 0 else "lower"
     if math.isnan(g.low):
-        ci, verdict = "no bootstrap interval: too few references, or the curves rarely overlap in resamples", ""
+        ci, verdict = "no interval: too few references, or the curves stop overlapping when one is left out", ""
     else:
         ci = f"95% paired interval {g.low:+.3f} to {g.high:+.3f}"
         verdict = (" - larger than the resampling noise" if g.low > 0 or g.high < 0 else

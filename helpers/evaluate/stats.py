@@ -4,23 +4,30 @@ gain in prompt following at matched consistency (helpers.evaluate.headline write
 Input: rows, one per generated image (helpers.evaluate.grid.score_samples, or results.csv read back), with at least
 model, scale, reference, prompt, seed, prompt_kind, edit and the metric columns (clip_t, clip_i, dino: plain cosines).
 
-    bootstrap_ci(values, groups)          mean and 95% percentile bootstrap interval, resampling *references*
+    bootstrap_ci(values, groups)          mean and 95% t interval over *references* (the name is older than the rule)
     summarize(rows)                       per model and scale: each metric's mean [interval] (pandas DataFrame)
     paired_difference(rows, a, b, m)      a's metric minus b's on the same images' settings (reference, prompt,
-                                          seed, scale), with a paired bootstrap interval over references
+                                          seed, scale), with a paired t interval over references
     matched_gain(rows, a, b)              a's CLIP-T minus b's at matched CLIP-I, along each model's scale curve,
-                                          with a paired bootstrap interval (and its bootstrap draws)
+                                          with a paired jackknife-t interval (and bootstrap draws to look at)
 
-Images of one reference are not independent evidence, so every interval resamples references; every model
-sees the same references, prompts and seeds, so differences between models resample the references *once
-for both* (paired). One number of bootstrap draws throughout: N_BOOT.
+Images of one reference are not independent evidence, so every interval is over references; every model sees
+the same references, prompts and seeds, so differences between models leave references out, or average them,
+*once for both* (paired). One rule for every interval: estimate ± t(R-1) x standard error over the R
+references. For a mean the standard error is s/sqrt(R); for the matched gain, not a plain mean, it is the
+jackknife's (leave each reference out in turn), which for a mean is exactly s/sqrt(R) again. A percentile
+bootstrap over references, which this module used before, covers the truth in only about 90% of simulated
+10-reference tables: it uses the normal quantile and the 1/R variance where R - 1 degrees of freedom are due
+(tests/evaluate/test_stats.py measures both).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from statistics import NormalDist
 
 import numpy as np
 
@@ -29,18 +36,86 @@ from ..sample.registry import label, model_order
 OWN, EDIT = "own caption", "edit"  # prompt kinds: a reference's own caption, or an edit prompt
 CATEGORIES = ("setting", "outfit", "action", "style")  # edit categories (helpers.evaluate.protocol.EDIT_PROMPTS)
 METRICS = ("clip_t", "clip_i", "dino")
-N_BOOT = 2000  # bootstrap draws, for every interval in this module
+N_BOOT = 2000  # bootstrap draws of the matched gain (MatchedGain.boots, for its histogram; not its interval)
 LEVEL = 0.95
 PAIR_KEYS = ("scale", "reference", "prompt", "seed")  # what two models' images share when they are a pair
 
 
-def bootstrap_ci(values, groups=None, *, n_boot: int = N_BOOT, level: float = LEVEL, seed: int = 0) -> tuple[float, float, float]:
-    """(mean, low, high): the mean and a percentile bootstrap interval.
+def t_quantile(p: float, df: int) -> float:
+    """The p quantile of Student's t with df (a whole number >= 1) degrees of freedom, e.g. t_quantile(0.975, 9)
+    = 2.2622. Exact for df <= 1000: t's distribution function in closed form for whole df (Abramowitz & Stegun
+    26.7.3-4, a finite sum in theta = atan(t / sqrt(df))), inverted by bisection on theta. Above, the
+    Cornish-Fisher series in 1/df (A&S 26.7.5), within 1e-12 of the exact value there for p <= 0.9995. numpy
+    has no t quantile and scipy is not a dependency."""
+    if df != int(df) or df < 1 or not 0 < p < 1:
+        raise ValueError(f"t_quantile needs 0 < p < 1 and a whole df >= 1, got p={p}, df={df}")
+    df = int(df)
+    if p < 0.5:
+        return -t_quantile(1 - p, df)
+    if df > 1000:
+        z = NormalDist().inv_cdf(p)
+        g = ((z**3 + z) / 4, (5 * z**5 + 16 * z**3 + 3 * z) / 96, (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384,
+             (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160)
+        return z + sum(gk / df ** (k + 1) for k, gk in enumerate(g))
+    lo, hi = 0.0, math.pi / 2  # P(|T| < sqrt(df) tan theta) rises from 0 to 1 on [0, pi/2)
+    for _ in range(64):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _t_central(mid, df) < 2 * p - 1 else (lo, mid)
+    return math.sqrt(df) * math.tan((lo + hi) / 2)
 
-    groups: one label per value (the reference of each image). Values are first averaged per group and the
-            groups are resampled with replacement, so images of the same reference never count as
-            independent evidence. Without groups every value is its own group.
-    Fewer than two groups: the interval is (nan, nan).
+
+def _t_central(theta: float, df: int) -> float:
+    """P(|T| < sqrt(df) tan theta) for T ~ t(df), df whole (A&S 26.7.3 for odd df, 26.7.4 for even)."""
+    s, c2 = math.sin(theta), math.cos(theta) ** 2
+    if df % 2 == 0:  # s (1 + 1/2 c^2 + 1.3/(2.4) c^4 + ... up to c^(df-2))
+        term = total = 1.0
+        for k in range(1, df // 2):
+            term *= (2 * k - 1) / (2 * k) * c2
+            total += term
+        return s * total
+    if df == 1:
+        return 2 * theta / math.pi
+    term = total = math.cos(theta)  # 2/pi (theta + s (c + 2/3 c^3 + 2.4/(3.5) c^5 + ... up to c^(df-2)))
+    for k in range(1, (df - 1) // 2):
+        term *= (2 * k) / (2 * k + 1) * c2
+        total += term
+    return 2 / math.pi * (theta + s * total)
+
+
+def t_interval(per_reference, level: float = LEVEL):
+    """(mean, low, high) over the last axis of per_reference (..., R), one value per reference: the mean
+    plus or minus t(R-1) x s / sqrt(R), s the standard deviation between references (ddof 1). Arrays of shape
+    (...,), or floats for a 1-D input; nan bounds when R < 2."""
+    x = np.asarray(per_reference, dtype=np.float64)
+    n = x.shape[-1]
+    mean = x.mean(axis=-1) if n else np.full(x.shape[:-1], math.nan)
+    if n < 2:
+        return mean, mean * math.nan, mean * math.nan
+    half = t_quantile((1 + level) / 2, n - 1) * x.std(axis=-1, ddof=1) / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def jackknife_interval(estimate, leave_one_out, level: float = LEVEL):
+    """(low, high): estimate plus or minus t(R-1) x the jackknife standard error, for an estimate made from R
+    references. estimate (...,); leave_one_out (..., R): the same estimate made without each reference in
+    turn. Standard error squared: (R-1)/R x sum over i of (leave_one_out_i - their mean)^2 (for a mean,
+    exactly s^2 / R, so the interval is t_interval's). nan where a leave-one-out estimate is nan, or R < 2."""
+    loo = np.asarray(leave_one_out, dtype=np.float64)
+    n = loo.shape[-1]
+    if n < 2:
+        return np.asarray(estimate) * math.nan, np.asarray(estimate) * math.nan
+    se = np.sqrt((n - 1) / n * ((loo - loo.mean(axis=-1, keepdims=True)) ** 2).sum(axis=-1))
+    half = t_quantile((1 + level) / 2, n - 1) * se
+    return estimate - half, estimate + half
+
+
+def bootstrap_ci(values, groups=None, *, level: float = LEVEL, seed: int | None = None) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of the per-group means and its t interval over groups (t_interval).
+
+    groups: one label per value (the reference of each image). Values are first averaged per group, so
+            images of the same reference never count as independent evidence. Without groups every value is
+            its own group. Fewer than two groups: the interval is (nan, nan).
+    seed: no effect (the interval is computed, not drawn); kept for the callers of the bootstrap it replaced.
     """
     values = np.asarray(values, dtype=np.float64)
     if groups is not None:
@@ -49,16 +124,8 @@ def bootstrap_ci(values, groups=None, *, n_boot: int = N_BOOT, level: float = LE
             raise ValueError(f"{len(values)} values but {len(groups)} group labels")
         labels = list(dict.fromkeys(groups.tolist()))
         values = np.array([values[groups == g].mean() for g in labels])
-    if len(values) == 0:
-        return math.nan, math.nan, math.nan
-    mean = float(values.mean())
-    if len(values) < 2:
-        return mean, math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    boots = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(axis=1)
-    alpha = (1 - level) / 2
-    lo, hi = np.quantile(boots, [alpha, 1 - alpha])
-    return mean, float(lo), float(hi)
+    mean, lo, hi = t_interval(values, level)
+    return float(mean), float(lo), float(hi)
 
 
 def as_frame(rows, *, prompt_kind: str | None = None, edit: str | None = None):
@@ -129,10 +196,11 @@ def format_summary(summary, digits: int = 3):
 
 
 def paired_difference(rows, model: str, baseline: str, metric: str = "clip_t", *, scale: float | None = None,
-                      prompt_kind: str | None = EDIT, edit: str | None = None, seed: int = 0) -> tuple[float, float, float]:
+                      prompt_kind: str | None = EDIT, edit: str | None = None) -> tuple[float, float, float]:
     """(mean, low, high) of `model`'s metric minus `baseline`'s, image against image: the two images made
     from the same reference, prompt, seed and scale (all scales, or one). The differences are averaged per
-    reference and the references resampled (bootstrap_ci), so both models are resampled together.
+    reference and the t interval taken over those R means (bootstrap_ci): what a reference adds to both
+    models cancels.
     Raises ValueError when an image of one model has no partner in the other (not a paired design)."""
     frame = as_frame(rows, prompt_kind=prompt_kind, edit=edit)
     if scale is not None:
@@ -147,7 +215,7 @@ def paired_difference(rows, model: str, baseline: str, metric: str = "clip_t", *
         raise ValueError(f"{len(unpaired)} images of {model} or {baseline} have no partner with the same "
                          f"{', '.join(PAIR_KEYS)}, e.g. {list(unpaired[:2])}")
     diff = a - b.reindex(a.index)
-    return bootstrap_ci(diff.to_numpy(), diff.index.get_level_values("reference"), seed=seed)
+    return bootstrap_ci(diff.to_numpy(), diff.index.get_level_values("reference"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,7 +231,7 @@ class MatchedGain:
     model: str
     baseline: str
     gain: float
-    low: float  # bootstrap interval over references (nan if it could not be estimated)
+    low: float  # jackknife-t interval over references (nan if it could not be estimated)
     high: float
     y_range: tuple[float, float]
     n_references: int
@@ -171,7 +239,9 @@ class MatchedGain:
     y: str = "clip_i"
     prompt_kind: str | None = EDIT
     edit: str | None = None  # an edit category, or None for all
-    boots: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)  # the bootstrap draws of `gain`
+    # bootstrap draws of `gain` (references resampled, the same draw for both models), for a histogram of its
+    # spread; the interval does not come from them
+    boots: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
 
     @property
     def half_width(self) -> float:
@@ -192,22 +262,69 @@ def _cell_means(frame, models, x, y):
     return refs, out
 
 
-def _curve_gain(xa, ya, xb, yb, points: int = 21):
-    """Mean of x_a(y) - x_b(y) over the overlap of the two curves' y ranges (None if they do not overlap).
-    Each curve is read as x as a function of y, through its points sorted by y."""
-    lo, hi = max(ya.min(), yb.min()), min(ya.max(), yb.max())
-    if not np.isfinite([lo, hi]).all() or hi <= lo:
-        return None
-    grid = np.linspace(lo, hi, points)
-    ia, ib = np.argsort(ya), np.argsort(yb)
-    return float(np.mean(np.interp(grid, ya[ia], xa[ia]) - np.interp(grid, yb[ib], xb[ib]))), (float(lo), float(hi))
+def _interp(at, yp, xp):
+    """np.interp over leading axes: at (..., P) points; yp (..., K) increasing; xp (..., K) -> (..., P).
+    Written as x_0 plus each segment's slope times the part of it below the point, so a few whole-array
+    steps (K - 1) do it for many curves at once; outside [y_0, y_K-1] the end values, as np.interp."""
+    out = np.repeat(xp[..., :1], at.shape[-1], axis=-1)
+    for j in range(yp.shape[-1] - 1):
+        width = yp[..., j + 1:j + 2] - yp[..., j:j + 1]  # (..., 1)
+        slope = np.where(width > 0, (xp[..., j + 1:j + 2] - xp[..., j:j + 1]) / np.where(width > 0, width, 1.0), 0.0)
+        out += slope * np.clip(at - yp[..., j:j + 1], 0.0, width)
+    return out
+
+
+def curve_gain(xa, ya, xb, yb, points: int = 21):
+    """(gain, lo, hi): the mean of x_a(y) - x_b(y) at `points` evenly spaced y over [lo, hi], the overlap of
+    the two curves' y ranges; each curve, one point per scale, read as x of y by linear interpolation through
+    its points sorted by y. xa, ya: (..., Ka); xb, yb: (..., Kb), Ka, Kb >= 2. Each result (...,); gain nan
+    where the ranges do not overlap or a point is nan."""
+    xa, ya, xb, yb = (np.asarray(a, dtype=np.float64) for a in (xa, ya, xb, yb))
+    lo, hi = np.maximum(ya.min(-1), yb.min(-1)), np.minimum(ya.max(-1), yb.max(-1))
+    ok = np.isfinite(lo) & np.isfinite(hi) & (hi > lo)
+    at = np.linspace(np.where(ok, lo, 0.0), np.where(ok, hi, 1.0), points, axis=-1)  # (..., points)
+    ia, ib = np.argsort(ya, -1), np.argsort(yb, -1)
+    along = np.take_along_axis  # each curve's points in increasing y
+    diff = _interp(at, along(ya, ia, -1), along(xa, ia, -1)) - _interp(at, along(yb, ib, -1), along(xb, ib, -1))
+    return np.where(ok, diff.mean(-1), np.nan), lo, hi
+
+
+def _nanmean(a, axis):
+    """np.nanmean without its warning for an all-nan slice (that slice is nan)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(a, axis=axis)
+
+
+def leave_one_out_means(a):
+    """a (..., S, R) per-reference means -> (..., R, S): row i the mean over the references other than i
+    (nan cells skipped, as np.nanmean)."""
+    a = np.asarray(a, dtype=np.float64)
+    seen = np.isfinite(a)
+    total, count = np.where(seen, a, 0.0).sum(-1, keepdims=True), seen.sum(-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        loo = (total - np.where(seen, a, 0.0)) / (count - seen)
+    return np.swapaxes(loo, -1, -2)
+
+
+def matched_gain_interval(Xa, Ya, Xb, Yb, level: float = LEVEL):
+    """The matched gain and its interval from per-reference means, over any leading axes (many tables at
+    once). Xa, Ya: (..., Sa, R) `model`'s x and y per scale and reference; Xb, Yb: (..., Sb, R) `baseline`'s,
+    the same R references in the same order. Returns (gain, low, high, y_lo, y_hi), each (...,): the gain of
+    the curves of the means (curve_gain) and its jackknife-t interval (jackknife_interval over the gains of
+    the curves without each reference in turn, both models leaving out the same one)."""
+    gain, y_lo, y_hi = curve_gain(*(_nanmean(a, -1) for a in (Xa, Ya, Xb, Yb)))
+    loo, _, _ = curve_gain(*(leave_one_out_means(a) for a in (Xa, Ya, Xb, Yb)))  # (..., R)
+    low, high = jackknife_interval(gain, loo, level)
+    return gain, low, high, y_lo, y_hi
 
 
 def matched_gain(rows, model: str, baseline: str, *, x: str = "clip_t", y: str = "clip_i",
                  prompt_kind: str | None = EDIT, edit: str | None = None, seed: int = 0) -> MatchedGain | None:
-    """`model`'s x minus `baseline`'s x at matched y (see MatchedGain), with a bootstrap interval that
-    resamples the references both models share (the same draw for both: a paired comparison), N_BOOT draws.
-    None when a model is missing, has fewer than two scales, or the curves do not overlap in y."""
+    """`model`'s x minus `baseline`'s x at matched y (see MatchedGain), with the jackknife-t interval over
+    the references both models share (matched_gain_interval), and N_BOOT bootstrap draws of the gain (seeded
+    by `seed`; the same resample for both models) to look at. None when a model is missing, has fewer than
+    two scales, or the curves do not overlap in y."""
     frame = as_frame(rows, prompt_kind=prompt_kind, edit=edit)
     present = set(frame["model"])
     if model not in present or baseline not in present:
@@ -217,18 +334,16 @@ def matched_gain(rows, model: str, baseline: str, *, x: str = "clip_t", y: str =
         return None
 
     (_, Xa, Ya), (_, Xb, Yb) = cells[model], cells[baseline]
-    point = _curve_gain(np.nanmean(Xa, 1), np.nanmean(Ya, 1), np.nanmean(Xb, 1), np.nanmean(Yb, 1))
-    if point is None:
+    gain, low, high, y_lo, y_hi = (float(v) for v in matched_gain_interval(Xa, Ya, Xb, Yb))
+    if math.isnan(gain):
         return None
-    lo = hi = math.nan
     boots = np.zeros(0)
     if len(refs) >= 2:
         idx = np.random.default_rng(seed).integers(0, len(refs), size=(N_BOOT, len(refs)))  # same draw for both
-        means = [np.nanmean(a[:, idx], axis=2) for a in (Xa, Ya, Xb, Yb)]  # each (scales, N_BOOT)
-        boots = np.array([g[0] for g in (_curve_gain(*(m[:, b] for m in means)) for b in range(N_BOOT)) if g is not None])
-        if len(boots) >= N_BOOT / 2:  # the curves overlap in most resamples
-            lo, hi = (float(v) for v in np.quantile(boots, [(1 - LEVEL) / 2, (1 + LEVEL) / 2]))
-    return MatchedGain(model, baseline, point[0], lo, hi, point[1], len(refs), x, y, prompt_kind, edit, boots)
+        drawn = (np.swapaxes(_nanmean(a[:, idx], axis=2), 0, 1) for a in (Xa, Ya, Xb, Yb))  # each (N_BOOT, scales)
+        boots = curve_gain(*drawn)[0]
+        boots = boots[np.isfinite(boots)]  # the draws where the curves overlap
+    return MatchedGain(model, baseline, gain, low, high, (y_lo, y_hi), len(refs), x, y, prompt_kind, edit, boots)
 
 
 def metric_label(name: str) -> str:
