@@ -4,8 +4,8 @@ against variation (CLIP-T), for every model of the bank, baselines included.
     references  held-out test images (helpers.sample.references.pick_references: notebook 01's test split, one per
                 group, seeded); `check_held_out` refuses any reference that is in, or a near-duplicate of,
                 the training split
-    prompts     each reference's own caption + EDIT_PROMPTS (setting, outfit, action, style), rotated over
-                the references so that every edit is used (`build_prompts`)
+    prompts     each reference's own caption + EDIT_PROMPTS (setting, outfit, action, style), chosen by the
+                reference's id alone, so that adding references keeps the prompts of those scored (`build_prompts`)
     grid        models x IP-Adapter scales x references x prompts x seeds, generated and scored per image
                 by helpers.evaluate.grid.run_grid (one row per image in results.csv, appended job by job; a rerun
                 skips the rows already there)
@@ -25,6 +25,7 @@ the figures in helpers.evaluate.plots, the CSV format in helpers.evaluate.result
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -145,20 +146,33 @@ def _flat_edits(edit_prompts) -> list[tuple[str, str]]:
 
 
 def build_prompts(references: Sequence[Reference], edit_prompts, edits_per_reference: int) -> list[PromptSpec]:
-    """Each reference's own caption, plus `edits_per_reference` edit prompts taken in turn from
-    `edit_prompts` ({category: [prompts]} or a list), so that consecutive references get different edits
-    and every edit is used once before any is used twice."""
+    """Each reference's own caption, plus `edits_per_reference` edit prompts from `edit_prompts`
+    ({category: [prompts]} or a list) chosen by the reference's id alone (`edits_for`): adding references, or
+    reordering them, never changes the prompts of a reference already scored."""
     edits = _flat_edits(edit_prompts)
     if edits_per_reference < 0 or edits_per_reference > len(edits):
         raise ValueError(f"edits_per_reference={edits_per_reference}: choose 0 to {len(edits)} (the number of edit prompts)")
     specs = []
-    for i, ref in enumerate(references):
+    for ref in references:
         specs.append(PromptSpec(ref.id, ref.caption, OWN, concept=concept_of(ref.caption)[0]))
-        for j in range(edits_per_reference):
-            cat, prompt = edits[(i * edits_per_reference + j) % len(edits)]
-            if prompt != ref.caption:
-                specs.append(PromptSpec(ref.id, prompt, EDIT, cat, concept_of(prompt)[0]))
+        for cat, prompt in edits_for(ref.id, [e for e in edits if e[1] != ref.caption], edits_per_reference):
+            specs.append(PromptSpec(ref.id, prompt, EDIT, cat, concept_of(prompt)[0]))
     return specs
+
+
+def edits_for(reference_id: str, edits: Sequence[tuple[str, str]], k: int) -> list[tuple[str, str]]:
+    """k of `edits` ((category, prompt) pairs) for one reference, from its id alone: the edits ranked by a
+    SHA-256 of the id and the prompt, the first of each category before any second, so that a reference's
+    edits span k categories while there are that many. Across references the categories are spread by
+    chance, not in turns (11 references x 2 edits over 4 categories: 5 or 6 each on average); a prompt added to
+    the list moves only the references it ranks first for."""
+    ranked = sorted(edits, key=lambda e: hashlib.sha256(f"{reference_id}\n{e[1]}".encode()).digest())
+    firsts, categories = [], set()
+    for cat, prompt in ranked:  # each category's best-ranked edit, in rank order
+        if cat not in categories:
+            firsts.append((cat, prompt))
+            categories.add(cat)
+    return (firsts + [e for e in ranked if e not in firsts])[:k]
 
 
 def grid_size(n_prompts: int, n_models: int, n_scales: int, n_seeds: int) -> int:
