@@ -11,12 +11,16 @@ from helpers.evaluate.__main__ import main as evaluation_main
 from helpers.evaluate.grid import run_grid
 from helpers.evaluate.metrics import clip_i, clip_t
 from helpers.evaluate.protocol import (
+    ALL_MODELS,
     GRID_EFFICIENCY,
+    GRID_MODELS,
+    MIN_REFERENCES,
     PromptSpec,
     TrainingImageError,
     build_prompts,
     check_held_out,
     copy_baseline,
+    grid_models,
     grid_references,
     grid_size,
     protocol,
@@ -238,24 +242,52 @@ def test_grid_samples_are_the_images_of_the_rows(split, tiny_profile, tmp_path):
 
 
 def test_default_size_comes_from_the_counted_t4_budget():
-    """The full profile's grid is the most references whose images, every model of the registry included, take
-    at most eval_minutes on a T4 at GRID_EFFICIENCY of its peak, counted (helpers.support.budget)."""
+    """The full profile's grid is the headline comparison over the most references whose images take at most
+    eval_minutes on a T4 at GRID_EFFICIENCY (the expected 12%) of its peak, counted (helpers.support.budget),
+    and never fewer than MIN_REFERENCES."""
     from helpers.profile import full_profile
-    from helpers.support.budget import images_minutes
+    from helpers.support.budget import SAMPLING, images_minutes
 
     full = full_profile("test")
     assert full.eval_num_references is None and full.eval_edits_per_reference > 1  # sized, not typed
-    prompts, plenty = 1 + full.eval_edits_per_reference, 10**6
+    assert GRID_EFFICIENCY == SAMPLING.expected
+    prompts, plenty, models = 1 + full.eval_edits_per_reference, 10**6, len(grid_models(full))
 
-    def images(n):
-        return grid_size(n * prompts, len(MODEL_NAMES), len(full.eval_scales), len(full.eval_seeds))
+    def images(n, models=models):
+        return grid_size(n * prompts, models, len(full.eval_scales), len(full.eval_seeds))
 
     n = grid_references(full, plenty)
-    assert images_minutes(images(n), GRID_EFFICIENCY) <= full.eval_minutes < images_minutes(images(n + 1), GRID_EFFICIENCY)
+    assert n >= MIN_REFERENCES == 10
+    assert images_minutes(images(n), GRID_EFFICIENCY) <= full.eval_minutes
+    assert images_minutes(images(n + 1), GRID_EFFICIENCY) > full.eval_minutes
     assert grid_references(full, 3) == min(n, 3)  # never more than the test split's groups
     more = full.replace(eval_minutes=2 * full.eval_minutes)  # one field for a user with more time
     assert grid_references(more, plenty) >= 2 * n - 1
     assert grid_references(full.replace(eval_num_references=4), plenty) == 4  # a number, when given, is used
+    # every model of the registry: the references stay at 10, the grid grows past eval_minutes
+    every = full.replace(eval_models=(ALL_MODELS,))
+    assert grid_references(every, plenty) == MIN_REFERENCES
+    assert images_minutes(images(MIN_REFERENCES, len(MODEL_NAMES)), GRID_EFFICIENCY) > full.eval_minutes
+
+
+def test_the_default_grid_is_the_headline_comparison_and_the_rest_one_setting_away():
+    from helpers.profile import full_profile
+
+    full = full_profile("test")
+    assert grid_models(full) == list(GRID_MODELS) == ["finetuned-text-aware", "finetuned-vanilla",
+                                                      "finetuned-text-aware-no-block"]
+    bank = ["pretrained", "pretrained-instantstyle", "finetuned-vanilla", "finetuned-text-aware",
+            "finetuned-text-aware-no-block", "mine"]  # "mine": an extra model the user loaded
+    assert grid_models(full, bank) == [*GRID_MODELS, "mine"]
+    assert grid_models(full.replace(eval_models=(ALL_MODELS,)), bank) == [
+        *GRID_MODELS, "pretrained", "pretrained-instantstyle", "mine"]
+    assert grid_models(full.replace(eval_models=("pretrained", "finetuned-text-aware")), bank) == [
+        "finetuned-text-aware", "pretrained", "mine"]
+    # notebook 03 not run: the bank has the pretrained models only, and the grid takes them
+    assert grid_models(full, ["pretrained", "pretrained-conceptrol"]) == ["pretrained", "pretrained-conceptrol"]
+    assert grid_models(full, ["pretrained", "finetuned-text-aware"]) == ["finetuned-text-aware"]
+    with pytest.raises(ValueError, match="finetuned-text-aware-neighbour: not in the bank"):
+        grid_models(full.replace(eval_models=("finetuned-text-aware-neighbour",)), bank)
 
 
 def test_command_line_runs_the_protocol_and_resumes(tiny_profile, runs, tmp_path, monkeypatch, capsys):
