@@ -181,20 +181,20 @@ def count_all(profile, *, train_images: int = S.FULL_TRAIN_IMAGES, variants=S.VA
 
 
 def budget_settings(profile, train_images: int) -> dict:
-    """The defaults the counts are for: notebook 03's runs (TRAIN_BASELINE and TRAIN_NEIGHBOUR on: vanilla,
-    text-aware, text-aware with neighbour pairing) and notebook 05's default grid (every model of the registry)."""
-    from helpers.evaluate.protocol import grid_size
-    from helpers.sample.registry import MODEL_NAMES
+    """The defaults the counts are for: notebook 03's runs (vanilla and text-aware, and the neighbour-paired
+    model when profile.train_neighbour) and notebook 05's default grid (helpers.evaluate.protocol.grid_models)."""
+    from helpers.evaluate.protocol import grid_models, grid_size
+    from helpers.support.budget import notebook_03_runs
 
     prompts, references = 1 + profile.eval_edits_per_reference, notebook_05_references(profile)
+    models = len(grid_models(profile))
     return {"profile": profile.name, "resolution": profile.resolution, "train_batch_size": profile.train_batch_size,
             "epochs": profile.num_epochs, "train_images": train_images,
             "steps_per_variant": profile.num_epochs * math.ceil(train_images / profile.train_batch_size),
-            "notebook_03_runs": ["vanilla", "text_aware", "text_aware"],
+            "notebook_03_runs": notebook_03_runs(profile.train_neighbour),
             "scheduler": profile.scheduler, "inference_steps": profile.num_inference_steps,
-            "guidance_scale": profile.guidance_scale, "grid_references": references, "grid_models": len(MODEL_NAMES),
-            "grid_images": grid_size(references * prompts, len(MODEL_NAMES), len(profile.eval_scales),
-                                     len(profile.eval_seeds)),
+            "guidance_scale": profile.guidance_scale, "grid_references": references, "grid_models": models,
+            "grid_images": grid_size(references * prompts, models, len(profile.eval_scales), len(profile.eval_seeds)),
             "memory_limit_gib": T4_MEMORY_LIMIT_GIB}
 
 

@@ -13,6 +13,15 @@ A quick run (a notebook's QUICK_RUN field, or IPA_QUICK=1) keeps the profile's m
 (`Profile.quick_run`): a few training steps per variant, 2 references, 1 IP scale, few denoising steps.
 It tries the whole series on real models in minutes before committing an hour. IPA_RESOLUTION=N trains and
 samples at N px instead of the profile's size (a multiple of 64: smaller is faster, and worse).
+
+The full profile's defaults fit one free Colab sitting at the speeds people measure on a T4 (8% of its fp16
+peak for training, 12% for sampling: helpers.support.budget, which projects each notebook's minutes): notebook
+03 at most 45 minutes, notebook 05 at most 45, the series at most 90. At those speeds a training run of 6 epochs
+takes 16 minutes, so 03 trains the two models the headline compares (vanilla and text-aware, 33 minutes with
+its samples) and the neighbour-paired model only when asked (`train_neighbour`, 16 minutes more: three runs
+would be 49). 05's grid is the headline comparison alone (helpers.evaluate.protocol.GRID_MODELS; the other
+models are `eval_models` away). The recipe (batch 4, 6 epochs) and the sampler (DDIM, 30 steps) stay the
+seed's: cutting them would change what is measured, not only how long it takes.
 """
 
 from __future__ import annotations
@@ -71,15 +80,19 @@ class Profile:
     checkpoint_every: int = 200  # steps
     max_train_steps: int | None = None  # None: num_epochs over the training split
     gradient_checkpointing: bool = False  # trade ~30% speed for activation memory (the OOM knob, with batch size)
+    train_neighbour: bool = False  # notebook 03 also trains text-aware with neighbour pairing (opt-in: 16 T4 min)
     # sampling and evaluation
     scheduler: str = DEFAULT_SCHEDULER  # the sampler (a diffusers scheduler class name), set in load_pipeline
     num_inference_steps: int = 30
     guidance_scale: float = 7.5
     eval_scales: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0)
-    # held-out references (one per near-duplicate group); None: as many as fit eval_minutes of a T4 (the counted
-    # budget at 25% of its peak: helpers.evaluate.protocol.grid_references)
+    # held-out references (one per near-duplicate group); None: as many as fit eval_minutes of a T4, and at least
+    # 10 (the counted budget at the expected 12% of its peak: helpers.evaluate.protocol.grid_references)
     eval_num_references: int | None = None
-    eval_minutes: float = 45.0  # the default grid's generation time on a T4 (a free Colab sitting)
+    eval_minutes: float = 45.0  # the default grid's generation time on a T4 (half a free Colab sitting)
+    # the grid's models, names of helpers.sample.registry (or "all": every model of the bank); None: the headline
+    # comparison, helpers.evaluate.protocol.GRID_MODELS
+    eval_models: tuple[str, ...] | None = None
     eval_seeds: tuple[int, ...] = (0,)
     eval_edits_per_reference: int = 2  # edit prompts per reference, besides its own caption
     eval_batch_size: int | None = None  # images per pipeline call in the evaluation; None: sampling's choice

@@ -1,17 +1,18 @@
 """The evaluation protocol of notebook 05 (and `python -m helpers.evaluate`): consistency (CLIP-I, DINO)
-against variation (CLIP-T), for every model of the bank, baselines included.
+against variation (CLIP-T), for the models of the bank (by default the headline comparison: `grid_models`).
 
     references  held-out test images (helpers.sample.references.pick_references: notebook 01's test split, one per
                 group, seeded); `check_held_out` refuses any reference that is in, or a near-duplicate of,
                 the training split
-    prompts     each reference's own caption + EDIT_PROMPTS (setting, outfit, action, style), rotated over
-                the references so that every edit is used (`build_prompts`)
+    prompts     each reference's own caption + EDIT_PROMPTS (setting, outfit, action, style), chosen by the
+                reference's id alone, so that adding references keeps the prompts of those scored (`build_prompts`)
     grid        models x IP-Adapter scales x references x prompts x seeds, generated and scored per image
                 by helpers.evaluate.grid.run_grid (one row per image in results.csv, appended job by job; a rerun
                 skips the rows already there)
-    size        the full profile's default is the largest number of references whose grid fits
-                profile.eval_minutes on a T4 (`grid_references`: the counted cost of an image at GRID_EFFICIENCY
-                of the T4's peak, helpers.support.budget)
+    size        the full profile's default grid is the headline comparison (GRID_MODELS) over the largest number
+                of references, at least MIN_REFERENCES, whose grid fits profile.eval_minutes on a T4
+                (`grid_references`: the counted cost of an image at GRID_EFFICIENCY of the T4's peak,
+                helpers.support.budget)
 
 `protocol(profile, prep)` and `grid_settings(profile)` are the one definition of which references, prompts
 and settings a run uses; the notebook and the command line both call them:
@@ -25,6 +26,7 @@ the figures in helpers.evaluate.plots, the CSV format in helpers.evaluate.result
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -34,8 +36,8 @@ from PIL import ImageOps
 from ..data.duplicates import MAX_HASH_DISTANCE, dhash
 from ..model.conceptrol import ConceptNotFound
 from ..sample.concepts import subject_of
-from ..sample.registry import MODEL_NAMES
-from ..support.budget import seconds_per_image
+from ..sample.registry import MODEL_NAMES, model_order
+from ..support.budget import SAMPLING, seconds_per_image
 from ..profile import EVAL_CLIP
 from ..sample.references import Reference, column, pick_references
 from .metrics import get_clip
@@ -56,8 +58,24 @@ EDIT_PROMPTS = {
 REFERENCE_SEED = 0  # which held-out groups pick_references draws
 
 # The default grid fits profile.eval_minutes at this fraction of the T4's fp16 peak, from the counted cost of an
-# image (helpers.support.budget: counted FLOPs, not a measurement; notebook 05 re-projects from the user's GPU)
-GRID_EFFICIENCY = 0.25
+# image (helpers.support.budget: counted FLOPs at the fraction published T4 sampling speeds imply, not a
+# measurement; notebook 05 times its own GPU)
+GRID_EFFICIENCY = SAMPLING.expected
+
+# Notebook 05's default grid: the headline comparison, sized for one sitting. At the expected 12% of a T4's peak
+# an image takes 6.5 s (helpers.support.budget), so every model of the registry at 4 IP scales over 10 references
+# (840 images) would take 92 minutes. The headline is the fine-tuned text-aware model against its two closest
+# baselines, trained on the same data with the same recipe: fine-tuned vanilla (no block), and the same weights
+# with the block removed. These three at the 4 scales are 36 images a reference: 11 references fit 45 minutes.
+# Models were cut, not scales (the gain at matched CLIP-I interpolates each model's curve over the scales) nor
+# the sampler's 30 DDIM steps (the seed's; another sampler would need its own evidence and would change every
+# picture already scored). The pretrained adapter, InstantStyle, Conceptrol and the neighbour-paired model are
+# one setting away: Profile.eval_models (their names, or ALL_MODELS); a rerun keeps the rows already scored.
+GRID_MODELS = ("finetuned-text-aware", "finetuned-vanilla", "finetuned-text-aware-no-block")
+ALL_MODELS = "all"
+# the fewest references a sized grid takes: fewer make the headline's interval meaningless, so more models or
+# scales make the grid longer rather than its references fewer
+MIN_REFERENCES = 10
 
 
 class TrainingImageError(ValueError):
@@ -145,20 +163,33 @@ def _flat_edits(edit_prompts) -> list[tuple[str, str]]:
 
 
 def build_prompts(references: Sequence[Reference], edit_prompts, edits_per_reference: int) -> list[PromptSpec]:
-    """Each reference's own caption, plus `edits_per_reference` edit prompts taken in turn from
-    `edit_prompts` ({category: [prompts]} or a list), so that consecutive references get different edits
-    and every edit is used once before any is used twice."""
+    """Each reference's own caption, plus `edits_per_reference` edit prompts from `edit_prompts`
+    ({category: [prompts]} or a list) chosen by the reference's id alone (`edits_for`): adding references, or
+    reordering them, never changes the prompts of a reference already scored."""
     edits = _flat_edits(edit_prompts)
     if edits_per_reference < 0 or edits_per_reference > len(edits):
         raise ValueError(f"edits_per_reference={edits_per_reference}: choose 0 to {len(edits)} (the number of edit prompts)")
     specs = []
-    for i, ref in enumerate(references):
+    for ref in references:
         specs.append(PromptSpec(ref.id, ref.caption, OWN, concept=concept_of(ref.caption)[0]))
-        for j in range(edits_per_reference):
-            cat, prompt = edits[(i * edits_per_reference + j) % len(edits)]
-            if prompt != ref.caption:
-                specs.append(PromptSpec(ref.id, prompt, EDIT, cat, concept_of(prompt)[0]))
+        for cat, prompt in edits_for(ref.id, [e for e in edits if e[1] != ref.caption], edits_per_reference):
+            specs.append(PromptSpec(ref.id, prompt, EDIT, cat, concept_of(prompt)[0]))
     return specs
+
+
+def edits_for(reference_id: str, edits: Sequence[tuple[str, str]], k: int) -> list[tuple[str, str]]:
+    """k of `edits` ((category, prompt) pairs) for one reference, from its id alone: the edits ranked by a
+    SHA-256 of the id and the prompt, the first of each category before any second, so that a reference's
+    edits span k categories while there are that many. Across references the categories are spread by
+    chance, not in turns (11 references x 2 edits over 4 categories: 5 or 6 each on average); a prompt added to
+    the list moves only the references it ranks first for."""
+    ranked = sorted(edits, key=lambda e: hashlib.sha256(f"{reference_id}\n{e[1]}".encode()).digest())
+    firsts, categories = [], set()
+    for cat, prompt in ranked:  # each category's best-ranked edit, in rank order
+        if cat not in categories:
+            firsts.append((cat, prompt))
+            categories.add(cat)
+    return (firsts + [e for e in ranked if e not in firsts])[:k]
 
 
 def grid_size(n_prompts: int, n_models: int, n_scales: int, n_seeds: int) -> int:
@@ -174,22 +205,47 @@ def references_for_budget(minutes: float, seconds_per_image: float, *, n_models:
     return int(max(1, min(available, (60 * minutes) // per_reference)))
 
 
-def grid_references(profile, available: int, n_models: int = len(MODEL_NAMES)) -> int:
+def grid_models(profile, available: Sequence[str] = MODEL_NAMES) -> list[str]:
+    """The models of the evaluation grid, the headline's first: profile.eval_models when set (ALL_MODELS:
+    every one of `available`), else GRID_MODELS, plus any model of `available` the registry does not name (an
+    extra model the user added). `available`: what the bank has (bank.names), default every model of the
+    registry. Default models the bank lacks (notebook 03 not run) are left out, and when it has none of them
+    the grid takes every model it has; a model asked for by name that it lacks is a ValueError."""
+    available = list(available)
+    asked = tuple(profile.eval_models or ())
+    if ALL_MODELS in asked:
+        chosen = available
+    elif asked:
+        missing = [m for m in asked if m not in available]
+        if missing:
+            raise ValueError(f"eval_models {', '.join(missing)}: not in the bank, which has {', '.join(available)} "
+                             "(train it in notebook 03, or load it as an extra model)")
+        chosen = list(asked)
+    else:
+        chosen = [m for m in GRID_MODELS if m in available] or available
+    chosen += [m for m in available if m not in MODEL_NAMES and m not in chosen]
+    return [m for m in GRID_MODELS if m in chosen] + [m for m in model_order(chosen) if m not in GRID_MODELS]
+
+
+def grid_references(profile, available: int, n_models: int | None = None) -> int:
     """How many held-out references the grid takes: profile.eval_num_references when set, else the most whose
-    grid of n_models (default: every model of the registry) fits profile.eval_minutes on a T4 at
-    GRID_EFFICIENCY of its peak (the counted seconds per image, helpers.support.budget); at most `available`
-    (the test split's near-duplicate groups)."""
+    grid of n_models (default: grid_models(profile), the headline comparison) fits profile.eval_minutes on a T4
+    at GRID_EFFICIENCY of its peak (the counted seconds per image, helpers.support.budget), and never fewer than
+    MIN_REFERENCES; at most `available` (the test split's near-duplicate groups)."""
     if profile.eval_num_references is not None:
         return max(1, min(profile.eval_num_references, available))
-    return references_for_budget(profile.eval_minutes, seconds_per_image(GRID_EFFICIENCY), n_models=n_models,
-                                 n_scales=len(profile.eval_scales), n_seeds=len(profile.eval_seeds),
-                                 prompts_per_reference=1 + profile.eval_edits_per_reference, available=available)
+    n_models = len(grid_models(profile)) if n_models is None else n_models
+    fit = references_for_budget(profile.eval_minutes, seconds_per_image(GRID_EFFICIENCY), n_models=n_models,
+                                n_scales=len(profile.eval_scales), n_seeds=len(profile.eval_seeds),
+                                prompts_per_reference=1 + profile.eval_edits_per_reference, available=available)
+    return min(available, max(fit, MIN_REFERENCES))
 
 
-def protocol(profile, prep, *, n_models: int = len(MODEL_NAMES), edit_prompts=None) -> tuple[list[Reference],
-                                                                                                list["PromptSpec"]]:
-    """The references (grid_references of them: held-out groups, seeded) and prompts (own caption +
-    profile.eval_edits_per_reference edits each) of a run on notebook 01's split `prep`."""
+def protocol(profile, prep, *, n_models: int | None = None,
+             edit_prompts=None) -> tuple[list[Reference], list["PromptSpec"]]:
+    """The references (grid_references of them: held-out groups, seeded; n_models: the grid's, default the
+    headline comparison's) and prompts (own caption + profile.eval_edits_per_reference edits each) of a run on
+    notebook 01's split `prep`."""
     groups = len(set(prep.test["group"])) if len(prep.test) else 0
     references = pick_references(prep.test, grid_references(profile, max(1, groups), n_models), seed=REFERENCE_SEED)
     prompts = build_prompts(references, EDIT_PROMPTS if edit_prompts is None else edit_prompts,

@@ -1,8 +1,8 @@
 """What the full profile costs on a free Colab T4, counted: the figures the notebooks and the README quote.
 
-    from helpers.support.budget import EFFICIENCIES, efficiency_label, grid_minutes, training_minutes
-    for e in EFFICIENCIES:
-        print(f"{training_minutes('text_aware', efficiency=e):.0f} min per variant at {efficiency_label(e)}")
+    from helpers.support.budget import notebook_projection, series_minutes
+    print(notebook_projection("03").line())   # notebook 03's defaults on a T4, with the assumption
+    print(f"{series_minutes():.0f} min for the whole series")
 
 The counts live in `t4_budget.json` beside this module (package data, so a pip install from git has it).
 bench/t4_budget.py writes it: SD 1.5 + IP-Adapter Plus at their real sizes, built from their configs as fake
@@ -14,9 +14,12 @@ second training step (AdamW's state exists then): what `torch.cuda.max_memory_al
 CUDA context (~0.3-0.5 GiB) and the allocator's slack come on top. FLOPs are torch's FlopCounterMode's
 (matrix multiplies, convolutions, attention). The file's "how" says which torch, when, and what was emulated.
 
-Minutes are projections, not measurements: counted FLOPs over a stated fraction of the T4's 65 TFLOPS fp16
-tensor-core peak. Quote a figure with its efficiency (`efficiency_label`). No fraction has been measured on
-a T4 yet; the GPU check (`./run.sh gpu-check`) measures the fraction a GPU reaches.
+Minutes are projections, not measurements: counted FLOPs over a fraction of the T4's 65 TFLOPS fp16
+tensor-core peak. Projections use the *expected* fractions, which published T4 speeds imply, sampling
+(SAMPLING, 12%) and training (TRAINING, 8%) apart, each with its sources and range; CEILING (35%, what a
+sustained fp16 matrix multiply reaches on a T4) gives the best case. Quote a figure with its efficiency.
+Where a GPU is present, `training_speed_line` / `sampling_speed_line` turn a measured time into the fraction
+of the peak it implies, beside the projection.
 
 Reading it needs no torch: the file is JSON, loaded once.
 """
@@ -25,12 +28,74 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
 T4_FP16_TFLOPS = 65  # NVIDIA's datasheet: peak dense fp16 tensor-core rate of a Tesla T4
-EFFICIENCIES = (0.12, 0.25, 0.35)  # fractions of that peak the figures are projected at (low, middle, high)
 BUDGET_FILE = "t4_budget.json"
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """A fraction of the T4's fp16 peak that projections assume: the figure used, the range the sources give."""
+
+    kind: str  # "sampling", "training" or "ceiling"
+    expected: float  # the fraction projections use
+    low: float  # the published range
+    high: float
+    sources: tuple[str, ...]  # where the range comes from
+    note: str = ""  # how the sources become the range
+
+    def label(self) -> str:
+        """"12% of the T4's 65 TFLOPS fp16 peak (sampling, expected; published T4 speeds: 9-16%)"."""
+        if self.kind == "ceiling":
+            return f"{efficiency_label(self.expected)} (the ceiling: a sustained fp16 GEMM reaches {self.high:.0%})"
+        return (f"{efficiency_label(self.expected)} ({self.kind}, expected; published T4 speeds: "
+                f"{100 * self.low:.0f}-{self.high:.0%})")
+
+
+# Sampling: SD 1.5, 512 px, batch 1, fp16 on a T4, in denoising steps (it) per second. One guided step is two
+# UNet passes: the file's unet_tflop_per_step / batch (1.62 TFLOP), so these speeds are 9-16% of the peak.
+SAMPLING_SPEEDS = {
+    "AUTOMATIC1111/stable-diffusion-webui issue 1078": (3.5, 5.5),  # without xformers, with
+    "TheLastBen/fast-stable-diffusion issue 755": (5.0, 6.5),  # without, with xformers 0.14 (SDPA ~ the same)
+}
+SAMPLING = Efficiency(
+    "sampling", 0.12, 0.09, 0.16,
+    sources=("AUTOMATIC1111/stable-diffusion-webui issue 1078: 3.5 it/s without xformers, 5.5 it/s with",
+             "TheLastBen/fast-stable-diffusion issue 755: about 5 it/s without xformers, 6.5 it/s with "
+             "(issue 2615: SDPA about the same as xformers)"),
+    note="SD 1.5 at 512 px, batch 1, fp16; one guided step is 1.62 TFLOP counted (SAMPLING_SPEEDS)")
+TRAINING = Efficiency(
+    "training", 0.08, 0.05, 0.10,
+    sources=("TheLastBen/fast-stable-diffusion issue 2330: DreamBooth fine-tuning of the full UNet at 640 px, "
+             "0.85 it/s on a T4",),
+    note="roughly 5-10% of the peak for fine-tuning SD 1.5 on a T4; 8% expected")
+CEILING = Efficiency(
+    "ceiling", 0.35, 0.35, 0.37,
+    sources=("NVIDIA developer forum, 'About GPU peak performance': a sustained fp16 cuBLAS 4096^3 GEMM on a T4 "
+             "reaches about 24 TFLOPS (37%), as the card caps itself at 70 W",),
+    note="no real workload beats a large GEMM: the best case")
+# the fractions every projection is quoted at: expected training, expected sampling, the ceiling
+EFFICIENCIES = (TRAINING.expected, SAMPLING.expected, CEILING.expected)
+
+# Counted as the file's figures are (FlopCounterMode, SD 1.5's VAE config at 512 px, fp16): the feature cache's
+# VAE encode of one image (tests/support/test_budget.py recounts it). The file counts sampling's decode (2.515).
+VAE_ENCODE_TFLOP = 1.117
+
+# The limits the defaults are sized to (issue 26): one free Colab sitting for the whole series, 45 minutes for
+# each of the two long notebooks. tests/support/test_budget.py checks the defaults against them.
+LIMIT_MINUTES = {"03": 45, "05": 45, "series": 90}
+NOTEBOOKS = ("01", "02", "03", "04", "05")
+
+# What the notebooks generate besides their main work, at the full profile's defaults (every image at the
+# profile's sampling settings); tests/support/test_budget.py checks them against the helpers the cells call.
+NOTEBOOK_02_IMAGES = 11  # section 7: both models (2); 8: the block recorded (1); 9: 2 rows x 3 scales (6); 10: 2
+PREVIEW_IMAGES_PER_MODEL = 1  # 03's look at the trained models: 1 reference x 1 gallery prompt, each model
+CARD_GRID_IMAGES = 2 * 2 * 2  # 03's model card (helpers.share.hub.sample_grid): 2 references x 2 prompts x 2 models
+SAMPLE_REFERENCES, GALLERY_PROMPTS, SWEEP_SCALES = 3, 4, 4  # 04: profile.sample_references, its prompts, its sweep
+TIMING_IMAGES = 2  # 05's warm-up and timed image before the grid
 
 
 @lru_cache(maxsize=1)
@@ -38,27 +103,30 @@ def t4_budget() -> dict:
     """The counted budget (t4_budget.json), loaded once. Keys: "how" (what was counted, how, with which torch,
     when), "settings" (the full profile's defaults it was counted at), "training" ({variant: {"plain",
     "checkpointing"}: peak_gib, parts_gib, tflop}), "sampling" (per image, per reference, memory),
-    "projections" (minutes at each of EFFICIENCIES), "emulation_check"."""
+    "projections" (`projections()`: minutes at the expected efficiencies and at the ceiling), "emulation_check"."""
     return json.loads(resources.files(__package__).joinpath(BUDGET_FILE).read_text())
 
 
 def efficiency_label(efficiency: float) -> str:
-    """"25% of the T4's 65 TFLOPS fp16 peak": the words to put beside a projected figure."""
+    """"12% of the T4's 65 TFLOPS fp16 peak": the words to put beside a projected figure."""
     return f"{efficiency:.0%} of the T4's {T4_FP16_TFLOPS} TFLOPS fp16 peak"
 
 
-def minutes(tflop: float, efficiency: float = 0.25) -> float:
+def minutes(tflop: float, efficiency: float) -> float:
     """Minutes a T4 takes for `tflop` TFLOP when it sustains `efficiency` of its fp16 peak."""
     if not 0 < efficiency <= 1:
-        raise ValueError(f"efficiency {efficiency!r}: a fraction of the peak, above 0 and at most 1 (e.g. 0.25)")
+        raise ValueError(f"efficiency {efficiency!r}: a fraction of the peak, above 0 and at most 1 (e.g. 0.12)")
     return tflop / (efficiency * T4_FP16_TFLOPS) / 60
 
 
-def training_tflop_per_step(variant: str = "text_aware", *, checkpointing: bool = False,
+def training_tflop_per_step(variant: str = "text_aware", *, checkpointing: bool = False, batch_size: int | None = None,
                             budget: dict | None = None) -> float:
-    """Counted TFLOP of one training step (forward, backward, AdamW) at the profile's batch and resolution;
-    with gradient checkpointing the forward runs twice."""
-    return _training(variant, checkpointing, budget)["tflop"]
+    """Counted TFLOP of one training step (forward, backward, AdamW) at the profile's batch and resolution,
+    or scaled to `batch_size` (the step's work grows with its batch); with gradient checkpointing the forward
+    runs twice."""
+    budget = budget or t4_budget()
+    scale = 1.0 if batch_size is None else batch_size / budget["settings"]["train_batch_size"]
+    return scale * _training(variant, checkpointing, budget)["tflop"]
 
 
 def _training(variant: str, checkpointing: bool, budget: dict | None) -> dict:
@@ -68,77 +136,189 @@ def _training(variant: str, checkpointing: bool, budget: dict | None) -> dict:
     return runs[variant]["checkpointing" if checkpointing else "plain"]
 
 
-def training_minutes(variant: str = "text_aware", steps: int | None = None, efficiency: float = 0.25, *,
+def training_minutes(variant: str = "text_aware", steps: int | None = None, efficiency: float | None = None, *,
                      checkpointing: bool = False, budget: dict | None = None) -> float:
     """Projected T4 minutes of `steps` training steps (default: the full profile's run, 6 epochs over the
-    training split) of `variant` at `efficiency` of the T4's peak."""
+    training split) of `variant` at `efficiency` of the T4's peak (default: TRAINING's expected 8%)."""
     budget = budget or t4_budget()
     steps = budget["settings"]["steps_per_variant"] if steps is None else steps
+    efficiency = TRAINING.expected if efficiency is None else efficiency
     return minutes(steps * training_tflop_per_step(variant, checkpointing=checkpointing, budget=budget), efficiency)
 
 
-def notebook_03_minutes(efficiency: float = 0.25, *, budget: dict | None = None) -> float:
-    """Projected T4 minutes of notebook 03's training runs at their defaults (vanilla, text-aware and the
-    neighbour-paired text-aware model: settings["notebook_03_runs"])."""
-    budget = budget or t4_budget()
-    runs = budget["settings"]["notebook_03_runs"]
-    return sum(training_minutes(v, efficiency=efficiency, budget=budget) for v in runs)
-
-
-def images_minutes(n_images: int, efficiency: float = 0.25, *, references: int = 0,
-                   budget: dict | None = None) -> float:
-    """Projected T4 minutes to generate `n_images` at the profile's sampling settings (30 DDIM steps with
-    guidance: the UNet steps plus the VAE decode, at the evaluation's batch), plus the image encoder once for
-    each of `references` reference images. Scoring (CLIP, DINO) is not counted: under 1% of it."""
+def image_tflop(steps: int | None = None, *, budget: dict | None = None) -> float:
+    """Counted TFLOP of one generated image at `steps` denoising steps (default: the profile's 30): the guided
+    UNet steps at the evaluation's batch plus the VAE decode."""
     s = (budget or t4_budget())["sampling"]
-    return minutes(n_images * s["tflop_per_image"] + references * s["image_encoder_tflop_per_reference"], efficiency)
+    extra = 0 if steps is None else steps - s["steps"]
+    return s["tflop_per_image"] + extra * s["unet_tflop_per_step"] / s["batch"]
 
 
-def seconds_per_image(efficiency: float = 0.25, *, budget: dict | None = None) -> float:
+def images_minutes(n_images: int, efficiency: float | None = None, *, references: int = 0, steps: int | None = None,
+                   budget: dict | None = None) -> float:
+    """Projected T4 minutes to generate `n_images` at the profile's sampling settings (`steps` denoising steps,
+    default 30, with guidance: image_tflop), plus the image encoder once for each of `references` reference
+    images, at `efficiency` of the peak (default: SAMPLING's expected 12%). Scoring (CLIP, DINO) is not
+    counted: under 1% of it."""
+    s = (budget or t4_budget())["sampling"]
+    efficiency = SAMPLING.expected if efficiency is None else efficiency
+    tflop = n_images * image_tflop(steps, budget=budget) + references * s["image_encoder_tflop_per_reference"]
+    return minutes(tflop, efficiency)
+
+
+def seconds_per_image(efficiency: float | None = None, *, steps: int | None = None,
+                      budget: dict | None = None) -> float:
     """Projected T4 seconds per generated image (images_minutes of one image, in seconds)."""
-    return 60 * images_minutes(1, efficiency, budget=budget)
+    return 60 * images_minutes(1, efficiency, steps=steps, budget=budget)
 
 
-def grid_minutes(efficiency: float = 0.25, *, budget: dict | None = None) -> float:
+def grid_minutes(efficiency: float | None = None, *, budget: dict | None = None) -> float:
     """Projected T4 minutes of notebook 05's default grid (settings["grid_images"] images over
-    settings["grid_references"] references)."""
+    settings["grid_references"] references), at SAMPLING's expected efficiency unless given."""
     budget = budget or t4_budget()
     return images_minutes(budget["settings"]["grid_images"], efficiency,
                           references=budget["settings"]["grid_references"], budget=budget)
 
 
-def training_peak_gib(variant: str = "text_aware", *, checkpointing: bool = False, budget: dict | None = None) -> float:
-    """Counted peak GiB of a training step (parts in t4_budget()["training"][variant][...]["parts_gib"])."""
-    return _training(variant, checkpointing, budget)["peak_gib"]
+# --------------------------------------------------------------------------------------------------
+# Each notebook's projected minutes
+# --------------------------------------------------------------------------------------------------
 
 
-def sampling_memory(resolution: int = 512, guidance: float = 7.5, *, budget: dict | None = None) -> tuple[float, float]:
-    """(GiB per image in a pipeline call, GiB a call needs besides), on top of the loaded models, counted at
-    the profile's 512 px with guidance and scaled by pixels (and halved per image without guidance, which
-    halves the UNet's batch). The per-image part is the denoising UNet's; the rest is the VAE decode of one
-    image (generate decodes one at a time)."""
-    s = (budget or t4_budget())["sampling"]
-    area = (resolution / s.get("resolution", 512)) ** 2
-    return s["gib_per_image"] * area * (1.0 if guidance > 1 else 0.5), s["call_overhead_gib"] * area
+def notebook_03_runs(neighbour: bool = False) -> list[str]:
+    """The variants notebook 03 trains, one run each: vanilla and text-aware, and with `neighbour` the
+    text-aware model with neighbour pairing as well (helpers.profile.Profile.train_neighbour)."""
+    return ["vanilla", "text_aware"] + (["text_aware"] if neighbour else [])
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A notebook's projected minutes on a T4: at the expected efficiencies, at the ceiling, and what runs."""
+
+    notebook: str  # "01" .. "05", or "series"
+    minutes: float  # at TRAINING's and SAMPLING's expected fractions of the peak
+    best: float  # at CEILING
+    parts: tuple[tuple[str, float], ...]  # (what runs, its expected minutes)
+    assumption: str
+
+    def line(self) -> str:
+        """"Notebook 03 on a T4: about 33 min (...); 8 min at best. <assumption>"."""
+        what = "; ".join(f"{w}: {_m(m)} min" for w, m in self.parts)
+        name = "The whole series" if self.notebook == "series" else f"Notebook {self.notebook}"
+        return (f"{name} on a T4: about {_m(self.minutes)} min ({what}); {_m(self.best)} min at best. "
+                f"{self.assumption}")
+
+
+def _m(minutes_: float) -> str:
+    return f"{minutes_:.0f}" if minutes_ >= 10 else f"{minutes_:.1f}"
+
+
+def assumption(budget: dict | None = None) -> str:
+    """The words every projection comes with: what was counted, at which efficiencies, what is left out."""
+    st = (budget or t4_budget())["settings"]
+    return (f"Counted FLOPs (helpers/support/t4_budget.json, the {st['profile']} profile's defaults at "
+            f"{st['resolution']} px, {st['inference_steps']} sampling steps) over the expected "
+            f"{TRAINING.expected:.0%} (training) and {SAMPLING.expected:.0%} (sampling) of the T4's "
+            f"{T4_FP16_TFLOPS} TFLOPS fp16 peak, what published T4 speeds imply; at best {CEILING.expected:.0%}. "
+            "GPU work only: downloads, model loading and scoring come on top.")
+
+
+def _notebook_parts(name: str, *, neighbour: bool, steps: int | None, grid_images: int | None,
+                    references: int | None, inference_steps: int | None, checkpointing: bool,
+                    budget: dict) -> list[tuple[str, float, str]]:
+    """(what, TFLOP, efficiency kind) of each part of notebook `name`'s GPU work."""
+    st, s = budget["settings"], budget["sampling"]
+    one_image = image_tflop(inference_steps, budget=budget)
+    runs = notebook_03_runs(neighbour)
+    models_04 = 1 + len(runs) + 1  # the pretrained adapter, each trained one, + Conceptrol
+
+    def images(what, n):
+        return (f"{n} {what}", n * one_image, "sampling")
+
+    if name == "01":  # the file's image encoder figure is two passes (a reference, a zero image); the cache makes one
+        n = st["train_images"]
+        return [(f"feature cache: {n} images through the VAE and the image encoder",
+                 n * (VAE_ENCODE_TFLOP + s["image_encoder_tflop_per_reference"] / 2), "sampling")]
+    if name == "02":
+        return [images("images, one model at a time", NOTEBOOK_02_IMAGES)]
+    if name == "03":
+        steps = st["steps_per_variant"] if steps is None else steps
+        train = sum(steps * training_tflop_per_step(v, checkpointing=checkpointing, budget=budget) for v in runs)
+        return [(f"training {len(runs)} runs ({', '.join(runs)}) x {steps} steps", train, "training"),
+                images("sample images", PREVIEW_IMAGES_PER_MODEL * (1 + len(runs)) + CARD_GRID_IMAGES)]
+    if name == "04":
+        gallery = SAMPLE_REFERENCES * GALLERY_PROMPTS * models_04
+        return [images(f"images ({models_04} models: gallery, IP-scale sweep, panel, script)",
+                       gallery + SWEEP_SCALES * models_04 + models_04 + 1)]
+    if name == "05":
+        grid_images = st["grid_images"] if grid_images is None else grid_images
+        references = st["grid_references"] if references is None else references
+        grid = (f"grid of {grid_images} images over {references} references",
+                grid_images * one_image + references * s["image_encoder_tflop_per_reference"], "sampling")
+        return [grid, images("timing images", TIMING_IMAGES)]
+    raise ValueError(f"notebook {name!r}: choose one of {', '.join(NOTEBOOKS)}")
+
+
+def notebook_projection(name, *, neighbour: bool = False, steps: int | None = None, grid_images: int | None = None,
+                        references: int | None = None, inference_steps: int | None = None,
+                        checkpointing: bool = False, budget: dict | None = None) -> Projection:
+    """Notebook `name`'s ("01" .. "05", or 1 .. 5) GPU work on a T4 at its defaults, projected from the
+    counted budget: minutes at the expected efficiencies (TRAINING for training, SAMPLING for the rest) and
+    at CEILING, with what runs and the assumption (`Projection.line()` says it in one sentence).
+
+    neighbour:       notebook 03 also trains the neighbour-paired model (opt-in); 04's bank has it too
+    steps:           training steps per run in 03 (default: the counted run, 6 epochs)
+    checkpointing:   03 trains with gradient checkpointing (the forward runs twice)
+    grid_images, references: notebook 05's grid (default: the counted default grid)
+    inference_steps: denoising steps per generated image (default: the profile's 30)
+    """
+    budget = budget or t4_budget()
+    name = f"{int(name):02d}" if str(name).isdigit() else str(name)
+    parts = _notebook_parts(name, neighbour=neighbour, steps=steps, grid_images=grid_images, references=references,
+                            inference_steps=inference_steps, checkpointing=checkpointing, budget=budget)
+    expected = {"training": TRAINING.expected, "sampling": SAMPLING.expected}
+    return Projection(name, sum(minutes(t, expected[k]) for _, t, k in parts),
+                      sum(minutes(t, CEILING.expected) for _, t, _ in parts),
+                      tuple((w, minutes(t, expected[k])) for w, t, k in parts), assumption(budget))
+
+
+def notebook_minutes(name, **settings) -> float:
+    """Projected T4 minutes of notebook `name` at the expected efficiencies (notebook_projection(...).minutes)."""
+    return notebook_projection(name, **settings).minutes
+
+
+def series_projection(**settings) -> Projection:
+    """The five notebooks' projections added up (`settings` as notebook_projection takes them)."""
+    each = [notebook_projection(n, **settings) for n in NOTEBOOKS]
+    return Projection("series", sum(p.minutes for p in each), sum(p.best for p in each),
+                      tuple((f"notebook {p.notebook}", p.minutes) for p in each), each[0].assumption)
+
+
+def series_minutes(**settings) -> float:
+    """Projected T4 minutes of the whole series at its defaults, at the expected efficiencies."""
+    return series_projection(**settings).minutes
 
 
 def projections(budget: dict | None = None) -> dict:
-    """The projected minutes of the budget file's "projections" section, at each of EFFICIENCIES (notebook 03's
-    only when every one of its runs' variants was counted)."""
+    """The projected minutes of the budget file's "projections" section, at the expected efficiencies and at
+    the ceiling (notebook 03's and the series' only when every one of 03's runs' variants was counted)."""
     budget = budget or t4_budget()
-    at = {f"{e:g}": e for e in EFFICIENCIES}
-    complete = all(v in budget["training"] for v in budget["settings"]["notebook_03_runs"])
+    at = {"expected": None, "ceiling": CEILING.expected}
+    counted = all(v in budget["training"] for v in budget["settings"]["notebook_03_runs"])
+    shown = [n for n in NOTEBOOKS if counted or n != "03"]
+    nb = {n: notebook_projection(n, budget=budget) for n in shown}
+    if counted:
+        nb["series"] = series_projection(budget=budget)
     return {"t4_fp16_tflops": T4_FP16_TFLOPS,
+            "efficiency": {e.kind: e.expected for e in (TRAINING, SAMPLING, CEILING)},
             "training_minutes_per_variant": {
                 v: {k: training_minutes(v, efficiency=e, budget=budget) for k, e in at.items()}
                 for v in budget["training"]},
             "training_minutes_per_variant_checkpointing": {
                 v: {k: training_minutes(v, efficiency=e, checkpointing=True, budget=budget) for k, e in at.items()}
                 for v in budget["training"] if "checkpointing" in budget["training"][v]},
-            "notebook_03_minutes": ({k: notebook_03_minutes(e, budget=budget) for k, e in at.items()}
-                                    if complete else {}),
-            "notebook_05_grid_minutes": {k: grid_minutes(e, budget=budget) for k, e in at.items()},
-            "seconds_per_image": {k: seconds_per_image(e, budget=budget) for k, e in at.items()}}
+            "seconds_per_image": {k: seconds_per_image(e, budget=budget) for k, e in at.items()},
+            "notebook_minutes": {n: {"expected": p.minutes, "ceiling": p.best} for n, p in nb.items()}}
 
 
 def summary_lines(budget: dict | None = None) -> list[str]:
@@ -157,14 +337,98 @@ def summary_lines(budget: dict | None = None) -> list[str]:
     lines.append(f"  sampling: {s['tflop_per_image']:.0f} TFLOP per image ({st['inference_steps']} steps, guidance "
                  f"{st['guidance_scale']:g}); peak {s['peak_gib']:.1f} GiB with one model, "
                  f"{s['gib_per_image']:.2f} GiB more per image of a call")
+    lines.append("Projected minutes on a T4 at the expected efficiencies (in brackets: at the ceiling, the best case):")
+    lines += [f"  {e.kind}: {e.label()}; {', '.join(x.split(':')[0] for x in e.sources)}"
+              for e in (TRAINING, SAMPLING, CEILING)]
     p = projections(b)
-    for e in EFFICIENCIES:
-        k = f"{e:g}"
-        runs = ", ".join(f"{v} {m[k]:.0f} min" for v, m in p["training_minutes_per_variant"].items())
-        nb03 = f"; notebook 03 {p['notebook_03_minutes'][k]:.0f} min" if p["notebook_03_minutes"] else ""
-        lines.append(f"  at {efficiency_label(e)}: training {runs}{nb03}; notebook 05's grid ({st['grid_images']} "
-                     f"images) {p['notebook_05_grid_minutes'][k]:.0f} min, {p['seconds_per_image'][k]:.1f} s per image")
+    runs = ", ".join(f"{v} {m['expected']:.0f} ({m['ceiling']:.0f})"
+                     for v, m in p["training_minutes_per_variant"].items())
+    lines.append(f"  a training run: {runs} min; an image: {p['seconds_per_image']['expected']:.1f} "
+                 f"({p['seconds_per_image']['ceiling']:.1f}) s")
+    for n in p["notebook_minutes"]:
+        proj = series_projection(budget=b) if n == "series" else notebook_projection(n, budget=b)
+        what = "; ".join(w for w, _ in proj.parts) if n != "series" else "notebooks 01 to 05"
+        lines.append(f"  {'the whole series' if n == 'series' else 'notebook ' + n}: {_m(proj.minutes)} "
+                     f"({_m(proj.best)}) min: {what}")
+    if "03" in p["notebook_minutes"]:
+        extra = notebook_minutes("03", neighbour=True, budget=b) - notebook_minutes("03", budget=b)
+        per_model = images_minutes(st["grid_images"] // st["grid_models"], budget=b)
+        lines.append(f"  opt-in: notebook 03's neighbour-paired run adds {extra:.0f} min; each model added to "
+                     f"notebook 05's grid, {per_model:.0f} min")
     return lines
+
+
+# --------------------------------------------------------------------------------------------------
+# Measured on a GPU: the fraction of the peak a time implies
+# --------------------------------------------------------------------------------------------------
+
+
+def implied_efficiency(seconds: float, tflop: float, *, peak_tflops: float = T4_FP16_TFLOPS) -> float:
+    """The fraction of `peak_tflops` that doing `tflop` TFLOP in `seconds` implies (0.12: 12% of the peak)."""
+    if not seconds > 0:
+        raise ValueError(f"seconds {seconds!r}: a measured time above 0")
+    return tflop / seconds / peak_tflops
+
+
+def training_step_efficiency(seconds_per_step: float, variant: str = "text_aware", *, batch_size: int | None = None,
+                             checkpointing: bool = False, peak_tflops: float = T4_FP16_TFLOPS,
+                             budget: dict | None = None) -> float:
+    """The fraction of the peak one training step of `seconds_per_step` implies: the counted TFLOP of a step
+    (at the profile's resolution; scaled to `batch_size` when given) over the time."""
+    tflop = training_tflop_per_step(variant, checkpointing=checkpointing, batch_size=batch_size, budget=budget)
+    return implied_efficiency(seconds_per_step, tflop, peak_tflops=peak_tflops)
+
+
+def image_efficiency(seconds_per_image: float, *, steps: int | None = None, peak_tflops: float = T4_FP16_TFLOPS,
+                     budget: dict | None = None) -> float:
+    """The fraction of the peak that generating one image in `seconds_per_image` implies (image_tflop at
+    `steps` denoising steps, default the profile's 30, at the profile's resolution)."""
+    return implied_efficiency(seconds_per_image, image_tflop(steps, budget=budget), peak_tflops=peak_tflops)
+
+
+def _speed_line(what: str, seconds: float, tflop: float, expected: Efficiency, peak_tflops: float) -> str:
+    fraction = implied_efficiency(seconds, tflop, peak_tflops=peak_tflops)
+    peak = (f"{fraction:.1%} of the T4's {T4_FP16_TFLOPS} TFLOPS fp16 peak" if peak_tflops == T4_FP16_TFLOPS
+            else f"{fraction:.1%} of this GPU's {peak_tflops:g} TFLOPS fp16 peak")
+    projected = ", ".join(f"{60 * minutes(tflop, e.expected):.2f} s at the {e.expected:.0%} "
+                          f"{'ceiling' if e is CEILING else 'expected'}" for e in (expected, CEILING))
+    return f"measured {seconds:.2f} s per {what}: {peak} ({tflop:.2f} TFLOP counted); on a T4, projected {projected}"
+
+
+def training_speed_line(seconds_per_step: float, variant: str = "text_aware", *, batch_size: int | None = None,
+                        checkpointing: bool = False, peak_tflops: float = T4_FP16_TFLOPS,
+                        budget: dict | None = None) -> str:
+    """A measured second per training step beside the projection, with the fraction of the peak it implies:
+    "measured 1.40 s per training step: 8% of the T4's 65 TFLOPS fp16 peak (6.94 TFLOP counted); on a T4,
+    projected 1.33 s at the 8% expected, 0.31 s at the 35% ceiling"."""
+    tflop = training_tflop_per_step(variant, checkpointing=checkpointing, batch_size=batch_size, budget=budget)
+    return _speed_line("training step", seconds_per_step, tflop, TRAINING, peak_tflops)
+
+
+def sampling_speed_line(seconds_per_image: float, *, steps: int | None = None, peak_tflops: float = T4_FP16_TFLOPS,
+                        budget: dict | None = None) -> str:
+    """A measured second per generated image beside the projection, with the fraction of the peak it implies."""
+    return _speed_line("image", seconds_per_image, image_tflop(steps, budget=budget), SAMPLING, peak_tflops)
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory
+# --------------------------------------------------------------------------------------------------
+
+
+def training_peak_gib(variant: str = "text_aware", *, checkpointing: bool = False, budget: dict | None = None) -> float:
+    """Counted peak GiB of a training step (parts in t4_budget()["training"][variant][...]["parts_gib"])."""
+    return _training(variant, checkpointing, budget)["peak_gib"]
+
+
+def sampling_memory(resolution: int = 512, guidance: float = 7.5, *, budget: dict | None = None) -> tuple[float, float]:
+    """(GiB per image in a pipeline call, GiB a call needs besides), on top of the loaded models, counted at
+    the profile's 512 px with guidance and scaled by pixels (and halved per image without guidance, which
+    halves the UNet's batch). The per-image part is the denoising UNet's; the rest is the VAE decode of one
+    image (generate decodes one at a time)."""
+    s = (budget or t4_budget())["sampling"]
+    area = (resolution / s.get("resolution", 512)) ** 2
+    return s["gib_per_image"] * area * (1.0 if guidance > 1 else 0.5), s["call_overhead_gib"] * area
 
 
 def fits_batch(free_gib: float, resolution: int = 512, guidance: float = 7.5, *, margin: float = 0.7,

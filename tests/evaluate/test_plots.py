@@ -50,7 +50,7 @@ def fake_rows_and_samples(refs, prompts, scales=(0.5, 1.0)):
 
 def test_one_grid_per_edit_category_same_reference_and_prompt_across_models():
     refs = references(8)
-    prompts = build_prompts(refs, EDIT_PROMPTS, 2)
+    prompts = build_prompts(refs, EDIT_PROMPTS, len(CATEGORIES))  # every category for each reference
     rows, load = fake_rows_and_samples(refs, prompts)
     grids = category_grids(rows, prompts, load, n_rows=2)
     assert list(grids) == list(CATEGORIES)

@@ -11,12 +11,16 @@ from helpers.evaluate.__main__ import main as evaluation_main
 from helpers.evaluate.grid import run_grid
 from helpers.evaluate.metrics import clip_i, clip_t
 from helpers.evaluate.protocol import (
+    ALL_MODELS,
     GRID_EFFICIENCY,
+    GRID_MODELS,
+    MIN_REFERENCES,
     PromptSpec,
     TrainingImageError,
     build_prompts,
     check_held_out,
     copy_baseline,
+    grid_models,
     grid_references,
     grid_size,
     protocol,
@@ -115,18 +119,49 @@ def test_training_references_are_refused(split):
     assert not called
 
 
-def test_prompts_own_caption_plus_rotating_edits(split):
+def test_prompts_own_caption_plus_edits_chosen_by_the_reference_id(split):
     refs = pick_references(split[1], 6)
     specs = build_prompts(refs, EDITS, 2)
     for r in refs:
         mine = [s for s in specs if s.reference == r.id]
         assert [s.kind for s in mine] == [OWN, EDIT, EDIT] and mine[0].prompt == r.caption
-    edits = [s.prompt for s in specs if s.kind == EDIT]
-    n = sum(len(v) for v in EDITS.values())
-    assert sorted(edits[:n]) == sorted(p for v in EDITS.values() for p in v)  # all used before any repeats
-    assert len({s.edit for s in specs[:3 * 2] if s.kind == EDIT}) == 4  # categories interleaved
+        assert len({s.edit for s in mine[1:]}) == 2  # two categories
     with pytest.raises(ValueError, match="edits_per_reference"):
         build_prompts(refs, EDITS, 9)
+
+
+def _prompts_by_reference(refs, k=2):
+    out = {}
+    for s in build_prompts(refs, EDITS, k):
+        out.setdefault(s.reference, []).append((s.kind, s.edit, s.prompt))
+    return out
+
+
+def test_adding_references_keeps_the_prompts_of_those_already_scored(split):
+    """Edits follow the reference's id, not its position: [a, b, c] and [a, b, c, d, e], the list reversed, or
+    notebook 05 asking pick_references for more (the new ones land between the old ones: the positions shift)
+    give a, b and c the same prompts."""
+    five = [Reference(f"ref-{i}", Image.new("RGB", (8, 8)), "a drawing") for i in range(5)]
+    first = _prompts_by_reference(five[:3])
+    assert {r: _prompts_by_reference(five)[r] for r in first} == first
+    assert {r: _prompts_by_reference(five[::-1])[r] for r in first} == first
+    fewer, more = pick_references(split[1], 3), pick_references(split[1], 5)
+    assert [r.id for r in more[:3]] != [r.id for r in fewer] and {r.id for r in fewer} < {r.id for r in more}
+    before = _prompts_by_reference(fewer)
+    assert {r: _prompts_by_reference(more)[r] for r in before} == before
+
+
+def test_edits_spread_over_every_prompt_and_never_repeat_the_caption():
+    def ref(i, caption="a drawing"):
+        return Reference(f"ref-{i}", Image.new("RGB", (8, 8)), caption)
+
+    used = [s for s in build_prompts([ref(i) for i in range(200)], EDITS, 2) if s.kind == EDIT]
+    assert {s.prompt for s in used} == {p for v in EDITS.values() for p in v}
+    assert all(80 <= sum(s.edit == c for s in used) <= 120 for c in EDITS)  # 100 each on average
+    caption = EDITS["outfit"][0]  # an edit that is a reference's own caption is not used for it
+    for i in range(20):
+        mine = [s for s in build_prompts([ref(i, caption)], EDITS, 2) if s.kind == EDIT]
+        assert len(mine) == 2 and caption not in [s.prompt for s in mine]
 
 
 def grid(split, tiny_profile, out_dir, generate=fake_generate, models=MODEL_NAMES, **kw):
@@ -207,24 +242,52 @@ def test_grid_samples_are_the_images_of_the_rows(split, tiny_profile, tmp_path):
 
 
 def test_default_size_comes_from_the_counted_t4_budget():
-    """The full profile's grid is the most references whose images, every model of the registry included, take
-    at most eval_minutes on a T4 at GRID_EFFICIENCY of its peak, counted (helpers.support.budget)."""
+    """The full profile's grid is the headline comparison over the most references whose images take at most
+    eval_minutes on a T4 at GRID_EFFICIENCY (the expected 12%) of its peak, counted (helpers.support.budget),
+    and never fewer than MIN_REFERENCES."""
     from helpers.profile import full_profile
-    from helpers.support.budget import images_minutes
+    from helpers.support.budget import SAMPLING, images_minutes
 
     full = full_profile("test")
     assert full.eval_num_references is None and full.eval_edits_per_reference > 1  # sized, not typed
-    prompts, plenty = 1 + full.eval_edits_per_reference, 10**6
+    assert GRID_EFFICIENCY == SAMPLING.expected
+    prompts, plenty, models = 1 + full.eval_edits_per_reference, 10**6, len(grid_models(full))
 
-    def images(n):
-        return grid_size(n * prompts, len(MODEL_NAMES), len(full.eval_scales), len(full.eval_seeds))
+    def images(n, models=models):
+        return grid_size(n * prompts, models, len(full.eval_scales), len(full.eval_seeds))
 
     n = grid_references(full, plenty)
-    assert images_minutes(images(n), GRID_EFFICIENCY) <= full.eval_minutes < images_minutes(images(n + 1), GRID_EFFICIENCY)
+    assert n >= MIN_REFERENCES == 10
+    assert images_minutes(images(n), GRID_EFFICIENCY) <= full.eval_minutes
+    assert images_minutes(images(n + 1), GRID_EFFICIENCY) > full.eval_minutes
     assert grid_references(full, 3) == min(n, 3)  # never more than the test split's groups
     more = full.replace(eval_minutes=2 * full.eval_minutes)  # one field for a user with more time
     assert grid_references(more, plenty) >= 2 * n - 1
     assert grid_references(full.replace(eval_num_references=4), plenty) == 4  # a number, when given, is used
+    # every model of the registry: the references stay at 10, the grid grows past eval_minutes
+    every = full.replace(eval_models=(ALL_MODELS,))
+    assert grid_references(every, plenty) == MIN_REFERENCES
+    assert images_minutes(images(MIN_REFERENCES, len(MODEL_NAMES)), GRID_EFFICIENCY) > full.eval_minutes
+
+
+def test_the_default_grid_is_the_headline_comparison_and_the_rest_one_setting_away():
+    from helpers.profile import full_profile
+
+    full = full_profile("test")
+    assert grid_models(full) == list(GRID_MODELS) == ["finetuned-text-aware", "finetuned-vanilla",
+                                                      "finetuned-text-aware-no-block"]
+    bank = ["pretrained", "pretrained-instantstyle", "finetuned-vanilla", "finetuned-text-aware",
+            "finetuned-text-aware-no-block", "mine"]  # "mine": an extra model the user loaded
+    assert grid_models(full, bank) == [*GRID_MODELS, "mine"]
+    assert grid_models(full.replace(eval_models=(ALL_MODELS,)), bank) == [
+        *GRID_MODELS, "pretrained", "pretrained-instantstyle", "mine"]
+    assert grid_models(full.replace(eval_models=("pretrained", "finetuned-text-aware")), bank) == [
+        "finetuned-text-aware", "pretrained", "mine"]
+    # notebook 03 not run: the bank has the pretrained models only, and the grid takes them
+    assert grid_models(full, ["pretrained", "pretrained-conceptrol"]) == ["pretrained", "pretrained-conceptrol"]
+    assert grid_models(full, ["pretrained", "finetuned-text-aware"]) == ["finetuned-text-aware"]
+    with pytest.raises(ValueError, match="finetuned-text-aware-neighbour: not in the bank"):
+        grid_models(full.replace(eval_models=("finetuned-text-aware-neighbour",)), bank)
 
 
 def test_command_line_runs_the_protocol_and_resumes(tiny_profile, runs, tmp_path, monkeypatch, capsys):
