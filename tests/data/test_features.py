@@ -88,7 +88,7 @@ def test_model_changes_change_the_fingerprint(tiny_profile, tiny_data, tmp_path)
 
 def test_prepare_for_training_is_idempotent(tiny_profile, tiny_data, monkeypatch):
     prep, path, folder = tiny_data
-    assert path.parent == folder and (folder / "train").is_dir() and (folder / "test").is_dir()
+    assert path.parent == folder and (folder / prep.info["splits"] / "train").is_dir()
     assert {"dataset"} == set(prep.train["caption_source"])  # the tiny dataset has captions
     monkeypatch.setattr(features_module, "load_pipeline", lambda *a, **k: pytest.fail("cache rebuilt although nothing changed"))
     monkeypatch.setattr(prepare_module, "decode_image", lambda *a, **k: pytest.fail("data re-prepared although nothing changed"))
