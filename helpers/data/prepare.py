@@ -327,16 +327,26 @@ def read_manifest(out_dir) -> dict | None:
 
 def load_prepared(out_dir) -> PreparedData:
     """Read what prepare_dataset saved in out_dir (no recomputation). FileNotFoundError when there is no
-    prepared.json; PreparedDataDamaged, naming the file, when a file it names cannot be read."""
+    prepared.json; PreparedDataDamaged, naming the file, when a file it names cannot be read. Readers take no
+    lock: a preparation swapped in while this one read (its old folder deleted) is read again, once."""
+    out_dir = Path(out_dir)
+    for again in (True, False):
+        info = read_manifest(out_dir)
+        if info is None and (out_dir / PREPARED_JSON).exists():
+            raise PreparedDataDamaged(f"{out_dir / PREPARED_JSON} cannot be read as JSON (a cut copy?). To prepare "
+                                      "the folder again, rerun notebook 01 (prepare_dataset(source, folder, ...)).")
+        if info is None:
+            raise FileNotFoundError(f"{out_dir}: no prepared data here ({PREPARED_JSON} is missing); run prepare_dataset")
+        try:
+            return _read_splits(out_dir, info)
+        except PreparedDataDamaged:
+            if not again or read_manifest(out_dir) == info:
+                raise
+
+
+def _read_splits(out_dir: Path, info: dict) -> PreparedData:
     import datasets
 
-    out_dir = Path(out_dir)
-    info = read_manifest(out_dir)
-    if info is None and (out_dir / PREPARED_JSON).exists():
-        raise PreparedDataDamaged(f"{out_dir / PREPARED_JSON} cannot be read as JSON (a cut copy?). To prepare the "
-                                  "folder again, rerun notebook 01 (prepare_dataset(source, folder, ...) replaces it).")
-    if info is None:
-        raise FileNotFoundError(f"{out_dir}: no prepared data here ({PREPARED_JSON} is missing); run prepare_dataset")
     splits_name = str(info.get("splits", ""))  # "": the older layout, splits beside prepared.json
     base = out_dir / splits_name
     where = base / "skipped.json"

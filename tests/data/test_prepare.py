@@ -493,3 +493,20 @@ def test_a_folder_of_the_older_layout_is_read_and_replaced_whole(tmp_path):
     assert list(old.train["id"]) == list(first.train["id"]) and old.skipped == first.skipped
     again = prepare_dataset(tmp_path / "pics", data, resolution=2 * RES, test_fraction=0.25, progress=False)
     assert sorted(p.name for p in data.iterdir()) == [again.info["splits"], "prepared.json"]
+
+
+def test_a_reader_that_meets_a_swap_reads_the_new_preparation(tmp_path, monkeypatch):
+    """Readers take no lock: when the folder it was about to read is swapped out under it, it reads again."""
+    first, data = _prepared_here(tmp_path)
+    real, calls = datasets.load_from_disk, []
+
+    def swap_first(path, *a, **k):
+        calls.append(path)
+        if len(calls) == 1:  # another writer commits a new preparation and deletes the old one just now
+            prepare_dataset(tmp_path / "pics", data, resolution=2 * RES, test_fraction=0.25, progress=False)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(datasets, "load_from_disk", swap_first)
+    got = load_prepared(data)
+    assert first.info["splits"] in calls[0] and got.info["splits"] != first.info["splits"]
+    assert got.train[0]["image"].size == (2 * RES, 2 * RES)
