@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -19,9 +19,10 @@ PLACEHOLDER_CAPTION = "a drawing (placeholder caption: no captioner in this prof
 
 
 def blip_captions(images: Sequence[Image.Image], model_id: str, *, batch_size: int = 16, device=None,
-                  max_new_tokens: int = 40, progress: bool = True) -> list[str]:
+                  max_new_tokens: int = 40, progress: bool = True, beat: Callable[[], None] | None = None) -> list[str]:
     """Caption images with a BLIP captioning model (e.g. Salesforce/blip-image-captioning-base), fp16 on a
-    GPU, batched, with a progress bar. Returns one caption per image."""
+    GPU, batched, with a progress bar. Returns one caption per image. `beat` is called after each batch (the
+    folder lock's heartbeat of the preparation that asked)."""
     from tqdm.auto import tqdm
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
@@ -37,19 +38,21 @@ def blip_captions(images: Sequence[Image.Image], model_id: str, *, batch_size: i
             ids = model.generate(pixel_values=pixels, max_new_tokens=max_new_tokens)
             out += [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
             bar.update(len(batch))
+            if beat is not None:
+                beat()
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
 
 
-def caption(images, captioner, progress) -> tuple[list[str], str]:
-    """(captions, caption_source) for images that have none."""
+def caption(images, captioner, progress, beat: Callable[[], None] | None = None) -> tuple[list[str], str]:
+    """(captions, caption_source) for images that have none (`beat`: see blip_captions)."""
     if captioner is None:
         return [PLACEHOLDER_CAPTION] * len(images), "placeholder"
     if callable(captioner):
         return list(captioner(images)), getattr(captioner, "caption_source", "captioner")
-    return blip_captions(images, str(captioner), progress=progress), "blip"
+    return blip_captions(images, str(captioner), progress=progress, beat=beat), "blip"
 
 
 def token_counts(texts: Sequence[str], base_model) -> tuple[list[int], int]:

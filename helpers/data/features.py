@@ -11,6 +11,13 @@ Tensors (rows in the split's order; sizes for SD 1.5 + ViT-H/14 at 512 px; see e
     null_image_embeds (1, 257, 1280); null_text_embeds (1, 77, 768)
 A cache carries a fingerprint of its data and models (`feature_fingerprint`): an unchanged one is reused,
 a stale one rebuilt.
+
+Faults: a cache is rebuilt under the data folder's lock (helpers.support.lock; a second writer stops with
+FolderInUse, while reading an up-to-date cache needs no lock), written beside the old one and renamed over it
+(helpers.support.atomic), so a full disk (DiskFull naming the file, checked after the first batch and at the
+write) or an interrupt keeps the old file. Out of GPU memory raises FeatureCacheError naming the batch size
+to lower (profile.feature_batch_size): each row is encoded on its own, so any batch size gives the same cache
+(up to fp16 rounding) and the batch size may change between runs.
 """
 
 from __future__ import annotations
@@ -25,12 +32,18 @@ from PIL import Image
 
 from ..model.pipeline import load_pipeline
 from ..support.atomic import replacing
+from ..support.disk import check_space
+from ..support.lock import FolderLock
 from .images import center_square
 from .prepare import PreparedData, use_prepared
 from .sources import files_stamp
 
 CACHE_VERSION = "1"  # bump when a cache would come out different, so old ones are rebuilt
 TRAIN_FEATURES = "train_features.safetensors"
+
+
+class FeatureCacheError(RuntimeError):
+    """The feature cache could not be built (out of GPU memory); the message says which setting to change."""
 
 
 def _hub_revision(repo: str) -> str:
@@ -151,26 +164,67 @@ def cache_features(split, out_dir, *, base_model, ip_adapter, image_encoder=None
         latent_mean, latent_std (N, 4, r/8, r/8); image_embeds (N, 257, 1280); text_embeds (N, 77, 768);
         null_image_embeds (1, 257, 1280); null_text_embeds (1, 77, 768)   (see encode_batch, null_features)
     Metadata (strings): fingerprint and its parts (data, models, resolution, version), ids (JSON list),
-    scaling_factor. An existing file with the same fingerprint is reused without loading any model; a
-    different one is rebuilt. Models come from helpers.model.pipeline.load_pipeline (fp16 on a GPU).
+    scaling_factor. An existing file with the same fingerprint is reused without loading any model or taking
+    any lock; a different one is rebuilt holding out_dir's lock (FolderInUse when another writer has it).
+    Models come from helpers.model.pipeline.load_pipeline (fp16 on a GPU). batch_size: images per encoder
+    call (profile.feature_batch_size); it does not change the cache, so it can change between runs.
+    Raises DiskFull (naming the file) when the disk is full, FeatureCacheError when the GPU runs out of memory;
+    the old file stays as it was in both cases.
     """
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-
     path = Path(out_dir) / filename
     meta = feature_fingerprint(split, base_model=base_model, ip_adapter=ip_adapter, image_encoder=image_encoder,
                                resolution=resolution)
-    if path.is_file():
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                if (f.metadata() or {}).get("fingerprint") == meta["fingerprint"]:
-                    return path
-        except Exception:  # noqa: BLE001  (a damaged file is simply rebuilt)
-            pass
+    if _holds(path, {"fingerprint": meta["fingerprint"]}):
+        return path
     if len(split) == 0:
         raise ValueError("cache_features: the split is empty")
-    pipe = load_pipeline(base_model, ip_adapter, variant="vanilla", image_encoder=image_encoder, device=device)
+    with FolderLock(out_dir, "caching features") as lock:
+        if _holds(path, {"fingerprint": meta["fingerprint"]}):  # another writer built it while this one waited
+            return path
+        pipe = load_pipeline(base_model, ip_adapter, variant="vanilla", image_encoder=image_encoder, device=device)
+        try:
+            tensors = _encode_split(pipe, split, path, resolution, batch_size, progress, lock.beat)
+        except torch.cuda.OutOfMemoryError:
+            tensors = None  # raised below, outside this block: the traceback's frames hold the batch's activations
+        meta["ids"] = json.dumps(list(split["id"]))
+        meta["scaling_factor"] = str(pipe.vae.config.scaling_factor)
+        meta["device"] = str(pipe.device)
+        del pipe
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if tensors is None:
+            raise _out_of_memory(path, batch_size, "caching features")
+        check_space(path.parent, _nbytes(tensors), what=f"the feature cache {path}")
+        from safetensors.torch import save_file
+
+        with replacing(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+    return path
+
+
+def _holds(path: Path, meta: dict[str, str]) -> bool:
+    """Whether the safetensors file at path exists, can be read, and carries these metadata values."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            old = f.metadata() or {}
+        return all(old.get(k) == v for k, v in meta.items())
+    except Exception:  # noqa: BLE001  (a damaged file is simply rebuilt)
+        return False
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _encode_split(pipe, split, path: Path, resolution: int, batch_size: int, progress: bool, beat) -> dict:
+    """cache_features' tensors (fp16, CPU). After the first batch, checks that the whole cache will fit on
+    the disk (DiskFull naming path before the rest is encoded)."""
+    from tqdm.auto import tqdm
+
     chunks: dict[str, list[torch.Tensor]] = {}
     with torch.no_grad():
         with tqdm(total=len(split), desc="caching features", unit="img", disable=not progress) as bar:
@@ -182,18 +236,25 @@ def cache_features(split, out_dir, *, base_model, ip_adapter, image_encoder=None
                         raise FloatingPointError(f"non-finite {k} for rows {rows['id']} (dtype {v.dtype}); "
                                                  "try device='cpu' (fp32)")
                     chunks.setdefault(k, []).append(v.to("cpu", torch.float16))
+                if s == 0:  # fp16 bytes per row, times the rows
+                    per_row = _nbytes({k: v[0] for k, v in chunks.items()}) / len(rows["id"])
+                    check_space(path.parent, int(per_row * len(split)), what=f"the feature cache {path}")
                 bar.update(len(rows["id"]))
+                beat()
         tensors = {k: torch.cat(v).contiguous() for k, v in chunks.items()}
         tensors.update({k: v.to("cpu", torch.float16).contiguous() for k, v in null_features(pipe).items()})
-    meta["ids"] = json.dumps(list(split["id"]))
-    meta["scaling_factor"] = str(pipe.vae.config.scaling_factor)
-    meta["device"] = str(pipe.device)
-    del pipe
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    with replacing(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-    return path
+    return tensors
+
+
+def _out_of_memory(path: Path, batch_size: int, what: str) -> FeatureCacheError:
+    smaller = max(1, batch_size // 2)
+    return FeatureCacheError(
+        f"out of GPU memory while {what} for {path} at batch size {batch_size} (images per encoder call). Lower "
+        f"the feature batch size, e.g. to {smaller}: profile.feature_batch_size (get_profile(..., "
+        f"feature_batch_size={smaller}), or profile.replace(feature_batch_size={smaller})), or the batch_size "
+        "argument of cache_features, and run the same cell or command again. Each image is encoded on its own, "
+        "so a smaller batch gives the same features (up to fp16 rounding) and nothing else has to change; the old "
+        "cache file, if any, is kept. Free other notebooks' GPU memory first (Runtime > Restart).")
 
 
 def load_feature_cache(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -230,7 +291,7 @@ def cache_mirror_features(split, cache_path, *, base_model, ip_adapter, image_en
     run, and a cache whose contents depended on a training option would need that option in its fingerprint
     (a full rebuild, VAE included, whenever a mirror run comes and goes). This file records the cache's
     fingerprint instead: it is reused while the cache is unchanged and rebuilt with it (one image-encoder
-    pass over the flipped images).
+    pass over the flipped images). It is built under the same lock, disk and memory rules as cache_features.
     """
     from PIL import ImageOps
     from safetensors import safe_open
@@ -248,25 +309,30 @@ def cache_mirror_features(split, cache_path, *, base_model, ip_adapter, image_en
     path = mirror_cache_path(cache_path)
     meta = {"format": "ipa-mirror-features", "version": MIRROR_VERSION, "cache_fingerprint": cache_meta["fingerprint"],
             "ids": cache_meta["ids"]}
-    if path.is_file():
+    if _holds(path, meta):
+        return path
+    with FolderLock(path.parent, "caching mirror features") as lock:  # the same rules as cache_features
+        if _holds(path, meta):
+            return path
+        pipe = load_pipeline(base_model, ip_adapter, variant="vanilla", image_encoder=image_encoder, device=device)
+        chunks = []
         try:
-            with safe_open(str(path), framework="pt") as f:
-                old = f.metadata() or {}
-            if all(old.get(k) == v for k, v in meta.items()):
-                return path
-        except Exception:  # noqa: BLE001  (a damaged file is simply rebuilt)
-            pass
-    pipe = load_pipeline(base_model, ip_adapter, variant="vanilla", image_encoder=image_encoder, device=device)
-    chunks = []
-    with torch.no_grad(), tqdm(total=len(split), desc="mirror features", unit="img", disable=not progress) as bar:
-        for s in range(0, len(split), batch_size):
-            images = [ImageOps.mirror(center_square(im.convert("RGB"), resolution))
-                      for im in split[s:s + batch_size]["image"]]
-            chunks.append(encode_images(pipe, images).to("cpu", torch.float16))
-            bar.update(len(images))
-    del pipe
-    with replacing(path) as tmp:
-        save_file({"mirror_image_embeds": torch.cat(chunks).contiguous()}, str(tmp), metadata=meta)
+            with torch.no_grad(), tqdm(total=len(split), desc="mirror features", unit="img", disable=not progress) as bar:
+                for s in range(0, len(split), batch_size):
+                    images = [ImageOps.mirror(center_square(im.convert("RGB"), resolution))
+                              for im in split[s:s + batch_size]["image"]]
+                    chunks.append(encode_images(pipe, images).to("cpu", torch.float16))
+                    bar.update(len(images))
+                    lock.beat()
+        except torch.cuda.OutOfMemoryError:
+            chunks = None  # raised below, outside this block (see cache_features)
+        del pipe
+        if chunks is None:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise _out_of_memory(path, batch_size, "caching mirror features")
+        with replacing(path) as tmp:
+            save_file({"mirror_image_embeds": torch.cat(chunks).contiguous()}, str(tmp), metadata=meta)
     return path
 
 
@@ -276,7 +342,9 @@ def prepare_for_training(profile, data_dir, *, device=None, progress: bool = Tru
     """Everything training needs: notebook 01's prepared data in data_dir, read as it is (helpers.data.prepare.use_prepared:
     prepared from the profile's dataset only if missing; dataset / resolution / test_fraction, when given, must
     match it), and the train split's feature cache data_dir/train_features.safetensors at the data's resolution
-    with the profile's models, built only if missing or stale. Returns (prep, path)."""
+    with the profile's models, built only if missing or stale. Returns (prep, path).
+    Raises PreparedDataMismatch (PreparedDataDamaged for unreadable files), FolderInUse (another writer holds
+    data_dir), DiskFull or FeatureCacheError, each naming the folder or file and what to do."""
     prep = use_prepared(data_dir, profile, dataset=dataset, resolution=resolution, test_fraction=test_fraction,
                         announce=announce, progress=progress)
     path = cache_features(prep.train, data_dir, base_model=profile.base_model, ip_adapter=profile.ip_adapter,

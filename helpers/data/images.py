@@ -1,6 +1,7 @@
 """One image file: decode and check it, convert any mode to RGB, crop it square, encode it as PNG.
 
     im = decode_image(data, min_side=256)    # bytes -> PIL RGB, EXIF orientation applied; raises SkipItem(reason)
+                                             # (over max_pixels, default MAX_PIXELS: refused from the header)
     im = center_square(im, 512)              # centre crop + Lanczos resize
     data = png_bytes(im)                     # PIL -> PNG bytes (prepared datasets, ipywidgets.Image)
 
@@ -11,24 +12,32 @@ Unusual but valid images are converted, not dropped: transparency composited on 
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+MAX_PIXELS = 50_000_000  # larger images are refused from their header, before decoding (prepare_dataset's max_pixels)
 _SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")  # + RIFF....WEBP
 
 
 class SkipItem(Exception):
     """One input that is not kept; `reason` says why. It starts with its kind, so a report can be grouped:
-    empty file, not an image, truncated or corrupt, too small, too large, missing file, bad metadata, unreadable."""
+    empty file, not an image, truncated or corrupt, too small, too large, missing file, outside the dataset,
+    bad metadata, unreadable."""
 
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
 
 
-def decode_image(data: bytes, *, min_side: float = 0) -> Image.Image:
+def decode_image(data: bytes, *, min_side: float = 0, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Bytes of an image file -> a PIL RGB image, EXIF orientation applied. Raises SkipItem(reason).
+
+    An image of more than `max_pixels` pixels is refused as "too large" from its header (PIL's Image.open
+    reads the size, not the pixels), so a decompression bomb is never decoded. This limit replaces PIL's own
+    warning (about 89 Mpx), which would otherwise be the only word about an image under PIL's error (about
+    179 Mpx); PIL's error still holds above that.
 
     Transparent images (RGBA, LA, palette or RGB/L with a transparent colour) are composited on white;
     16-bit greyscale (I;16, or I with values above 255) is scaled to 8 bits rather than clipped; CMYK,
@@ -38,13 +47,19 @@ def decode_image(data: bytes, *, min_side: float = 0) -> Image.Image:
     if not data:
         raise SkipItem("empty file (0 bytes)")
     try:
-        im = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # the size is checked here, against max_pixels, right below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         if data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
             raise SkipItem("truncated or corrupt: starts like an image file but cannot be opened") from None
         raise SkipItem("not an image: no image format recognised") from None
     except Image.DecompressionBombError as e:
         raise SkipItem(f"too large: {e}") from None
+    w, h = im.size
+    if w * h > max_pixels:
+        raise SkipItem(f"too large: {w}x{h} px ({w * h / 1e6:g} Mpx), over the limit of {max_pixels / 1e6:g} Mpx "
+                       "(max_pixels); not decoded. Scale it down, or raise prepare_dataset's max_pixels if you trust the file.")
     try:
         im.load()
     except Image.DecompressionBombError as e:

@@ -6,8 +6,16 @@ image files with an optional `metadata.jsonl` (one JSON object per line: `{"file
 caption"}`). Nothing is decoded here: each item's bytes are read when helpers.data.prepare checks it, so one broken
 file never stops the rest.
 
+A source reads only files in its own folders (`own_folders`): a local folder is its own folder, a parquet file
+its folder, a Hub dataset the Hugging Face caches it is downloaded and extracted into (imagefolder-style Hub
+datasets give absolute paths there). A parquet or dataset row `{"path": ...}` without bytes, or a symlink in an
+image folder, that leads anywhere else is skipped as "outside the dataset": a shared dataset must not read the
+files of the machine that prepares it into training data. Relative paths are taken from the own folder. An
+in-memory datasets.Dataset is your own code's and has no such limit.
+
     items, skipped, description = open_source(source)   # FileNotFoundError / DataSourceError for a bad source
     stamp = source_stamp(source)                         # cheap identity: has the source changed?
+    folders = own_folders(source)                        # where its files may lie (None: anywhere)
 """
 
 from __future__ import annotations
@@ -71,42 +79,62 @@ def source_stamp(source) -> str:
     return f"hub:{source}"  # Hub datasets change rarely; prepare_dataset(..., overwrite=True) re-reads one
 
 
+def own_folders(source) -> list[Path] | None:
+    """The folders (resolved) that a source's files may lie in; the first one is where relative paths start.
+
+    a local folder: itself, and the datasets cache's downloads (where `datasets` extracts a folder's archives);
+    a parquet file: its folder; a Hub id: the Hub cache and the datasets cache (HF_HUB_CACHE, HF_DATASETS_CACHE,
+    read now); an in-memory datasets.Dataset: None, no limit (your own code built it)."""
+    import datasets
+    from huggingface_hub import constants
+
+    if isinstance(source, datasets.Dataset):
+        return None
+    path = Path(str(source)).expanduser()
+    if path.is_file():
+        return [path.resolve().parent]
+    if path.is_dir():
+        return [path.resolve(), (Path(datasets.config.HF_DATASETS_CACHE) / "downloads").resolve()]
+    return [Path(constants.HF_HUB_CACHE).resolve(), Path(datasets.config.HF_DATASETS_CACHE).resolve()]
+
+
 def open_source(source) -> tuple[list[SourceItem], list[tuple[str, str]], str]:
     """(items, skipped so far, description). Raises FileNotFoundError / DataSourceError for a bad source."""
     import datasets
 
     if isinstance(source, datasets.Dataset):
-        items, skipped = _dataset_items(source)
+        items, skipped = _dataset_items(source, None)
         return items, skipped, "an in-memory datasets.Dataset"
     text = str(source)
     path = Path(text).expanduser()
+    own = own_folders(source)
     if path.is_dir():
         if (path / "dataset_info.json").is_file() and (path / "state.json").is_file():
             ds = _load(lambda: datasets.load_from_disk(str(path)), path, "a folder saved with save_to_disk")
-            items, skipped = _dataset_items(ds)
+            items, skipped = _dataset_items(ds, own)
             return items, skipped, f"the saved dataset {path}"
         if (path / "dataset_dict.json").is_file():
             ds = _load(lambda: datasets.load_from_disk(str(path))["train"], path, "a saved DatasetDict with 'train'")
-            items, skipped = _dataset_items(ds)
+            items, skipped = _dataset_items(ds, own)
             return items, skipped, f"the saved dataset {path}"
         if _is_image_folder(path):
             items, skipped = _folder_items(path)
             return items, skipped, f"the image folder {path}"
         ds = _load(lambda: datasets.load_dataset(str(path), split="train"), path, "a dataset folder")
-        items, skipped = _dataset_items(ds)
+        items, skipped = _dataset_items(ds, own)
         return items, skipped, f"the dataset folder {path}"
     if path.is_file():
         if path.suffix != ".parquet":
             raise DataSourceError(f"{path}: a single file source must be a .parquet file (or pass its folder)")
         ds = _load(lambda: datasets.load_dataset("parquet", data_files=str(path), split="train"), path, "a parquet file")
-        items, skipped = _dataset_items(ds)
+        items, skipped = _dataset_items(ds, own)
         return items, skipped, f"the parquet file {path}"
     if not is_hub_id(text):
         raise FileNotFoundError(f"{text}: no such file or folder (expected a dataset folder, a parquet file, a "
                                 "folder of images, or a Hugging Face Hub dataset id such as owner/name)")
     with loading("dataset (a Hugging Face Hub dataset id, or a local folder)", text, error_type=DataSourceError):
         ds = datasets.load_dataset(text, split="train")
-    items, skipped = _dataset_items(ds)
+    items, skipped = _dataset_items(ds, own)
     return items, skipped, f"the Hub dataset {text}"
 
 
@@ -117,7 +145,8 @@ def _load(fn, where, what):
         raise DataSourceError(f"{where}: cannot be read as {what}: {type(e).__name__}: {e}") from e
 
 
-def _dataset_items(ds) -> tuple[list[SourceItem], list[tuple[str, str]]]:
+def _dataset_items(ds, own: list[Path] | None) -> tuple[list[SourceItem], list[tuple[str, str]]]:
+    """One item per row; a row's image is its bytes, else the file its path names within `own` (own_folders)."""
     import datasets
 
     image_col = "image" if "image" in ds.column_names else next(
@@ -136,12 +165,12 @@ def _dataset_items(ds) -> tuple[list[SourceItem], list[tuple[str, str]]]:
                 if value.get("bytes"):
                     return value["bytes"]
                 if value.get("path"):
-                    return _read_file(Path(value["path"]))
+                    return _read_file(_inside(value["path"], own))
                 return b""
             if isinstance(value, (bytes, bytearray)):
                 return bytes(value)
             if isinstance(value, str):
-                return _read_file(Path(value))
+                return _read_file(_inside(value, own))
             raise SkipItem(f"not an image: the {image_col!r} column holds {type(value).__name__}")
         return read
 
@@ -151,6 +180,23 @@ def _dataset_items(ds) -> tuple[list[SourceItem], list[tuple[str, str]]]:
         t = texts[i].strip() if isinstance(texts[i], str) else None
         items.append(SourceItem(f"row {i}", f"row-{i:05d}", reader(i), t or None, "dataset" if t else None))
     return items, []
+
+
+def _inside(name, own: list[Path] | None) -> Path:
+    """The file a path entry names (relative: from own[0]), or SkipItem when it, or the file a symlink on
+    the way leads to, lies outside every folder of `own` (None: anywhere is fine)."""
+    p = Path(name).expanduser()
+    if own is None:
+        return p
+    if not p.is_absolute():
+        p = own[0] / p
+    real = p.resolve()
+    if not any(real.is_relative_to(o) for o in own):
+        where = f"{own[0]}" + (f" (nor in {', '.join(map(str, own[1:]))})" if len(own) > 1 else "")
+        led = f" (it leads to {real})" if real != p else ""
+        raise SkipItem(f"outside the dataset: {name}{led} is not in the source's own folder {where}; not read. "
+                       "If it belongs to the dataset, put the file in that folder or its bytes in the row.")
+    return p
 
 
 def _read_file(p: Path) -> bytes:
@@ -194,8 +240,9 @@ def _folder_items(folder: Path) -> tuple[list[SourceItem], list[tuple[str, str]]
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p != meta
                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     items = []
+    own = [folder.resolve()]  # a symlink may lead elsewhere in the folder, not out of it
     for p in files:
         rel = p.relative_to(folder).as_posix()
         text = captions.get(rel) or None
-        items.append(SourceItem(rel, rel, (lambda p=p: _read_file(p)), text, METADATA_FILE if text else None))
+        items.append(SourceItem(rel, rel, (lambda p=p: _read_file(_inside(p, own))), text, METADATA_FILE if text else None))
     return items, skipped

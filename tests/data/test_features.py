@@ -88,9 +88,139 @@ def test_model_changes_change_the_fingerprint(tiny_profile, tiny_data, tmp_path)
 
 def test_prepare_for_training_is_idempotent(tiny_profile, tiny_data, monkeypatch):
     prep, path, folder = tiny_data
-    assert path.parent == folder and (folder / "train").is_dir() and (folder / "test").is_dir()
+    assert path.parent == folder and (folder / prep.info["splits"] / "train").is_dir()
     assert {"dataset"} == set(prep.train["caption_source"])  # the tiny dataset has captions
     monkeypatch.setattr(features_module, "load_pipeline", lambda *a, **k: pytest.fail("cache rebuilt although nothing changed"))
     monkeypatch.setattr(prepare_module, "decode_image", lambda *a, **k: pytest.fail("data re-prepared although nothing changed"))
     again, again_path = prepare_for_training(tiny_profile, folder, progress=False)
     assert again_path == path and list(again.train["id"]) == list(prep.train["id"])
+
+
+# Faults while the cache is built: a full disk, out of GPU memory, a second writer (issue 25)
+
+
+@pytest.fixture
+def old_cache(tiny_profile, tiny_data, tmp_path):
+    """A complete cache (a copy of the session's) in tmp_path, and the arguments that rebuild it for 6 rows."""
+    prep, path, _ = tiny_data
+    copy = tmp_path / path.name
+    shutil.copy2(path, copy)
+    kw = dict(base_model=tiny_profile.base_model, ip_adapter=tiny_profile.ip_adapter, resolution=tiny_profile.resolution,
+              filename=path.name, progress=False)
+    return copy, copy.read_bytes(), prep.train.select(range(6)), kw
+
+
+def _nothing_left(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))  # no temporary, no lock
+
+
+def test_a_full_disk_while_writing_the_cache_names_the_file_and_keeps_the_old_one(old_cache, tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    from helpers.support.disk import DiskFull
+
+    copy, before, rows, kw = old_cache
+
+    def disk_fills(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_fills)
+    with pytest.raises(DiskFull) as err:
+        cache_features(rows, tmp_path, **kw)
+    assert str(copy) in str(err.value) and "disk is full" in str(err.value)
+    assert copy.read_bytes() == before and _nothing_left(tmp_path) == []
+
+
+def test_too_little_space_for_the_cache_stops_after_the_first_batch(old_cache, tmp_path, monkeypatch):
+    import collections
+
+    from helpers.support import disk
+    from helpers.support.disk import DiskFull
+
+    copy, before, rows, kw = old_cache
+    real, batches = features_module.encode_batch, []
+    monkeypatch.setattr(features_module, "encode_batch", lambda *a, **k: batches.append(1) or real(*a, **k))
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(disk.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(DiskFull) as err:
+        cache_features(rows, tmp_path, batch_size=2, **kw)
+    assert str(copy) in str(err.value) and "MB needed" in str(err.value)
+    assert batches == [1]  # one batch told the size: the other two were never encoded
+    assert copy.read_bytes() == before and _nothing_left(tmp_path) == []
+
+
+def test_out_of_gpu_memory_names_the_batch_size_and_a_smaller_one_gives_the_same_cache(old_cache, tiny_data, tmp_path,
+                                                                                        monkeypatch):
+    copy, before, rows, kw = old_cache
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with monkeypatch.context() as m:
+        m.setattr(features_module, "encode_batch", oom)
+        with pytest.raises(features_module.FeatureCacheError) as err:
+            cache_features(rows, tmp_path, batch_size=4, **kw)
+    message = str(err.value)
+    assert "out of GPU memory" in message and "batch size 4" in message and "feature_batch_size" in message
+    assert str(copy) in message and "run the same" in message
+    assert copy.read_bytes() == before and _nothing_left(tmp_path) == []
+    cache_features(rows, tmp_path, batch_size=2, **kw)  # the rerun, with a smaller batch
+    whole = load_feature_cache(tiny_data[1])[0]  # built at the profile's batch size over all rows
+    for k, v in load_feature_cache(copy)[0].items():
+        torch.testing.assert_close(v, whole[k][:6] if v.shape[0] == 6 else whole[k], rtol=2e-3, atol=2e-3, msg=k)
+
+
+def test_a_second_writer_of_the_cache_stops_at_once(old_cache, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    from helpers.support.lock import FolderInUse
+
+    copy, before, rows, kw = old_cache
+    code = textwrap.dedent(f"""
+        import time
+        from helpers.support.lock import FolderLock
+        with FolderLock({str(tmp_path)!r}, "preparing data"):
+            print("held", flush=True)
+            time.sleep(60)
+    """)
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, "WORLD_SIZE": "1"})
+    try:
+        assert p.stdout.readline().strip() == "held"
+        monkeypatch.setattr(features_module, "load_pipeline", lambda *a, **k: pytest.fail("a second writer loaded models"))
+        start = time.monotonic()
+        with pytest.raises(FolderInUse, match=f"pid {p.pid}"):
+            cache_features(rows, tmp_path, **kw)
+        assert time.monotonic() - start < 5 and copy.read_bytes() == before
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_the_cache_stays_valid_across_a_swap_of_the_same_data_and_not_of_other_data(tiny_profile, tmp_path,
+                                                                                     monkeypatch):
+    from _own_data import own_images
+
+    from helpers.data.prepare import prepare_dataset
+
+    own_images(tmp_path / "pics", n_drawings=2)
+    kw = dict(base_model=tiny_profile.base_model, ip_adapter=tiny_profile.ip_adapter, progress=False)
+    data = tmp_path / "data"
+    prep = prepare_dataset(tmp_path / "pics", data, resolution=32, test_fraction=0, progress=False)
+    path = cache_features(prep.train, data, resolution=32, **kw)
+    stamp = path.stat().st_mtime_ns
+    same = prepare_dataset(tmp_path / "pics", data, resolution=32, test_fraction=0, overwrite=True, progress=False)
+    assert same.info["splits"] != prep.info["splits"]  # prepared anew and swapped in
+    with monkeypatch.context() as m:
+        m.setattr(features_module, "load_pipeline", lambda *a, **k: pytest.fail("the cache of unchanged rows was rebuilt"))
+        assert cache_features(same.train, data, resolution=32, **kw) == path and path.stat().st_mtime_ns == stamp
+    other = prepare_dataset(tmp_path / "pics", data, resolution=64, test_fraction=0, progress=False)
+    cache_features(other.train, data, resolution=32, **kw)  # other pixels, the same cache resolution
+    assert path.stat().st_mtime_ns != stamp

@@ -166,7 +166,7 @@ def test_broken_inputs_are_skipped_with_reasons(tmp_path):
     # nothing dropped silently: every file is kept or reported
     files = {p.name for p in src.iterdir()} - {"metadata.jsonl"}
     assert files <= set(rows) | set(reasons)
-    assert json.loads((tmp_path / "out" / "skipped.json").read_text()) == [
+    assert json.loads((tmp_path / "out" / prep.info["splits"] / "skipped.json").read_text()) == [
         {"item": n, "reason": r} for n, r in prep.skipped]
 
 
@@ -337,3 +337,176 @@ def test_rerunning_01_with_other_settings_says_what_it_replaced(tmp_path):
     prepare_dataset(tmp_path / "pics", tmp_path / "data", resolution=RES, test_fraction=0, progress=False)
     again = prepare_dataset(tmp_path / "pics", tmp_path / "data", resolution=2 * RES, test_fraction=0, progress=False)
     assert f"This replaced the data prepared there before: {tmp_path / 'pics'} at {RES} px" in again.summary()
+
+
+# --------------------------------------------------------------------------------------------------
+# Faults: a full disk, a killed writer, two writers, a damaged split (issue 25)
+# --------------------------------------------------------------------------------------------------
+
+
+def _prepared_here(tmp_path, n_drawings=3):
+    """6 own images (3 mirror pairs) prepared at RES with a test split (1 pair): two splits to write."""
+    from _own_data import own_images
+
+    own_images(tmp_path / "pics", n_drawings=n_drawings)
+    first = prepare_dataset(tmp_path / "pics", tmp_path / "data", resolution=RES, test_fraction=0.25, progress=False)
+    assert len(first.train) and len(first.test)
+    return first, tmp_path / "data"
+
+
+def test_a_failed_re_preparation_keeps_the_old_one_and_use_prepared_uses_it(tiny_profile, tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    from helpers.support.disk import DiskFull
+
+    first, data = _prepared_here(tmp_path)
+    manifest = (data / "prepared.json").read_bytes()
+    real_save, written = datasets.Dataset.save_to_disk, []
+
+    def disk_fills(self, path, *a, **k):  # the train split is written; the disk fills half-way through the test split
+        written.append(path)
+        if len(written) == 1:
+            return real_save(self, path, *a, **k)
+        Path(path).mkdir(parents=True)
+        (Path(path) / "data-00000-of-00001.arrow").write_bytes(b"\0" * 4096)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(datasets.Dataset, "save_to_disk", disk_fills)
+        with pytest.raises(DiskFull) as err:
+            prepare_dataset(tmp_path / "pics", data, resolution=2 * RES, test_fraction=0.25, progress=False)
+    assert len(written) == 2 and "disk is full" in str(err.value) and str(data) in str(err.value)
+    assert "what was complete before is kept" in str(err.value)
+    assert (data / "prepared.json").read_bytes() == manifest  # the old preparation, whole
+    assert not [p.name for p in data.iterdir() if p.name.startswith(".prepare-")]  # its temporary went
+    old = load_prepared(data)
+    assert list(old.train["id"]) == list(first.train["id"]) and list(old.test["id"]) == list(first.test["id"])
+    assert old.train[0]["image"].size == (RES, RES) and old.skipped == first.skipped
+    # the next run of notebook 03-05 reads the user's data, never the profile's
+    monkeypatch.setattr(prepare_module, "prepare_dataset", lambda *a, **k: pytest.fail("prepared over the old data"))
+    used = use_prepared(data, tiny_profile, announce=False)
+    assert used.info["source"] == str(tmp_path / "pics") and list(used.train["id"]) == list(first.train["id"])
+
+
+def test_a_re_preparation_replaces_the_old_one_whole(tmp_path):
+    first, data = _prepared_here(tmp_path)
+    old_splits = data / first.info["splits"]
+    again = prepare_dataset(tmp_path / "pics", data, resolution=2 * RES, test_fraction=0.25, progress=False)
+    assert again.train[0]["image"].size == (2 * RES, 2 * RES) and again.info["splits"] != first.info["splits"]
+    assert not old_splits.exists()  # the old splits went once the new manifest was in place
+    assert sorted(p.name for p in data.iterdir() if not p.name.startswith(".")) == [again.info["splits"], "prepared.json"]
+
+
+@pytest.mark.parametrize("trace", ["train", "skipped.json", "prepared-20240101-000000", ".prepare-k2x9",
+                                   "train_features.safetensors"])
+def test_use_prepared_never_prepares_the_profiles_data_over_traces_of_another(tiny_profile, tmp_path, trace,
+                                                                                monkeypatch):
+    data = tmp_path / "data"
+    (data / trace).parent.mkdir(parents=True)
+    if "." in trace.lstrip("."):
+        (data / trace).write_text("left by an interrupted preparation")
+    else:
+        (data / trace / "train").mkdir(parents=True)
+    monkeypatch.setattr(prepare_module, "prepare_dataset", lambda *a, **k: pytest.fail("prepared over the traces"))
+    with pytest.raises(PreparedDataMismatch) as err:
+        use_prepared(data, tiny_profile)
+    message = str(err.value)
+    assert str(data) in message and trace in message and "notebook 01" in message and "delete" in message
+    assert (data / trace).exists()
+
+
+def test_a_killed_preparation_leaves_nothing_for_good(tmp_path):
+    first, data = _prepared_here(tmp_path)
+    (data / ".prepare-k2x9" / "train").mkdir(parents=True)  # kill -9 while the splits were being written
+    (data / ".prepare-k2x9" / "train" / "data-00000-of-00001.arrow").write_bytes(b"\0" * 100)
+    (data / "prepared-20240101-000000").mkdir()  # ... or between the new splits' rename and the new manifest
+    again = prepare_dataset(tmp_path / "pics", data, resolution=RES, test_fraction=0.25, progress=False)
+    assert list(again.train["id"]) == list(first.train["id"])  # the same preparation, reused
+    assert sorted(p.name for p in data.iterdir() if p.name != ".lock.json") == sorted([first.info["splits"], "prepared.json"])
+
+
+def test_a_second_preparation_of_one_folder_stops_at_once(tiny_profile, tmp_path):
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    from _own_data import own_images
+
+    from helpers.support.lock import FolderInUse
+
+    own_images(tmp_path / "pics", n_drawings=2)
+    data = tmp_path / "data"
+    code = textwrap.dedent(f"""
+        import time, datasets
+        def slow(self, path, *a, **k):
+            print("writing", flush=True)
+            time.sleep(60)
+        datasets.Dataset.save_to_disk = slow
+        from helpers.data.prepare import prepare_dataset
+        prepare_dataset({str(tmp_path / "pics")!r}, {str(data)!r}, resolution={RES}, test_fraction=0, progress=False)
+    """)
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, "WORLD_SIZE": "1"})
+    try:
+        assert p.stdout.readline().strip() == "writing"
+        start = time.monotonic()
+        with pytest.raises(FolderInUse) as err:
+            prepare_dataset(tmp_path / "pics", data, resolution=2 * RES, test_fraction=0, progress=False)
+        assert f"pid {p.pid}" in str(err.value) and "preparing data" in str(err.value)
+        with pytest.raises(FolderInUse):  # a reader that finds no prepared data yet waits for no one either
+            use_prepared(data, tiny_profile)
+        assert time.monotonic() - start < 5
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_a_cut_split_file_says_rerun_notebook_01_naming_it(tiny_profile, tmp_path):
+    import os
+
+    first, data = _prepared_here(tmp_path)
+    arrow = next((data / first.info["splits"] / "train").glob("*.arrow"))
+    os.truncate(arrow, arrow.stat().st_size * 2 // 3)
+    for read in (lambda: load_prepared(data), lambda: use_prepared(data, tiny_profile)):
+        with pytest.raises(PreparedDataMismatch) as err:
+            read()
+        message = str(err.value)
+        assert str(data) in message and str(arrow.parent) in message and "rerun notebook 01" in message
+        assert "prepare_dataset" in message and "Expected to be able to read" in message
+    again = prepare_dataset(tmp_path / "pics", data, resolution=RES, test_fraction=0.25, progress=False)  # 01 again
+    assert list(again.train["id"]) == list(first.train["id"]) and len(load_prepared(data).train) == len(first.train)
+
+
+def test_a_folder_of_the_older_layout_is_read_and_replaced_whole(tmp_path):
+    first, data = _prepared_here(tmp_path)
+    splits = data / first.info["splits"]
+    for p in splits.iterdir():  # as prepared before the prepared-<time> folders: splits beside prepared.json
+        p.rename(data / p.name)
+    splits.rmdir()
+    manifest = json.loads((data / "prepared.json").read_text())
+    del manifest["splits"]
+    (data / "prepared.json").write_text(json.dumps(manifest))
+    old = load_prepared(data)
+    assert list(old.train["id"]) == list(first.train["id"]) and old.skipped == first.skipped
+    again = prepare_dataset(tmp_path / "pics", data, resolution=2 * RES, test_fraction=0.25, progress=False)
+    assert sorted(p.name for p in data.iterdir()) == [again.info["splits"], "prepared.json"]
+
+
+def test_a_reader_that_meets_a_swap_reads_the_new_preparation(tmp_path, monkeypatch):
+    """Readers take no lock: when the folder it was about to read is swapped out under it, it reads again."""
+    first, data = _prepared_here(tmp_path)
+    real, calls = datasets.load_from_disk, []
+
+    def swap_first(path, *a, **k):
+        calls.append(path)
+        if len(calls) == 1:  # another writer commits a new preparation and deletes the old one just now
+            prepare_dataset(tmp_path / "pics", data, resolution=2 * RES, test_fraction=0.25, progress=False)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(datasets, "load_from_disk", swap_first)
+    got = load_prepared(data)
+    assert first.info["splits"] in calls[0] and got.info["splits"] != first.info["splits"]
+    assert got.train[0]["image"].size == (2 * RES, 2 * RES)
