@@ -6,8 +6,9 @@
     run.py          what a run holds, built once (prepare_run), resumed, released
     step.py         one training step, and the checkpoint every K steps
     loop.py         train(): the steps in a loop with a progress bar; the final adapter
-    checkpoints.py  checkpoints that survive a cut Drive sync, and an exact resume
-    loss_log.py     the per-step loss log, and its plot
+    checkpoints.py  checkpoints that survive a cut Drive sync, verified by sha256, pruned to make room; an exact resume
+    loss_log.py     the per-step loss log (append-only, rewritten atomically), and its plot
+    errors.py       TrainingError: a run that cannot go on, with the file and what to do
 """
 
 

@@ -15,10 +15,17 @@ cached VAE distribution. The data is notebook 01's prepared folder as it is (--d
 root>/data; helpers.data.prepare.use_prepared).
 
 Every K steps a checkpoint is written under DIR/checkpoints/ (helpers.train.checkpoints); running the same
-command again resumes from the newest complete one, exactly. The final adapter goes to DIR/adapter.safetensors,
-with DIR/config.json and DIR/loss_log.csv (helpers.train.loss_log) beside it. Nothing of a run stays in
-memory after train() returns (TrainResult holds numbers and a path). Under `torchrun`/`accelerate launch`
-the same code runs data-parallel; only the main process writes.
+command again resumes from the newest complete one, verified, exactly. The final adapter goes to
+DIR/adapter.safetensors, with DIR/config.json and DIR/loss_log.csv (helpers.train.loss_log) beside it. Nothing
+of a run stays in memory after train() returns (TrainResult holds numbers and a path). Under
+`torchrun`/`accelerate launch` the same code runs data-parallel; only the main process writes.
+
+Faults: a run holds DIR's lock (helpers.support.lock) from before a fresh start until its adapter is written,
+so a second writer on DIR (notebook 03 and `python -m helpers.train`) stops at once, and temporaries that a
+killed run left there are removed. Before training, the disk must have room for one checkpoint and the
+adapter (counting what pruning old checkpoints would free); each save makes room or stops. A full disk, a
+folder in use and a damaged loss log each end the run with a TrainingError that names the file or folder;
+what was complete before stays complete, and the same command run again continues.
 """
 
 from __future__ import annotations
@@ -30,10 +37,12 @@ from pathlib import Path
 import torch
 
 from ..model.adapter_file import ADAPTER_FILE, save_adapter
-from .checkpoints import list_checkpoints
+from ..support.disk import DiskFull
+from ..support.lock import FolderInUse, FolderLock
+from .checkpoints import adapter_bytes, checkpoint_room, list_checkpoints, make_room
 from .config import TrainConfig, write_run_settings
 from .loss_log import LossLog
-from .run import Run, drop_frames, prepare_run, release, resume
+from .run import Run, TrainingError, drop_frames, prepare_run, release, resume
 from .step import save_checkpoint_if_due, training_step
 
 
@@ -55,12 +64,18 @@ class TrainResult:
 
 def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     """Train one adapter as configured; resumes from DIR's newest complete checkpoint (config.fresh_start:
-    deletes the earlier run first). Returns a TrainResult. Everything the run put on the device is freed
-    before this returns, also when it fails or is interrupted."""
+    deletes the earlier run first), holding DIR's lock throughout. Returns a TrainResult. Raises TrainingError
+    for a folder in use, a full disk (naming the file or folder) and the faults of helpers.train.step.
+    Everything the run put on the device is freed before this returns, also when it fails or is interrupted."""
     run = None
     try:
-        run = prepare_run(config, progress=progress)
-        return _train(run, progress)
+        with FolderLock(config.output_dir, f"training {config.variant}") as lock:  # before a fresh start deletes
+            run = prepare_run(config, progress=progress)
+            run.lock = lock
+            return _train(run, progress)
+    except (DiskFull, FolderInUse) as e:
+        drop_frames(e)
+        raise TrainingError(str(e)) from None
     except BaseException as e:
         drop_frames(e)  # a kept traceback (a notebook keeps the last one) would hold the run's tensors
         raise
@@ -74,7 +89,9 @@ def _train(run: Run, progress: bool) -> TrainResult:
     config, main = run.config, run.accelerator.is_main_process
     start = resume(run)
     if main:
-        run.out.mkdir(parents=True, exist_ok=True)
+        n = run.settings["trainable_parameters"]
+        make_room(run.out, (checkpoint_room(n) if start < run.max_steps else 0) + adapter_bytes(n),
+                  config.keep_checkpoints, what="this run (one checkpoint and the adapter)", prune=False)
         write_run_settings(run.out, run.settings)
     run.log = LossLog(run.out, start, enabled=main)
     losses, times = [], []
@@ -92,6 +109,7 @@ def _train(run: Run, progress: bool) -> TrainResult:
             step += 1
             losses.append(value)
             run.log.add(step, (step - 1) // run.steps_per_epoch, value, times[-1])
+            run.lock.beat()  # at most every lock.BEAT_SECONDS: on Drive each write is an upload
             if main:
                 bar.set_postfix(loss=f"{value:.4f}", s_per_step=f"{times[-1]:.2f}")
             bar.update(1)

@@ -31,15 +31,12 @@ from .checkpoints import (
     resume_from,
 )
 from .config import RESUME_SETTINGS, RUN_SETTINGS, TrainConfig, max_steps, recipe
+from .errors import TrainingError
 from .loss import DROP_RATES
 from .loss_log import LOSS_LOG, LossLog
 from .pairing import PAIRS_FILE, PairingError, run_pairs
 
 RUN_FILES = (LOSS_LOG, ADAPTER_FILE, RUN_SETTINGS, PAIRS_FILE)  # what a fresh start deletes, besides the checkpoints
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on (non-finite loss, out of memory); the message says what to change."""
 
 
 @dataclass
@@ -63,6 +60,7 @@ class Run:
     settings: dict = dataclasses.field(default_factory=dict)  # config.json: every value this run uses
     log: LossLog | None = None  # the buffered loss log (train() makes it once the start step is known)
     pairs: object = None  # helpers.train.pairing.Pairs; None: self pairing
+    lock: object = None  # helpers.support.lock.FolderLock of `out`, held by train() for the whole run
 
 
 def prepare_run(config: TrainConfig, *, progress: bool = True) -> Run:
@@ -155,13 +153,14 @@ def _model(config: TrainConfig, accelerator, profile, mp: str, r: dict, image_en
 
 
 def resume(run: Run) -> int:
-    """Load the newest complete checkpoint of run.out, if any (and say so); returns the step to start from.
-    An incomplete newest one falls back to the one before, with a message; one written with other
-    RESUME_SETTINGS than this run's raises TrainingError naming each difference (helpers.train.checkpoints.resume_from)."""
+    """Load the newest complete checkpoint of run.out, verified, if any (and say so); returns the step to start
+    from. An incomplete or damaged newest one falls back to the one before, with a message naming the file,
+    and (main process) is deleted: this run writes it again. One written with other RESUME_SETTINGS than this
+    run's raises TrainingError naming each difference (helpers.train.checkpoints.resume_from)."""
     main = run.accelerator.is_main_process
     try:
         step, path, state = resume_from(run.out, run.settings, RESUME_SETTINGS, run.params, run.optimizer,
-                                        say=print if main else (lambda _: None))
+                                        say=print if main else (lambda _: None), discard=main)
     except (CheckpointMismatch, SettingsMismatch) as e:
         raise TrainingError(str(e)) from None
     if path is None:

@@ -54,20 +54,38 @@ def training_step(run: Run, step: int) -> float:
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
     except torch.cuda.OutOfMemoryError:
-        raise TrainingError(
-            f"out of GPU memory at batch size {run.batch_size} ({run.settings['mixed_precision']}). Lower "
-            "--batch-size (e.g. 2) or turn on --gradient-checkpointing (about 30% slower, far less activation "
-            "memory); free other notebooks' GPU memory (Runtime > Restart) first.") from None
+        raise TrainingError(out_of_memory_advice(run, step)) from None
     return loss.detach().float().item()
 
 
+def out_of_memory_advice(run: Run, step: int) -> str:
+    """What to do when a step runs out of GPU memory, saying which change a resume accepts: gradient
+    checkpointing (not in RESUME_SETTINGS) keeps the run; a batch size (in them) needs a fresh start."""
+    last = list_checkpoints(run.out)
+    where = f"it resumes from {last[-1][1].name}" if last else "with no checkpoint yet, it starts from step 0"
+    batch = ("A smaller batch (--batch-size, BATCH_SIZE) changes the recipe, which a resume refuses: it needs "
+             "--fresh-start (FRESH_START in notebook 03), which deletes this run's checkpoints.")
+    if run.settings.get("gradient_checkpointing"):
+        knob = f"Gradient checkpointing is on already. {batch}"
+    else:
+        knob = ("Turn on gradient checkpointing (--gradient-checkpointing, GRADIENT_CHECKPOINTING in notebook 03; "
+                f"about 30% slower, far less activation memory) and run the same command again: a resume accepts "
+                f"it, and {where}. {batch}")
+    return (f"out of GPU memory at step {step + 1}, batch size {run.batch_size} per process "
+            f"({run.settings['mixed_precision']}). {knob} Free other notebooks' GPU memory first "
+            "(Runtime > Restart session).")
+
+
 def save_checkpoint_if_due(run: Run, step: int) -> None:
-    """Every run.every steps and at the end: all processes wait, the main one appends the buffered loss log
-    and then writes the checkpoint (with the settings a resume must share)."""
+    """Every run.every steps and at the end: all processes wait, the main one refreshes the run folder's lock,
+    appends the buffered loss log and then writes the checkpoint (with the settings a resume must share),
+    making room first by pruning old checkpoints if it must (helpers.train.checkpoints.save_checkpoint)."""
     if step % run.every and step != run.max_steps:
         return
     run.accelerator.wait_for_everyone()
     if run.accelerator.is_main_process:
+        if run.lock is not None:
+            run.lock.beat(force=True)  # stops here if another writer took the folder over meanwhile
         run.log.flush()  # first: a checkpoint never exists without its loss rows
         scaler = run.accelerator.scaler.state_dict() if run.accelerator.scaler is not None else None
         save_checkpoint(run.out, step, run.params, run.optimizer, scaler, run.config.keep_checkpoints,

@@ -1,21 +1,28 @@
-"""helpers.train: the loss goes down, only the adapter trains, runs resume exactly, failures are clear."""
+"""helpers.train: the loss goes down, only the adapter trains, runs resume exactly, failures are clear; after a
+fault (a full disk, a kill -9 mid-save, a damaged checkpoint, a second writer, out of memory) the same command
+ends as an uninterrupted run does."""
 import dataclasses
+import errno
 import gc
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import time
 import weakref
 from pathlib import Path
 from unittest.mock import ANY
 
 import pytest
 import torch
+from _train_disk import fake_disk
 from safetensors.torch import load_file
 
 import helpers.data.features as features_module
+import helpers.train.checkpoints as checkpoints_module
 import helpers.train.loop as loop_module
 import helpers.train.run as run_module
 import helpers.train.step as step_module
@@ -24,8 +31,9 @@ from helpers.model.adapter_file import ADAPTER_FILE, save_adapter
 from helpers.model.official_format import adapter_parameters, adapter_state_dict
 from helpers.model.pipeline import load_pipeline, load_unet
 from helpers.train.__main__ import main as train_main
-from helpers.train.checkpoints import list_checkpoints
-from helpers.train.config import TrainConfig
+from helpers.support.disk import MB
+from helpers.train.checkpoints import adapter_bytes, checkpoint_room, folder_bytes, list_checkpoints
+from helpers.train.config import RESUME_SETTINGS, TrainConfig
 from helpers.train.loop import train
 from helpers.train.loss import diffusion_loss
 from helpers.train.loss_log import LOSS_LOG, read_loss_log
@@ -295,3 +303,216 @@ def test_gradient_checkpointing_gives_the_same_step(data_dir, tmp_path, monkeypa
     for name in adapter_names(plain):
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
     assert torch.count_nonzero(b["text_image_attn.to_out.weight"]) > 0
+
+
+# --- faults: after each, what was complete stays complete, and the same command ends as an uninterrupted run ---
+
+
+@pytest.fixture(scope="module")
+def whole_run(data_dir, tmp_path_factory):
+    """The uninterrupted run the faults are compared with: 6 steps, checkpoints at 2, 4 and 6, all kept."""
+    tmp = tmp_path_factory.mktemp("whole")
+    result = train(config(tmp, data_dir, max_steps=6, keep_checkpoints=3), progress=False)
+    return result, load_file(str(result.adapter)), [r["loss"] for r in read_loss_log(result.adapter.parent)]
+
+
+def copy_of_whole_run(whole_run, tmp_path, *, drop=()):
+    """A copy of the uninterrupted run's folder at tmp_path/run, less the checkpoints and files named in drop."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(whole_run[0].adapter.parent, run_dir)
+    for name in drop:
+        path = run_dir / "checkpoints" / name if name.startswith("ckpt-") else run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return run_dir
+
+
+def assert_ends_as_the_whole_run(result, whole_run):
+    expected, losses = whole_run[1], whole_run[2]
+    got = load_file(str(result.adapter))
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    assert [r["loss"] for r in read_loss_log(result.adapter.parent)] == losses
+
+
+def test_a_zeroed_checkpoint_tail_falls_back_naming_the_file(data_dir, whole_run, tmp_path, capsys):
+    run_dir = copy_of_whole_run(whole_run, tmp_path)
+    weights = run_dir / "checkpoints" / "ckpt-000006" / "trainable.safetensors"
+    data = bytearray(weights.read_bytes())
+    third = len(data) // 3
+    data[-third:] = bytes(third)  # the right size: complete by its sizes, a third of it zeros
+    weights.write_bytes(bytes(data))
+    capsys.readouterr()
+    result = train(config(tmp_path, data_dir, max_steps=6, keep_checkpoints=3), progress=False)
+    out = capsys.readouterr().out
+    assert "ckpt-000006 is damaged (trainable.safetensors differs from the sha256 that checkpoint.json recorded" in out
+    assert "falling back to ckpt-000004" in out and result.resumed_from == 4
+    assert [s for s, _ in list_checkpoints(run_dir)] == [2, 4, 6]
+    assert_ends_as_the_whole_run(result, whole_run)
+
+
+KILLED_MID_SAVE = """
+import sys, time
+from pathlib import Path
+import helpers.train.checkpoints as checkpoints
+real_write = checkpoints._write
+def write(path, data):  # the save of step 6 stops half way through state.pt, until the process is killed
+    if path.name == checkpoints.STATE and ".ckpt-000006.tmp-" in path.parent.name:
+        path.write_bytes(bytes(data)[:len(data) // 2])
+        Path(sys.argv[1]).touch()
+        time.sleep(300)
+    return real_write(path, data)
+checkpoints._write = write
+from helpers.train.__main__ import main
+main(sys.argv[2:])
+"""
+
+
+def test_kill_9_during_a_save_leaves_the_earlier_checkpoints_and_a_rerun_ends_as_an_uninterrupted_run(
+        data_dir, whole_run, tmp_path, monkeypatch, capsys):
+    run_dir, ready = copy_of_whole_run(whole_run, tmp_path, drop=("ckpt-000006", ADAPTER_FILE)), tmp_path / "mid-save"
+    before = file_hashes(run_dir / "checkpoints")
+    args = ["--profile", "tiny", "--variant", "text_aware", "--data-dir", str(data_dir), "--output-dir", str(run_dir),
+            "--max-steps", "6", "--checkpoint-every", "2", "--keep-checkpoints", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_MID_SAVE, str(ready), *args], env=env,
+                            cwd=Path(__file__).parents[2], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(1200):
+            if ready.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert ready.exists(), proc.stderr.read().decode()[-3000:] if proc.poll() is not None else "no save in 120 s"
+    finally:
+        proc.kill()  # SIGKILL: no finally, no cleanup
+        proc.wait()
+    temporary = run_dir / "checkpoints" / f".ckpt-000006.tmp-{proc.pid}"
+    assert (temporary / "trainable.safetensors").is_file() and (temporary / "state.pt").is_file()
+    assert file_hashes(run_dir / "checkpoints") == {**before, **{  # ckpt 2 and 4 as they were, and the half save
+        f"{temporary.name}/{name}": ANY for name in ("trainable.safetensors", "state.pt")}}
+    assert json.loads((run_dir / ".lock.json").read_text())["pid"] == proc.pid  # the killed run held the folder
+    monkeypatch.setenv("IPA_BREAK_LOCK", "1")  # what the refusal says to do when the writer is known to be gone
+    capsys.readouterr()
+    result = train(config(tmp_path, data_dir, max_steps=6, keep_checkpoints=3), progress=False)
+    assert f"taking over the lock of pid {proc.pid}" in capsys.readouterr().out and result.resumed_from == 4
+    assert not temporary.exists() and not (run_dir / ".lock.json").exists()
+    assert_ends_as_the_whole_run(result, whole_run)
+
+
+def test_a_full_disk_at_a_save_names_the_file_and_a_rerun_ends_as_an_uninterrupted_run(data_dir, whole_run, tmp_path,
+                                                                                         monkeypatch):
+    run_dir = copy_of_whole_run(whole_run, tmp_path, drop=("ckpt-000006", ADAPTER_FILE))  # stopped after step 4
+    real_write = checkpoints_module._write
+
+    def full_at_state(path, data):
+        if path.name == "state.pt":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(path, data)
+
+    monkeypatch.setattr(checkpoints_module, "_write", full_at_state)
+    with pytest.raises(TrainingError, match=r"The disk is full: could not write ckpt-000006/state\.pt \(.*run/"
+                                            r"checkpoints/ckpt-000006/state\.pt\).*Empty trash"):
+        train(config(tmp_path, data_dir, max_steps=6, keep_checkpoints=3), progress=False)
+    assert [s for s, _ in list_checkpoints(run_dir)] == [2, 4] and not list(run_dir.rglob(".ckpt-*"))
+    monkeypatch.setattr(checkpoints_module, "_write", real_write)
+    assert_ends_as_the_whole_run(train(config(tmp_path, data_dir, max_steps=6, keep_checkpoints=3), progress=False),
+                                 whole_run)
+
+
+def test_keep_1_continues_a_run_holding_two_checkpoints_on_a_disk_with_room_for_one_more(data_dir, whole_run, tmp_path,
+                                                                                         monkeypatch, capsys):
+    run_dir = copy_of_whole_run(whole_run, tmp_path, drop=("ckpt-000006", ADAPTER_FILE))  # holds ckpt 2 and 4
+    one = folder_bytes(run_dir / "checkpoints" / "ckpt-000004")
+    fake_disk(monkeypatch, tmp_path, free_now=one // 2)  # full: two checkpoints and half of a third
+    capsys.readouterr()
+    result = train(config(tmp_path, data_dir, max_steps=6, keep_checkpoints=1), progress=False)
+    assert "Deleted ckpt-000002" in capsys.readouterr().out
+    assert [s for s, _ in list_checkpoints(run_dir)] == [6]
+    assert_ends_as_the_whole_run(result, whole_run)
+
+
+def test_no_room_for_a_run_stops_before_training_naming_the_folder(data_dir, whole_run, tmp_path, monkeypatch):
+    (tmp_path / "run").mkdir()
+    fake_disk(monkeypatch, tmp_path, free_now=1000)
+    n = whole_run[0].trainable_parameters
+    needed = (checkpoint_room(n) + adapter_bytes(n)) / MB
+    with pytest.raises(TrainingError, match=rf"Not enough disk space in {tmp_path / 'run'} for this run \(one "
+                                            rf"checkpoint and the adapter\): 0\.0 MB free, {needed:.1f} MB needed\. "
+                                            r"Free some space .*Empty trash"):
+        train(config(tmp_path, data_dir, max_steps=6), progress=False)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []  # nothing written, the lock given back
+
+
+LOCK_HOLDER = """
+import sys, time
+from helpers.support.lock import FolderLock
+with FolderLock(sys.argv[1], "training text_aware (notebook 03)"):
+    print("held", flush=True)
+    time.sleep(300)
+"""
+
+
+def test_a_second_writer_on_a_run_folder_stops_at_once_and_deletes_nothing(data_dir, whole_run, tmp_path):
+    run_dir = copy_of_whole_run(whole_run, tmp_path)
+    before = file_hashes(run_dir)
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).parents[2])
+    try:
+        assert holder.stdout.readline() == "held\n"
+        t0 = time.perf_counter()
+        with pytest.raises(TrainingError, match=rf"{run_dir} is in use by pid {holder.pid} on .* \(training text_aware "
+                                                r"\(notebook 03\)\) since .*IPA_BREAK_LOCK=1"):
+            train(config(tmp_path, data_dir, max_steps=6, keep_checkpoints=3, fresh_start=True), progress=False)
+        assert time.perf_counter() - t0 < 5  # at once: before the data, the model or the fresh start
+        with pytest.raises(SystemExit, match=rf"error: {run_dir} is in use by pid {holder.pid}"):
+            train_main(["--profile", "tiny", "--data-dir", str(data_dir), "--output-dir", str(run_dir)])
+    finally:
+        holder.kill()
+        holder.wait()
+    after = file_hashes(run_dir)
+    assert after.pop(".lock.json") and after == before  # the fresh start deleted nothing
+
+
+SECOND_WRITER = """
+import sys
+from helpers.support.lock import FolderInUse, FolderLock
+try:
+    FolderLock(sys.argv[1], "python -m helpers.train").acquire()
+except FolderInUse as e:
+    print(e)
+"""
+
+
+def test_a_training_run_holds_its_folder_from_before_a_fresh_start_to_its_end(data_dir, tmp_path, monkeypatch):
+    refusals = []
+
+    def prepare_with_a_second_writer(config, **kw):  # prepare_run: the data, the fresh start, the model
+        refusals.append(subprocess.run([sys.executable, "-c", SECOND_WRITER, config.output_dir], capture_output=True,
+                                       text=True, cwd=Path(__file__).parents[2]).stdout)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop_module, "prepare_run", prepare_with_a_second_writer)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path, data_dir, fresh_start=True), progress=False)
+    assert f"{tmp_path / 'run'} is in use by pid {os.getpid()}" in refusals[0] and "(training text_aware)" in refusals[0]
+    assert not (tmp_path / "run" / ".lock.json").exists()  # given back, also when interrupted
+
+
+def test_out_of_memory_names_the_setting_a_resume_accepts(data_dir, tmp_path, monkeypatch):
+    real_loss, calls = diffusion_loss, []
+
+    def out_of_memory_at_step_2(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_loss(*args, **kw)
+
+    monkeypatch.setattr(step_module, "diffusion_loss", out_of_memory_at_step_2)
+    with pytest.raises(TrainingError, match=r"out of GPU memory at step 2, batch size 4 per process \(no\)\. Turn on "
+                                            r"gradient checkpointing \(--gradient-checkpointing, GRADIENT_CHECKPOINTING.*"
+                                            r"a resume accepts it, and it resumes from ckpt-000001\. A smaller batch "
+                                            r"\(--batch-size, BATCH_SIZE\) changes the recipe, which a resume refuses: "
+                                            r"it needs --fresh-start \(FRESH_START"):
+        train(config(tmp_path, data_dir, max_steps=2, checkpoint_every=1), progress=False)
+    assert "gradient_checkpointing" not in RESUME_SETTINGS and "batch_size" in RESUME_SETTINGS  # as the advice says
+    resumed = train(config(tmp_path, data_dir, max_steps=1, checkpoint_every=1, gradient_checkpointing=True),
+                    progress=False)
+    assert resumed.resumed_from == 1  # the advice keeps the run: a resume with checkpointing on is accepted
