@@ -8,7 +8,8 @@ The lock is `.lock.json` in the folder: {"owner", "pid", "host", "purpose", "sin
 stops at once with FolderInUse: "in use by pid N on HOST since T, last seen S ago". A lock whose heartbeat is
 older than `stale_after` (default STALE_MINUTES, env IPA_LOCK_STALE_MINUTES) is stale, whatever its host and
 pid, and is taken over with a line that says so: after a Colab disconnect the new machine has another host name
-and the old pid means nothing there, so only the heartbeat can tell. IPA_BREAK_LOCK=1 (or force=True) takes a
+and the old pid means nothing there, so only the heartbeat can tell. On the lock's own host a writer whose
+process is gone (a kill -9, a restarted kernel) is stale at once: the same command can be run again straight away. IPA_BREAK_LOCK=1 (or force=True) takes a
 lock that is not stale, for the day a user knows better.
 
 The processes of one `torchrun`/`accelerate launch` share one lock: its owner is the launch (TORCHELASTIC_RUN_ID,
@@ -67,6 +68,21 @@ def _ago(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def _process_gone(info: dict) -> bool:
+    """Whether the lock's writer ran on this machine and its process no longer exists (a kill -9, a restarted
+    kernel). Only a same-host check can tell; another host's pid means nothing here, so there only the
+    heartbeat decides."""
+    if info.get("host") != socket.gethostname() or not isinstance(info.get("pid"), int):
+        return False
+    try:
+        os.kill(info["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists, owned by someone else
+        return False
+    return False
 
 
 def read_lock(folder) -> dict | None:
@@ -140,13 +156,15 @@ class FolderLock:
                     self.held, self.nested = True, not _is_main_rank() or self._held_here()
                     return self
                 age = time.time() - float(info.get("seen", 0))
-                if age <= self.stale_after and not self.force:
+                gone = _process_gone(info)
+                if age <= self.stale_after and not self.force and not gone:
                     raise FolderInUse(
                         f"{self.folder} is {describe_lock(info)}. Two writers on one folder would mix or lose "
                         f"their files. Wait for it to finish, or use another folder. If no other notebook or "
                         f"command writes there (a Colab session that died leaves its lock, which goes stale "
                         f"{_ago(self.stale_after)} after its last beat), set {BREAK_ENV}=1 to take it over now.")
-                why = "forced" if age <= self.stale_after else f"stale: no heartbeat for {_ago(age)}"
+                why = (f"stale: no heartbeat for {_ago(age)}" if age > self.stale_after else
+                       "its process is gone from this machine" if gone else "forced")
                 self.say(f"{self.folder}: taking over the lock of pid {info.get('pid', '?')} on "
                          f"{info.get('host', '?')} ({why}).")
                 self._remove_if(info)

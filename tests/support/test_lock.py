@@ -40,18 +40,28 @@ def test_a_second_writer_stops_at_once_naming_the_first(tmp_path):
         p.wait()
 
 
-def test_a_killed_writer_leaves_a_lock_that_goes_stale_and_is_taken_over(tmp_path):
+def test_a_writer_killed_on_this_machine_leaves_a_lock_taken_over_at_once(tmp_path):
     p = _other_process_holds(tmp_path)
-    p.kill()  # kill -9: its lock stays
+    p.kill()  # kill -9: its lock stays, with a fresh heartbeat
     p.wait()
     assert read_lock(tmp_path)["pid"] == p.pid
-    with pytest.raises(FolderInUse):  # its heartbeat is fresh: pid and host cannot tell it is dead
+    said = []
+    with FolderLock(tmp_path, say=said.append):  # same host, process gone: stale at once
+        assert read_lock(tmp_path)["pid"] == os.getpid()
+    assert "process is gone" in said[0] and f"pid {p.pid}" in said[0]
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_another_hosts_lock_goes_stale_only_by_its_heartbeat(tmp_path):
+    """After a Colab disconnect the new machine has another host name, and the old pid means nothing here."""
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"owner": "vm-1/pid/999999", "pid": 999999, "host": "vm-1",
+                                                  "since": time.time(), "seen": time.time()}))
+    with pytest.raises(FolderInUse, match="pid 999999 on vm-1"):
         FolderLock(tmp_path).acquire()
     said = []
     with FolderLock(tmp_path, stale_after=0.0, say=said.append):  # older than the stated age: stale
         assert read_lock(tmp_path)["pid"] == os.getpid()
-    assert "stale" in said[0] and f"pid {p.pid}" in said[0]
-    assert not (tmp_path / LOCK_FILE).exists()
+    assert "stale" in said[0]
 
 
 def test_the_setting_overrides_a_live_lock(tmp_path, monkeypatch):
