@@ -50,15 +50,17 @@ def main(argv=None):
                           eval_scales=tuple(float(s) for s in args.scales.split(",")) if args.scales.strip() else None,
                           eval_seeds=tuple(int(s) for s in args.seeds.split(",")) if args.seeds.strip() else None,
                           eval_batch_size=args.batch_size)
-    with FolderLock(out_dir, LOCK_PURPOSE):  # before minutes of loading: a second writer stops at once
-        return _evaluate(profile, data_dir, runs_dir, out_dir, args.extra_models)
+    with FolderLock(out_dir, LOCK_PURPOSE) as lock:  # before minutes of loading: a second writer stops at once
+        return _evaluate(profile, data_dir, runs_dir, out_dir, args.extra_models, lock)
 
 
-def _evaluate(profile, data_dir, runs_dir, out_dir, extra_models):
-    """The grid, its summary and its headline, written to out_dir (whose lock the caller holds)."""
+def _evaluate(profile, data_dir, runs_dir, out_dir, extra_models, lock):
+    """The grid, its summary and its headline, written to out_dir (whose lock the caller holds and beats)."""
     prep = use_prepared(data_dir, profile, progress=False)
     references, prompts = protocol(profile, prep)
+    lock.beat()
     bank = load_models(profile, runs_dir, extra=parse_models(extra_models), baselines=True)
+    lock.beat()
     result = run_grid(bank, references, prompts, train=prep.train, out_dir=out_dir, **grid_settings(profile))
     write_text(out_dir / "summary.csv", summarize(result.rows).to_csv(index=False))
     text = headline(result.rows, random_weights=profile.random_weights)

@@ -171,7 +171,9 @@ def run_grid(bank, references: Sequence[Reference], prompts: Sequence[PromptSpec
     identities = {m: _identity(bank, m) for m in models}
     out_dir = Path(out_dir) if out_dir is not None else None
     with FolderLock(out_dir, LOCK_PURPOSE) if out_dir is not None else contextlib.nullcontext() as lock:
-        clip_s, dino_s = get_clip(clip), get_dino(dino)
+        clip_s, dino_s = get_clip(clip), get_dino(dino)  # loaded once per process (a first download takes a while)
+        if lock is not None:
+            lock.beat()
         results = ResultsFile(out_dir / "results.csv" if out_dir is not None else None, clip_model=clip_s.name,
                               dino_model=dino_s.name)
         if results.dropped_partial_line:
