@@ -2,6 +2,9 @@
 prompts, models, scales, seeds, scorers), written to --out-dir row by row; run it again to resume.
 
     python -m helpers.evaluate --profile full [--references N --scales 0.3,0.5 ...]
+
+It holds --out-dir's lock (helpers.support.lock) from start to end: a second command or notebook 05 on the same
+folder stops at once. Out of GPU memory: run it again with a smaller --batch-size; it resumes.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from ..sample.bank import load_models
 from ..sample.registry import parse_models
 from ..support.atomic import write_text
 from ..support.env import output_root, quiet_libraries
-from .grid import run_grid
+from ..support.lock import FolderLock
+from .grid import LOCK_PURPOSE, run_grid
 from .headline import headline
 from .protocol import grid_settings, protocol
 from .stats import summarize
@@ -33,6 +37,8 @@ def main(argv=None):
     ap.add_argument("--edits-per-reference", type=int, help="edit prompts per reference (default: the profile's)")
     ap.add_argument("--scales", default="", help="IP-Adapter scales, e.g. 0.3,0.5,0.7,1.0 (default: the profile's)")
     ap.add_argument("--seeds", default="", help="seeds, e.g. 0,1 (default: the profile's)")
+    ap.add_argument("--batch-size", type=int, help="images per pipeline call (default: the profile's, else as many "
+                    "as fit the GPU); lower it after an out-of-memory error, and rerun: it resumes")
     ap.add_argument("--extra-models", default="", help="more adapters, 'name=user/repo, folder' (as in 04 and 05)")
     args = ap.parse_args(argv)
     quiet_libraries()  # the same harmless library noise the notebooks drop
@@ -42,10 +48,19 @@ def main(argv=None):
     profile = get_profile(args.profile, eval_num_references=args.references,
                           eval_edits_per_reference=args.edits_per_reference,
                           eval_scales=tuple(float(s) for s in args.scales.split(",")) if args.scales.strip() else None,
-                          eval_seeds=tuple(int(s) for s in args.seeds.split(",")) if args.seeds.strip() else None)
+                          eval_seeds=tuple(int(s) for s in args.seeds.split(",")) if args.seeds.strip() else None,
+                          eval_batch_size=args.batch_size)
+    with FolderLock(out_dir, LOCK_PURPOSE) as lock:  # before minutes of loading: a second writer stops at once
+        return _evaluate(profile, data_dir, runs_dir, out_dir, args.extra_models, lock)
+
+
+def _evaluate(profile, data_dir, runs_dir, out_dir, extra_models, lock):
+    """The grid, its summary and its headline, written to out_dir (whose lock the caller holds and beats)."""
     prep = use_prepared(data_dir, profile, progress=False)
     references, prompts = protocol(profile, prep)
-    bank = load_models(profile, runs_dir, extra=parse_models(args.extra_models), baselines=True)
+    lock.beat()
+    bank = load_models(profile, runs_dir, extra=parse_models(extra_models), baselines=True)
+    lock.beat()
     result = run_grid(bank, references, prompts, train=prep.train, out_dir=out_dir, **grid_settings(profile))
     write_text(out_dir / "summary.csv", summarize(result.rows).to_csv(index=False))
     text = headline(result.rows, random_weights=profile.random_weights)
@@ -56,4 +71,12 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from ..support.disk import DiskFull
+    from ..support.lock import FolderInUse
+    from .grid import EvaluationOutOfMemory
+    from .results import ResultsFileError
+
+    try:
+        main()
+    except (DiskFull, EvaluationOutOfMemory, FolderInUse, ResultsFileError) as e:  # our messages say what to do
+        raise SystemExit(f"python -m helpers.evaluate: {e}") from None

@@ -9,32 +9,65 @@ at one model and scale, is one job: generated (helpers.sample.generate.generate,
 saved, scored (helpers.evaluate.metrics: CLIP-T, CLIP-I, DINO) and appended to results.csv before the next job.
 A rerun skips the jobs already in results.csv and runs the others exactly as an uninterrupted run would
 (the same jobs, so the same batches), so its final CSV is the same, row for row and value for value.
+
+What makes it safe to stop and run again:
+- Rows know their adapter: every row carries the identity of the weights that made it (adapter_sha256, the
+  bank's helpers.sample.registry.adapter_sha256 of the model's file). A model retrained since (a new file in
+  its run folder) has a new identity: its old rows are out of date, said so, and made again; they stay in the
+  append-only file but never reach `rows`, the summary, the headline or the model card.
+- One writer per eval folder: run_grid holds out_dir's helpers.support.lock.FolderLock ("evaluation") while it
+  writes, beating at each job; a second notebook or command on the same folder stops at once (FolderInUse).
+- Images are written atomically (helpers.support.atomic.replacing); results.csv is append-only, a cut last
+  line dropped; a full disk raises helpers.support.disk.DiskFull naming the file.
+- Out of GPU memory: EvaluationOutOfMemory names the batch size (notebook 05's EVAL_BATCH_SIZE, the command's
+  --batch-size), which may change on resume. The batch is not part of a row's key, as an image depends on its
+  seed, not its batch: rows made at another batch size agree within BATCH_TOLERANCE (floating-point rounding).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from ..profile import DINO, EVAL_CLIP
-from ..sample.generate import Sample, as_list
+from ..sample.generate import MAX_BATCH, OutOfMemory, Sample, as_list, out_of_memory_advice
 from ..sample.generate import generate as generate_images
 from ..sample.references import Reference
 from ..sample.saved import sample_filename
+from ..support.atomic import replacing
+from ..support.lock import FolderLock
 from .metrics import get_clip, get_dino, x100
 from .protocol import PromptSpec, check_held_out
-from .results import ResultsFile, load_samples, row_key
+from .results import IDENTITY, ResultsFile, load_samples, row_key
 from .stats import EDIT
+
+LOCK_PURPOSE = "evaluation"  # what the eval folder's lock says its writer is
+BATCH_KNOB = ("set EVAL_BATCH_SIZE = {k} in notebook 05's Settings cell, or give python -m helpers.evaluate "
+              "--batch-size {k}")
+# How far a row's scores may move when only the batch size changes (resuming after an out-of-memory error at a
+# smaller batch): plain cosines, absolute. Measured on the tiny profile on a CPU, batch 1 against 3: pixels move by
+# at most 2 of 255, scores by at most 5e-5 (252 images, 7 models); tests/evaluate/test_grid.py checks it. Not
+# measured on a GPU in fp16, whose rounding is coarser.
+BATCH_TOLERANCE = 1e-3
+
+
+class EvaluationOutOfMemory(OutOfMemory):
+    """The GPU ran out of memory during the evaluation's generation; the message names EVAL_BATCH_SIZE /
+    --batch-size and says that it may be changed on resume."""
 
 
 def score_samples(samples, references: Sequence[Reference], prompts: Sequence[PromptSpec], *,
                   clip=EVAL_CLIP, dino=DINO, files=None) -> list[dict]:
     """One row per sample (CSV_COLUMNS): its settings, prompt kind, and CLIP-T / CLIP-I / DINO scores.
 
-    samples: objects with image, model, reference, prompt, scale, seed (steps, guidance optional), e.g.
-             helpers.sample.generate.Sample
+    samples: objects with image, model, reference, prompt, scale, seed (steps, guidance, adapter_sha256
+             optional), e.g. helpers.sample.generate.Sample
     clip, dino: ids/folders or loaded helpers.evaluate.metrics scorers (loaded once and reused)
     files: optional file name per sample (where the image was saved)
     """
@@ -54,7 +87,8 @@ def score_samples(samples, references: Sequence[Reference], prompts: Sequence[Pr
     for k, s in enumerate(samples):
         spec = kinds.get((s.reference, s.prompt), PromptSpec(s.reference, s.prompt, EDIT, ""))
         rows.append({
-            "model": s.model, "scale": float(s.scale), "reference": str(s.reference), "prompt": s.prompt,
+            "model": s.model, IDENTITY: str(getattr(s, IDENTITY, "")), "scale": float(s.scale),
+            "reference": str(s.reference), "prompt": s.prompt,
             "prompt_kind": spec.kind, "edit": spec.edit, "seed": int(s.seed),
             "steps": getattr(s, "steps", None), "guidance": getattr(s, "guidance", None),
             "clip_t": float(t[k]), "clip_t_x100": float(x100(t[k])),
@@ -70,7 +104,9 @@ class GridResult:
     """What `run_grid` made or found: one row per image of the grid (grid order), and the CSV path.
 
     n_generated / n_resumed: images made by this call / rows found in results.csv from an earlier run
-    n_other: rows of results.csv that belong to other settings (kept in the file, left out of `rows`)
+    n_other: rows of results.csv that belong to other settings or earlier adapters (kept in the file, left out
+             of `rows`)
+    n_stale: of those, the rows of an earlier adapter of a model in this grid (regenerated by this call)
     samples(rows): helpers.sample.generate.Sample objects for rows (default all), images from memory or from disk
     """
 
@@ -84,6 +120,7 @@ class GridResult:
     out_dir: Path | None = None
     references: list = field(default_factory=list, repr=False)
     images: dict = field(default_factory=dict, repr=False)  # row key -> PIL image, when nothing was saved
+    n_stale: int = 0
 
     def samples(self, rows=None) -> list:
         rows = self.rows if rows is None else list(rows)
@@ -91,17 +128,19 @@ class GridResult:
             return load_samples(rows, self.out_dir, self.references)
         refs = {r.id: r.image for r in self.references}
         return [Sample(self.images[row_key(r)], r["model"], r["reference"], r["prompt"], r["scale"], r["seed"],
-                                r["steps"], r["guidance"], reference_image=refs.get(r["reference"])) for r in rows]
+                       r["steps"], r["guidance"], reference_image=refs.get(r["reference"]), adapter_sha256=r[IDENTITY])
+                for r in rows]
 
 
-def _grid_jobs(models, scales, references, prompts, seeds, steps, guidance):
+def _grid_jobs(models, identities, scales, references, prompts, seeds, steps, guidance):
     """The grid in generation order, one unit per pipeline job list: (model, scale, reference, prompts,
     [row keys of its prompts x seeds])."""
     by_ref = {r.id: [p.prompt for p in prompts if p.reference == r.id] for r in references}
     for m in models:
         for s in scales:
             for r in references:
-                keys = [(m, float(s), r.id, p, int(seed), int(steps), float(guidance)) for p in by_ref[r.id] for seed in seeds]
+                keys = [(m, identities[m], float(s), r.id, p, int(seed), int(steps), float(guidance))
+                        for p in by_ref[r.id] for seed in seeds]
                 if keys:
                     yield m, float(s), r, by_ref[r.id], keys
 
@@ -112,47 +151,84 @@ def run_grid(bank, references: Sequence[Reference], prompts: Sequence[PromptSpec
     """Generate every model x scale x reference x prompt x seed and score each image, writing as it goes.
 
     train:    the training split: references found in it are refused (check_held_out) before anything runs
-    bank:     helpers.sample.bank.load_models(...); models: names to evaluate (default: all the bank has)
+    bank:     helpers.sample.bank.load_models(...); models: names to evaluate (default: all the bank has). With a
+              stand-in `generate`, also {model name: adapter identity} (the stand-in sets Sample.adapter_sha256)
     out_dir:  where results.csv and images/ go (None: write nothing). Each reference's prompts x seeds, at
               one model and scale, are generated in one job, scored, saved and appended to results.csv
               (flushed and fsynced) before the next; a rerun with the same out_dir skips every row already
-              there and ends with the same rows and values as a run that was never interrupted
+              there and ends with the same rows and values as a run that was never interrupted. Rows of a
+              model's earlier adapter (another adapter_sha256) count as missing: they are made again. The
+              folder's lock (helpers.support.lock.FolderLock) is held throughout: another writer -> FolderInUse
     steps, guidance: default to the bank's profile (num_inference_steps, guidance_scale)
+    batch_size: images per pipeline call (default: helpers.sample.generate.pick_batch_size); out of GPU memory ->
+              EvaluationOutOfMemory, and a rerun at a smaller one resumes (rows within BATCH_TOLERANCE)
     generate: the generation function (default helpers.sample.generate.generate; tests pass a stand-in)
     """
     references = list(references)
     _check_inputs(references, prompts, train)
     steps, guidance = _steps_and_guidance(bank, steps, guidance)
     models = list(getattr(bank, "names", bank) if models is None else as_list(models))
-    clip_s, dino_s = get_clip(clip), get_dino(dino)
+    identities = {m: _identity(bank, m) for m in models}
     out_dir = Path(out_dir) if out_dir is not None else None
-    results = ResultsFile(out_dir / "results.csv" if out_dir is not None else None, clip_model=clip_s.name,
-                          dino_model=dino_s.name)
-    if results.dropped_partial_line:
-        print(f"{results.path}: dropped a last line cut short by an interruption")
-    jobs = list(_grid_jobs(models, scales, references, prompts, seeds, steps, guidance))
-    planned = [k for *_, keys in jobs for k in keys]
-    resumed = sum(results.has(k) for k in planned)
-    if resumed:
-        print(f"Resuming: {resumed} of {len(planned)} images are already in {results.path}")
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    with FolderLock(out_dir, LOCK_PURPOSE) if out_dir is not None else contextlib.nullcontext() as lock:
+        clip_s, dino_s = get_clip(clip), get_dino(dino)  # loaded once per process (a first download takes a while)
+        if lock is not None:
+            lock.beat()
+        results = ResultsFile(out_dir / "results.csv" if out_dir is not None else None, clip_model=clip_s.name,
+                              dino_model=dino_s.name)
+        if results.dropped_partial_line:
+            print(f"{results.path}: dropped a last line cut short by an interruption")
+        jobs = list(_grid_jobs(models, identities, scales, references, prompts, seeds, steps, guidance))
+        planned = [k for *_, keys in jobs for k in keys]
+        n_stale = _say_stale(results, planned, identities)
+        resumed = sum(results.has(k) for k in planned)
+        if resumed:
+            print(f"Resuming: {resumed} of {len(planned)} images are already in {results.path}")
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(planned), initial=resumed, desc="generating + scoring", unit="img")
-    grid = _Grid(bank, references, prompts, results, out_dir, tuple(seeds), steps, guidance, batch_size,
-                 generate or generate_images, clip_s, dino_s)
-    for model, scale, ref, ref_prompts, keys in jobs:
-        if not all(results.has(k) for k in keys):
-            grid.run_job(model, scale, ref, ref_prompts, keys)
-            if bar is not None:
-                bar.update(len(keys))
-    if bar is not None:
-        bar.close()
+            bar = tqdm(total=len(planned), initial=resumed, desc="generating + scoring", unit="img")
+        grid = _Grid(bank, references, prompts, results, out_dir, tuple(seeds), steps, guidance, batch_size,
+                     generate or generate_images, clip_s, dino_s)
+        for model, scale, ref, ref_prompts, keys in jobs:
+            if not all(results.has(k) for k in keys):
+                if lock is not None:
+                    lock.beat()
+                grid.run_job(model, scale, ref, ref_prompts, keys)
+                if bar is not None:
+                    bar.update(len(keys))
+        if bar is not None:
+            bar.close()
     by_key = {row_key(r): r for r in results.rows}
     rows = [by_key[k] for k in planned]
     return GridResult(rows, results.path, len(planned) - resumed, resumed, len(results.rows) - len(planned),
-                      grid.seconds_generating, grid.seconds_scoring, out_dir, references, grid.images)
+                      grid.seconds_generating, grid.seconds_scoring, out_dir, references, grid.images, n_stale)
+
+
+def _identity(bank, model: str) -> str:
+    """The identity of `model`'s weights: ModelBank.adapter_sha256, or a stand-in's {name: identity}."""
+    if hasattr(bank, "adapter_sha256"):
+        return str(bank.adapter_sha256(model))
+    if isinstance(bank, Mapping):
+        return str(bank[model])
+    raise TypeError(f"cannot tell which weights model {model!r} has: give a helpers.sample.bank.ModelBank, or "
+                    f"(with a stand-in generate) {{model name: adapter identity}}, not {type(bank).__name__}")
+
+
+def _say_stale(results: ResultsFile, planned: list[tuple], identities: dict[str, str]) -> int:
+    """Print, per model, how many of its rows were made by an earlier adapter (another identity) and are missing
+    for the current one: they are regenerated. Returns how many there are."""
+    wanted = {k[:1] + k[2:] for k in planned if not results.has(k)}  # the missing keys, identity left out
+    old = Counter((r["model"], r[IDENTITY]) for r in results.rows
+                  if r["model"] in identities and r[IDENTITY] != identities[r["model"]]
+                  and row_key(r)[:1] + row_key(r)[2:] in wanted)
+    for model in identities:
+        ids = {i: n for (m, i), n in old.items() if m == model}
+        if ids:
+            print(f"model {model}: {sum(ids.values())} rows of an earlier adapter (id {', '.join(ids)}) are out of "
+                  f"date; regenerating with id {identities[model]}")
+    return sum(old.values())
 
 
 def _check_inputs(references, prompts, train) -> None:
@@ -194,22 +270,44 @@ class _Grid:
         """One job: generate one reference's prompts x seeds at one model and scale, save the images (or keep
         them in `images`), score them and append their rows to results.csv."""
         start = time.perf_counter()
-        made = self.generate(self.bank, {ref.id: ref.image}, {ref.id: ref_prompts}, models=[model], scales=(scale,),
-                             seeds=self.seeds, steps=self.steps, guidance=self.guidance, batch_size=self.batch_size,
-                             concepts={p.prompt: p.concept for p in self.prompts if p.reference == ref.id},
-                             progress=False)
+        try:
+            made = self.generate(self.bank, {ref.id: ref.image}, {ref.id: ref_prompts}, models=[model],
+                                 scales=(scale,), seeds=self.seeds, steps=self.steps, guidance=self.guidance,
+                                 batch_size=self.batch_size,
+                                 concepts={p.prompt: p.concept for p in self.prompts if p.reference == ref.id},
+                                 progress=False)
+        except (OutOfMemory, torch.cuda.OutOfMemoryError) as e:
+            raise self._out_of_memory(e, model, scale, ref) from None
         self.seconds_generating += time.perf_counter() - start
-        if [row_key(s) for s in made] != keys:
-            raise RuntimeError(f"the generator returned other images than asked for ({model}, scale {scale}, {ref.id})")
+        got = [row_key(s) for s in made]
+        if got != keys:
+            i = next(i for i in range(max(len(got), len(keys))) if got[i:i + 1] != keys[i:i + 1])
+            raise RuntimeError(f"the generator returned other images than asked for ({model}, scale {scale}, "
+                               f"{ref.id}): {got[i:i + 1] or 'nothing'} where {keys[i:i + 1] or 'nothing'} was "
+                               "asked for (row_key: model, adapter identity, scale, reference, prompt, seed, steps, "
+                               "guidance)")
         start = time.perf_counter()
         files = None
         if self.out_dir is not None:
-            (self.out_dir / "images").mkdir(parents=True, exist_ok=True)
             files = [f"images/{sample_filename(s, '.jpg')}" for s in made]
             for s, f in zip(made, files):
-                s.image.convert("RGB").save(self.out_dir / f, quality=95)
+                with replacing(self.out_dir / f) as tmp:  # whole or absent, never half a JPEG
+                    s.image.convert("RGB").save(tmp, format="JPEG", quality=95)
         else:
             self.images.update((row_key(s), s.image) for s in made)
         self.results.append(score_samples(made, self.references, self.prompts, clip=self.clip, dino=self.dino,
                                           files=files))
         self.seconds_scoring += time.perf_counter() - start
+
+    def _out_of_memory(self, error, model: str, scale: float, ref: Reference) -> EvaluationOutOfMemory:
+        """The evaluation's out-of-memory error: where it happened, the batch size to lower and that a rerun
+        resumes."""
+        n = getattr(error, "batch_size", None) or self.batch_size or min(MAX_BATCH, len(self.seeds) * len(
+            [p for p in self.prompts if p.reference == ref.id]))
+        done = len(self.results.rows)
+        return EvaluationOutOfMemory(
+            f"Out of GPU memory generating {model} at IP scale {scale:g} for reference {ref.id} ({n} images per "
+            f"pipeline call). " + out_of_memory_advice(n, BATCH_KNOB) + " It can be changed on resume: run the "
+            f"evaluation again and it continues where it stopped ({done} rows are in "
+            f"{self.results.path or 'memory'}); rows made at another batch size agree within "
+            f"{BATCH_TOLERANCE:g} (plain cosine), the batch is not part of a row's key.", n)

@@ -9,6 +9,7 @@ PIL image (tests check what they hold); models are labelled by what they are (he
     bootstrap_histogram(gains)             the bootstrap draws of the headline difference, zero marked
     seed_comparison(rows)                  the seed project's "CLIP-T 0.32" (and the IP-Adapter paper's 0.588)
                                            beside ours, with why they are not comparable
+    save_figure(fig_or_image, path)        either one written atomically (the model card reads tradeoff.png)
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from __future__ import annotations
 import dataclasses
 import textwrap
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from ..sample.gallery import image_grid
+from ..support.atomic import replacing
 from ..sample.registry import BASELINES, label, model_order
 from .protocol import PromptSpec
 from .stats import CATEGORIES, EDIT, N_BOOT, OWN, MatchedGain, bootstrap_ci
@@ -29,6 +32,21 @@ SEED_PROJECT_CLIP_T = 0.32  # the seed project's reported "mean CLIP-T" (plain c
 IP_ADAPTER_TABLE1_CLIP_T = 0.588  # Ye et al. 2023, Table 1 (COCO val): empty text prompt, rescaled score
 METRIC_LABELS = {"clip_t": "CLIP-T (image vs prompt)", "clip_i": "CLIP-I (image vs reference)",
                  "dino": "DINO (image vs reference)"}
+
+
+def save_figure(figure, path, **savefig_kwargs):
+    """Write a matplotlib Figure (figure.savefig, e.g. dpi=150, bbox_inches="tight") or a PIL image to `path`
+    atomically (helpers.support.atomic.replacing: beside it, then renamed over it), the format from the suffix,
+    so a reader (the model card reads tradeoff.png) sees the old file or the new one, never half of one; a full
+    disk raises DiskFull naming the file. Returns the path."""
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    with replacing(path) as tmp:
+        if isinstance(figure, Image.Image):
+            figure.save(tmp, format={"jpg": "JPEG"}.get(fmt, fmt.upper()), **savefig_kwargs)
+        else:
+            figure.savefig(tmp, format=fmt, **savefig_kwargs)
+    return path
 
 
 def _axis_label(metric: str, clip_model: str, dino_model: str) -> str:

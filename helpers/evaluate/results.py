@@ -4,11 +4,20 @@
     results.has(key)                                  # is this image already scored?
     results.append(rows)                              # one write per batch, flushed and fsynced
 
-A row is identified by `row_key`: (model, scale, reference, prompt, seed, steps, guidance). The file is
-append-only: rows already there are never rewritten, so a rerun that skips them and appends the rest in
-the same order ends with the same bytes as a run that was never interrupted. Floats are written with
-Python's shortest round-trip repr and read back with float(), so values survive the round trip exactly.
-A last line cut short by a crash (no newline) is dropped when the file is opened.
+A row is identified by `row_key`: (model, adapter_sha256, scale, reference, prompt, seed, steps, guidance).
+adapter_sha256 is the identity of the weights that made the image (helpers.sample.registry.adapter_sha256: the
+shortened sha256 of the adapter file), so a retrained adapter's images are new rows, never an old adapter's
+scores under its name; helpers.evaluate.grid.run_grid keeps only the rows of the bank's current weights.
+The batch size is not part of the key: an image depends on its seed, not on its batch (up to rounding).
+
+The file is append-only: rows already there are never rewritten, so a rerun that skips them and appends
+the rest in the same order ends with the same bytes as a run that was never interrupted. Floats are
+written with Python's shortest round-trip repr and read back with float(), so values survive the round trip
+exactly. A last line cut short by a crash (no newline) is dropped when the file is opened; an append that
+fails (a full disk: helpers.support.disk.DiskFull naming the file) is cut back to the rows before it. Anything
+else that is not a row of this format (another version's columns, a second header line, a damaged line, a
+row repeated) raises ResultsFileError naming the file, the line and what to do. One writer at a time:
+run_grid holds the eval folder's lock (helpers.support.lock) while it appends.
 """
 
 from __future__ import annotations
@@ -22,21 +31,24 @@ from PIL import Image
 
 from ..sample.generate import Sample
 from ..support.atomic import write_text
+from ..support.disk import disk_errors
+from .stats import IDENTITY  # "adapter_sha256": the column naming the weights a row was made with
 
-CSV_COLUMNS = ("model", "scale", "reference", "prompt", "prompt_kind", "edit", "seed", "steps", "guidance",
-               "clip_t", "clip_t_x100", "clip_i", "clip_i_x100", "dino", "clip_model", "dino_model", "file")
-KEY_COLUMNS = ("model", "scale", "reference", "prompt", "seed", "steps", "guidance")
+CSV_COLUMNS = ("model", "adapter_sha256", "scale", "reference", "prompt", "prompt_kind", "edit", "seed", "steps",
+               "guidance", "clip_t", "clip_t_x100", "clip_i", "clip_i_x100", "dino", "clip_model", "dino_model", "file")
+KEY_COLUMNS = ("model", "adapter_sha256", "scale", "reference", "prompt", "seed", "steps", "guidance")
 _INTS = {"seed", "steps"}
 _FLOATS = {"scale", "guidance", "clip_t", "clip_t_x100", "clip_i", "clip_i_x100", "dino"}
+_NEW_FOLDER = "use a new eval folder (EVAL_DIR in notebook 05's Settings, --out-dir of python -m helpers.evaluate)"
 
 
 class ResultsFileError(ValueError):
-    """results.csv cannot be resumed (another format, or scored with other models)."""
+    """results.csv cannot be resumed (another format, a damaged line, or scored with other models)."""
 
 
 def row_key(row) -> tuple:
-    """The KEY_COLUMNS of a row dict or of a Sample-like object, typed: (model, scale, reference, prompt, seed,
-    steps, guidance)."""
+    """The KEY_COLUMNS of a row dict or of a Sample-like object, typed: (model, adapter_sha256, scale, reference,
+    prompt, seed, steps, guidance)."""
     get = row.get if isinstance(row, dict) else lambda k: getattr(row, k)
     return tuple(float(get(c)) if c in _FLOATS else int(get(c)) if c in _INTS else str(get(c)) for c in KEY_COLUMNS)
 
@@ -86,11 +98,47 @@ class ResultsFile:
             text = text[: text.rfind("\n") + 1]
             self.dropped_partial_line = True
             self._replace(text)
-        reader = csv.DictReader(io.StringIO(text))
-        if text and tuple(reader.fieldnames or ()) != CSV_COLUMNS:
-            raise ResultsFileError(f"{self.path} has the columns {reader.fieldnames}, not this version's "
-                                   f"{list(CSV_COLUMNS)}: use another output folder, or delete the file to start over")
-        self.rows = [_typed(r) for r in reader]
+        reader = csv.reader(io.StringIO(text))
+        header = next(reader, None)
+        if header is None:
+            return
+        if tuple(header) != CSV_COLUMNS:
+            older = IDENTITY not in header and set(header) <= set(CSV_COLUMNS)
+            raise ResultsFileError(
+                f"{self.path} has the columns {header}, not this version's {list(CSV_COLUMNS)}"
+                + (f": it was written before each row recorded the adapter that made it ({IDENTITY}), so its "
+                   "rows cannot be told from a retrained adapter's" if older else "")
+                + f". {_NEW_FOLDER[0].upper() + _NEW_FOLDER[1:]}, or move the file aside to start over.")
+        seen: dict[tuple, int] = {}
+        line = reader.line_num + 1  # where the next record starts (a quoted field may span lines)
+        for record in reader:
+            if record:
+                row = self._parse(record, line)
+                key = row_key(row)
+                if key in seen:
+                    raise ResultsFileError(
+                        f"{self.path}, line {line} repeats the image of line {seen[key]} ({', '.join(map(str, key))}): "
+                        f"two writers appended to this file. Delete one of the two lines, or {_NEW_FOLDER}.")
+                seen[key] = line
+                self.rows.append(row)
+            line = reader.line_num + 1
+
+    def _parse(self, record: list[str], line: int) -> dict:
+        """One CSV record as a typed row, or ResultsFileError naming the file and the line."""
+        where = f"{self.path}, line {line}"
+        fix = (f"Delete that line (its image is made and scored again on the next run), or move the file aside and "
+               f"{_NEW_FOLDER}.")
+        if tuple(record) == CSV_COLUMNS:
+            raise ResultsFileError(f"{where}: a second header line: two writers appended to this file at once. {fix}")
+        if len(record) != len(CSV_COLUMNS):
+            raise ResultsFileError(f"{where}: {len(record)} fields, not {len(CSV_COLUMNS)} ({','.join(record)[:120]!r}): "
+                                   f"a damaged line. {fix}")
+        row = dict(zip(CSV_COLUMNS, record))
+        try:
+            return _typed(row)
+        except ValueError:
+            bad = next(c for c in row if c in _FLOATS | _INTS and not _parses(c, row[c]))
+            raise ResultsFileError(f"{where}: {bad} is {row[bad]!r}, not a number: a damaged line. {fix}") from None
 
     def _replace(self, text: str) -> None:
         write_text(self.path, text, fsync=True)
@@ -99,19 +147,41 @@ class ResultsFile:
         return key in self._keys
 
     def append(self, rows) -> None:
-        """Append rows (dicts with CSV_COLUMNS) in one write, then flush and fsync: on disk before it returns."""
+        """Append rows (dicts with CSV_COLUMNS) in one write, then flush and fsync: on disk before it returns.
+        A write that fails (a full disk: DiskFull naming the file) leaves the file as it was before it."""
         rows = [r for r in rows if row_key(r) not in self._keys]
         if not rows:
             return
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            new = not self.path.is_file() or self.path.stat().st_size == 0
-            with open(self.path, "a", newline="") as f:
-                f.write((",".join(CSV_COLUMNS) + "\n" if new else "") + format_rows(rows))
-                f.flush()
-                os.fsync(f.fileno())
+            size = self.path.stat().st_size if self.path.is_file() else 0
+            try:
+                with disk_errors(self.path), open(self.path, "a", newline="") as f:
+                    f.write((",".join(CSV_COLUMNS) + "\n" if size == 0 else "") + format_rows(rows))
+                    f.flush()
+                    os.fsync(f.fileno())
+            except BaseException:
+                _cut_back(self.path, size)
+                raise
         self.rows += [_typed({c: r[c] for c in CSV_COLUMNS}) for r in rows]
         self._keys.update(row_key(r) for r in rows)
+
+
+def _parses(column: str, value: str) -> bool:
+    try:
+        (float if column in _FLOATS else int)(value)
+        return True
+    except ValueError:
+        return False
+
+
+def _cut_back(path: Path, size: int) -> None:
+    """Truncate path to `size` bytes (an append that failed part way): needs no free space. Best effort: what
+    cannot be cut here is a last line without its newline, which the next open drops."""
+    try:
+        os.truncate(path, size)
+    except OSError:
+        pass
 
 
 def load_samples(rows, root, references) -> list:
@@ -126,5 +196,5 @@ def load_samples(rows, root, references) -> list:
             image = im.convert("RGB")
         out.append(Sample(image, r["model"], str(r["reference"]), r["prompt"], float(r["scale"]), int(r["seed"]),
                           int(r["steps"]), float(r["guidance"]), resolution=image.width,
-                          reference_image=refs.get(str(r["reference"]))))
+                          reference_image=refs.get(str(r["reference"])), adapter_sha256=r[IDENTITY]))
     return out

@@ -1,8 +1,10 @@
 """The statistics of the evaluation: intervals over references, paired differences between models, and the
 gain in prompt following at matched consistency (helpers.evaluate.headline writes it up against every baseline).
 
-Input: rows, one per generated image (helpers.evaluate.grid.score_samples, or results.csv read back), with at least
-model, scale, reference, prompt, seed, prompt_kind, edit and the metric columns (clip_t, clip_i, dino: plain cosines).
+Input: rows, one per generated image (helpers.evaluate.grid.run_grid's result.rows), with at least model, scale,
+reference, prompt, seed, prompt_kind, edit and the metric columns (clip_t, clip_i, dino: plain cosines). Rows that
+carry adapter_sha256 must hold one adapter per model: results.csv read back whole may also hold a retrained
+model's earlier rows, and those are refused (as_frame) rather than averaged with the current ones.
 
     bootstrap_ci(values, groups)          mean and 95% t interval over *references* (the name is older than the rule)
     summarize(rows)                       per model and scale: each metric's mean [interval] (pandas DataFrame)
@@ -39,6 +41,7 @@ METRICS = ("clip_t", "clip_i", "dino")
 N_BOOT = 2000  # bootstrap draws of the matched gain (MatchedGain.boots, for its histogram; not its interval)
 LEVEL = 0.95
 PAIR_KEYS = ("scale", "reference", "prompt", "seed")  # what two models' images share when they are a pair
+IDENTITY = "adapter_sha256"  # the rows' column naming the weights that made them (helpers.evaluate.results)
 
 
 def t_quantile(p: float, df: int) -> float:
@@ -135,6 +138,13 @@ def as_frame(rows, *, prompt_kind: str | None = None, edit: str | None = None):
     frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
     if frame.empty:
         raise ValueError("no rows to summarise")
+    if IDENTITY in frame:
+        ids = frame.groupby("model")[IDENTITY].unique()
+        mixed = {m: list(v) for m, v in ids.items() if len(v) > 1}
+        if mixed:
+            raise ValueError(f"rows of more than one adapter per model ({IDENTITY}: {mixed}): results.csv keeps the "
+                             "rows of a model's earlier adapter. Use the current rows only (run_grid's result.rows, "
+                             f"or the rows whose {IDENTITY} is the bank's).")
     if prompt_kind is not None:
         frame = frame[frame["prompt_kind"] == prompt_kind]
     if edit is not None:
@@ -153,7 +163,8 @@ def backbones(rows) -> str:
 def summarize(rows, *, prompt_kind: str | None = None, edit: str | None = None, columns: Sequence[str] = METRICS):
     """A table (pandas DataFrame), one line per model and scale: its label, n references and images, and for
     each metric in `columns` its mean with the bootstrap interval over references (`<m>`, `<m>_lo`, `<m>_hi`),
-    plus `clip_t_x100`: torchmetrics' CLIPScore of those images and prompts, max(100 x mean cosine, 0).
+    plus `clip_t_x100`: torchmetrics' CLIPScore of those images and prompts, max(100 x mean cosine, 0), and,
+    when the rows carry it, the adapter_sha256 of the weights (the model card keeps only its own adapter's lines).
 
     prompt_kind: OWN or EDIT to keep only those prompts; edit: one edit category; None for all.
     """
@@ -168,6 +179,8 @@ def summarize(rows, *, prompt_kind: str | None = None, edit: str | None = None, 
             cell = frame[(frame["model"] == model) & (frame["scale"] == scale)]
             line = {"model": model, "label": label(model), "scale": float(scale),
                     "n_references": cell["reference"].nunique(), "n_images": len(cell)}
+            if IDENTITY in cell:
+                line[IDENTITY] = str(cell[IDENTITY].iloc[0])
             for m in columns:
                 line[m], line[f"{m}_lo"], line[f"{m}_hi"] = bootstrap_ci(cell[m], cell["reference"])
             if "clip_t" in columns:

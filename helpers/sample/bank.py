@@ -44,7 +44,7 @@ from ..model.conceptrol import (
     use_conceptrol,
 )
 from ..model.official_format import adapter_parameters, official_to_live
-from ..model.pipeline import load_pipeline
+from ..model.pipeline import load_pipeline, resolve_ip_adapter
 from .registry import (
     BASELINES,
     FINETUNED,
@@ -52,6 +52,7 @@ from .registry import (
     MODELS,
     PRETRAINED,
     ModelSpec,
+    adapter_sha256,
     label,
 )
 
@@ -68,6 +69,7 @@ class AdapterWeights:
     metadata: dict = field(default_factory=dict)
     ip_layers: tuple[str, ...] | None = None  # see ModelSpec
     attention: str | None = None  # see ModelSpec: "conceptrol", or None for diffusers' own processors
+    sha256: str = ""  # the identity of `source` (helpers.sample.registry.adapter_sha256), computed when loaded
 
 
 class ModelBank:
@@ -100,6 +102,11 @@ class ModelBank:
     def dtype(self) -> torch.dtype:
         return self.pipe.unet.dtype
 
+    def adapter_sha256(self, name: str) -> str:
+        """The identity of model `name`'s weights: the shortened sha256 of the file they were read from when the
+        bank was loaded (helpers.sample.registry.adapter_sha256); a baseline has its source's."""
+        return self.models[name].sha256
+
     def describe(self) -> str:
         """Which models are available and which are not, with the reason."""
         lines = []
@@ -110,7 +117,7 @@ class ModelBank:
                 f", IP-Adapter only in {', '.join(m.ip_layers)}" if m.ip_layers else "") + (
                 f", IP attention masked by the prompt's subject (global mask of {self.conceptrol_layer})"
                 if m.attention == "conceptrol" else "")
-            lines.append(f"{n} ({label(n)}): {m.variant}, {m.source}{how}")
+            lines.append(f"{n} ({label(n)}): {m.variant}, {m.source} (sha256 {m.sha256}){how}")
         lines += [f"{n}: NOT AVAILABLE - {msg}" for n, msg in self.missing.items()]
         return "\n".join(lines)
 
@@ -241,7 +248,7 @@ def _load_finetuned(pipe, name: str, path: Path, variant: str, live: dict[str, t
             raise AdapterFileError(f"{path}: {key} has shape {tuple(value.shape)}, expected {tuple(live[key].shape)}")
     params = {k: v.to(device=unet.device, dtype=unet.dtype) for k, v in params.items()}
     block = text_image_block(tensors, meta, unet).eval().requires_grad_(False) if variant == "text_aware" else None
-    return AdapterWeights(name, variant, str(path), params, block, dict(meta))
+    return AdapterWeights(name, variant, str(path), params, block, dict(meta), sha256=adapter_sha256(path))
 
 
 def _baseline_weights(name: str, spec: ModelSpec, models: dict[str, AdapterWeights]) -> AdapterWeights:
@@ -249,7 +256,7 @@ def _baseline_weights(name: str, spec: ModelSpec, models: dict[str, AdapterWeigh
     src = models[spec.source]
     block = src.block if spec.block else None
     return AdapterWeights(name, src.variant if block is not None else "vanilla", src.source, src.params, block,
-                          dict(src.metadata), spec.ip_layers, spec.attention)
+                          dict(src.metadata), spec.ip_layers, spec.attention, src.sha256)
 
 
 def load_models(profile, runs_dir=None, *, extra=None, vae=None, device=None, dtype=None, baselines=False,
@@ -280,7 +287,8 @@ def load_models(profile, runs_dir=None, *, extra=None, vae=None, device=None, dt
     unet.requires_grad_(False)
     live = adapter_parameters(unet, block=False)
     pretrained = AdapterWeights(PRETRAINED, "vanilla", str(profile.ip_adapter),
-                                {k: p.data for k, p in live.items()}, None, {})
+                                {k: p.data for k, p in live.items()}, None, {},
+                                sha256=adapter_sha256(resolve_ip_adapter(profile.ip_adapter)))
     unet.text_image_attn = None  # the zero-initialised block load_pipeline added: unused
     models, missing = {PRETRAINED: pretrained}, {}
     for name, (folder, variant) in FINETUNED.items():

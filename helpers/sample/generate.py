@@ -4,13 +4,17 @@
 
 `generate` runs diffusers' stock pipeline with precomputed image features (each reference goes through
 the image encoder once, the same call the pipeline makes), in batches, one `torch.Generator` per image,
-so an image depends on its seed and settings, not on the batch it was made in. The models are those of a
-helpers.sample.bank.ModelBank; helpers.sample.gallery lays samples out in grids, helpers.sample.saved saves
-them with their settings.
+so an image depends on its seed and settings, not on the batch it was made in (up to floating-point
+rounding: see `generate`). The models are those of a helpers.sample.bank.ModelBank; helpers.sample.gallery lays
+samples out in grids, helpers.sample.saved saves them with their settings.
+
+A pipeline call that runs out of GPU memory raises `OutOfMemory`, whose message names the knob: `batch_size`
+(images per pipeline call).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Callable
 
@@ -47,6 +51,7 @@ class Sample:
     reference_image: Image.Image | None = field(default=None, repr=False, compare=False)
     sampler: str = ""  # the pipeline's scheduler class, e.g. "DDIMScheduler"
     concept: str = ""  # Conceptrol: the prompt's words that name the subject; "" for every other model
+    adapter_sha256: str = ""  # the identity of the weights (helpers.sample.registry.adapter_sha256)
 
     def settings(self) -> dict:
         """The settings as a JSON-friendly dict (no images)."""
@@ -62,6 +67,27 @@ SETTING_NAMES = tuple(f.name for f in fields(Sample) if f.name not in ("image", 
 
 
 MAX_BATCH = 8  # images per pipeline call at most (pick_batch_size)
+
+
+class OutOfMemory(RuntimeError):
+    """The GPU ran out of memory in a pipeline call. The message names the batch size to lower (`batch_size`,
+    images per pipeline call) and what to do at 1."""
+
+    def __init__(self, message: str, batch_size: int):
+        super().__init__(message)
+        self.batch_size = batch_size
+
+
+def out_of_memory_advice(batch_size: int, knob: str) -> str:
+    """What to do after an out-of-memory error at `batch_size` images per pipeline call. knob: where to set a
+    smaller one, with {k} for the value, e.g. "pass batch_size={k} to generate()"."""
+    if batch_size > 1:
+        k = max(1, batch_size // 2)
+        return (f"Lower the batch size (images per pipeline call) from {batch_size} to {k}: {knob.format(k=k)}. "
+                f"Every image has its own seeded generator, so a smaller batch makes the same images, up to "
+                f"floating-point rounding.")
+    return ("It ran out at one image per pipeline call: free GPU memory (Runtime > Restart session, or close other "
+            "notebooks on this GPU) or lower the resolution.")
 
 
 def pick_batch_size(device, resolution: int = 512, guidance: float = 7.5) -> int:
@@ -107,7 +133,10 @@ def generate(bank: ModelBank, references: dict, prompts, *, models=None, scales=
     steps, guidance, resolution: default to the profile's (num_inference_steps, guidance_scale, resolution)
     batch_size: images per pipeline call (default pick_batch_size); a call holds one reference's prompts x
                 seeds (diffusers repeats one reference's features over a call). Results do not depend on
-                it beyond floating-point rounding: every image has its own torch.Generator(seed) on the CPU
+                it beyond floating-point rounding: every image has its own torch.Generator(seed) on the CPU,
+                and a batched matrix product may sum in another order (tests/sample/test_generate.py: pixels
+                within 2 of 255 between batch 1 and 3 on the tiny profile). Out of GPU memory: OutOfMemory,
+                whose message says to lower it
     concepts:   {prompt: the words naming its subject}, for a model that masks by them (Conceptrol); a prompt
                 not in it gets helpers.sample.concepts.subject_of(prompt), which raises ConceptNotFound when
                 no words name a subject (a prompt is never run unmasked)
@@ -124,6 +153,7 @@ def generate(bank: ModelBank, references: dict, prompts, *, models=None, scales=
     scales = [float(s) for s in as_list(scales)]
     jobs = _jobs(references, prompts, seeds)
     batch_size = int(batch_size or pick_batch_size(bank.device, call["resolution"], call["guidance"]))
+    call["batch_size"] = batch_size
     total = len(models) * len(scales) * sum(map(len, jobs.values()))
     bar = tqdm(total=total, desc="generating", unit="img") if progress is True else None
     images = {r: im.convert("RGB") for r, im in references.items()}
@@ -193,7 +223,7 @@ def _pipeline_call(bank, name: str, scale: float, ref_id: str, image, chunk, cal
     on_step = call["on_step"]
     hook = {} if on_step is None else {"callback_on_step_end": lambda _pipe, _i, _t, kw: (on_step(), kw)[1]}
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _oom_named(call, name, len(chunk)):
             result = bank.pipe(
                 prompt=[p for p, _ in chunk],
                 negative_prompt=[call["negative_prompt"]] * len(chunk) if call["cfg"] else None,
@@ -206,4 +236,20 @@ def _pipeline_call(bank, name: str, scale: float, ref_id: str, image, chunk, cal
             clear_concepts(bank.pipe.unet)
     return [Sample(im, name, ref_id, p, scale, s, call["steps"], call["guidance"], call["negative_prompt"],
                    call["resolution"], bank.models[name].variant, bank.profile.name, image,
-                   type(bank.pipe.scheduler).__name__, c) for (p, s), im, c in zip(chunk, result, concepts)]
+                   type(bank.pipe.scheduler).__name__, c, bank.models[name].sha256)
+            for (p, s), im, c in zip(chunk, result, concepts)]
+
+
+@contextlib.contextmanager
+def _oom_named(call: dict, name: str, n_images: int):
+    """torch's CUDA out-of-memory error in a pipeline call -> OutOfMemory naming the batch size to lower."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as e:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # give the failed call's blocks back before anything else runs
+        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else "CUDA out of memory"
+        raise OutOfMemory(f"Out of GPU memory generating {n_images} images of {name} in one pipeline call at "
+                          f"{call['resolution']} px ({detail}). "
+                          + out_of_memory_advice(call["batch_size"], "pass batch_size={k} to generate()"),
+                          call["batch_size"]) from None

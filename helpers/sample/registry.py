@@ -10,6 +10,7 @@ weights it reuses) and what it changes: `block=False`, `ip_layers` or `attention
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,34 @@ def model_order(names) -> list[str]:
     """Distinct names in MODEL_NAMES order, then any others sorted (the order of every table and plot)."""
     names = list(dict.fromkeys(names))
     return [m for m in MODEL_NAMES if m in names] + sorted(m for m in names if m not in MODEL_NAMES)
+
+
+ADAPTER_ID_DIGITS = 16  # hex digits of the sha256 kept: 64 bits, no accidental match between two files
+
+
+def adapter_sha256(path) -> str:
+    """The identity of a model's weights: the first ADAPTER_ID_DIGITS hex digits of the sha256 of the adapter file
+    they were read from (a fine-tuned adapter.safetensors, an extra model's file, or the profile's IP-Adapter file
+    for the pretrained model and its training-free baselines). Each row of notebook 05's results.csv carries it.
+
+    A content hash, not a training id: it names the weights themselves, whoever wrote the file. The pretrained
+    h94 file and a file from the Hub or another machine carry no training id; a retrained run (FRESH_START,
+    another seed) writes a new file with new bytes, so a new hash, even at the same path and settings; and a
+    file copied elsewhere keeps its hash. Reading ~100 MB once per bank load costs a fraction of loading it.
+    Cached per (path, size, modification time) within a process."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+        _SHA256[key] = digest.hexdigest()[:ADAPTER_ID_DIGITS]
+    return _SHA256[key]
+
+
+_SHA256: dict[tuple, str] = {}
 
 
 def parse_models(text: str) -> dict[str, str]:

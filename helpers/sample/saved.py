@@ -4,6 +4,11 @@
 them as JSON under "ipa-settings") and in an index.json / index.csv beside them; `png_settings` reads one
 PNG's settings, `load_saved` a whole folder back into helpers.sample.generate.Sample objects.
 `sample_filename` is the one naming of a generated image's file, here and in notebook 05's grid.
+
+Every file is written atomically (helpers.support.atomic: beside it, then renamed over it), so an interruption
+leaves the old file or the new one, never half of one; a full disk raises helpers.support.disk.DiskFull naming
+the file. The index is written once the call's images are: after an interrupted call it lists what earlier calls
+saved, and saving the same samples again writes the same file names (a hash of the settings) and lists them.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Iterable
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from ..support.atomic import write_json, write_text
+from ..support.atomic import replacing, write_json, write_text
 from .generate import SETTING_NAMES, Sample
 
 SETTINGS_KEY = "ipa-settings"  # PNG text chunk holding every setting as JSON
@@ -51,7 +56,8 @@ def save_samples(samples: Iterable[Sample], out_dir) -> list[Path]:
             info.add_text(k, str(v))
         info.add_text(SETTINGS_KEY, json.dumps(settings))
         path = out_dir / sample_filename(s)
-        s.image.save(path, pnginfo=info)
+        with replacing(path) as tmp:
+            s.image.save(tmp, format="PNG", pnginfo=info)
         index[path.name] = {"file": path.name, **settings}
         paths.append(path)
     rows = list(index.values())

@@ -16,7 +16,7 @@ from ..data.prepare import read_manifest
 from ..model.adapter_file import ADAPTER_FILE
 from ..model.official_format import BLOCK_PREFIX
 from ..profile import RICK_AND_MORTY
-from ..sample.registry import FINETUNED
+from ..sample.registry import FINETUNED, adapter_sha256
 from ..train.config import read_run_settings
 from ..train.loss_log import LOSS_LOG, read_loss_log
 
@@ -107,7 +107,9 @@ class Evaluation:
 
 
 def read_evaluation(eval_dir, run: RunInfo, *, profile: str | None = None) -> Evaluation | None:
-    """This run's rows of notebook 05's summary.csv (None when eval_dir has no summary or no such model).
+    """This run's rows of notebook 05's summary.csv (None when eval_dir has no summary or no such model, or when
+    its rows were made by other weights than run.adapter's: their adapter_sha256 is not the file's, as after a
+    retraining; then a line says so).
 
     profile: the profile notebook 05 ran with (its files do not record it); default: the run's own."""
     eval_dir = Path(eval_dir)
@@ -116,8 +118,15 @@ def read_evaluation(eval_dir, run: RunInfo, *, profile: str | None = None) -> Ev
     if not summary.is_file():
         return None
     with open(summary, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("model") == model]
+        of_model = [r for r in csv.DictReader(f) if r.get("model") == model]
+    if not of_model:
+        return None
+    current = adapter_sha256(run.adapter)
+    rows = [r for r in of_model if r.get("adapter_sha256") == current]
     if not rows:
+        print(f"{summary}: notebook 05's numbers for {model} are not of {run.adapter} (sha256 {current}; theirs: "
+              f"{', '.join(sorted({r.get('adapter_sha256') or 'not recorded' for r in of_model}))}), so the card "
+              "leaves them out. Run notebook 05 again to evaluate these weights.")
         return None
     clip_model = ""
     if (eval_dir / "results.csv").is_file():

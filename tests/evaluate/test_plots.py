@@ -91,3 +91,33 @@ def test_bootstrap_histogram_marks_zero_and_the_interval():
     assert label("pretrained") in ax.get_title().replace("\n", " ")
     with pytest.raises(ValueError, match="no bootstrap draws"):
         bootstrap_histogram([None])
+
+
+def test_save_figure_writes_whole_files_or_keeps_the_old_one(tmp_path, monkeypatch):
+    """Figures and grids go to disk atomically (the model card reads tradeoff.png): a full disk during the write
+    (patched) raises DiskFull naming the file and keeps the old picture, with no temporary left."""
+    import errno
+
+    import matplotlib.pyplot as plt
+
+    from helpers.evaluate.plots import save_figure
+    from helpers.support.disk import DiskFull
+
+    rows = synthetic_rows(dict.fromkeys(MODEL_NAMES[:2], 0.0), n_refs=3)
+    fig = tradeoff_plot(summarize(rows, prompt_kind=EDIT))
+    path = save_figure(fig, tmp_path / "tradeoff.png", dpi=50)
+    grid = save_figure(Image.new("RGB", (8, 8), "red"), tmp_path / "grid.jpg")
+    with Image.open(path) as a, Image.open(grid) as b:
+        assert a.format == "PNG" and b.format == "JPEG"
+    old = path.read_bytes()
+
+    def full(self, fname, **kw):
+        with open(fname, "wb") as f:
+            f.write(b"half a png")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(type(fig), "savefig", full)
+    with pytest.raises(DiskFull, match="tradeoff.png"):
+        save_figure(fig, path, dpi=50)
+    plt.close(fig)
+    assert path.read_bytes() == old and sorted(p.name for p in tmp_path.iterdir()) == ["grid.jpg", "tradeoff.png"]

@@ -3,7 +3,8 @@ diffusion here), results written row by row and resumed; the command line on the
 
 import pandas as pd
 import pytest
-from PIL import Image, ImageOps
+from _grid import EDITS, Interrupted, fake_generate, grid, identities, interrupted_after, split  # noqa: F401
+from PIL import ImageOps
 
 import helpers.evaluate.grid as grid_module
 from helpers.data.prepare import use_prepared
@@ -32,61 +33,9 @@ from helpers.evaluate.results import (
     ResultsFileError,
 )
 from helpers.evaluate.stats import EDIT, OWN
-from helpers.sample.generate import Sample, generate
+from helpers.sample.generate import generate
 from helpers.sample.references import Reference, pick_references
 from helpers.sample.registry import MODEL_NAMES
-
-
-def fake_generate(bank, references, prompts, *, models=None, scales=(1.0,), seeds=(0,), steps=2, guidance=7.5,
-                  **kwargs):
-    """Like helpers.sample.generate.generate: models x scales x references x prompts x seeds, in that order.
-    The "image" is the reference blended towards grey, more so at low scale, tinted per model and seed."""
-    out = []
-    for m in models or bank:
-        tint = (37 * len(m) % 100, 50, 17 * (MODEL_NAMES.index(m) if m in MODEL_NAMES else 5))
-        for s in scales:
-            for r, image in references.items():
-                grey = Image.new("RGB", image.size, tint)
-                for p in prompts[r]:
-                    for seed in seeds:
-                        blended = Image.blend(grey, image, s * (1 - 0.1 * seed) * (0.8 + 0.05 * (len(p) % 4)))
-                        out.append(Sample(blended, m, r, p, s, seed, steps, guidance))
-    return out
-
-
-class Interrupted(RuntimeError):
-    pass
-
-
-def interrupted_after(n_images):
-    """fake_generate that raises once it has made n_images (a disconnect in the middle of the grid)."""
-    made = []
-
-    def generate(*args, **kwargs):
-        if len(made) >= n_images:
-            raise Interrupted(f"stopped after {len(made)} images")
-        out = fake_generate(*args, **kwargs)
-        made.extend(out)
-        return out
-
-    generate.made = made
-    return generate
-
-
-@pytest.fixture(scope="module")
-def split(tiny_profile, tmp_path_factory):
-    """Notebook 01's leak-free split of the tiny dataset (helpers.data), as lists of rows."""
-    from helpers.data.prepare import prepare_dataset
-
-    prep = prepare_dataset(tiny_profile.dataset, tmp_path_factory.mktemp("data"), resolution=tiny_profile.resolution,
-                           test_fraction=tiny_profile.test_fraction, seed=0, progress=False)
-    return [prep.train[i] for i in range(len(prep.train))], [prep.test[i] for i in range(len(prep.test))]
-
-
-EDITS = {"setting": ["a cartoon character on a beach", "a cartoon character in a forest at night"],
-         "outfit": ["a cartoon character wearing a red hat", "a cartoon character wearing a black coat"],
-         "action": ["a cartoon character dancing", "a cartoon character eating"],
-         "style": ["a watercolor painting of a character", "a pixel art character"]}
 
 
 def test_references_one_per_group_from_the_test_split(split):
@@ -164,16 +113,6 @@ def test_edits_spread_over_every_prompt_and_never_repeat_the_caption():
         assert len(mine) == 2 and caption not in [s.prompt for s in mine]
 
 
-def grid(split, tiny_profile, out_dir, generate=fake_generate, models=MODEL_NAMES, **kw):
-    train, test = split
-    refs = pick_references(test, 3)
-    specs = build_prompts(refs, EDITS, 1)
-    result = run_grid(list(models), refs, specs, train=train, scales=(0.5, 1.0), seeds=(0, 1), out_dir=out_dir,
-                      clip=tiny_profile.eval_clip, dino=tiny_profile.dino, steps=2, guidance=7.5, generate=generate,
-                      progress=False, **kw)
-    return result, refs, specs
-
-
 def test_grid_writes_one_csv_row_per_image_for_every_model(split, tiny_profile, tmp_path):
     result, refs, specs = grid(split, tiny_profile, tmp_path)
     n = grid_size(len(specs), len(MODEL_NAMES), 2, 2)
@@ -190,8 +129,9 @@ def test_grid_writes_one_csv_row_per_image_for_every_model(split, tiny_profile, 
 
     k = 5
     row = result.rows[k]
-    s = fake_generate([row["model"]], {row["reference"]: next(r.image for r in refs if r.id == row["reference"])},
-                      {row["reference"]: [row["prompt"]]}, scales=(row["scale"],), seeds=(row["seed"],))[0]
+    s = fake_generate(identities(MODEL_NAMES), {row["reference"]: next(r.image for r in refs if r.id == row["reference"])},
+                      {row["reference"]: [row["prompt"]]}, models=[row["model"]], scales=(row["scale"],),
+                      seeds=(row["seed"],))[0]
     ref = next(r for r in refs if r.id == s.reference)
     assert row["clip_i"] == pytest.approx(float(clip_i([s.image], [ref.image], clip=tiny_profile.eval_clip)[0]), abs=1e-5)
     assert row["clip_t"] == pytest.approx(float(clip_t([s.image], [s.prompt], clip=tiny_profile.eval_clip)[0]), abs=1e-5)
@@ -323,3 +263,27 @@ def test_command_line_runs_the_protocol_and_resumes(tiny_profile, runs, tmp_path
     assert set(table["model"]) == set(MODEL_NAMES) and len(table) == len(whole.rows) == len(MODEL_NAMES) * len(prompts)
     assert set(zip(table["reference"].astype(str), table["prompt"])) == {(p.reference, p.prompt) for p in prompts}
     assert (tmp_path / "whole" / "summary.csv").is_file() and (tmp_path / "whole" / "headline.txt").is_file()
+
+
+def test_command_line_stops_at_once_when_another_writer_holds_the_folder(tmp_path):
+    """python -m helpers.evaluate takes --out-dir's lock before loading anything: with notebook 05 (here, another
+    process holding the lock as it does) on the same folder, it stops at once and names the other writer."""
+    import subprocess
+    import sys
+    import time
+
+    from helpers.support.lock import FolderInUse
+
+    hold = ("import sys\nfrom helpers.support.lock import FolderLock\n"
+            "with FolderLock(sys.argv[1], 'evaluation'):\n    print('held', flush=True)\n    sys.stdin.readline()\n")
+    other = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / "eval")], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "held"
+        start = time.perf_counter()
+        with pytest.raises(FolderInUse, match=f"in use by pid {other.pid} .*evaluation.* since"):
+            evaluation_main(["--profile", "tiny", "--data-dir", str(tmp_path / "data"), "--batch-size", "1",
+                             "--out-dir", str(tmp_path / "eval")])
+        assert time.perf_counter() - start < 5 and not (tmp_path / "data").exists()  # nothing loaded or prepared
+    finally:
+        other.communicate("\n", timeout=30)

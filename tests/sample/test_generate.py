@@ -1,5 +1,6 @@
 """helpers.sample.generate: deterministic batched generation, and held-out references from the test split."""
 import numpy as np
+import torch
 import pytest
 from _samples import pixels
 from PIL import Image
@@ -80,3 +81,47 @@ def test_held_out_references_carry_their_captions(tiny_profile, tmp_path):
     test = load_prepared(tmp_path / "data").test
     own = dict(zip(map(str, test["id"]), test["text"]))
     assert set(refs.captions) == set(refs) and all(refs.captions[i] == own[i] for i in refs)
+
+
+def test_samples_carry_the_identity_of_their_weights(bank, references, runs, tiny_profile):
+    """Each Sample names the file its model's weights came from by content (helpers.sample.registry.adapter_sha256):
+    a fine-tuned model its adapter.safetensors, the pretrained model the profile's IP-Adapter file."""
+    import hashlib
+
+    out = generate(bank, {"ref": references["ref"]}, ["a cat"], models=["pretrained", "finetuned-text-aware"],
+                   steps=STEPS, progress=False)
+    files = {"pretrained": tiny_profile.ip_adapter, "finetuned-text-aware": runs[1]["finetuned-text-aware"]}
+    for s in out:
+        with open(files[s.model], "rb") as f:
+            assert s.adapter_sha256 == hashlib.sha256(f.read()).hexdigest()[:16] == bank.adapter_sha256(s.model)
+    assert out[0].adapter_sha256 != out[1].adapter_sha256
+
+
+def test_out_of_memory_in_a_pipeline_call_names_the_batch_size(bank, references, monkeypatch):
+    """torch's CUDA out-of-memory error (raised by a patched pipeline call: no GPU here) becomes OutOfMemory,
+    which says which setting to lower and to what; then a smaller batch gives the same images."""
+    from helpers.sample.generate import OutOfMemory
+
+    kwargs = dict(models=["pretrained"], seeds=(0, 1, 2, 3), steps=STEPS, progress=False)
+    pipeline = type(bank.pipe)
+    real_call = pipeline.__call__
+
+    def call(self, *a, **k):
+        if len(k["prompt"]) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+        return real_call(self, *a, **k)
+
+    monkeypatch.setattr(pipeline, "__call__", call)
+    with pytest.raises(OutOfMemory, match=r"Out of GPU memory generating 4 images of pretrained in one pipeline call "
+                                          r"at 64 px \(CUDA out of memory.*from 4 to 2: pass batch_size=2 to "
+                                          r"generate\(\)") as caught:
+        generate(bank, {"ref": references["ref"]}, ["a cat"], batch_size=4, **kwargs)
+    assert caught.value.batch_size == 4 and caught.value.__cause__ is None  # our message, not torch's traceback
+    smaller = generate(bank, {"ref": references["ref"]}, ["a cat"], batch_size=2, **kwargs)
+    monkeypatch.undo()
+    one_by_one = generate(bank, {"ref": references["ref"]}, ["a cat"], batch_size=1, **kwargs)
+    assert all(np.abs(pixels(a.image) - pixels(b.image)).max() <= 2 for a, b in zip(smaller, one_by_one))
+    monkeypatch.setattr(pipeline, "__call__", lambda self, *a, **k: (_ for _ in ()).throw(
+        torch.cuda.OutOfMemoryError("CUDA out of memory")))
+    with pytest.raises(OutOfMemory, match="at one image per pipeline call: free GPU memory"):
+        generate(bank, {"ref": references["ref"]}, ["a cat"], batch_size=1, **kwargs)

@@ -33,3 +33,31 @@ def test_saved_settings_round_trip(tmp_path):
     with pytest.raises(ValueError, match="no 'ipa-settings'"):
         Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
         png_settings(tmp_path / "plain.png")
+
+
+def test_a_full_disk_names_the_file_and_leaves_no_half_image(tmp_path, monkeypatch):
+    """ENOSPC from the PNG writer (patched): DiskFull naming the file, the old file and index as they were, no
+    temporary left; saving again gives what an uninterrupted save gives."""
+    import errno
+
+    from helpers.support.disk import DiskFull
+
+    samples = fake_samples(scales=(0.5,))
+    first = save_samples(samples[:1], tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real_save = Image.Image.save
+
+    def save(self, fp, format=None, **kw):
+        real_save(self, fp, format, **kw)  # the bytes went out, then the disk was full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    with pytest.raises(DiskFull, match=f"could not write .*{first[0].name[:20]}"):
+        save_samples(samples, tmp_path)  # the first file again: its old copy must survive
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    paths = save_samples(samples, tmp_path)
+    whole = tmp_path / "whole"
+    assert [p.name for p in paths] == [p.name for p in save_samples(samples, whole)]
+    assert all(p.read_bytes() == (whole / p.name).read_bytes() for p in paths)
+    assert (tmp_path / "index.json").read_text() == (whole / "index.json").read_text()

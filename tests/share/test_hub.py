@@ -26,7 +26,7 @@ from helpers.model.official_format import adapter_state_dict, official_to_live
 from helpers.model.pipeline import load_pipeline, load_unet
 from helpers.profile import RICK_AND_MORTY
 from helpers.sample.bank import load_models
-from helpers.sample.registry import parse_models
+from helpers.sample.registry import adapter_sha256, parse_models
 from helpers.share.__main__ import main as hub_main
 from helpers.share.card import load_snippet
 from helpers.share.hub import HubVisibilityError, build_upload_folder, ensure_token, push_adapter
@@ -139,7 +139,9 @@ def test_full_run_card_has_hub_metadata_and_notebook_05s_table(runs, tmp_path, t
     # notebook 05's files, written as it writes them
     eval_dir = tmp_path / "eval"
     rng = np.random.default_rng(0)
-    rows = [{"model": m, "scale": s, "reference": f"r{r}", "prompt_kind": k, "clip_t": 0.3 - 0.1 * s + rng.normal(0, .01),
+    ids = {"pretrained": "0" * 16, "finetuned-text-aware": adapter_sha256(run / "adapter.safetensors")}  # the weights
+    rows = [{"model": m, "adapter_sha256": ids[m], "scale": s, "reference": f"r{r}", "prompt_kind": k,
+             "clip_t": 0.3 - 0.1 * s + rng.normal(0, .01),
              "clip_i": 0.6 + 0.3 * s + rng.normal(0, .01), "dino": 0.5 + 0.3 * s, "clip_model": "openai/clip-vit-large-patch14"}
             for m in ("pretrained", "finetuned-text-aware") for s in (0.5, 1.0) for r in range(4) for k in (OWN, EDIT)]
     eval_dir.mkdir()

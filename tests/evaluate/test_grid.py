@@ -1,0 +1,223 @@
+"""helpers.evaluate.grid: what makes the grid safe to stop and run again. Rows know their adapter (a retrained one
+is evaluated again, not resumed), one writer per eval folder, images written whole, a full disk and an
+out-of-memory error said plainly, and a rerun after each ends with the rows of an uninterrupted run."""
+import errno
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from _grid import fake_generate, grid, split  # noqa: F401
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import helpers.evaluate.results as results_module
+from helpers.evaluate.grid import BATCH_TOLERANCE, EvaluationOutOfMemory, run_grid
+from helpers.evaluate.headline import headline
+from helpers.evaluate.protocol import build_prompts
+from helpers.evaluate.results import ResultsFile, row_key
+from helpers.evaluate.stats import summarize
+from helpers.model.adapter_file import ADAPTER_FILE
+from helpers.sample.references import pick_references
+from helpers.sample.registry import MODEL_NAMES, adapter_sha256
+from helpers.support.disk import DiskFull
+from helpers.support.lock import FolderInUse, read_lock
+
+TWO = MODEL_NAMES[:2]
+
+
+def same_rows(a, b, tolerance=0.0):
+    """Equal by row_key, in the same order, and every value equal (scores within `tolerance`)."""
+    assert [row_key(r) for r in a] == [row_key(r) for r in b]
+    for x, y in zip(a, b):
+        for column, value in x.items():
+            if isinstance(value, float) and column not in ("scale", "guidance"):
+                assert value == pytest.approx(y[column], abs=tolerance, rel=0), column
+            else:
+                assert value == y[column], column
+
+
+def test_a_retrained_adapter_is_evaluated_again_not_resumed(split, tiny_profile, runs, tmp_path, capsys):
+    """Evaluate, retrain the text-aware adapter in the same run folder (a new file), evaluate again: its rows and
+    its ablation's are made again, the pretrained model's resumed; the summary, the headline and the model card
+    see only the current weights' rows."""
+    from helpers.sample.bank import load_models
+    from helpers.share.run_info import read_evaluation, read_run
+
+    run_dir = tmp_path / "runs" / "text_aware"
+    shutil.copytree(runs[0] / "text_aware", run_dir)
+    train, test = split
+    refs = pick_references(test, 1)
+    prompts = build_prompts(refs, {"style": ["a watercolor painting of a character"]}, 1)
+    models = ["pretrained", "finetuned-text-aware", "finetuned-text-aware-no-block"]
+
+    def evaluate(out_dir, bank=None):
+        bank = bank or load_models(tiny_profile, tmp_path / "runs", baselines=models[2:], device="cpu", verbose=False)
+        result = run_grid(bank, refs, prompts, train=train, scales=(1.0,), out_dir=out_dir, models=models, steps=2,
+                          clip=tiny_profile.eval_clip, dino=tiny_profile.dino, progress=False)
+        (out_dir / "summary.csv").write_text(summarize(result.rows).to_csv(index=False))  # as 05 and the command do
+        return bank, result
+
+    eval_dir = tmp_path / "eval"
+    old_bank, first = evaluate(eval_dir)
+    old_id = adapter_sha256(run_dir / ADAPTER_FILE)
+    assert old_bank.adapter_sha256("finetuned-text-aware") == old_bank.adapter_sha256(models[2]) == old_id
+    assert {r["adapter_sha256"] for r in first.rows if r["model"] == "pretrained"} == {
+        adapter_sha256(tiny_profile.ip_adapter)}  # the pretrained file's own identity
+    assert read_evaluation(eval_dir, read_run(run_dir)).rows  # the card shows this adapter's numbers
+
+    tensors = load_file(str(run_dir / ADAPTER_FILE))  # "retrain": other weights in the same file name
+    with safe_open(str(run_dir / ADAPTER_FILE), "pt") as f:
+        metadata = f.metadata()
+    save_file({k: v + 0.01 for k, v in tensors.items()}, str(run_dir / ADAPTER_FILE), metadata=metadata)
+    new_id = adapter_sha256(run_dir / ADAPTER_FILE)
+    assert new_id != old_id
+    capsys.readouterr()
+    assert read_evaluation(eval_dir, read_run(run_dir)) is None  # old numbers never reach the card
+    assert f"not of {run_dir / ADAPTER_FILE} (sha256 {new_id}; theirs: {old_id})" in capsys.readouterr().out
+
+    bank, again = evaluate(eval_dir)
+    out = capsys.readouterr().out
+    for m in models[1:]:
+        assert f"model {m}: 2 rows of an earlier adapter (id {old_id}) are out of date; regenerating with id {new_id}" in out
+    assert (again.n_generated, again.n_resumed, again.n_stale, again.n_other) == (4, 2, 4, 4)
+    assert {r["adapter_sha256"] for r in again.rows if r["model"] != "pretrained"} == {new_id}
+    _, fresh = evaluate(tmp_path / "fresh", bank)  # what a first evaluation of the new weights gives
+    same_rows(again.rows, fresh.rows)
+    assert again.rows[2]["clip_t"] != first.rows[2]["clip_t"]  # new images, so new scores
+    assert len(ResultsFile(eval_dir / "results.csv").rows) == 10  # append-only: the old rows stay in the file...
+    with pytest.raises(ValueError, match="more than one adapter per model"):
+        summarize(ResultsFile(eval_dir / "results.csv").rows)  # ...and are refused if read back whole
+    assert headline(again.rows) == headline(fresh.rows)
+    card = read_evaluation(eval_dir, read_run(run_dir))
+    assert card is not None and {r["adapter_sha256"] for r in card.rows} == {new_id}
+
+
+HOLD = textwrap.dedent("""
+    import sys, time
+    from helpers.support.lock import FolderLock
+    with FolderLock(sys.argv[1], "evaluation"):
+        print("held", flush=True)
+        sys.stdin.readline()
+""")
+TRY = textwrap.dedent("""
+    import sys
+    from helpers.support.lock import FolderInUse, FolderLock
+    try:
+        with FolderLock(sys.argv[1], "evaluation"):
+            print("entered")
+    except FolderInUse as e:
+        print("refused:", e)
+""")
+
+
+def test_two_writers_on_one_eval_folder_the_second_stops_at_once(split, tiny_profile, tmp_path):
+    eval_dir = tmp_path / "eval"
+    whole, _, _ = grid(split, tiny_profile, tmp_path / "whole", models=TWO)
+    # another process (a second notebook 05, or the command) holds the folder: this one stops before anything
+    other = subprocess.Popen([sys.executable, "-c", HOLD, str(eval_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert other.stdout.readline().strip() == "held"
+        called = []
+        start = time.perf_counter()
+        with pytest.raises(FolderInUse, match=f"in use by pid {other.pid} .*evaluation"):
+            grid(split, tiny_profile, eval_dir, models=TWO, generate=lambda *a, **k: called.append(1))
+        assert time.perf_counter() - start < 5 and not called and not (eval_dir / "results.csv").exists()
+    finally:
+        other.communicate("\n", timeout=30)
+    # while this one writes (after its first job), a second process is refused
+    seen, made = [], []
+
+    def generate(*a, **k):
+        if made and not seen:
+            seen.append(subprocess.run([sys.executable, "-c", TRY, str(eval_dir)], capture_output=True, text=True,
+                                       timeout=60).stdout)
+            assert read_lock(eval_dir)["purpose"] == "evaluation"
+        out = fake_generate(*a, **k)
+        made.extend(out)
+        return out
+
+    result, _, _ = grid(split, tiny_profile, eval_dir, models=TWO, generate=generate)
+    assert seen and seen[0].startswith("refused:") and "evaluation" in seen[0]
+    assert read_lock(eval_dir) is None  # given back at the end
+    same_rows(result.rows, whole.rows)
+    assert (eval_dir / "results.csv").read_bytes() == (tmp_path / "whole" / "results.csv").read_bytes()
+
+
+def test_a_full_disk_names_the_file_and_a_rerun_ends_as_an_uninterrupted_run(split, tiny_profile, tmp_path,
+                                                                          monkeypatch):
+    whole, _, _ = grid(split, tiny_profile, tmp_path / "whole", models=TWO)
+    eval_dir = tmp_path / "eval"
+    full = OSError(errno.ENOSPC, "No space left on device")
+    # the results.csv append: the rows of the job are written, then fsync fails; the file is cut back
+    calls = []
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == 3:
+            raise full
+
+    monkeypatch.setattr(results_module.os, "fsync", fsync)
+    with pytest.raises(DiskFull, match=r"could not write .*results\.csv.*Free some space"):
+        grid(split, tiny_profile, eval_dir, models=TWO)
+    monkeypatch.undo()
+    kept = ResultsFile(eval_dir / "results.csv").rows
+    assert len(kept) == 2 * 4 and (eval_dir / "results.csv").read_text().endswith("\n")  # two whole jobs, no more
+    # an image: nothing half written, no temporary left, and no row for it
+    real_save = Image.Image.save
+
+    def save(self, fp, format=None, **kw):
+        if format == "JPEG":
+            raise full
+        return real_save(self, fp, format, **kw)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    with pytest.raises(DiskFull, match=r"could not write .*images/.*\.jpg"):
+        grid(split, tiny_profile, eval_dir, models=TWO)
+    monkeypatch.undo()
+    assert len(ResultsFile(eval_dir / "results.csv").rows) == len(kept)
+    assert not [p for p in eval_dir.rglob(".*") if p.name != ".lock.json"] and not (eval_dir / ".lock.json").exists()
+    again, _, _ = grid(split, tiny_profile, eval_dir, models=TWO)
+    assert again.n_resumed == len(kept)
+    same_rows(again.rows, whole.rows)
+    assert (eval_dir / "results.csv").read_bytes() == (tmp_path / "whole" / "results.csv").read_bytes()
+
+
+def test_out_of_memory_names_the_batch_size_and_a_smaller_one_resumes(split, tiny_profile, bank, tmp_path,
+                                                                     monkeypatch):
+    """A CUDA out-of-memory error in the pipeline call (patched: there is no GPU here) stops the evaluation with
+    the batch size to lower; a rerun at batch 1 resumes, and its rows agree with the batch-3 run within
+    BATCH_TOLERANCE (the batch changes only the rounding)."""
+    train, test = split
+    refs = pick_references(test, 1)
+    prompts = build_prompts(refs, {"style": ["a watercolor painting of a character", "a pixel art character"]}, 2)
+    settings = dict(train=train, scales=(0.5, 1.0), seeds=(0, 1), models=["finetuned-text-aware"], steps=2,
+                    clip=tiny_profile.eval_clip, dino=tiny_profile.dino, progress=False)
+    whole = run_grid(bank, refs, prompts, out_dir=tmp_path / "whole", batch_size=3, **settings)  # 2 jobs of 6
+    pipeline = type(bank.pipe)
+    real_call, calls = pipeline.__call__, []
+
+    def call(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:  # the second job's first batch
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_call(self, *a, **k)
+
+    monkeypatch.setattr(pipeline, "__call__", call)
+    with pytest.raises(EvaluationOutOfMemory) as caught:
+        run_grid(bank, refs, prompts, out_dir=tmp_path / "eval", batch_size=3, **settings)
+    monkeypatch.undo()
+    message = str(caught.value)
+    for words in ("Out of GPU memory", "from 3 to 1", "EVAL_BATCH_SIZE = 1", "--batch-size 1", "changed on resume",
+                  "6 rows are in", "finetuned-text-aware at IP scale 1"):
+        assert words in message
+    again = run_grid(bank, refs, prompts, out_dir=tmp_path / "eval", batch_size=1, **settings)
+    assert (again.n_resumed, again.n_generated) == (6, 6)
+    same_rows(again.rows[:6], whole.rows[:6])  # the rows made before the error, exactly
+    same_rows(again.rows, whole.rows, tolerance=BATCH_TOLERANCE)  # made at batch 1 against batch 3
+    assert max(abs(a["clip_t"] - b["clip_t"]) for a, b in zip(again.rows, whole.rows)) < BATCH_TOLERANCE

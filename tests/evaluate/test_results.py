@@ -1,0 +1,71 @@
+"""helpers.evaluate.results: results.csv refuses what it cannot resume (another version's columns, a second
+header line, a damaged line, a repeated row) naming the file, the line and what to do, and a rerun after the
+line is fixed ends with the rows of an uninterrupted run."""
+import pytest
+from _grid import grid, split  # noqa: F401
+
+from helpers.evaluate.results import CSV_COLUMNS, KEY_COLUMNS, ResultsFile, ResultsFileError, format_rows, row_key
+from helpers.sample.registry import MODEL_NAMES
+
+TWO = MODEL_NAMES[:2]
+
+
+@pytest.fixture(scope="module")
+def whole(split, tiny_profile, tmp_path_factory):
+    """An uninterrupted grid's results.csv (2 models x 2 scales x 3 references x 2 prompts x 2 seeds)."""
+    result, _, _ = grid(split, tiny_profile, tmp_path_factory.mktemp("whole"), models=TWO)
+    return result
+
+
+def lines_of(result):
+    return result.csv.read_text().splitlines(keepends=True)
+
+
+def test_the_identity_is_part_of_every_row_and_its_key(whole):
+    assert CSV_COLUMNS[:2] == KEY_COLUMNS[:2] == ("model", "adapter_sha256") and "batch_size" not in KEY_COLUMNS
+    assert {r["adapter_sha256"] for r in whole.rows if r["model"] == TWO[0]} == {"a" + "0" * 15}
+    assert row_key(whole.rows[0])[1] == whole.rows[0]["adapter_sha256"]
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda lines: lines[:5] + [lines[0]] + lines[5:], "line 6: a second header line: two writers"),
+    (lambda lines: lines[:5] + [lines[5].replace(",", ";", 3)] + lines[6:], r"line 6: \d+ fields, not 18"),
+    (lambda lines: lines[:5] + [lines[5].replace(",0,2,", ",x,2,", 1)] + lines[6:], "line 6: seed is 'x', not a number"),
+    (lambda lines: lines[:5] + [lines[3]] + lines[5:], "line 6 repeats the image of line 4"),
+])
+def test_a_bad_line_names_the_file_and_the_line_and_a_rerun_after_fixing_it_ends_the_same(
+        whole, split, tiny_profile, tmp_path, damage, says):
+    lines = lines_of(whole)
+    csv = tmp_path / "results.csv"
+    csv.write_text("".join(damage(list(lines))))
+    with pytest.raises(ResultsFileError, match=f"{csv}, {says}") as caught:
+        grid(split, tiny_profile, tmp_path, models=TWO)
+    assert "Delete" in str(caught.value) and "new eval folder" in str(caught.value)
+    # what to do: delete the line it names (the repeated row: one of the two), then run again
+    number = int(str(caught.value).split(", line ")[1].split(":")[0].split(" ")[0])
+    fixed = csv.read_text().splitlines(keepends=True)
+    del fixed[number - 1]
+    csv.write_text("".join(fixed))
+    again, _, _ = grid(split, tiny_profile, tmp_path, models=TWO)
+    assert [row_key(r) for r in again.rows] == [row_key(r) for r in whole.rows] and again.rows == whole.rows
+
+
+def test_an_older_results_csv_without_the_adapter_column_is_refused(whole, tmp_path):
+    old = [c for c in CSV_COLUMNS if c != "adapter_sha256"]
+    rows = [{c: r[c] for c in old} for r in whole.rows[:3]]
+    text = ",".join(old) + "\n" + "".join(",".join(str(r[c]) for c in old) + "\n" for r in rows)
+    (tmp_path / "results.csv").write_text(text)
+    with pytest.raises(ResultsFileError, match="before each row recorded the adapter that made it .adapter_sha256.*"
+                                               "Use a new eval folder"):
+        ResultsFile(tmp_path / "results.csv")
+
+
+def test_two_writers_opened_on_one_file_are_caught_when_read(whole, tmp_path):
+    """What two unlocked writers did (now run_grid's lock keeps the second out): each appended the same rows."""
+    path = tmp_path / "results.csv"
+    a, b = ResultsFile(path), ResultsFile(path)
+    a.append(whole.rows[:4])
+    b.append(whole.rows[:4])
+    with pytest.raises(ResultsFileError, match="line 6 repeats the image of line 2"):
+        ResultsFile(path)
+    assert path.read_text().count("\n") == 9 and format_rows(whole.rows[:1]) in path.read_text()
