@@ -4,7 +4,7 @@ diffusion here), results written row by row and resumed; the command line on the
 import pandas as pd
 import pytest
 from _grid import EDITS, Interrupted, fake_generate, grid, identities, interrupted_after, split  # noqa: F401
-from PIL import ImageOps
+from PIL import Image, ImageOps
 
 import helpers.evaluate.grid as grid_module
 from helpers.data.prepare import use_prepared

@@ -226,7 +226,10 @@ def test_the_upload_folder_has_one_writer_and_copies_only_a_whole_plot(runs, tmp
     assert [p.name for p in out.iterdir()] == [LOCK_FILE]  # nothing written beside the other writer
     (out / LOCK_FILE).unlink()
     eval_dir.mkdir()
-    (eval_dir / "summary.csv").write_text("model,scale\nfinetuned-text-aware,1.0\n")
+    from helpers.sample.registry import adapter_sha256
+
+    (eval_dir / "summary.csv").write_text(f"model,scale,adapter_sha256\nfinetuned-text-aware,1.0,"
+                                          f"{adapter_sha256(run / 'adapter.safetensors')}\n")
     plot = Image.new("RGB", (64, 48), "white")
     plot.save(eval_dir / "tradeoff.png")
     whole = (eval_dir / "tradeoff.png").read_bytes()
