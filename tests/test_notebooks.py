@@ -69,3 +69,17 @@ def test_form_fields_that_mean_the_profile_default_show_none(path):
             assert re.search(rf'^{name} = None  #@param {{type:"raw"}}$', config, re.M), name
     for name in re.findall(r"\w+=([A-Z_]+) or None", call):
         assert fields.get(name, "").startswith('"'), f"{path.name}: {name} should be a string field"
+
+
+@pytest.mark.parametrize("name", ["01_data_prep", "02_architecture", "04_sampling"])  # 03, 05: their own branches
+def test_the_settings_cell_prints_what_the_notebook_costs_on_a_t4(name):
+    """Issue 26: every notebook's settings cell prints its projected T4 minutes, from the counted budget, with
+    the assumption (helpers.support.budget.notebook_projection), in one line."""
+    from helpers.support.budget import notebook_projection
+
+    config = next(c.source for c in nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", 4).cells
+                  if c.cell_type == "code" and "#@param" in c.source)
+    number = name[:2]
+    assert re.search(rf'^print\(notebook_projection\("{number}"(, inference_steps=STEPS)?\)\.line\(\)\)', config, re.M)
+    line = notebook_projection(number).line()
+    assert "\n" not in line and line.startswith(f"Notebook {number} on a T4: about ") and "full profile" in line

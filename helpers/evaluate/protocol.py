@@ -34,8 +34,7 @@ import numpy as np
 from PIL import ImageOps
 
 from ..data.duplicates import MAX_HASH_DISTANCE, dhash
-from ..model.conceptrol import ConceptNotFound
-from ..sample.concepts import subject_of
+from ..sample.concepts import Subject, find_subject
 from ..sample.registry import MODEL_NAMES, model_order
 from ..support.budget import SAMPLING, seconds_per_image
 from ..profile import EVAL_CLIP
@@ -141,14 +140,11 @@ class PromptSpec:
     concept: str = ""  # the words naming the subject (Conceptrol's mask): concept_of(prompt)
 
 
-def concept_of(prompt: str) -> tuple[str, str]:
-    """(concept, how it was found) of a prompt: its subject by helpers.sample.concepts.subject_of ("subject"),
-    or, when no words name one, the whole prompt ("whole prompt: no subject found"), so that Conceptrol still
-    masks by the prompt's own attention. The second value is shown in notebook 05's prompt table."""
-    try:
-        return subject_of(prompt), "subject"
-    except ConceptNotFound:
-        return prompt, "whole prompt: no subject found"
+def concept_of(prompt: str) -> Subject:
+    """(concept, how it was found) of a prompt: helpers.sample.concepts.find_subject, the one rule the panel
+    and `generate` use too (the whole prompt when no words name a subject). `how` is shown in notebook 05's
+    prompt table."""
+    return find_subject(prompt)
 
 
 def _flat_edits(edit_prompts) -> list[tuple[str, str]]:

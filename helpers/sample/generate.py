@@ -138,8 +138,8 @@ def generate(bank: ModelBank, references: dict, prompts, *, models=None, scales=
                 within 2 of 255 between batch 1 and 3 on the tiny profile). Out of GPU memory: OutOfMemory,
                 whose message says to lower it
     concepts:   {prompt: the words naming its subject}, for a model that masks by them (Conceptrol); a prompt
-                not in it gets helpers.sample.concepts.subject_of(prompt), which raises ConceptNotFound when
-                no words name a subject (a prompt is never run unmasked)
+                not in it gets helpers.sample.concepts.subject_of(prompt), the rule the panel and the
+                evaluation use (the whole prompt when no words name a subject: never run unmasked)
     progress:   True for a tqdm bar, False for none, or a callable(done images, total images)
     on_step:    called after every denoising step of every pipeline call (a widget's progress bar)
     """

@@ -31,6 +31,7 @@ from PIL import Image
 from ..data.images import png_bytes
 from ..support.env import in_colab
 from .bank import ModelBank
+from .concepts import FOUND, find_subject, subject_of
 from .generate import GALLERY_PROMPTS, Sample, generate
 from .saved import save_samples
 from .uploads import COLAB_UPLOAD_LIMIT, UPLOAD_PREFIX, parse_upload
@@ -199,7 +200,7 @@ class SamplingPanel:
         """The settings the next Generate will use."""
         return {"reference": self.reference.value, "prompt": self.prompt.value,
                 "negative_prompt": self.negative_prompt.value, "scale": float(self.scale.value),
-                "concept": self.concept.value.strip() or _subject_or_none(self.prompt.value),
+                "concept": self.concept.value.strip() or subject_of(self.prompt.value),
                 "seed": int(self.seed.value), "steps": int(self.steps.value), "guidance": float(self.guidance.value),
                 "sampler": type(self.bank.pipe.scheduler).__name__,
                 "models": [name for name, box in self.model_boxes.items() if box.value]}
@@ -265,7 +266,7 @@ class SamplingPanel:
         caption = self.captions.get(s["reference"], "")
         rows = [("reference", f"{s['reference']}" + (f": {caption}" if caption else "")), ("prompt", s["prompt"]),
                 ("negative", s["negative_prompt"] or "(none)"),
-                *([("concept", s["concept"] or "(no subject found: type one)")] if self._masks else []),
+                *([("concept", _concept_line(self.concept.value, s["prompt"]))] if self._masks else []),
                 ("IP scale", f"{s['scale']:g}"), ("seed", s["seed"]),
                 ("sampler", f"{s['sampler']}, {s['steps']} steps"), ("guidance", f"{s['guidance']:g}"),
                 ("models", ", ".join(s["models"]) or "(none ticked)")]
@@ -319,14 +320,13 @@ def _description(text: str) -> str:
     return html.escape(text) if _HTML_DESCRIPTIONS else text
 
 
-def _subject_or_none(prompt: str) -> str | None:
-    """The prompt's subject (helpers.sample.concepts.subject_of), or None when no words name one."""
-    from .concepts import subject_of
-
-    try:
-        return subject_of(prompt)
-    except ValueError:  # ConceptNotFound: the panel shows it, and Generate reports it for Conceptrol
-        return None
+def _concept_line(typed: str, prompt: str) -> str:
+    """What the settings box says of the concept: the typed words, or the prompt's subject by the one rule
+    (helpers.sample.concepts.find_subject), naming its fallback when no words name a subject."""
+    if typed.strip():
+        return f"{typed.strip()} (typed)"
+    words, how = find_subject(prompt)
+    return words if how == FOUND else f"{words} ({how}; type one in Concept)"
 
 
 def _enlarge(image: Image.Image, size: int) -> Image.Image:

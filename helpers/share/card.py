@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 
 from ..model.adapter_file import ADAPTER_FILE
-from ..profile import IP_ADAPTER_PLUS, RICK_AND_MORTY, SD15
+from ..profile import IP_ADAPTER_PLUS, RICK_AND_MORTY, SD15, full_profile
 from ..support.env import REPO, install_command
 from ..support.locations import image_encoder_next_to, is_hub_id
 from .public import public_name
@@ -63,39 +63,74 @@ def evaluation_markdown(ev: Evaluation, *, with_plot: bool) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def load_snippet(variant: str, adapter: str, *, base_model: str, ip_adapter: str, device: str = "cuda",
-                 dtype: str = "float16") -> str:
-    """Python that loads the adapter (a Hub repo id or a local folder) into a StableDiffusionPipeline named
-    `pipe`. Vanilla: plain diffusers. Text-aware: helpers.model.pipeline.load_pipeline (the block is ours)."""
+def _loading(variant: str, adapter: str, *, base_model: str, ip_adapter: str, device: str, dtype: str,
+             vae: str | None) -> tuple[list[str], str]:
+    """(import lines, code) that load the adapter into a StableDiffusionPipeline named `pipe`."""
     q = json.dumps  # a Python string literal in double quotes
     if variant == "text_aware":
-        return (
-            "import torch\n"
-            f"from helpers.model import load_pipeline  # {install_command().replace(' -q', '')}\n\n"
-            "pipe = load_pipeline(\n"
-            f"    {q(base_model)},  # any SD 1.5 checkpoint\n"
-            f"    {q(ip_adapter)},  # its image encoder\n"
-            f"    variant=\"text_aware\", adapter={q(adapter)}, device={q(device)}, dtype=torch.{dtype})\n")
+        vae_line = f"    vae={q(vae)},  # another VAE\n" if vae else ""
+        return (["import torch", f"from helpers.model import load_pipeline  # {install_command().replace(' -q', '')}"],
+                "pipe = load_pipeline(\n"
+                f"    {q(base_model)},  # base: any SD 1.5 checkpoint (vae=... for another VAE)\n"
+                f"    {q(ip_adapter)},  # where its image encoder comes from\n"
+                "    variant=\"text_aware\",\n"
+                f"    adapter={q(adapter)},  # a run folder, its adapter.safetensors, or a Hub id \"you/name\"\n"
+                f"{vae_line}    device={q(device)}, dtype=torch.{dtype})\n")
+    if vae:
+        raise ValueError(f"vae={vae!r}: only the text-aware snippet (load_pipeline) takes another VAE")
     repo, sub = image_encoder_next_to(ip_adapter)
     encoder = f"{q(repo)}, subfolder={q(sub)}" if sub else q(repo)
-    return (
-        "import torch\n"
-        "from diffusers import DDIMScheduler, StableDiffusionPipeline\n"
-        "from transformers import CLIPVisionModelWithProjection\n\n"
-        f"image_encoder = CLIPVisionModelWithProjection.from_pretrained({encoder}, torch_dtype=torch.{dtype})\n"
-        f"pipe = StableDiffusionPipeline.from_pretrained({q(base_model)}, image_encoder=image_encoder,\n"
-        f"                                               torch_dtype=torch.{dtype}).to({q(device)})\n"
-        f"pipe.load_ip_adapter({q(adapter)}, subfolder=\"\", weight_name={q(ADAPTER_FILE)}, "
-        "image_encoder_folder=None)\n"
-        "pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # the sampler it was evaluated with\n")
+    return (["import torch", "from diffusers import DDIMScheduler, StableDiffusionPipeline",
+             "from transformers import CLIPVisionModelWithProjection"],
+            f"image_encoder = CLIPVisionModelWithProjection.from_pretrained({encoder}, torch_dtype=torch.{dtype})\n"
+            f"pipe = StableDiffusionPipeline.from_pretrained({q(base_model)}, image_encoder=image_encoder,\n"
+            f"                                               torch_dtype=torch.{dtype}).to({q(device)})\n"
+            f"pipe.load_ip_adapter({q(adapter)}, subfolder=\"\", weight_name={q(ADAPTER_FILE)}, "
+            "image_encoder_folder=None)\n"
+            "pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # the sampler it was evaluated with\n")
 
 
-USE_SNIPPET = (
-    "from diffusers.utils import load_image\n\n"
-    "pipe.set_ip_adapter_scale(0.6)  # 0: prompt only ... 1: follow the reference closely\n"
-    "image = pipe(\"a cartoon character on a beach at sunset\", ip_adapter_image=load_image(\"reference.png\"),\n"
-    "             num_inference_steps=30, guidance_scale=7.5).images[0]\n"
-    "image.save(\"out.png\")\n")
+def load_snippet(variant: str, adapter: str, *, base_model: str, ip_adapter: str, device: str = "cuda",
+                 dtype: str = "float16", vae: str | None = None) -> str:
+    """Python that loads the adapter (a Hub repo id or a local folder) into a StableDiffusionPipeline named
+    `pipe`. Vanilla: plain diffusers. Text-aware: helpers.model.pipeline.load_pipeline (the block is ours),
+    which alone takes `vae` (another AutoencoderKL)."""
+    imports, code = _loading(variant, adapter, base_model=base_model, ip_adapter=ip_adapter, device=device,
+                             dtype=dtype, vae=vae)
+    return "\n".join(imports) + "\n\n" + code
+
+
+USE_PROMPT = "a cartoon character on a beach at sunset"
+README_ADAPTER = "outputs/runs/text_aware"  # README's block: use_snippet("text_aware", README_ADAPTER)
+_FULL = full_profile("the sampling settings a script starts from")  # SD 1.5's: 512 px, 30 DDIM steps, guidance 7.5
+
+
+def use_snippet(variant: str, adapter: str, *, base_model: str = SD15, ip_adapter: str = IP_ADAPTER_PLUS,
+                vae: str | None = None, device: str = "cuda", dtype: str = "float16",
+                reference: str = "reference.png", prompt: str = USE_PROMPT, scale: float = 0.6,
+                steps: int | None = None, guidance: float | None = None, resolution: int | None = None,
+                seed: int = 0, out: str = "out.png") -> str:
+    """The "use it in your own script" text, one for README (`readme_snippet()`), the model card and notebook
+    04: a whole Python script that loads the adapter (load_snippet) and draws one picture of `reference` (an
+    image file) with `prompt` at IP-Adapter scale `scale`, saved to `out`. steps, guidance, resolution: the
+    full profile's (30, 7.5, 512) where not given."""
+    q = json.dumps
+    imports, code = _loading(variant, adapter, base_model=base_model, ip_adapter=ip_adapter, device=device,
+                             dtype=dtype, vae=vae)
+    size = resolution or _FULL.resolution
+    imports = imports[:1] + sorted(imports[1:] + ["from diffusers.utils import load_image"])
+    return ("\n".join(imports) + "\n\n" + code + "\n"
+            f"pipe.set_ip_adapter_scale({scale:g})  # 0: prompt only ... 1: follow the reference closely\n"
+            f"image = pipe({q(prompt)}, ip_adapter_image=load_image({q(reference)}),\n"
+            f"             num_inference_steps={steps or _FULL.num_inference_steps}, "
+            f"guidance_scale={_FULL.guidance_scale if guidance is None else guidance:g}, height={size}, width={size},\n"
+            f"             generator=torch.Generator().manual_seed({seed})).images[0]  # CPU noise: the same on any device\n"
+            f"image.save({q(out)})\n")
+
+
+def readme_snippet() -> str:
+    """README's "Use a trained adapter in your own script" block, word for word (tests/share/test_card.py)."""
+    return use_snippet("text_aware", README_ADAPTER)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -199,7 +234,7 @@ def card_text(run: RunInfo, *, repo_id: str | None = None, evaluation: Evaluatio
               f"Trained with the notebooks of [{REPO}](https://github.com/{REPO}) (notebook 03). "
               f"Variant `{run.variant}`; {run.tensors} tensors, {run.size_mb:.1f} MB.",
               "## How to load it",
-              "```python\n" + load_snippet(run.variant, ref, base_model=base, ip_adapter=ip) + "\n" + USE_SNIPPET + "```"]
+              "```python\n" + use_snippet(run.variant, ref, base_model=base, ip_adapter=ip) + "```"]
     if run.variant == "text_aware":
         parts.append("`adapter=` also takes a local `adapter.safetensors` or the folder holding it. Other SD 1.5 "
                      "checkpoints work as the base (pass `vae=` for another VAE), but the adapter was trained on "

@@ -28,7 +28,7 @@ from helpers.profile import RICK_AND_MORTY
 from helpers.sample.bank import load_models
 from helpers.sample.registry import adapter_sha256, parse_models
 from helpers.share.__main__ import main as hub_main
-from helpers.share.card import load_snippet
+from helpers.share.card import load_snippet, use_snippet
 from helpers.share.hub import HubVisibilityError, build_upload_folder, ensure_token, push_adapter
 from helpers.share.run_info import RunInfo, eval_model_name
 from helpers.support.disk import DiskFull
@@ -115,6 +115,9 @@ def test_tiny_card_parses_validates_and_says_random_first(runs, tmp_path):
     first = card.text.strip().splitlines()[0]
     assert first.startswith("**These weights are random**") and "`tiny` profile" in first
     assert f'adapter="{REPO}"' in card.text and "from helpers.model import load_pipeline" in card.text
+    # the one "use it in your own script" text (README and notebook 04 show the same), with the card's placeholders
+    assert use_snippet("text_aware", REPO, base_model="./path/to/the/base/model",
+                       ip_adapter="./path/to/ip-adapter.safetensors") in card.text
     assert "| steps | 6 (~2.0 epochs) |" in card.text and "0.0 min of training steps (median 0.25 s/step" in card.text
     assert "![Samples" in card.text and "Evaluation" not in card.text
     # a vanilla run on local models: plain diffusers' code, with placeholders that read as local paths
