@@ -1,6 +1,7 @@
 """helpers.model.pipeline: vanilla is diffusers' own path, the UNet alone matches the pipeline's, real SD 1.5 shapes run."""
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
