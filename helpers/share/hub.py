@@ -222,19 +222,37 @@ def _check_visibility(repo_id: str, is_private: bool | None, private: bool) -> N
 
 
 def ensure_token() -> str | None:
-    """A Hub token for pushing: $HF_TOKEN, a stored login, or Colab's secret HF_TOKEN (the key icon in
-    Colab's sidebar). With none, shows huggingface_hub.notebook_login's box and returns None: paste a write
-    token there, then run the cell again."""
+    """A Hub token for pushing: $HF_TOKEN or a stored login; else the secret HF_TOKEN of Colab (the key icon in
+    Colab's sidebar) or of Kaggle (Add-ons > Secrets, attached to this notebook). With none, shows
+    huggingface_hub.notebook_login's box and returns None: paste a write token there, then run the cell again."""
     from huggingface_hub import get_token, notebook_login
 
-    token = get_token()
-    if token is None:
-        try:
-            from google.colab import userdata  # type: ignore[import-not-found]
-
-            token = userdata.get("HF_TOKEN")
-        except Exception:  # noqa: BLE001  (not in Colab, no such secret, or access not granted)
-            token = None
+    token = get_token() or _notebook_secret("HF_TOKEN")
     if token is None:
         notebook_login()
     return token
+
+
+def _colab_secret(name: str):
+    from google.colab import userdata  # type: ignore[import-not-found]  (only in Colab)
+
+    return userdata.get(name)
+
+
+def _kaggle_secret(name: str):
+    from kaggle_secrets import UserSecretsClient  # type: ignore[import-not-found]  (only on Kaggle)
+
+    return UserSecretsClient().get_secret(name)
+
+
+def _notebook_secret(name: str) -> str | None:
+    """The secret `name` from Colab's or Kaggle's secrets, whichever this notebook runs in and holds it; None
+    otherwise, quietly."""
+    for read in (_colab_secret, _kaggle_secret):
+        try:
+            token = read(name)
+        except Exception:  # noqa: BLE001  (not that service, no such secret, or no access: each its own error)
+            continue
+        if token:
+            return token
+    return None

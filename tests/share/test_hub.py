@@ -423,3 +423,42 @@ def test_token_comes_from_the_login_else_a_login_box(monkeypatch):
     assert ensure_token() == "hf_stored" and not shown
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     assert ensure_token() is None and shown == [True]  # outside Colab: no secret, so the login box
+
+
+class FakeSecrets:
+    """kaggle_secrets.UserSecretsClient: `secrets` {name: value}; a missing one raises, as Kaggle's client does."""
+
+    secrets: dict = {}
+    asked: list = []
+
+    def get_secret(self, name):
+        FakeSecrets.asked.append(name)
+        if name not in FakeSecrets.secrets:
+            raise RuntimeError("Unexpected response from the service. Response: {'errors': ['No user secrets exist']}")
+        return FakeSecrets.secrets[name]
+
+
+@pytest.mark.parametrize("service", ["kaggle", "colab"])
+def test_token_comes_from_the_notebook_services_secrets_before_a_login_box(service, monkeypatch, capsys):
+    import sys
+    import types
+
+    shown = []
+    monkeypatch.setattr(huggingface_hub, "notebook_login", lambda *a, **kw: shown.append(True))
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    monkeypatch.setattr(FakeSecrets, "secrets", {"HF_TOKEN": f"hf_{service}"})
+    monkeypatch.setattr(FakeSecrets, "asked", [])
+    if service == "kaggle":  # Kaggle's image has kaggle_secrets and no google.colab
+        monkeypatch.setitem(sys.modules, "kaggle_secrets", types.SimpleNamespace(UserSecretsClient=FakeSecrets))
+        monkeypatch.setitem(sys.modules, "google.colab", None)
+    else:
+        colab = types.SimpleNamespace(userdata=types.SimpleNamespace(get=FakeSecrets().get_secret))
+        monkeypatch.setitem(sys.modules, "google.colab", colab)
+        monkeypatch.setitem(sys.modules, "kaggle_secrets", None)
+    assert ensure_token() == f"hf_{service}" and FakeSecrets.asked == ["HF_TOKEN"] and not shown
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_stored")  # a login or $HF_TOKEN comes first
+    assert ensure_token() == "hf_stored" and FakeSecrets.asked == ["HF_TOKEN"]
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    FakeSecrets.secrets.clear()  # no such secret (or not attached to this notebook): quietly on to the login box
+    assert ensure_token() is None and shown == [True] and FakeSecrets.asked == ["HF_TOKEN", "HF_TOKEN"]
+    assert capsys.readouterr() == ("", "")
