@@ -182,6 +182,7 @@ def tiny_profile(reason: str) -> Profile:
         eval_scales=(0.5, 1.0),
         eval_num_references=3,
         eval_edits_per_reference=1,
+        train_neighbour=True,  # seconds here: notebook 03's neighbour-paired run stays under test
     )
 
 

@@ -1,19 +1,24 @@
 """The settings of a training run: TrainConfig, how its values resolve against the profile, and the command
 line that sets them (`python -m helpers.train`, see helpers.train).
 
-None, in every TrainConfig field that has it, means "the profile's value" (helpers.profile); any other value
-is used as given. The data settings (dataset, resolution, test_fraction) are not defaults but expectations:
-the data is what notebook 01 prepared in data_dir, and a given value must match it
-(helpers.data.prepare.use_prepared).
+A run's settings travel as one object: the Profile (helpers.profile, with the notebook's overrides) and the
+run's own values on it, `TrainConfig.from_profile(profile, output_dir=..., variant=..., **overrides)`; the run
+uses that Profile as it is, never a second lookup by name. None, in every TrainConfig field that has it, means
+"the profile's value"; any other value is used as given. The data settings (dataset, resolution,
+test_fraction) are not defaults but expectations: the data is what notebook 01 prepared in data_dir, and a
+given value must match it (helpers.data.prepare.use_prepared).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..profile import Profile, get_profile
 from ..support.atomic import write_json
 from .pairing import PAIRINGS
 
@@ -29,7 +34,9 @@ RESUME_SETTINGS = {"variant": "variant", "batch_size": "batch size", "learning_r
 class TrainConfig:
     output_dir: str
     variant: str = "text_aware"
-    profile: str = "auto"
+    # the Profile the run uses as it is (from_profile); a name instead ("auto", "full", "tiny") is resolved once,
+    # by the run (run_profile)
+    profile: Profile | str = "auto"
     data_dir: str | None = None  # default: <output root>/data (notebook 01's folder), used as it is
     # the data asked for: None = whatever data_dir holds; given, it must match (helpers.data.prepare.use_prepared)
     dataset: str | None = None
@@ -51,21 +58,51 @@ class TrainConfig:
     pairing: str = "self"  # self | mirror | neighbour (helpers.train.pairing)
     pairing_self_prob: float | None = None  # mirror/neighbour: fraction of samples kept self; None: 0.25
 
+    @classmethod
+    def from_profile(cls, profile: Profile, output_dir, variant: str = "text_aware", **overrides) -> "TrainConfig":
+        """The settings of a run on `profile` (get_profile's Profile, with the notebook's overrides), which the
+        run then uses as it is. `overrides` are TrainConfig fields (data_dir=..., seed=1, pairing="mirror",
+        batch_size=8, ...); None keeps the field's default, which for the recipe's fields is the profile's
+        value. Raises TypeError for a name instead of a Profile, or for a field TrainConfig does not have."""
+        if not isinstance(profile, Profile):
+            raise TypeError(f"from_profile takes a helpers.profile.Profile, not {profile!r}: "
+                            "get_profile(name) gives one")
+        own = {f.name for f in dataclasses.fields(cls)} - {"profile", "output_dir", "variant"}
+        unknown = sorted(set(overrides) - own)
+        if unknown:
+            raise TypeError(f"TrainConfig has no field {', '.join(unknown)}; the fields are {', '.join(sorted(own))}")
+        return cls(output_dir=str(output_dir), variant=variant, profile=profile,
+                   **{k: v for k, v in overrides.items() if v is not None})
+
+    def values(self) -> dict:
+        """Every field as config.json records it: the profile by its name."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {**fields, "profile": getattr(self.profile, "name", self.profile)}
+
+
+def run_profile(config: TrainConfig, *, announce: bool = True) -> Profile:
+    """The Profile a run uses: config.profile itself when it is one (TrainConfig.from_profile), with no second
+    lookup; else the profile of that name, resolved here, once (get_profile)."""
+    if isinstance(config.profile, Profile):
+        return config.profile
+    return get_profile(config.profile, announce=announce)
+
 
 def or_default(value, default):
     """A setting: the given value, or the default when it is None (0 and False are values)."""
     return default if value is None else value
 
 
-def recipe(config: TrainConfig, profile) -> dict:
-    """batch_size, learning_rate, weight_decay, checkpoint_every and gradient_checkpointing of this run: the
-    config's values, the profile's where None. Raises ValueError for a value that cannot work."""
+def recipe(config: TrainConfig, profile: Profile) -> dict:
+    """batch_size, epochs, learning_rate, weight_decay, checkpoint_every and gradient_checkpointing of this run:
+    the config's values, the profile's where None. Raises ValueError for a value that cannot work."""
     values = {"batch_size": or_default(config.batch_size, profile.train_batch_size),
+              "epochs": or_default(config.epochs, profile.num_epochs),
               "learning_rate": or_default(config.learning_rate, profile.learning_rate),
               "weight_decay": or_default(config.weight_decay, profile.weight_decay),
               "checkpoint_every": or_default(config.checkpoint_every, profile.checkpoint_every),
               "gradient_checkpointing": or_default(config.gradient_checkpointing, profile.gradient_checkpointing)}
-    checks = {**{k: values[k] for k in ("batch_size", "learning_rate", "checkpoint_every")}, "epochs": config.epochs,
+    checks = {**{k: values[k] for k in ("batch_size", "epochs", "learning_rate", "checkpoint_every")},
               "keep_checkpoints": config.keep_checkpoints}
     bad = [f"{k} = {v!r}" for k, v in checks.items() if v is not None and not v > 0]
     if bad:
@@ -73,7 +110,7 @@ def recipe(config: TrainConfig, profile) -> dict:
     return values
 
 
-def max_steps(config: TrainConfig, profile, steps_per_epoch: int) -> int:
+def max_steps(config: TrainConfig, profile: Profile, steps_per_epoch: int) -> int:
     """The run's length: max_steps if given, else epochs over the training split if given, else the profile's
     max_train_steps, else the profile's epochs."""
     if config.max_steps is not None:
@@ -84,7 +121,9 @@ def max_steps(config: TrainConfig, profile, steps_per_epoch: int) -> int:
 
 
 def parse_config(argv=None, description: str = "") -> TrainConfig:
-    """The TrainConfig that `python -m helpers.train` arguments ask for."""
+    """The TrainConfig that `python -m helpers.train` arguments ask for: the --profile, resolved once here
+    (announced by the first process of a launch only), and the run's own values on it (from_profile). A
+    profile that cannot be used (get_profile's ValueError) ends the command with argparse's usage error."""
     ap = argparse.ArgumentParser(prog="python -m helpers.train", description=description)
     ap.add_argument("--profile", default="auto", choices=["auto", "full", "tiny"])
     ap.add_argument("--variant", default="text_aware", choices=["vanilla", "text_aware"])
@@ -111,7 +150,12 @@ def parse_config(argv=None, description: str = "") -> TrainConfig:
                     help="the reference of each target: itself (default), its mirror, or its nearest other drawing")
     ap.add_argument("--pairing-self-prob", type=float, default=None,
                     help="mirror/neighbour: fraction of samples that keep their own image (default 0.25)")
-    return TrainConfig(**vars(ap.parse_args(argv)))
+    args = vars(ap.parse_args(argv))
+    try:
+        profile = get_profile(args.pop("profile"), announce=os.environ.get("RANK", "0") == "0")  # torchrun sets RANK
+    except ValueError as e:
+        ap.error(str(e))
+    return TrainConfig.from_profile(profile, **args)
 
 
 def write_run_settings(run_dir, settings: dict) -> Path:

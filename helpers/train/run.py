@@ -1,7 +1,8 @@
 """One training run's parts, built once: the Accelerator, the data and feature cache, the UNet with the adapter,
 the optimizer; and resuming, starting over and letting go of them.
 
-    run = prepare_run(TrainConfig(output_dir=DIR, variant="text_aware"))   # what every step shares
+    config = TrainConfig.from_profile(profile, output_dir=DIR, variant="text_aware")   # profile: get_profile()
+    run = prepare_run(config)                                             # what every step shares
     start = resume(run)                                                   # the newest complete checkpoint's step
     release(run)                                                          # nothing of it stays on the device
 """
@@ -21,7 +22,6 @@ from ..data.features import load_feature_cache, prepare_for_training
 from ..model.adapter_file import ADAPTER_FILE
 from ..model.official_format import adapter_parameters
 from ..model.pipeline import load_unet
-from ..profile import get_profile
 from ..support.device import choose_mixed_precision
 from ..support.env import in_colab, output_root
 from .checkpoints import (
@@ -30,7 +30,7 @@ from .checkpoints import (
     delete_checkpoints,
     resume_from,
 )
-from .config import RESUME_SETTINGS, RUN_SETTINGS, TrainConfig, max_steps, recipe
+from .config import RESUME_SETTINGS, RUN_SETTINGS, TrainConfig, max_steps, recipe, run_profile
 from .errors import TrainingError
 from .loss import DROP_RATES
 from .loss_log import LOSS_LOG, LossLog
@@ -45,7 +45,7 @@ class Run:
 
     config: TrainConfig
     accelerator: object  # accelerate.Accelerator
-    profile: object  # helpers.profile.Profile
+    profile: object  # helpers.profile.Profile: config.profile, or the one its name resolved to
     out: Path
     feats: dict[str, torch.Tensor]  # the feature cache (helpers.data.features), fp16 on the CPU
     batch_size: int  # per process
@@ -64,7 +64,8 @@ class Run:
 
 
 def prepare_run(config: TrainConfig, *, progress: bool = True) -> Run:
-    """Everything a run needs, in four steps: Accelerate and the recipe, the data and its feature cache
+    """Everything a run needs, in four steps: Accelerate and the recipe on config's profile (the Profile it
+    carries, used as it is; a name is resolved here, once), the data and its feature cache
     (built if missing) with the pairs, the UNet with the adapter (trainable in fp32, the rest frozen in the
     mixed-precision dtype) and AdamW prepared by Accelerate, and the settings the run records."""
     accelerator, profile, mp, r = _accelerator_and_recipe(config)
@@ -75,7 +76,7 @@ def prepare_run(config: TrainConfig, *, progress: bool = True) -> Run:
     steps_per_epoch = math.ceil(n / (r["batch_size"] * accelerator.num_processes))
     steps = max_steps(config, profile, steps_per_epoch)
     model, params, optimizer = _model(config, accelerator, profile, mp, r, feats["image_embeds"].shape[-1])
-    settings = {**dataclasses.asdict(config), **r, "max_steps": steps, "steps_per_epoch": steps_per_epoch,
+    settings = {**config.values(), **r, "max_steps": steps, "steps_per_epoch": steps_per_epoch,
                 "train_images": n, "data": cache_meta["fingerprint"][:16], "data_dir": str(data_dir),
                 "data_source": prep.info.get("source"), "resolution": prep.info.get("resolution"),
                 "test_fraction": prep.info.get("test_fraction"),
@@ -101,7 +102,7 @@ def _accelerator_and_recipe(config: TrainConfig):
     # cpu=True without a GPU: then torchrun gives Accelerate a multi-CPU (gloo) run instead of N lone ones
     accelerator = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
     set_seed(config.seed)
-    profile = get_profile(config.profile, announce=accelerator.is_main_process)  # models and recipe defaults
+    profile = run_profile(config, announce=accelerator.is_main_process)  # models and recipe defaults
     try:
         return accelerator, profile, mp, recipe(config, profile)
     except ValueError as e:
