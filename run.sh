@@ -2,8 +2,9 @@
 # Set up a virtual environment in .venv, then
 #   ./run.sh        run the five notebooks in order (the main job; results go to outputs/)
 #   ./run.sh test   run the unit tests and every notebook, offline, on the tiny profile
-#   ./run.sh test-colab  the same, under the package versions Colab ships (constraints/colab.txt),
-#                   in .venv-colab, with tiny models, caches and outputs of its own
+#   ./run.sh test-colab  the same, under Colab's Python (where this machine has it), torch and package
+#                   versions (constraints/colab.txt), in .venv-colab, with tiny models, caches and outputs
+#                   of its own
 #   ./run.sh browser-check   use notebook 04's widget panel in headless Chromium (tools/browser_check.py)
 #   ./run.sh rehearse [PX]  the five notebooks on the full profile, offline, as a quick run, against a local
 #                   mirror of its Hub repos (random weights; built once, see rehearsal/); PX: IPA_RESOLUTION
@@ -21,11 +22,33 @@ if [ "${1:-}" = gpu-check ]; then
   exec "$PY" bench/gpu_check.py "${@:2}"
 fi
 VENV=.venv PINS=""
-[ "${1:-}" = test-colab ] && VENV=.venv-colab PINS="-c constraints/colab.txt"
+minor() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null; }  # "3.13", or nothing
+colab_python() {  # $PYTHON if given, else Python $1 where this machine has it (on PATH or pyenv's), else $PY
+  local p
+  [ -n "${PYTHON:-}" ] && { echo "$PYTHON"; return; }
+  for p in "python$1" $(ls -d "${PYENV_ROOT:-$HOME/.pyenv}/versions/$1"*/bin/"python$1" 2>/dev/null | sort -rV); do
+    [ "$(minor "$p")" = "$1" ] && { echo "$p"; return; }
+  done
+  echo "test-colab: this machine has no Python $1 (Colab's, constraints/colab.txt): running on $("$PY" -V 2>&1)" \
+    "($PY) instead; PYTHON=/path/to/python$1 ./run.sh test-colab picks one" >&2
+  echo "$PY"
+}
+if [ "${1:-}" = test-colab ]; then
+  # Colab's Python and torch, as constraints/colab.txt names them (its "# python X.Y" line and torch==)
+  VENV=.venv-colab PINS="-c constraints/colab.txt"
+  PY=$(colab_python "$(sed -n 's/^# python \([0-9.]*\).*/\1/p' constraints/colab.txt | head -n 1)")
+  if [ -e $VENV ] && [ "$(minor $VENV/bin/python)" != "$(minor "$PY")" ]; then
+    echo "test-colab: $VENV holds Python $(minor $VENV/bin/python || echo '(none that runs)'), not" \
+      "$(minor "$PY"): building it anew" >&2
+    rm -rf $VENV
+  fi
+fi
 [ -x $VENV/bin/python ] || "$PY" -m venv $VENV
 . $VENV/bin/activate
-# torch first, pinned: on our CI disk this is the small CPU build; in Colab torch is already installed.
-python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0 $PINS
+# torch first, pinned. .venv: the small CPU build, unless a torch is there already (your own CUDA build; in
+# Colab torch is already installed). .venv-colab: Colab's release exactly (PyPI's build, with CUDA: ~4.6 GB).
+if [ $VENV = .venv-colab ]; then python -m pip install -q "$(grep -m1 '^torch==' constraints/colab.txt)" $PINS
+else python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0; fi
 python -m pip install -q -r requirements.txt $PINS
 python -m pip install -q . $PINS  # the helpers package, installed as Colab installs it (not editable)
 NBVAL="--nbval-lax --nbval-current-env -p no:cacheprovider"
@@ -36,6 +59,8 @@ case "${1:-main}" in
     # what the suite builds, caches and writes stays in .venv-colab, apart from the other versions' own;
     # outputs start empty each run. Then on to the test command (;;& tries the next patterns too).
     export IPA_TINY_CACHE=$PWD/$VENV/cache HF_HOME=$PWD/$VENV/cache/hf IPA_OUTPUT_ROOT=$PWD/$VENV/outputs
+    python -c 'import sys, torch; print(f"test-colab: Python {sys.version.split()[0]} ({sys.base_prefix}),"
+                                       f" torch {torch.__version__}")'
     rm -rf "$IPA_OUTPUT_ROOT" ;;&
   test)
     # a fresh output root each run: results of older code or models must not meet the notebooks' resume checks

@@ -11,12 +11,17 @@ with the AutocastCPU kernels replaced by CUDA's policy (`cuda_autocast_on_cpu`):
     fp32_append_dtype   norm: redispatch to the dtype overload with float32
     promote             addcmul, index_put...: the widest floating dtype of the inputs
 
-as torch's aten/src/ATen/autocast_mode.h lists them (AT_FORALL_LOWER_PRECISION_FP, AT_FORALL_FP32, ...; torch
-2.13) and registers them for CUDA, with the cast cache of fp32 leaves that require grad (the trainable weights,
-cast once per autocast region, as `cached_cast` does), and the one device branch below autocast that changes
-memory: softmax of fp16 into fp32 is one kernel on CUDA (softmax.cpp's half_to_float), with no fp32 copy of
-its input. Every CPU-only autocast kernel becomes a fallthrough. `cuda_policy_matches_dispatcher()` checks
-the table against the ops that have AutocastCUDA kernels in the running torch; bench/_t4_check.py runs a
+as torch's aten/src/ATen/autocast_mode.h lists them (AT_FORALL_LOWER_PRECISION_FP, AT_FORALL_FP32, ...) and
+registers them for CUDA, with the cast cache of fp32 leaves that require grad (the trainable weights, cast once
+per autocast region, as `cached_cast` does), and the one device branch below autocast that changes memory:
+softmax of fp16 into fp32 is one kernel on CUDA (softmax.cpp's half_to_float), with no fp32 copy of its input.
+Every CPU-only autocast kernel becomes a fallthrough.
+
+The table is the union over every torch from requirements.txt's lower bound (2.11, Colab's) up: SOME_TORCH
+says which entries only some releases or builds register, READ_FROM which builds it was read from, and the
+emulation applies those of the running torch's release (`in_this_release`). `cuda_policy_matches_dispatcher()`
+checks the table and its conditions against the ops that have AutocastCUDA kernels in the running torch
+(tests/bench/test_t4_budget.py runs it under `./run.sh test` and `test-colab`); bench/_t4_check.py runs a
 forward both ways (CUDA's own kernels on fake CUDA tensors, the emulation on fake CPU tensors) and compares
 every op's output dtypes.
 
@@ -34,14 +39,17 @@ import weakref
 import torch
 from torch.utils._pytree import tree_flatten, tree_map_only
 
-# CUDA's autocast policy, torch 2.13 (aten/src/ATen/autocast_mode.h, and autocast_mode.cpp's CUDA extras)
+# CUDA's autocast policy (aten/src/ATen/autocast_mode.h, autocast_mode.cpp's CUDA extras), the union over the
+# torch releases from 2.11 up: SOME_TORCH names the entries that only some releases or builds register
+READ_FROM = ("2.11.0+cu130", "2.12.1+cu130", "2.13.0+cpu", "2.14.1+cu130")  # the torch.__version__ of each
 LOWER_PRECISION_FP = (
     "_convolution.deprecated", "_convolution", "conv1d", "conv2d", "conv3d", "conv_tbc", "conv_transpose1d",
     "conv_transpose2d.input", "conv_transpose3d.input", "convolution", "prelu", "addmm", "addmv", "addr", "matmul",
     "einsum", "mm", "mv", "linalg_vecdot", "linear", "addbmm", "baddbmm", "bmm", "chain_matmul", "linalg_multi_dot",
     "_thnn_fused_lstm_cell", "_thnn_fused_gru_cell", "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell",
     "_scaled_dot_product_flash_attention", "scaled_dot_product_attention",
-    "cudnn_convolution", "cudnn_convolution_transpose")
+    "cudnn_convolution", "cudnn_convolution_transpose",
+    "_cudnn_rnn")  # casts the weights too and re-flattens them (native/cudnn/AutocastRNN.cpp); SD 1.5 has no RNN
 FP32 = (
     "acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal", "rsqrt", "sinh",
     "tan", "pow.Tensor_Scalar", "pow.Tensor_Tensor", "pow.Scalar", "softplus", "layer_norm", "native_layer_norm",
@@ -52,11 +60,13 @@ FP32 = (
     "pdist", "cdist", "renorm", "logsumexp", "upsample_nearest1d", "_upsample_nearest_exact1d", "upsample_nearest2d",
     "_upsample_nearest_exact2d", "upsample_nearest3d", "_upsample_nearest_exact3d", "upsample_linear1d",
     "upsample_bilinear2d", "_upsample_bilinear2d_aa", "upsample_trilinear3d", "upsample_bicubic2d",
-    "_upsample_bicubic2d_aa")
-FP32_SET_OPT_DTYPE = ("prod", "prod.dim_int", "softmax.int", "log_softmax.int", "cumprod", "cumsum",
+    "_upsample_bicubic2d_aa", "linalg_matrix_sqrth")
+FP32_SET_OPT_DTYPE = ("prod", "prod.dim_int", "prod.dim_Dimname", "softmax.int", "softmax.Dimname", "log_softmax.int",
+                      "log_softmax.Dimname", "cumprod", "cumprod.dimname", "cumsum", "cumsum.dimname",
                       "linalg_vector_norm", "linalg_matrix_norm", "linalg_matrix_norm.str_ord", "sum",
-                      "sum.dim_IntList")
-FP32_APPEND_DTYPE = {"norm.Scalar": "norm.ScalarOpt_dtype", "norm.ScalarOpt_dim": "norm.ScalarOpt_dim_dtype"}
+                      "sum.dim_IntList", "sum.dim_DimnameList")
+FP32_APPEND_DTYPE = {"norm.Scalar": "norm.ScalarOpt_dtype", "norm.ScalarOpt_dim": "norm.ScalarOpt_dim_dtype",
+                     "norm.names_ScalarOpt_dim": "norm.names_ScalarOpt_dim_dtype"}
 PROMOTE = ("addcdiv", "addcmul", "atan2", "bilinear", "cross", "dot", "vdot", "grid_sampler", "index_put",
            "tensordot", "scatter_add")
 BANNED = ("binary_cross_entropy",)  # CUDA autocast raises on it (unsafe in fp16)
@@ -65,6 +75,30 @@ POLICY = {**dict.fromkeys(LOWER_PRECISION_FP, "lower_precision_fp"), **dict.from
           **dict.fromkeys(FP32_SET_OPT_DTYPE, "fp32_set_opt_dtype"),
           **dict.fromkeys(FP32_APPEND_DTYPE, "fp32_append_dtype"), **dict.fromkeys(PROMOTE, "promote"),
           **dict.fromkeys(BANNED, "banned")}
+
+# The entries not every torch from 2.11 up registers for CUDA autocast: why, and whether this torch should
+NAMED_TENSOR = tuple(n for n in POLICY if "imname" in n or ".names_" in n)
+SOME_TORCH = {
+    "rms_norm": "fp32 from torch 2.12 on (pytorch/pytorch issue 188955); 2.11 leaves it in its input's dtype",
+    "_cudnn_rnn": "only builds with cuDNN register it: CUDA builds (PyPI's, Colab's), not the CPU build",
+    "linalg_matrix_sqrth": "an op new in torch 2.14",
+    **dict.fromkeys(NAMED_TENSOR, "a named-tensor overload: in torch 2.11 and 2.12, gone from aten in 2.13 "
+                                  "(pytorch/pytorch PR 173895 removed named tensors)"),
+}
+
+
+def _release() -> tuple[int, int]:
+    return tuple(int(x) for x in torch.__version__.split(".")[:2])
+
+
+def in_this_release(name: str) -> bool:
+    """Whether CUDA autocast registers POLICY's `name` in a CUDA build of the running torch's release (SOME_TORCH;
+    the rest: every release from 2.11 up)."""
+    if name == "rms_norm":  # an old op, newly in the list
+        return _release() >= (2, 12)
+    if name in SOME_TORCH and name != "_cudnn_rnn":  # ops only some releases' aten has
+        return _exists(name)
+    return True
 
 
 def _op(name: str):
@@ -80,10 +114,13 @@ def ops_with_autocast_kernel(key: str) -> set[str]:
 
 
 def cuda_policy_matches_dispatcher() -> tuple[set[str], set[str]]:
-    """(ops CUDA autocast registers that POLICY lacks, ops in POLICY it does not register): both empty when the
-    table is this torch's."""
+    """(ops CUDA autocast registers in this torch that POLICY lacks or says it does not register here, ops POLICY
+    says it registers here that it does not): both empty when the table and SOME_TORCH's conditions hold for
+    this torch (a CPU build registers no `_cudnn_rnn`)."""
+    cudnn = torch.backends.cudnn.is_available()
+    expected = {n for n in POLICY if in_this_release(n) and (n != "_cudnn_rnn" or cudnn)}
     registered = ops_with_autocast_kernel("AutocastCUDA")
-    return registered - set(POLICY), set(POLICY) - registered
+    return registered - expected, expected - registered
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,8 +210,10 @@ def _fp32_set_opt_dtype(name, op, args, kwargs):
 
 def _fp32_append_dtype(name, op, args, kwargs):
     out = torch.float32 if _eligible(args[0]) else args[0].dtype
-    if name == "norm.Scalar" and len(args) == 1:
-        args = (args[0], kwargs.pop("p", 2))  # norm.ScalarOpt_dtype has no default p
+    # the dtype overloads have no defaults (p, keepdim): the call's arguments, the op's own defaults filled in
+    kwargs = dict(kwargs)
+    args = (*args, *(kwargs.pop(a.name) if a.name in kwargs else a.default_value
+                     for a in op._schema.arguments[len(args):]))
     return _op(FP32_APPEND_DTYPE[name])(*args, **kwargs, dtype=out)
 
 
@@ -214,11 +253,11 @@ def cuda_autocast_on_cpu():
     try:
         with warnings.catch_warnings():  # "Overriding a previously registered kernel": that is the point
             warnings.simplefilter("ignore")
-            for name in sorted(ops_with_autocast_kernel("AutocastCPU") - set(POLICY)):
+            policy = {n: p for n, p in POLICY.items() if in_this_release(n) and _exists(n)}
+            for name in sorted(ops_with_autocast_kernel("AutocastCPU") - set(policy)):
                 lib.impl(name, torch.library.fallthrough_kernel, "AutocastCPU")
-            for name, policy in POLICY.items():
-                if _exists(name):
-                    lib.impl(name, _kernel(name, policy), "AutocastCPU")
+            for name, kind in policy.items():
+                lib.impl(name, _kernel(name, kind), "AutocastCPU")
         torch.clear_autocast_cache = clear_autocast_cache
         yield
     finally:
