@@ -2,11 +2,13 @@
 
     metrics.py   the scores: plain cosines through torchmetrics' CLIP score code, and DINO
     protocol.py  references (held out, checked), prompts (own caption + edits), the grid's settings and size
-    grid.py      generate and score the grid, one row per image, resumable
+    grid.py      generate and score the grid, one row per image: the headline comparison first, resumable,
+                 and grown across sittings
     results.py   results.csv: append-only, exact round trip
     stats.py     the idea of the comparison: intervals over references, paired differences, matched gain
     headline.py  the text-aware model against every baseline, as tables and sentences
     plots.py     the trade-off curve, side-by-side grids, the bootstrap histogram, the published numbers
+    outputs.py   notebook 05's files (summary.csv, headline, tradeoff.png, ...), one writer for 05 and the command
 """
 
 _ENTRY_POINTS = {"clip_t", "clip_i", "dino"}

@@ -1,7 +1,12 @@
 """python -m helpers.evaluate: notebook 05's grid from a terminal, with the same settings (profile, references,
-prompts, models, scales, seeds, scorers), written to --out-dir row by row; run it again to resume.
+prompts, models, scales, seeds, scorers), written to --out-dir row by row; run it again to resume, or to grow
+the grid (more references, --models all, more --scales: the rows already scored are kept).
 
-    python -m helpers.evaluate --profile full [--references N --scales 0.3,0.5 ...]
+    python -m helpers.evaluate --profile full [--models all --references N --scales 0.3,0.5 ...]
+
+Then it writes notebook 05's files (summary.csv, headline.txt, headline.csv, tradeoff.png and the other figures)
+with the notebook's own writers (helpers.evaluate.outputs), so a model card built from either shows the same.
+Ctrl-C stops the grid where it is and writes those files from the rows scored so far.
 
 It holds --out-dir's lock (helpers.support.lock) from start to end: a second command or notebook 05 on the same
 folder stops at once. Out of GPU memory: run it again with a smaller --batch-size; it resumes.
@@ -16,13 +21,12 @@ from ..data.prepare import use_prepared
 from ..profile import get_profile
 from ..sample.bank import load_models
 from ..sample.registry import parse_models
-from ..support.atomic import write_text
 from ..support.env import output_root, quiet_libraries
 from ..support.lock import FolderLock
 from .grid import LOCK_PURPOSE, run_grid
-from .headline import headline
-from .protocol import grid_settings, protocol
-from .stats import summarize
+from .outputs import write_evaluation_outputs
+from .protocol import copy_baseline, grid_models, grid_settings, protocol
+from .stats import EDIT
 
 
 def main(argv=None):
@@ -39,6 +43,8 @@ def main(argv=None):
     ap.add_argument("--seeds", default="", help="seeds, e.g. 0,1 (default: the profile's)")
     ap.add_argument("--batch-size", type=int, help="images per pipeline call (default: the profile's, else as many "
                     "as fit the GPU); lower it after an out-of-memory error, and rerun: it resumes")
+    ap.add_argument("--models", default="", help="the grid's models, comma-separated, or 'all' (default: the headline "
+                    "comparison, helpers.evaluate.protocol.GRID_MODELS; notebook 05's EVAL_MODELS)")
     ap.add_argument("--extra-models", default="", help="more adapters, 'name=user/repo, folder' (as in 04 and 05)")
     args = ap.parse_args(argv)
     quiet_libraries()  # the same harmless library noise the notebooks drop
@@ -49,24 +55,30 @@ def main(argv=None):
                           eval_edits_per_reference=args.edits_per_reference,
                           eval_scales=tuple(float(s) for s in args.scales.split(",")) if args.scales.strip() else None,
                           eval_seeds=tuple(int(s) for s in args.seeds.split(",")) if args.seeds.strip() else None,
-                          eval_batch_size=args.batch_size)
+                          eval_batch_size=args.batch_size,
+                          eval_models=tuple(m.strip() for m in args.models.split(",") if m.strip()) or None)
     with FolderLock(out_dir, LOCK_PURPOSE) as lock:  # before minutes of loading: a second writer stops at once
         return _evaluate(profile, data_dir, runs_dir, out_dir, args.extra_models, lock)
 
 
 def _evaluate(profile, data_dir, runs_dir, out_dir, extra_models, lock):
-    """The grid, its summary and its headline, written to out_dir (whose lock the caller holds and beats)."""
+    """The grid and notebook 05's files from it, written to out_dir (whose lock the caller holds and beats)."""
     prep = use_prepared(data_dir, profile, progress=False)
     references, prompts = protocol(profile, prep)
     lock.beat()
     bank = load_models(profile, runs_dir, extra=parse_models(extra_models), baselines=True)
     lock.beat()
-    result = run_grid(bank, references, prompts, train=prep.train, out_dir=out_dir, **grid_settings(profile))
-    write_text(out_dir / "summary.csv", summarize(result.rows).to_csv(index=False))
-    text = headline(result.rows, random_weights=profile.random_weights)
-    write_text(out_dir / "headline.txt", text + "\n")
+    result = run_grid(bank, references, prompts, train=prep.train, out_dir=out_dir,
+                      models=grid_models(profile, bank.names), **grid_settings(profile))
     print(f"{len(result.rows)} images ({result.n_resumed} from an earlier run, {result.n_generated} made now) in "
-          f"{result.csv}\n{text}")
+          f"{result.csv}\n{result.progress()}")
+    if not result.rows:
+        return result
+    copied = copy_baseline(references, prompts, clip=profile.eval_clip)  # the trade-off plot's "reference itself"
+    lock.beat()
+    written = write_evaluation_outputs(result.rows, out_dir, copy_clip_t=copied[EDIT][0] if EDIT in copied else None,
+                                       random_weights=profile.random_weights, prompts=prompts, load=result.samples)
+    print(f"{written.headline}\nWrote {', '.join(p.name for p in written.files)} in {out_dir}")
     return result
 
 

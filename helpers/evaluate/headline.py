@@ -1,5 +1,6 @@
 """The headline of notebook 05: the text-aware model against every baseline, as tables and sentences computed
-from the rows (helpers.evaluate.stats does the statistics).
+from the rows (helpers.evaluate.stats does the statistics). Each comparison uses the references complete for both
+of its models (stats.complete_references), so a grid stopped part way gives a smaller headline, still paired.
 
     paired_table(rows)                    the fine-tuned text-aware model minus each baseline, per IP scale
     headline_table(rows)                  its CLIP-T gain at matched CLIP-I over each baseline, overall and per
@@ -13,23 +14,27 @@ import math
 from collections.abc import Sequence
 
 from ..sample.registry import label, model_order
-from .stats import CATEGORIES, EDIT, METRICS, OWN, MatchedGain, as_frame, matched_gain, metric_label, paired_difference
+from .stats import (CATEGORIES, EDIT, METRICS, OWN, MatchedGain, as_frame, complete_references, matched_gain,
+                    metric_label, paired_difference)
 
 
 def paired_table(rows, *, model: str = "finetuned-text-aware", baselines: Sequence[str] | None = None,
                  prompt_kind: str | None = EDIT):
-    """`model` minus each baseline (default: every other model), image by image, per IP scale: each metric's
-    mean difference with its 95% paired interval, as 'mean [low, high]' strings (DataFrame; empty when
+    """`model` minus each baseline (default: every other model), image by image, per IP scale, over the
+    references complete for both (complete_references: all of them unless the grid stopped part way): each
+    metric's mean difference with its 95% paired interval, as 'mean [low, high]' strings (DataFrame; empty when
     `model` is not in the rows)."""
     import pandas as pd
 
     frame = as_frame(rows)
     out = []
     for base in comparisons(frame, model, baselines) if model in set(frame["model"]) else ():
-        for scale in sorted(frame.loc[frame["model"] == model, "scale"].unique()):
-            line = {"comparison": f"{label(model)} - {label(base)}", "IP scale": float(scale)}
+        refs = complete_references(frame, (model, base))
+        pair = frame[frame["reference"].isin(refs)]
+        for scale in sorted(pair.loc[pair["model"] == model, "scale"].unique()):
+            line = {"comparison": f"{label(model)} - {label(base)}", "IP scale": float(scale), "references": len(refs)}
             for m in METRICS:
-                mean, lo, hi = paired_difference(frame, model, base, m, scale=scale, prompt_kind=prompt_kind)
+                mean, lo, hi = paired_difference(pair, model, base, m, scale=scale, prompt_kind=prompt_kind)
                 line[f"{metric_label(m)} difference"] = f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
             out.append(line)
     return pd.DataFrame(out)
@@ -52,7 +57,12 @@ def describe_gain(g: MatchedGain, clip_model: str = "") -> str:
             f"{', CLIP ' + clip_model if clip_model else ''}){verdict}.")
 
 def _why_no_overlap(frame, a: str, b: str, y: str) -> str:
-    """Why matched_gain found nothing: too few scales, or the two curves' y ranges (given) do not meet."""
+    """Why matched_gain found nothing: no reference complete for both yet, too few scales, or the two curves'
+    y ranges (given) do not meet."""
+    refs = complete_references(frame, (a, b))
+    if not refs:
+        return "no reference has all of both models' images yet (the grid stopped part way: run it again)"
+    frame = frame[frame["reference"].isin(refs)]
     means = {m: frame[frame["model"] == m].groupby("scale")[y].mean() for m in (a, b)}
     if any(len(v) < 2 for v in means.values()):
         return "a curve needs at least two IP scales"
@@ -77,7 +87,7 @@ def headline_table(rows, *, model: str = "finetuned-text-aware", baselines: Sequ
     all edit prompts and per edit category: a DataFrame with the gain, its 95% paired interval, the half
     width (the smallest difference this run resolves), the references, the matched range and the scores'
     backbones (empty when `model` is not in the rows); and the MatchedGain objects behind it, {(baseline,
-    edit or None): MatchedGain, or None where the curves do not meet}. Returns (table, gains)."""
+    edit or None): MatchedGain, or None where the curves do not meet (the table says why)}. Returns (table, gains)."""
     import pandas as pd
 
     frame = as_frame(rows)
@@ -89,13 +99,15 @@ def headline_table(rows, *, model: str = "finetuned-text-aware", baselines: Sequ
                 continue
             g = matched_gain(frame, model, base, y=y, edit=edit)
             gains[(base, edit)] = g
+            matched = (f"{g.y_range[0]:.3f}-{g.y_range[1]:.3f}" if g is not None
+                       else _why_no_overlap(as_frame(frame, prompt_kind=EDIT, edit=edit), model, base, y))
             out.append({"comparison": f"{label(model)} - {label(base)}", "edit prompts": edit or "all",
                         f"CLIP-T gain at matched {metric_label(y)}": None if g is None else round(g.gain, 4),
                         "95% low": None if g is None else round(g.low, 4),
                         "95% high": None if g is None else round(g.high, 4),
                         "± resolvable": None if g is None else round(g.half_width, 4),
                         "references": None if g is None else g.n_references,
-                        f"matched {metric_label(y)}": "curves do not meet" if g is None else f"{g.y_range[0]:.3f}-{g.y_range[1]:.3f}",
+                        f"matched {metric_label(y)}": matched,
                         "scores": f"plain cosine, CLIP {clip}"})
     return pd.DataFrame(out), gains
 

@@ -6,10 +6,10 @@ PIL image (tests check what they hold); models are labelled by what they are (he
     side_by_side(samples)                  rows: (reference, edit prompt); columns: the reference, then each model
     category_grids(rows, prompts, load)    one side_by_side per edit category (setting, outfit, action, style)
     scale_sweep(samples, ref, prompt)      one reference and prompt: models down, IP scales across
-    bootstrap_histogram(gains)             the bootstrap draws of the headline difference, zero marked
+    bootstrap_histogram(gains)             the bootstrap draws of the headline difference, its t interval and zero
     seed_comparison(rows)                  the seed project's "CLIP-T 0.32" (and the IP-Adapter paper's 0.588)
                                            beside ours, with why they are not comparable
-    save_figure(fig_or_image, path)        either one written atomically (the model card reads tradeoff.png)
+    save_figure(fig_or_image, path)        either one written atomically (helpers.evaluate.outputs names the files)
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def _axis_label(metric: str, clip_model: str, dino_model: str) -> str:
 def tradeoff_plot(summary, *, y: Sequence[str] = ("clip_i", "dino"), x: str = "clip_t", title: str | None = None,
                   clip_model: str = "", dino_model: str = "", note: str = "", copy_clip_t: float | None = None):
     """One panel per consistency metric in `y` against `x` (CLIP-T): one curve per model through its IP
-    scales (labelled at each point), 95% bootstrap intervals over references as error bars; baselines and
+    scales (labelled at each point), 95% t intervals over references as error bars; baselines and
     ablations dashed. Up and to the right is better: more like the reference and more like the prompt.
 
     summary: helpers.evaluate.stats.summarize(rows, prompt_kind=...); clip_model / dino_model: named on the axes.
@@ -162,8 +162,9 @@ def scale_sweep(samples, reference: str, prompt: str, *, seed: int | None = None
 
 def bootstrap_histogram(gains: Sequence[MatchedGain], *, title: str | None = None):
     """One panel per comparison: the bootstrap draws of `model`'s CLIP-T gain at matched CLIP-I over a
-    baseline (MatchedGain.boots), the point estimate, the 95% interval (shaded) and zero (red). A
-    difference this run can resolve keeps zero outside the shaded band. Returns the matplotlib Figure."""
+    baseline (MatchedGain.boots), the point estimate, the 95% jackknife-t interval (shaded; the one the
+    headline reports, usually wider than the middle 95% of the draws) and zero (red). A difference this run can
+    resolve keeps zero outside the shaded band. Returns the matplotlib Figure."""
     import matplotlib.pyplot as plt
 
     gains = [g for g in gains if g is not None and len(g.boots)]
@@ -173,7 +174,7 @@ def bootstrap_histogram(gains: Sequence[MatchedGain], *, title: str | None = Non
     for ax, g in zip(axes[0], gains):
         ax.hist(g.boots, bins=40, color="tab:blue", alpha=0.7)
         if np.isfinite([g.low, g.high]).all():
-            ax.axvspan(g.low, g.high, color="tab:blue", alpha=0.12, label="95% interval")
+            ax.axvspan(g.low, g.high, color="tab:blue", alpha=0.12, label="95% t interval")
         ax.axvline(g.gain, color="black", linewidth=1.2, label=f"estimate {g.gain:+.3f}")
         ax.axvline(0, color="tab:red", linewidth=1.5, label="zero: no difference")
         ax.set_title(textwrap.fill(f"{label(g.model)} - {label(g.baseline)}", 40), fontsize=9)
@@ -222,5 +223,5 @@ def seed_comparison(rows, *, scale: float = 1.0, seed: int = 0):
                         "CLIPScore (x100)": f"{max(100 * float(cell['clip_t'].mean()), 0):.1f}",
                         "CLIP model": clip_model,
                         "references": f"{cell['reference'].nunique()} held-out test images",
-                        "caveat": "mean [95% bootstrap interval over references]"})
+                        "caveat": "mean [95% t interval over references]"})
     return pd.DataFrame(out)

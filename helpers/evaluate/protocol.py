@@ -12,7 +12,7 @@ against variation (CLIP-T), for the models of the bank (by default the headline 
     size        the full profile's default grid is the headline comparison (GRID_MODELS) over the largest number
                 of references, at least MIN_REFERENCES, whose grid fits profile.eval_minutes on a T4
                 (`grid_references`: the counted cost of an image at GRID_EFFICIENCY of the T4's peak,
-                helpers.support.budget)
+                helpers.support.budget); models or scales added on top lengthen the grid and keep its references
 
 `protocol(profile, prep)` and `grid_settings(profile)` are the one definition of which references, prompts
 and settings a run uses; the notebook and the command line both call them:
@@ -26,6 +26,7 @@ the figures in helpers.evaluate.plots, the CSV format in helpers.evaluate.result
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -225,22 +226,25 @@ def grid_models(profile, available: Sequence[str] = MODEL_NAMES) -> list[str]:
 
 def grid_references(profile, available: int, n_models: int | None = None) -> int:
     """How many held-out references the grid takes: profile.eval_num_references when set, else the most whose
-    grid of n_models (default: grid_models(profile), the headline comparison) fits profile.eval_minutes on a T4
-    at GRID_EFFICIENCY of its peak (the counted seconds per image, helpers.support.budget), and never fewer than
-    MIN_REFERENCES; at most `available` (the test split's near-duplicate groups)."""
+    default grid fits profile.eval_minutes on a T4 at GRID_EFFICIENCY of its peak (the counted seconds per image,
+    helpers.support.budget), and never fewer than MIN_REFERENCES; at most `available` (the test split's
+    near-duplicate groups). The default grid: n_models (default: the headline comparison, GRID_MODELS) at the
+    Profile's default scales, seeds and edits. Models, scales, seeds or edits added on top make the grid longer,
+    never its references fewer: a grid grown in a later sitting keeps every reference already scored."""
     if profile.eval_num_references is not None:
         return max(1, min(profile.eval_num_references, available))
-    n_models = len(grid_models(profile)) if n_models is None else n_models
-    fit = references_for_budget(profile.eval_minutes, seconds_per_image(GRID_EFFICIENCY), n_models=n_models,
-                                n_scales=len(profile.eval_scales), n_seeds=len(profile.eval_seeds),
-                                prompts_per_reference=1 + profile.eval_edits_per_reference, available=available)
+    default = {f.name: f.default for f in dataclasses.fields(profile)}
+    fit = references_for_budget(profile.eval_minutes, seconds_per_image(GRID_EFFICIENCY),
+                                n_models=len(GRID_MODELS) if n_models is None else n_models,
+                                n_scales=len(default["eval_scales"]), n_seeds=len(default["eval_seeds"]),
+                                prompts_per_reference=1 + default["eval_edits_per_reference"], available=available)
     return min(available, max(fit, MIN_REFERENCES))
 
 
 def protocol(profile, prep, *, n_models: int | None = None,
              edit_prompts=None) -> tuple[list[Reference], list["PromptSpec"]]:
-    """The references (grid_references of them: held-out groups, seeded; n_models: the grid's, default the
-    headline comparison's) and prompts (own caption + profile.eval_edits_per_reference edits each) of a run on
+    """The references (grid_references of them: held-out groups, seeded, so that more references add to those
+    of fewer; n_models: sized for, default the headline comparison's) and prompts (own caption + profile.eval_edits_per_reference edits each) of a run on
     notebook 01's split `prep`."""
     groups = len(set(prep.test["group"])) if len(prep.test) else 0
     references = pick_references(prep.test, grid_references(profile, max(1, groups), n_models), seed=REFERENCE_SEED)

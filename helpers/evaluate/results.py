@@ -34,6 +34,7 @@ from ..support.atomic import write_text
 from ..support.disk import disk_errors
 from .stats import IDENTITY  # "adapter_sha256": the column naming the weights a row was made with
 
+RESULTS_FILE = "results.csv"  # in the eval folder (helpers.evaluate.outputs names the other files)
 CSV_COLUMNS = ("model", "adapter_sha256", "scale", "reference", "prompt", "prompt_kind", "edit", "seed", "steps",
                "guidance", "clip_t", "clip_t_x100", "clip_i", "clip_i_x100", "dino", "clip_model", "dino_model", "file")
 KEY_COLUMNS = ("model", "adapter_sha256", "scale", "reference", "prompt", "seed", "steps", "guidance")

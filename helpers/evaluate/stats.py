@@ -8,6 +8,8 @@ model's earlier rows, and those are refused (as_frame) rather than averaged with
 
     bootstrap_ci(values, groups)          mean and 95% t interval over *references* (the name is older than the rule)
     summarize(rows)                       per model and scale: each metric's mean [interval] (pandas DataFrame)
+    complete_references(rows, models)     the references where every one of `models` has every image: what a
+                                          comparison of a grid stopped part way may use
     paired_difference(rows, a, b, m)      a's metric minus b's on the same images' settings (reference, prompt,
                                           seed, scale), with a paired t interval over references
     matched_gain(rows, a, b)              a's CLIP-T minus b's at matched CLIP-I, along each model's scale curve,
@@ -160,10 +162,27 @@ def backbones(rows) -> str:
     return f"plain cosines in [-1, 1]; CLIP-T and CLIP-I: CLIP {clip}; DINO: {dino} (CLS token)"
 
 
+def complete_references(rows, models: Sequence[str]) -> list[str]:
+    """The references (in the rows' order) where every model in `models` has every image of the design: each
+    scale and seed of these models' rows, with each prompt any of them has for that reference. A grid stopped part
+    way (helpers.evaluate.grid.run_grid) leaves its last references incomplete, or a scale added in a later sitting
+    missing from some; a comparison uses only the complete references, so both models are averaged over the same
+    references, scales and prompts (paired). Empty when a model has no rows."""
+    frame = as_frame(rows)
+    part = frame[frame["model"].isin(list(models))]
+    if part.empty or set(models) - set(part["model"]):
+        return []
+    cells = part.drop_duplicates(["reference", "model", "scale", "prompt", "seed"])
+    need = part.groupby("reference", sort=False)["prompt"].nunique() * part["scale"].nunique() * part["seed"].nunique()
+    have = cells.groupby(["reference", "model"], sort=False).size().unstack("model").reindex(columns=list(models))
+    done = have.eq(need.reindex(have.index), axis=0).all(axis=1)
+    return [str(r) for r in part["reference"].unique() if done.get(r, False)]
+
+
 def summarize(rows, *, prompt_kind: str | None = None, edit: str | None = None, columns: Sequence[str] = METRICS):
     """A table (pandas DataFrame), one line per model and scale: its label, n references and images, and for
-    each metric in `columns` its mean with the bootstrap interval over references (`<m>`, `<m>_lo`, `<m>_hi`),
-    plus `clip_t_x100`: torchmetrics' CLIPScore of those images and prompts, max(100 x mean cosine, 0), and,
+    each metric in `columns` its mean with the t interval over references (bootstrap_ci: `<m>`, `<m>_lo`,
+    `<m>_hi`), plus `clip_t_x100`: torchmetrics' CLIPScore of those images and prompts, max(100 x mean cosine, 0), and,
     when the rows carry it, the adapter_sha256 of the weights (the model card keeps only its own adapter's lines).
 
     prompt_kind: OWN or EDIT to keep only those prompts; edit: one edit category; None for all.
@@ -335,13 +354,14 @@ def matched_gain_interval(Xa, Ya, Xb, Yb, level: float = LEVEL):
 def matched_gain(rows, model: str, baseline: str, *, x: str = "clip_t", y: str = "clip_i",
                  prompt_kind: str | None = EDIT, edit: str | None = None, seed: int = 0) -> MatchedGain | None:
     """`model`'s x minus `baseline`'s x at matched y (see MatchedGain), with the jackknife-t interval over
-    the references both models share (matched_gain_interval), and N_BOOT bootstrap draws of the gain (seeded
-    by `seed`; the same resample for both models) to look at. None when a model is missing, has fewer than
-    two scales, or the curves do not overlap in y."""
+    the references complete for both models (complete_references; matched_gain_interval), and N_BOOT bootstrap
+    draws of the gain (seeded by `seed`; the same resample for both models) to look at. None when a model is
+    missing, has fewer than two scales, or the curves do not overlap in y."""
     frame = as_frame(rows, prompt_kind=prompt_kind, edit=edit)
     present = set(frame["model"])
     if model not in present or baseline not in present:
         return None
+    frame = frame[frame["reference"].isin(complete_references(frame, (model, baseline)))]  # a grid stopped part way
     refs, cells = _cell_means(frame, (model, baseline), x, y)
     if not refs or any(len(cells[m][0]) < 2 for m in (model, baseline)):
         return None

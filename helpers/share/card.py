@@ -41,7 +41,7 @@ def evaluation_markdown(ev: Evaluation, *, with_plot: bool) -> str:
     lines = [f"## Evaluation (notebook 05, `{ev.profile}` profile)", ""]
     if random:
         lines += ["**Random weights (tiny profile): these numbers are meaningless; they only show that the code runs.**", ""]
-    lines += [f"Plain cosines, mean and 95% bootstrap interval over held-out references; CLIP model "
+    lines += [f"Plain cosines, mean and 95% t interval over held-out references; CLIP model "
               f"`{ev.clip_model or 'not recorded'}`. CLIP-T: image vs prompt; CLIP-I and DINO: image vs reference. "
               f"Model `{ev.model}`.", "",
               "| prompts | IP scale | references | CLIP-T | CLIP-I | DINO |", "| --- | --- | --- | --- | --- | --- |"]

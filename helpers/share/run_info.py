@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data.prepare import read_manifest
+from ..evaluate.outputs import HEADLINE_FILE, SUMMARY_FILE, TRADEOFF_FILE  # 05's files, by their one writer's names
+from ..evaluate.results import RESULTS_FILE
 from ..model.adapter_file import ADAPTER_FILE
 from ..model.official_format import BLOCK_PREFIX
 from ..profile import RICK_AND_MORTY
 from ..sample.registry import FINETUNED, adapter_sha256
 from ..train.config import read_run_settings
 from ..train.loss_log import LOSS_LOG, read_loss_log
-
-TRADEOFF_FILE = "tradeoff.png"  # notebook 05's trade-off plot
 
 
 def eval_model_name(run: "RunInfo") -> str:
@@ -113,7 +113,7 @@ def read_evaluation(eval_dir, run: RunInfo, *, profile: str | None = None) -> Ev
 
     profile: the profile notebook 05 ran with (its files do not record it); default: the run's own."""
     eval_dir = Path(eval_dir)
-    summary = eval_dir / "summary.csv"
+    summary = eval_dir / SUMMARY_FILE
     model = eval_model_name(run)
     if not summary.is_file():
         return None
@@ -129,10 +129,10 @@ def read_evaluation(eval_dir, run: RunInfo, *, profile: str | None = None) -> Ev
               "leaves them out. Run notebook 05 again to evaluate these weights.")
         return None
     clip_model = ""
-    if (eval_dir / "results.csv").is_file():
-        with open(eval_dir / "results.csv", newline="") as f:
+    if (eval_dir / RESULTS_FILE).is_file():
+        with open(eval_dir / RESULTS_FILE, newline="") as f:
             clip_model = next(csv.DictReader(f), {}).get("clip_model", "")
     tradeoff = eval_dir / TRADEOFF_FILE
-    headline = eval_dir / "headline.txt"
+    headline = eval_dir / HEADLINE_FILE
     return Evaluation(profile or run.profile, model, rows, clip_model, tradeoff if tradeoff.is_file() else None,
                       headline.read_text().strip() if headline.is_file() else "")

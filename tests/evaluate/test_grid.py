@@ -8,9 +8,11 @@ import sys
 import textwrap
 import time
 
+import _grid
+import numpy as np
 import pytest
 import torch
-from _grid import fake_generate, grid, split  # noqa: F401
+from _grid import fake_generate, grid, identities, split  # noqa: F401
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -20,7 +22,7 @@ from helpers.evaluate.grid import BATCH_TOLERANCE, EvaluationOutOfMemory, run_gr
 from helpers.evaluate.headline import headline
 from helpers.evaluate.protocol import build_prompts
 from helpers.evaluate.results import ResultsFile, row_key
-from helpers.evaluate.stats import summarize
+from helpers.evaluate.stats import matched_gain, summarize
 from helpers.model.adapter_file import ADAPTER_FILE
 from helpers.sample.references import pick_references
 from helpers.sample.registry import MODEL_NAMES, adapter_sha256
@@ -221,3 +223,101 @@ def test_out_of_memory_names_the_batch_size_and_a_smaller_one_resumes(split, tin
     same_rows(again.rows[:6], whole.rows[:6])  # the rows made before the error, exactly
     same_rows(again.rows, whole.rows, tolerance=BATCH_TOLERANCE)  # made at batch 1 against batch 3
     assert max(abs(a["clip_t"] - b["clip_t"]) for a, b in zip(again.rows, whole.rows)) < BATCH_TOLERANCE
+
+
+# --------------------------------------------------------------------------------------------------
+# A grid that grows across sittings
+# --------------------------------------------------------------------------------------------------
+
+HEADLINE = ["finetuned-text-aware", "finetuned-vanilla"]  # two models of the headline comparison
+WITH_OPT_IN = ["pretrained", *HEADLINE]  # and one opt-in model (listed first: the grid still runs it last)
+
+
+def stopped_after(n_jobs):
+    """fake_generate that raises KeyboardInterrupt (Colab's stop button, Ctrl-C) when job n_jobs + 1 starts."""
+    calls = []
+
+    def generate(*args, **kwargs):
+        if len(calls) >= n_jobs:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return fake_generate(*args, **kwargs)
+
+    return generate
+
+
+def test_a_grid_stopped_at_any_point_gives_a_smaller_paired_headline(split, tiny_profile, tmp_path):
+    """The headline comparison runs first, reference by reference (every scale of one reference for each of its
+    models), then the opt-in models: stopped after any job, the rows scored so far are the result, the
+    headline compares each pair on the references complete for both, as a grid of just those references
+    would, and a rerun ends as an uninterrupted run."""
+    whole, refs, _ = grid(split, tiny_profile, tmp_path / "whole", models=WITH_OPT_IN)
+    ids = [r.id for r in refs]
+    order = list(dict.fromkeys((r["reference"], r["model"]) for r in whole.rows))
+    assert order == [(i, m) for i in ids for m in HEADLINE] + [(i, "pretrained") for i in ids]
+    assert not whole.stopped and whole.done_references() == ids and whole.progress().startswith("The grid is complete")
+    per_reference = 2 * 2  # jobs of the headline comparison per reference: 2 models x 2 scales
+    for n_jobs in (0, 3, 4, 9, 12, 14):
+        result, _, _ = grid(split, tiny_profile, tmp_path / f"stopped{n_jobs}", models=WITH_OPT_IN,
+                            generate=stopped_after(n_jobs))
+        assert result.stopped and len(result.rows) == 4 * n_jobs  # a job: 2 prompts x 2 seeds
+        same_rows(result.rows, whole.rows[:len(result.rows)])
+        done = ids[:min(n_jobs // per_reference, len(ids))]
+        assert result.done_references() == done
+        assert f"is complete on {len(done)} of 3 references" in result.progress() and "run again" in result.progress()
+        for base, n in (("finetuned-vanilla", len(done)), ("pretrained", max(0, n_jobs - 12) // 2)):
+            got = matched_gain(result.rows, "finetuned-text-aware", base) if result.rows else None
+            alone = [r for r in whole.rows if r["reference"] in ids[:n]]  # a grid of only those references
+            want = matched_gain(alone, "finetuned-text-aware", base) if alone else None
+            if want is None:
+                assert got is None
+            else:
+                assert got.n_references == n
+                np.testing.assert_equal((got.gain, got.low, got.high), (want.gain, want.low, want.high))
+        if n_jobs == 3:  # a reference half done: no comparison yet, and the headline says why
+            assert "no reference has all of both models' images yet" in headline(result.rows)
+    again, _, _ = grid(split, tiny_profile, tmp_path / "stopped9", models=WITH_OPT_IN)
+    assert (again.n_resumed, again.n_generated) == (36, 36) and not again.stopped
+    same_rows(again.rows, whole.rows)
+    assert (tmp_path / "stopped9" / "results.csv").read_bytes() == (tmp_path / "whole" / "results.csv").read_bytes()
+
+
+def test_a_grid_grown_in_a_later_sitting_keeps_every_row_and_makes_only_the_new_ones(split, tiny_profile, tmp_path):
+    """A first sitting scores 2 references x (own caption + 1 edit) x 1 scale x 1 seed of 2 models; a second asks
+    for more references, edits, scales, seeds and models. Every row of the first is kept, equal by row_key and
+    value; only the new images are generated (and the first sitting's last job, which a cut may have left part
+    written); results.csv only grows; and the result equals a grid run at the larger size from the start."""
+    train, test = split
+    few, more = pick_references(test, 2), pick_references(test, 3)
+    assert {r.id for r in few} < {r.id for r in more}  # more references add to those of fewer
+    few_prompts, more_prompts = build_prompts(few, _grid.EDITS, 1), build_prompts(more, _grid.EDITS, 2)
+    assert set(few_prompts) < set(more_prompts)  # and more edits to those a reference had
+    bigger = [*HEADLINE, "finetuned-text-aware-no-block", "pretrained"]
+    weights = identities(bigger)  # one identity per model throughout: the weights do not change
+    settings = dict(train=train, clip=tiny_profile.eval_clip, dino=tiny_profile.dino, steps=2, guidance=7.5,
+                    progress=False)
+    eval_dir = tmp_path / "eval"
+    first = run_grid({m: weights[m] for m in HEADLINE}, few, few_prompts, scales=(0.5,), seeds=(0,),
+                     out_dir=eval_dir, models=HEADLINE, generate=fake_generate, **settings)
+    before = (eval_dir / "results.csv").read_bytes()
+    made = []
+
+    def generate(*args, **kwargs):
+        out = fake_generate(*args, **kwargs)
+        made.extend(row_key(s) for s in out)
+        return out
+
+    grown = run_grid(weights, more, more_prompts, scales=(0.5, 1.0), seeds=(0, 1), out_dir=eval_dir, models=bigger,
+                     generate=generate, **settings)
+    old = {row_key(r) for r in first.rows}
+    assert len(grown.rows) == 4 * 3 * 3 * 2 * 2 and (grown.n_resumed, grown.n_generated) == (8, len(grown.rows) - 8)
+    # only the new images, and the job of the file's last row again whole (an interruption may have cut it)
+    last = row_key(first.rows[-1])
+    again = [k for k in old if k[:4] == last[:4]]  # its model, weights, scale and reference: 2 prompts x 1 seed
+    assert sorted(made) == sorted([k for k in map(row_key, grown.rows) if k not in old] + again) and len(again) == 2
+    kept = {row_key(r): r for r in grown.rows}
+    same_rows(first.rows, [kept[row_key(r)] for r in first.rows])  # every old row, the same values
+    assert (eval_dir / "results.csv").read_bytes().startswith(before)  # appended to, never rewritten
+    fresh = run_grid(weights, more, more_prompts, scales=(0.5, 1.0), seeds=(0, 1), out_dir=tmp_path / "fresh",
+                     models=bigger, generate=fake_generate, **settings)
+    same_rows(grown.rows, fresh.rows, tolerance=BATCH_TOLERANCE)  # an old image was scored in a smaller batch

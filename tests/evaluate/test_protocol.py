@@ -204,10 +204,12 @@ def test_default_size_comes_from_the_counted_t4_budget():
     more = full.replace(eval_minutes=2 * full.eval_minutes)  # one field for a user with more time
     assert grid_references(more, plenty) >= 2 * n - 1
     assert grid_references(full.replace(eval_num_references=4), plenty) == 4  # a number, when given, is used
-    # every model of the registry: the references stay at 10, the grid grows past eval_minutes
+    # every model of the registry, or more scales: the grid grows past eval_minutes and keeps its references, so
+    # a later sitting that adds them extends the grid already scored
     every = full.replace(eval_models=(ALL_MODELS,))
-    assert grid_references(every, plenty) == MIN_REFERENCES
-    assert images_minutes(images(MIN_REFERENCES, len(MODEL_NAMES)), GRID_EFFICIENCY) > full.eval_minutes
+    assert grid_references(every, plenty) == grid_references(full.replace(eval_scales=(0.2, 0.4, 0.6, 0.8, 1.0)),
+                                                             plenty) == n
+    assert images_minutes(images(n, len(MODEL_NAMES)), GRID_EFFICIENCY) > full.eval_minutes
 
 
 def test_the_default_grid_is_the_headline_comparison_and_the_rest_one_setting_away():
@@ -252,17 +254,23 @@ def test_command_line_runs_the_protocol_and_resumes(tiny_profile, runs, tmp_path
     monkeypatch.setattr(grid_module, "generate_images", real)
     capsys.readouterr()
     resumed = evaluation_main(args + ["--out-dir", str(tmp_path / "cut")])
-    total = 2 * len(MODEL_NAMES)  # 1 reference x (own caption + 1 edit) x 1 scale, every model with its baselines
+    total = 2 * len(GRID_MODELS)  # 1 reference x (own caption + 1 edit) x 1 scale, the headline comparison
     assert f"Resuming: 2 of {total} images" in capsys.readouterr().out
     assert resumed.n_resumed == 2 and resumed.n_generated == total - 2
     assert (tmp_path / "cut" / "results.csv").read_bytes() == (tmp_path / "whole" / "results.csv").read_bytes()
-    # the notebook's protocol: the same references and prompts, every model of the bank with its baselines
+    # the notebook's protocol: the same references and prompts, and by default the headline comparison's models
     profile = tiny_profile.replace(eval_num_references=1, eval_edits_per_reference=1, eval_scales=(1.0,))
     refs, prompts = protocol(profile, use_prepared(tmp_path / "data", profile, progress=False))
     table = pd.read_csv(tmp_path / "whole" / "results.csv")
-    assert set(table["model"]) == set(MODEL_NAMES) and len(table) == len(whole.rows) == len(MODEL_NAMES) * len(prompts)
+    assert set(table["model"]) == set(GRID_MODELS) and len(table) == len(whole.rows) == len(GRID_MODELS) * len(prompts)
     assert set(zip(table["reference"].astype(str), table["prompt"])) == {(p.reference, p.prompt) for p in prompts}
     assert (tmp_path / "whole" / "summary.csv").is_file() and (tmp_path / "whole" / "headline.txt").is_file()
+    # --models all (notebook 05's EVAL_MODELS = "all") grows the same folder: every model, the old rows kept
+    before = (tmp_path / "whole" / "results.csv").read_bytes()
+    every = evaluation_main(args + ["--out-dir", str(tmp_path / "whole"), "--models", ALL_MODELS])
+    assert (every.n_resumed, every.n_generated) == (total, 2 * len(MODEL_NAMES) - total)
+    assert {r["model"] for r in every.rows} == set(MODEL_NAMES)
+    assert (tmp_path / "whole" / "results.csv").read_bytes().startswith(before)
 
 
 def test_command_line_stops_at_once_when_another_writer_holds_the_folder(tmp_path):

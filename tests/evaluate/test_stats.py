@@ -13,6 +13,7 @@ from helpers.evaluate.stats import (
     METRICS,
     _t_central,
     bootstrap_ci,
+    complete_references,
     curve_gain,
     format_summary,
     jackknife_interval,
@@ -97,6 +98,27 @@ def test_a_planted_difference_is_found_and_pairing_narrows_the_interval():
     # images without a partner are refused
     with pytest.raises(ValueError, match="no partner"):
         paired_difference(rows[:-1], "finetuned-text-aware", "pretrained", prompt_kind=None)
+
+
+def test_a_comparison_uses_only_the_references_complete_for_both_models():
+    """A grid stopped part way (a reference with some of a model's scales), or grown by a scale that only some
+    references have yet: those references are left out of the comparison, which then equals the same comparison
+    on the complete references alone."""
+    rows = synthetic_rows({"finetuned-vanilla": 0.0, "finetuned-text-aware": 0.02}, n_refs=6, noise=0.01)
+    refs = [f"ref{r}" for r in range(6)]
+    assert complete_references(rows, ("finetuned-text-aware", "finetuned-vanilla")) == refs
+    whole = matched_gain(rows, "finetuned-text-aware", "finetuned-vanilla")
+    cut = [r for r in rows if not (r["reference"] == "ref5" and r["model"] == "finetuned-vanilla" and r["scale"] > 0.5)]
+    # a scale added in a later sitting, scored so far for the first three references: only they are complete
+    grown = cut + [{**r, "scale": 0.9, "clip_t": r["clip_t"] - 0.01} for r in cut
+                   if r["reference"] in refs[:3] and r["scale"] == 1.0]
+    for partial, kept in ((cut, refs[:5]), (grown, refs[:3])):
+        assert complete_references(partial, ("finetuned-text-aware", "finetuned-vanilla")) == kept
+        g = matched_gain(partial, "finetuned-text-aware", "finetuned-vanilla")
+        alone = matched_gain([r for r in partial if r["reference"] in kept], "finetuned-text-aware", "finetuned-vanilla")
+        assert g.n_references == len(kept) and (g.gain, g.low, g.high) == (alone.gain, alone.low, alone.high)
+        assert (g.gain, g.low) != (whole.gain, whole.low)
+    assert complete_references(rows, ("finetuned-text-aware", "pretrained")) == []  # a model with no rows
 
 
 def test_t_quantile_matches_the_published_table():

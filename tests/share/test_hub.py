@@ -18,9 +18,8 @@ from huggingface_hub.utils import validate_repo_id
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from helpers.evaluate.plots import tradeoff_plot
-from helpers.evaluate.headline import headline
-from helpers.evaluate.stats import EDIT, OWN, summarize
+from helpers.evaluate.outputs import write_headline, write_summary, write_tradeoff
+from helpers.evaluate.stats import EDIT, OWN
 from helpers.model.adapter_file import AdapterFileError, resolve_adapter, save_adapter
 from helpers.model.official_format import adapter_state_dict, official_to_live
 from helpers.model.pipeline import load_pipeline, load_unet
@@ -139,20 +138,19 @@ def test_full_run_card_has_hub_metadata_and_notebook_05s_table(runs, tmp_path, t
     config = {**run_config(tiny_profile, "text_aware", data, "full"), "base_model": SD15,
               "ip_adapter": "h94/IP-Adapter/models/ip-adapter-plus_sd15.safetensors"}
     (run / "config.json").write_text(json.dumps(config))
-    # notebook 05's files, written as it writes them
+    # notebook 05's files, written by its writers
     eval_dir = tmp_path / "eval"
     rng = np.random.default_rng(0)
     ids = {"pretrained": "0" * 16, "finetuned-text-aware": adapter_sha256(run / "adapter.safetensors")}  # the weights
-    rows = [{"model": m, "adapter_sha256": ids[m], "scale": s, "reference": f"r{r}", "prompt_kind": k,
-             "clip_t": 0.3 - 0.1 * s + rng.normal(0, .01),
+    rows = [{"model": m, "adapter_sha256": ids[m], "scale": s, "reference": f"r{r}", "prompt": f"{k} of r{r}",
+             "seed": 0, "prompt_kind": k, "clip_t": 0.3 - 0.1 * s + rng.normal(0, .01),
              "clip_i": 0.6 + 0.3 * s + rng.normal(0, .01), "dino": 0.5 + 0.3 * s, "clip_model": "openai/clip-vit-large-patch14"}
             for m in ("pretrained", "finetuned-text-aware") for s in (0.5, 1.0) for r in range(4) for k in (OWN, EDIT)]
     eval_dir.mkdir()
     pd.DataFrame(rows).to_csv(eval_dir / "results.csv", index=False)
-    summaries = {kind: summarize(rows, prompt_kind=kind) for kind in (EDIT, OWN)}
-    pd.concat([s.assign(prompt_kind=k) for k, s in summaries.items()]).to_csv(eval_dir / "summary.csv", index=False)
-    tradeoff_plot(summaries[EDIT]).savefig(eval_dir / "tradeoff.png")
-    (eval_dir / "headline.txt").write_text(headline(rows) + "\n")
+    summaries = write_summary(rows, eval_dir)
+    write_tradeoff(rows, eval_dir)
+    write_headline(rows, eval_dir)
 
     folder = build_upload_folder(run, tmp_path / "up", eval_dir=eval_dir, repo_id=REPO)
     card = ModelCard.load(folder / "README.md")

@@ -1,0 +1,139 @@
+"""Notebook 05's files, each written by one function here: the notebook's cells and `python -m helpers.evaluate`
+call the same ones on the grid's rows, and helpers.share.run_info reads them by these names (results.csv is
+helpers.evaluate.results' RESULTS_FILE).
+
+    write_summary(rows, eval_dir)                    summary.csv: each model and scale, per prompt kind
+    write_tradeoff(rows, eval_dir, copy_clip_t=...)  tradeoff.png: the trade-off curves (the model card shows it)
+    write_headline(rows, eval_dir)                   headline.txt (the model card quotes it) and headline.csv
+    write_headline_draws(gains, eval_dir)            headline_bootstrap.png: the headline's bootstrap draws
+    write_image_grids(rows, prompts, load, eval_dir) side_by_side_<category>.png and scale_sweep.png
+    write_evaluation_outputs(rows, eval_dir, ...)    all of them, in that order (what the command line writes)
+
+Every file is written whole or not at all (helpers.support.atomic). Figures are drawn in matplotlib's default
+style and saved without a "Software" tag (FIGURE_STYLE, SAVEFIG), so the same rows give the same PNG bytes in a
+notebook and in a terminal. Rows from a grid stopped part way are fine: each comparison of the headline uses
+the references complete for both of its models (helpers.evaluate.stats.complete_references).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..support.atomic import write_text
+from .headline import headline, headline_table
+from .plots import bootstrap_histogram, category_grids, save_figure, scale_sweep, tradeoff_plot
+from .stats import EDIT, OWN, as_frame, summarize
+
+SUMMARY_FILE = "summary.csv"  # summarize() per prompt kind, with a prompt_kind column
+HEADLINE_FILE = "headline.txt"  # headline() in sentences
+HEADLINE_TABLE_FILE = "headline.csv"  # headline_table()
+TRADEOFF_FILE = "tradeoff.png"
+HEADLINE_DRAWS_FILE = "headline_bootstrap.png"
+SIDE_BY_SIDE_FILE = "side_by_side_{category}.png"
+SCALE_SWEEP_FILE = "scale_sweep.png"
+FIGURE_STYLE = "default"  # matplotlib's own defaults, whatever the notebook's backend or a user's rcParams
+SAVEFIG = {"dpi": 150, "bbox_inches": "tight", "metadata": {"Software": None}}
+
+
+def write_summary(rows, eval_dir) -> dict:
+    """summary.csv: helpers.evaluate.stats.summarize per prompt kind (edit prompts, then own captions; those
+    present), one table with a prompt_kind column. Returns {prompt kind: summary DataFrame}."""
+    import pandas as pd
+
+    kinds = set(as_frame(rows)["prompt_kind"])
+    summaries = {kind: summarize(rows, prompt_kind=kind) for kind in (EDIT, OWN) if kind in kinds}
+    table = pd.concat([s.assign(prompt_kind=k) for k, s in summaries.items()], ignore_index=True)
+    write_text(Path(eval_dir) / SUMMARY_FILE, table.to_csv(index=False))
+    return summaries
+
+
+def write_tradeoff(rows, eval_dir, *, copy_clip_t: float | None = None, random_weights: bool = False):
+    """tradeoff.png: plots.tradeoff_plot of the edit prompts' summary, the scores' backbones on the axes;
+    copy_clip_t: the unedited references' CLIP-T (protocol.copy_baseline(...)[EDIT][0]). Returns the Figure."""
+    import matplotlib.pyplot as plt
+
+    frame = as_frame(rows)
+    note = ("RANDOM WEIGHTS: meaningless" if random_weights
+            else f"{frame['reference'].nunique()} held-out references, edit prompts")
+    with plt.style.context(FIGURE_STYLE):
+        fig = tradeoff_plot(summarize(frame, prompt_kind=EDIT), clip_model=_first(frame, "clip_model"),
+                            dino_model=_first(frame, "dino_model"), note=note, copy_clip_t=copy_clip_t)
+        save_figure(fig, Path(eval_dir) / TRADEOFF_FILE, **SAVEFIG)
+    return fig
+
+
+def write_headline(rows, eval_dir, *, random_weights: bool = False):
+    """headline.txt (headline.headline: sentences) and headline.csv (headline.headline_table). Returns
+    (text, table, gains) as headline_table gives them."""
+    text = headline(rows, random_weights=random_weights)
+    write_text(Path(eval_dir) / HEADLINE_FILE, text + "\n")
+    table, gains = headline_table(rows)
+    write_text(Path(eval_dir) / HEADLINE_TABLE_FILE, table.to_csv(index=False))
+    return text, table, gains
+
+
+def write_headline_draws(gains: dict, eval_dir):
+    """headline_bootstrap.png: plots.bootstrap_histogram of the overall comparisons of `gains` (write_headline's).
+    Returns the Figure, or None when no comparison has draws (then no file is written)."""
+    import matplotlib.pyplot as plt
+
+    drawn = [g for (_, edit), g in gains.items() if edit is None and g is not None and len(g.boots)]
+    if not drawn:
+        return None
+    with plt.style.context(FIGURE_STYLE):
+        fig = bootstrap_histogram(drawn)
+        save_figure(fig, Path(eval_dir) / HEADLINE_DRAWS_FILE, **SAVEFIG)
+    return fig
+
+
+def write_image_grids(rows, prompts, load, eval_dir, *, n_rows: int = 3):
+    """side_by_side_<category>.png (plots.category_grids) and scale_sweep.png (plots.scale_sweep: the first
+    edit prompt's reference across every scale). load(rows) -> Samples (GridResult.samples). Returns
+    ({category: PIL image}, the sweep's PIL image)."""
+    rows = list(rows)
+    grids = category_grids(rows, prompts, load, n_rows=n_rows)
+    for category, grid in grids.items():
+        save_figure(grid, Path(eval_dir) / SIDE_BY_SIDE_FILE.format(category=category))
+    first = next((p for p in prompts if p.kind == EDIT), prompts[0])
+    picked = [r for r in rows if r["reference"] == first.reference and r["prompt"] == first.prompt]
+    sweep = scale_sweep(load(picked), first.reference, first.prompt)
+    save_figure(sweep, Path(eval_dir) / SCALE_SWEEP_FILE)
+    return grids, sweep
+
+
+@dataclass
+class EvaluationOutputs:
+    """What write_evaluation_outputs wrote, for display: the summaries, the headline and the figures."""
+
+    summaries: dict
+    headline: str
+    table: object = field(repr=False)
+    gains: dict = field(repr=False)
+    files: list = field(default_factory=list)  # the paths written
+
+
+def write_evaluation_outputs(rows, eval_dir, *, copy_clip_t: float | None = None, random_weights: bool = False,
+                             prompts=None, load=None) -> EvaluationOutputs:
+    """Every file of notebook 05 beside results.csv, from the grid's rows, as the notebook's cells write them:
+    write_summary, write_tradeoff, write_headline, write_headline_draws, and (given prompts and load)
+    write_image_grids. Figures are closed once saved."""
+    import matplotlib.pyplot as plt
+
+    eval_dir = Path(eval_dir)
+    summaries = write_summary(rows, eval_dir)
+    plt.close(write_tradeoff(rows, eval_dir, copy_clip_t=copy_clip_t, random_weights=random_weights))
+    text, table, gains = write_headline(rows, eval_dir, random_weights=random_weights)
+    names = [SUMMARY_FILE, TRADEOFF_FILE, HEADLINE_FILE, HEADLINE_TABLE_FILE]
+    draws = write_headline_draws(gains, eval_dir)
+    if draws is not None:
+        plt.close(draws)
+        names.append(HEADLINE_DRAWS_FILE)
+    if prompts is not None and load is not None:
+        grids, _ = write_image_grids(rows, prompts, load, eval_dir)
+        names += [SIDE_BY_SIDE_FILE.format(category=c) for c in grids] + [SCALE_SWEEP_FILE]
+    return EvaluationOutputs(summaries, text, table, gains, [eval_dir / n for n in names])
+
+
+def _first(frame, column: str) -> str:
+    return str(frame[column].iloc[0]) if column in frame else ""
