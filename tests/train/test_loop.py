@@ -495,7 +495,7 @@ def test_out_of_memory_names_the_setting_a_resume_accepts(data_dir, tmp_path, mo
                                             r"\(--batch-size, BATCH_SIZE\) changes the recipe, which a resume refuses: "
                                             r"it needs --fresh-start \(FRESH_START"):
         train(config(tmp_path, data_dir, max_steps=2, checkpoint_every=1), progress=False)
-    assert "gradient_checkpointing" not in RESUME_SETTINGS and "batch_size" in RESUME_SETTINGS  # as the advice says
+    assert "gradient_checkpointing" not in RESUME_SETTINGS and "global_batch_size" in RESUME_SETTINGS  # as advised
     resumed = train(config(tmp_path, data_dir, max_steps=1, checkpoint_every=1, gradient_checkpointing=True),
                     progress=False)
     assert resumed.resumed_from == 1  # the advice keeps the run: a resume with checkpointing on is accepted
