@@ -39,7 +39,7 @@ RUN_SETTINGS = "config.json"  # every value a run used, in its folder (written b
 # `comparable_settings` reads older checkpoints' settings in today's terms
 RESUME_SETTINGS = {"variant": "variant", "global_batch_size": "global batch size (all processes together)",
                    "learning_rate": "learning rate", "weight_decay": "weight decay", "seed": "seed",
-                   "num_processes": "number of processes (GPUs: continue on as many as the run had, or start over)",
+                   "num_processes": "number of processes (GPUs)",
                    "data": "training data (fingerprint of notebook 01's images and captions, resolution and models)"}
 
 

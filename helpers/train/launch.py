@@ -139,9 +139,12 @@ def read_result(path) -> TrainResult:
 
 
 def _environment() -> dict:
-    """This process's environment, with the folder this `helpers` comes from first on PYTHONPATH: the launched
-    processes import the same code as the notebook, whatever its working folder."""
+    """This process's environment, with the folder this `helpers` comes from first on PYTHONPATH (a checkout;
+    an installed copy is found anyway): the launched processes import the same code as the notebook, whatever
+    its working folder."""
     root = str(Path(__file__).resolve().parents[2])
+    if Path(root).name in ("site-packages", "dist-packages"):
+        return dict(os.environ)
     path = os.environ.get("PYTHONPATH", "")
     return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
 

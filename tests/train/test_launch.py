@@ -46,6 +46,8 @@ def test_the_command_is_accelerate_launch_with_one_process_per_gpu_and_the_confi
     assert cmd[cmd.index("--main_process_port") + 1] == "29999" and cmd[cmd.index("--mixed_precision") + 1] == "no"
     i = cmd.index("helpers.train")
     assert cmd[i - 1] == "-m" and cmd[i + 1:] == config_args(config) + ["--result-file", str(tmp_path / "r.json")]
+    # the launched processes import this checkout's helpers, whatever the working folder
+    assert launch_module._environment()["PYTHONPATH"].split(os.pathsep)[0] == str(Path(__file__).resolve().parents[2])
 
 
 def test_a_process_count_that_does_not_divide_the_global_batch_is_refused_before_anything_starts(
