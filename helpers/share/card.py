@@ -184,7 +184,9 @@ def _training_table(run: RunInfo) -> str:
         ("started from", f"`{public_name(run.ip_adapter) or 'not recorded'}`" + (" (new block at zero)" if run.variant == "text_aware" else "")),
         ("data", f"`{public_name(run.data_source) or 'not recorded'}`, {c.get('train_images', '?')} training images"),
         ("steps", f"{run.steps if run.steps is not None else c.get('max_steps', '?')} (~{epochs} epochs)"),
-        ("batch", f"{c.get('batch_size', '?')} x {c.get('num_processes', 1)} process(es)"),
+        ("batch", f"{c['global_batch_size']} ({c['per_process_batch_size']} per process x {c['num_processes']})"
+                  if "global_batch_size" in c else  # older runs: batch_size was per process
+                  f"{c.get('batch_size', '?')} x {c.get('num_processes', 1)} process(es)"),
         ("optimizer", f"AdamW, lr {c.get('learning_rate', '?')}, weight decay {c.get('weight_decay', '?')}"),
         ("condition dropout", ", ".join(f"{k} {v:.0%}" for k, v in c.get("drop_rates", {}).items()) or "-"),
         ("reference", "the target itself (self pairing)" if c.get("pairing", "self") == "self" else

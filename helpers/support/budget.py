@@ -21,6 +21,13 @@ sustained fp16 matrix multiply reaches on a T4) gives the best case. Quote a fig
 Where a GPU is present, `training_speed_line` / `sampling_speed_line` turn a measured time into the fraction
 of the peak it implies, beside the projection.
 
+N GPUs (Kaggle's free T4 x2): every projection also gives the time on 2xT4 (`notebook_projection(name,
+gpus=N)`; `Projection.line()` says both). Training keeps its global batch over the GPUs, so each does 1/N of a
+step's FLOPs at the same fraction of its peak, and then pays a ring all-reduce of the gradients of the
+trainable parameters, fp32, every step (`allreduce_seconds`: 206 MB for the text-aware adapter, about 0.05 s
+at the assumed ALLREDUCE_GB_PER_S). The feature cache and 05's grid split by job with nothing to exchange:
+time / N. What a notebook does in its own process (02, 04, 03's samples) stays on one GPU.
+
 Reading it needs no torch: the file is JSON, loaded once.
 """
 
@@ -129,6 +136,38 @@ def training_tflop_per_step(variant: str = "text_aware", *, checkpointing: bool 
     return scale * _training(variant, checkpointing, budget)["tflop"]
 
 
+# --------------------------------------------------------------------------------------------------
+# N GPUs: the gradient all-reduce of data-parallel training
+# --------------------------------------------------------------------------------------------------
+
+# A ring all-reduce of B bytes over N GPUs moves 2(N-1)/N x B through each GPU's link (nccl-tests' "bus
+# bandwidth" counts it so). A T4 sits on PCIe Gen3 x16: 32 GB/s both directions together, 16 GB/s each way
+# (NVIDIA T4 datasheet, "interconnect bandwidth"); Kaggle's two T4s have no NVLink, and a cloud VM may route
+# the traffic through host memory. Assumed: 4 GB/s of all-reduce bus bandwidth, a quarter of one direction's
+# peak. An assumption on the slow side, not a measurement. DDP overlaps the all-reduce with the backward
+# pass; it is added on top here.
+ALLREDUCE_GB_PER_S = 4.0
+ALLREDUCE_SOURCE = ("assumed 4 GB/s of all-reduce bandwidth between the GPUs: a quarter of PCIe Gen3 x16's 16 GB/s "
+                    "each way (NVIDIA T4 datasheet: 32 GB/s interconnect), as no NVLink joins Kaggle's two T4s")
+GRADIENT_BYTES_PER_PARAMETER = 4  # the trainable parameters and their gradients are fp32 (helpers.train.run)
+
+
+def gradient_mb(variant: str = "text_aware", *, budget: dict | None = None) -> float:
+    """MB (10^6 bytes) of one step's gradients that data-parallel training all-reduces: the counted trainable
+    parameters (t4_budget()["training"][variant]["plain"]["trainable_parameters"]) x 4 bytes (fp32)."""
+    n = _training(variant, False, budget)["trainable_parameters"]
+    return n * GRADIENT_BYTES_PER_PARAMETER / 1e6
+
+
+def allreduce_seconds(variant: str = "text_aware", gpus: int = 2, *, budget: dict | None = None,
+                      gb_per_s: float = ALLREDUCE_GB_PER_S) -> float:
+    """Seconds one training step spends all-reducing its gradients over `gpus` GPUs (0 on one): a ring
+    all-reduce, 2 (N-1)/N x gradient_mb through each link at `gb_per_s` (ALLREDUCE_GB_PER_S, assumed)."""
+    if gpus < 1:
+        raise ValueError(f"gpus {gpus!r}: at least 1")
+    return 2 * (gpus - 1) / gpus * gradient_mb(variant, budget=budget) * 1e6 / (gb_per_s * 1e9)
+
+
 def _training(variant: str, checkpointing: bool, budget: dict | None) -> dict:
     runs = (budget or t4_budget())["training"]
     if variant not in runs:
@@ -137,13 +176,16 @@ def _training(variant: str, checkpointing: bool, budget: dict | None) -> dict:
 
 
 def training_minutes(variant: str = "text_aware", steps: int | None = None, efficiency: float | None = None, *,
-                     checkpointing: bool = False, budget: dict | None = None) -> float:
+                     checkpointing: bool = False, gpus: int = 1, budget: dict | None = None) -> float:
     """Projected T4 minutes of `steps` training steps (default: the full profile's run, 6 epochs over the
-    training split) of `variant` at `efficiency` of the T4's peak (default: TRAINING's expected 8%)."""
+    training split) of `variant` at `efficiency` of the T4's peak (default: TRAINING's expected 8%). On
+    `gpus` T4s, the same steps of the same global batch: each GPU does 1/gpus of the FLOPs, then every step
+    pays the gradient all-reduce (allreduce_seconds)."""
     budget = budget or t4_budget()
     steps = budget["settings"]["steps_per_variant"] if steps is None else steps
     efficiency = TRAINING.expected if efficiency is None else efficiency
-    return minutes(steps * training_tflop_per_step(variant, checkpointing=checkpointing, budget=budget), efficiency)
+    compute = minutes(steps * training_tflop_per_step(variant, checkpointing=checkpointing, budget=budget), efficiency)
+    return compute / gpus + steps * allreduce_seconds(variant, gpus, budget=budget) / 60
 
 
 def image_tflop(steps: int | None = None, *, budget: dict | None = None) -> float:
@@ -193,19 +235,31 @@ def notebook_03_runs(neighbour: bool = False) -> list[str]:
 
 @dataclass(frozen=True)
 class Projection:
-    """A notebook's projected minutes on a T4: at the expected efficiencies, at the ceiling, and what runs."""
+    """A notebook's projected minutes on `gpus` T4s: at the expected efficiencies, at the ceiling, and what
+    runs; with the expected minutes on one T4 and on two beside them."""
 
     notebook: str  # "01" .. "05", or "series"
-    minutes: float  # at TRAINING's and SAMPLING's expected fractions of the peak
+    minutes: float  # at TRAINING's and SAMPLING's expected fractions of the peak, on `gpus` T4s
     best: float  # at CEILING
     parts: tuple[tuple[str, float], ...]  # (what runs, its expected minutes)
     assumption: str
+    gpus: int = 1
+    on: tuple[tuple[int, float], ...] = ()  # (T4s, expected minutes) for 1, 2 and `gpus`
+    spread: str = ""  # how the work spreads over several GPUs, in words
+
+    def minutes_on(self, gpus: int) -> float:
+        """The expected minutes on `gpus` T4s (1 and 2 always; others as projected)."""
+        return dict(self.on)[gpus]
 
     def line(self) -> str:
-        """"Notebook 03 on a T4: about 33 min (...); 8 min at best. <assumption>"."""
+        """"Notebook 03 on a T4: about 33 min (...); 8 min at best. On 2xT4 (Kaggle): about 17 min (...).
+        <assumption>" (on 2xT4, the one-T4 figure comes second)."""
         what = "; ".join(f"{w}: {_m(m)} min" for w, m in self.parts)
         name = "The whole series" if self.notebook == "series" else f"Notebook {self.notebook}"
-        return (f"{name} on a T4: about {_m(self.minutes)} min ({what}); {_m(self.best)} min at best. "
+        where = "a T4" if self.gpus == 1 else f"{self.gpus}xT4"
+        other = (f"On 2xT4 (Kaggle's T4 x2): about {_m(self.minutes_on(2))} min ({self.spread})." if self.gpus == 1
+                 else f"On one T4: about {_m(self.minutes_on(1))} min.")
+        return (f"{name} on {where}: about {_m(self.minutes)} min ({what}); {_m(self.best)} min at best. {other} "
                 f"{self.assumption}")
 
 
@@ -223,28 +277,48 @@ def assumption(budget: dict | None = None) -> str:
             "GPU work only: downloads, model loading and scoring come on top.")
 
 
+@dataclass(frozen=True)
+class _Part:
+    """One part of a notebook's GPU work: its counted TFLOP at an efficiency kind, whether it splits over
+    several GPUs, and the gradient bytes it all-reduces (training: steps x gradient bytes, over its runs)."""
+
+    what: str
+    tflop: float
+    kind: str  # "training" or "sampling"
+    splits: str = ""  # what splits over several GPUs, in a word or two; "": it stays on one GPU
+    reduced_mb: float = 0.0
+
+    def allreduce_minutes(self, gpus: int) -> float:
+        return 2 * (gpus - 1) / gpus * self.reduced_mb * 1e6 / (ALLREDUCE_GB_PER_S * 1e9) / 60
+
+    def minutes(self, efficiency: float, gpus: int) -> float:
+        return minutes(self.tflop, efficiency) / (gpus if self.splits else 1) + self.allreduce_minutes(gpus)
+
+
 def _notebook_parts(name: str, *, neighbour: bool, steps: int | None, grid_images: int | None,
                     references: int | None, inference_steps: int | None, checkpointing: bool,
-                    budget: dict) -> list[tuple[str, float, str]]:
-    """(what, TFLOP, efficiency kind) of each part of notebook `name`'s GPU work."""
+                    budget: dict) -> list[_Part]:
+    """Each part of notebook `name`'s GPU work (_Part)."""
     st, s = budget["settings"], budget["sampling"]
     one_image = image_tflop(inference_steps, budget=budget)
     runs = notebook_03_runs(neighbour)
     models_04 = 1 + len(runs) + 1  # the pretrained adapter, each trained one, + Conceptrol
 
     def images(what, n):
-        return (f"{n} {what}", n * one_image, "sampling")
+        return _Part(f"{n} {what}", n * one_image, "sampling")
 
     if name == "01":  # the file's image encoder figure is two passes (a reference, a zero image); the cache makes one
         n = st["train_images"]
-        return [(f"feature cache: {n} images through the VAE and the image encoder",
-                 n * (VAE_ENCODE_TFLOP + s["image_encoder_tflop_per_reference"] / 2), "sampling")]
+        return [_Part(f"feature cache: {n} images through the VAE and the image encoder",
+                      n * (VAE_ENCODE_TFLOP + s["image_encoder_tflop_per_reference"] / 2), "sampling", splits="the feature cache")]
     if name == "02":
         return [images("images, one model at a time", NOTEBOOK_02_IMAGES)]
     if name == "03":
         steps = st["steps_per_variant"] if steps is None else steps
         train = sum(steps * training_tflop_per_step(v, checkpointing=checkpointing, budget=budget) for v in runs)
-        return [(f"training {len(runs)} runs ({', '.join(runs)}) x {steps} steps", train, "training"),
+        reduced = sum(steps * gradient_mb(v, budget=budget) for v in runs)
+        return [_Part(f"training {len(runs)} runs ({', '.join(runs)}) x {steps} steps", train, "training",
+                      splits="training", reduced_mb=reduced),
                 images("sample images", PREVIEW_IMAGES_PER_MODEL * (1 + len(runs)) + CARD_GRID_IMAGES)]
     if name == "04":
         gallery = SAMPLE_REFERENCES * GALLERY_PROMPTS * models_04
@@ -253,18 +327,23 @@ def _notebook_parts(name: str, *, neighbour: bool, steps: int | None, grid_image
     if name == "05":
         grid_images = st["grid_images"] if grid_images is None else grid_images
         references = st["grid_references"] if references is None else references
-        grid = (f"grid of {grid_images} images over {references} references",
-                grid_images * one_image + references * s["image_encoder_tflop_per_reference"], "sampling")
+        grid = _Part(f"grid of {grid_images} images over {references} references",
+                     grid_images * one_image + references * s["image_encoder_tflop_per_reference"], "sampling",
+                     splits="the grid")
         return [grid, images("timing images", TIMING_IMAGES)]
     raise ValueError(f"notebook {name!r}: choose one of {', '.join(NOTEBOOKS)}")
 
 
 def notebook_projection(name, *, neighbour: bool = False, steps: int | None = None, grid_images: int | None = None,
                         references: int | None = None, inference_steps: int | None = None,
-                        checkpointing: bool = False, budget: dict | None = None) -> Projection:
-    """Notebook `name`'s ("01" .. "05", or 1 .. 5) GPU work on a T4 at its defaults, projected from the
+                        checkpointing: bool = False, gpus: int = 1, budget: dict | None = None) -> Projection:
+    """Notebook `name`'s ("01" .. "05", or 1 .. 5) GPU work on `gpus` T4s at its defaults, projected from the
     counted budget: minutes at the expected efficiencies (TRAINING for training, SAMPLING for the rest) and
-    at CEILING, with what runs and the assumption (`Projection.line()` says it in one sentence).
+    at CEILING, with what runs and the assumption (`Projection.line()` says it in one sentence), and the
+    expected minutes on one T4 and on two (`Projection.on`).
+
+    gpus:            T4s (default 1): training splits its FLOPs and pays the gradient all-reduce each step, the
+                     feature cache and 05's grid split, the rest stays on one GPU
 
     neighbour:       notebook 03 also trains the neighbour-paired model (opt-in); 04's bank has it too
     steps:           training steps per run in 03 (default: the counted run, 6 epochs)
@@ -276,10 +355,30 @@ def notebook_projection(name, *, neighbour: bool = False, steps: int | None = No
     name = f"{int(name):02d}" if str(name).isdigit() else str(name)
     parts = _notebook_parts(name, neighbour=neighbour, steps=steps, grid_images=grid_images, references=references,
                             inference_steps=inference_steps, checkpointing=checkpointing, budget=budget)
+    if gpus < 1:
+        raise ValueError(f"gpus {gpus!r}: at least 1")
     expected = {"training": TRAINING.expected, "sampling": SAMPLING.expected}
-    return Projection(name, sum(minutes(t, expected[k]) for _, t, k in parts),
-                      sum(minutes(t, CEILING.expected) for _, t, _ in parts),
-                      tuple((w, minutes(t, expected[k])) for w, t, k in parts), assumption(budget))
+
+    def total(n, efficiency=None):
+        return sum(p.minutes(efficiency or expected[p.kind], n) for p in parts)
+
+    return Projection(name, total(gpus), total(gpus, CEILING.expected),
+                      tuple((p.what, p.minutes(expected[p.kind], gpus)) for p in parts), assumption(budget), gpus,
+                      tuple((n, total(n)) for n in sorted({1, 2, gpus})), _spread(parts, budget))
+
+
+def _spread(parts: list[_Part], budget: dict) -> str:
+    """How a notebook's parts spread over several GPUs, in words (the 2xT4 figure's brackets)."""
+    split = [p.splits for p in parts if p.splits]
+    if not split:
+        return "the same: this notebook runs on one GPU"
+    words = f"{' and '.join(split)} split over the GPUs"
+    reduced = sum(p.allreduce_minutes(2) for p in parts)
+    if reduced:
+        words += (f", plus a gradient all-reduce each step ({gradient_mb('text_aware', budget=budget):.0f} MB for "
+                  f"text-aware, {allreduce_seconds('text_aware', 2, budget=budget):.2f} s at an assumed "
+                  f"{ALLREDUCE_GB_PER_S:g} GB/s: {_m(reduced)} min in all)")
+    return words + ("" if all(p.splits for p in parts) else "; the rest on one GPU")
 
 
 def notebook_minutes(name, **settings) -> float:
@@ -288,10 +387,12 @@ def notebook_minutes(name, **settings) -> float:
 
 
 def series_projection(**settings) -> Projection:
-    """The five notebooks' projections added up (`settings` as notebook_projection takes them)."""
+    """The five notebooks' projections added up (`settings` as notebook_projection takes them, gpus too)."""
     each = [notebook_projection(n, **settings) for n in NOTEBOOKS]
     return Projection("series", sum(p.minutes for p in each), sum(p.best for p in each),
-                      tuple((f"notebook {p.notebook}", p.minutes) for p in each), each[0].assumption)
+                      tuple((f"notebook {p.notebook}", p.minutes) for p in each), each[0].assumption, each[0].gpus,
+                      tuple((n, sum(p.minutes_on(n) for p in each)) for n, _ in each[0].on),
+                      "each notebook as its own line says")
 
 
 def series_minutes(**settings) -> float:
@@ -386,23 +487,29 @@ def image_efficiency(seconds_per_image: float, *, steps: int | None = None, peak
     return implied_efficiency(seconds_per_image, image_tflop(steps, budget=budget), peak_tflops=peak_tflops)
 
 
-def _speed_line(what: str, seconds: float, tflop: float, expected: Efficiency, peak_tflops: float) -> str:
+def _speed_line(what: str, seconds: float, tflop: float, expected: Efficiency, peak_tflops: float, *,
+                gpus: int = 1, extra_seconds: float = 0.0) -> str:
     fraction = implied_efficiency(seconds, tflop, peak_tflops=peak_tflops)
     peak = (f"{fraction:.1%} of the T4's {T4_FP16_TFLOPS} TFLOPS fp16 peak" if peak_tflops == T4_FP16_TFLOPS
             else f"{fraction:.1%} of this GPU's {peak_tflops:g} TFLOPS fp16 peak")
-    projected = ", ".join(f"{60 * minutes(tflop, e.expected):.2f} s at the {e.expected:.0%} "
+    projected = ", ".join(f"{60 * minutes(tflop, e.expected) + extra_seconds:.2f} s at the {e.expected:.0%} "
                           f"{'ceiling' if e is CEILING else 'expected'}" for e in (expected, CEILING))
-    return f"measured {seconds:.2f} s per {what}: {peak} ({tflop:.2f} TFLOP counted); on a T4, projected {projected}"
+    where = "a T4" if gpus == 1 else f"{gpus}xT4 (with {extra_seconds:.2f} s of gradient all-reduce)"
+    per_gpu = "" if gpus == 1 else " per GPU"
+    return (f"measured {seconds:.2f} s per {what}: {peak}{per_gpu} ({tflop:.2f} TFLOP counted{per_gpu}); on {where}, "
+            f"projected {projected}")
 
 
 def training_speed_line(seconds_per_step: float, variant: str = "text_aware", *, batch_size: int | None = None,
-                        checkpointing: bool = False, peak_tflops: float = T4_FP16_TFLOPS,
+                        checkpointing: bool = False, gpus: int = 1, peak_tflops: float = T4_FP16_TFLOPS,
                         budget: dict | None = None) -> str:
     """A measured second per training step beside the projection, with the fraction of the peak it implies:
     "measured 1.40 s per training step: 8% of the T4's 65 TFLOPS fp16 peak (6.94 TFLOP counted); on a T4,
-    projected 1.33 s at the 8% expected, 0.31 s at the 35% ceiling"."""
+    projected 1.33 s at the 8% expected, 0.31 s at the 35% ceiling". On `gpus` GPUs, `batch_size` is the
+    batch of one GPU (per process): the FLOPs are one GPU's, and the projection adds the all-reduce."""
     tflop = training_tflop_per_step(variant, checkpointing=checkpointing, batch_size=batch_size, budget=budget)
-    return _speed_line("training step", seconds_per_step, tflop, TRAINING, peak_tflops)
+    return _speed_line("training step", seconds_per_step, tflop, TRAINING, peak_tflops, gpus=gpus,
+                       extra_seconds=allreduce_seconds(variant, gpus, budget=budget))
 
 
 def sampling_speed_line(seconds_per_image: float, *, steps: int | None = None, peak_tflops: float = T4_FP16_TFLOPS,

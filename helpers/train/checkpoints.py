@@ -176,20 +176,22 @@ def load_checkpoint(path: Path, params: dict, optimizer) -> dict:
 
 
 def resume_from(output_dir, settings: dict, must_match: dict[str, str], params: dict, optimizer, *,
-                say=print, discard: bool = False) -> tuple[int, Path | None, dict]:
+                say=print, discard: bool = False, read_saved=None) -> tuple[int, Path | None, dict]:
     """Load the newest complete checkpoint into params and optimizer, verified (load_checkpoint): returns
     (step, folder, saved state), or (0, None, {}) when there is none. An incomplete, damaged or unreadable
     newest checkpoint is skipped for the one before, and `say` is told why and which file. discard=True (the
     main process, holding the run folder's lock, so that no other writer can still be filling them) then
     deletes the checkpoints it skipped: they are newer than the one loaded, and this run writes them again.
     Raises SettingsMismatch when the checkpoint was written with other values of the `must_match` settings
-    ({name in settings: words for the message}) than `settings`; nothing is deleted then."""
+    ({name in settings: words for the message}) than `settings`; nothing is deleted then. read_saved(saved)
+    puts a checkpoint's saved settings in today's terms first (helpers.train.config.comparable_settings)."""
     found = list_checkpoints(output_dir, complete=False)
     skipped, result = [], (0, None, {})
     for i, (step, path) in reversed(list(enumerate(found))):
         problem, kind = checkpoint_problem(path), "incomplete"
         if problem is None:
             saved = checkpoint_settings(path)
+            saved = read_saved(saved) if read_saved else saved
             differs = [(words, saved.get(key), settings.get(key)) for key, words in must_match.items()
                        if key in saved and saved.get(key) != settings.get(key)]
             if differs:

@@ -7,6 +7,17 @@ uses that Profile as it is, never a second lookup by name. None, in every TrainC
 "the profile's value"; any other value is used as given. The data settings (dataset, resolution,
 test_fraction) are not defaults but expectations: the data is what notebook 01 prepared in data_dir, and a
 given value must match it (helpers.data.prepare.use_prepared).
+
+The batch: `batch_size` is the recipe's GLOBAL batch, the samples of one optimizer step over all processes
+together (4: 4 on one GPU, 2 per GPU on two), so a run on any number of GPUs takes the steps one T4 takes, on
+the same rows (helpers.train.step). `batch_plan` splits it and refuses a process count that does not divide
+it. scale_batch_with_gpus=True chooses a larger global batch instead: batch_size on EACH process, and the
+learning rate scaled linearly with the global batch (Goyal et al. 2017, "Accurate, Large Minibatch SGD"):
+lr x (global batch / batch_size). config.json records global_batch_size, per_process_batch_size,
+num_processes and the learning rate used.
+
+The command line carries a TrainConfig whole (`config_args`, the flags that `parse_config` reads back): what
+helpers.train.launch hands to `accelerate launch -m helpers.train` to train on every GPU.
 """
 
 from __future__ import annotations
@@ -24,9 +35,11 @@ from .pairing import PAIRINGS
 
 RUN_SETTINGS = "config.json"  # every value a run used, in its folder (written by helpers.train.loop)
 
-# what a resumed run must share with the checkpoint it resumes (settings name -> words for the message)
-RESUME_SETTINGS = {"variant": "variant", "batch_size": "batch size", "learning_rate": "learning rate",
-                   "weight_decay": "weight decay", "seed": "seed", "num_processes": "number of processes",
+# what a resumed run must share with the checkpoint it resumes (settings name -> words for the message);
+# `comparable_settings` reads older checkpoints' settings in today's terms
+RESUME_SETTINGS = {"variant": "variant", "global_batch_size": "global batch size (all processes together)",
+                   "learning_rate": "learning rate", "weight_decay": "weight decay", "seed": "seed",
+                   "num_processes": "number of processes (GPUs)",
                    "data": "training data (fingerprint of notebook 01's images and captions, resolution and models)"}
 
 
@@ -43,7 +56,7 @@ class TrainConfig:
     resolution: int | None = None
     test_fraction: float | None = None
     # None means the profile's value in every field below
-    batch_size: int | None = None  # the profile's: 4
+    batch_size: int | None = None  # the GLOBAL batch, all processes together; the profile's: 4
     epochs: int | None = None  # the profile's: 6
     max_steps: int | None = None  # the profile's, else epochs over the training split
     learning_rate: float | None = None
@@ -57,6 +70,8 @@ class TrainConfig:
     fresh_start: bool = False  # delete output_dir's checkpoints, loss log and adapter first, and start at step 0
     pairing: str = "self"  # self | mirror | neighbour (helpers.train.pairing)
     pairing_self_prob: float | None = None  # mirror/neighbour: fraction of samples kept self; None: 0.25
+    # True: batch_size on EACH process (global batch x processes) and the learning rate scaled with it (batch_plan)
+    scale_batch_with_gpus: bool = False
 
     @classmethod
     def from_profile(cls, profile: Profile, output_dir, variant: str = "text_aware", **overrides) -> "TrainConfig":
@@ -110,6 +125,41 @@ def recipe(config: TrainConfig, profile: Profile) -> dict:
     return values
 
 
+def batch_plan(batch_size: int, learning_rate: float, num_processes: int, scale_with_gpus: bool = False) -> dict:
+    """How a run's batch spreads over its `num_processes` processes, and the learning rate that goes with it.
+    batch_size is the recipe's global batch and learning_rate the rate the recipe gives for it. Default: the
+    global batch stays batch_size and each process takes batch_size / num_processes. scale_with_gpus: each
+    process takes batch_size, the global batch is batch_size x num_processes, and the learning rate grows
+    with it: learning_rate x global / batch_size (the linear scaling rule).
+
+    Returns {"global_batch_size", "per_process_batch_size", "num_processes", "learning_rate" (the one used),
+    "learning_rate_rule" (in words)}. Raises ValueError for a process count that does not divide the batch."""
+    if scale_with_gpus:
+        per, total = batch_size, batch_size * num_processes
+    elif batch_size % num_processes:
+        raise ValueError(
+            f"the global batch of {batch_size} does not split over {num_processes} processes (GPUs): each takes "
+            f"an equal share. Choose a global batch that {num_processes} divides (--batch-size, BATCH_SIZE in "
+            f"notebook 03), use {' or '.join(str(n) for n in range(1, num_processes) if batch_size % n == 0)} "
+            "processes, or take batch_size on each GPU with the learning rate scaled (--scale-batch-with-gpus, "
+            "SCALE_BATCH_WITH_GPUS)")
+    else:
+        per, total = batch_size // num_processes, batch_size
+    lr = learning_rate * total / batch_size
+    rule = (f"{learning_rate:g}, the recipe's for a batch of {batch_size}" if total == batch_size else
+            f"{lr:g} = {learning_rate:g} x {total} / {batch_size} (linear scaling with the global batch)")
+    return {"global_batch_size": total, "per_process_batch_size": per, "num_processes": num_processes,
+            "learning_rate": lr, "learning_rate_rule": rule}
+
+
+def comparable_settings(saved: dict) -> dict:
+    """A checkpoint's saved settings in today's terms, for the RESUME_SETTINGS comparison: before the global
+    batch, `batch_size` was per process, so an older record's global batch is batch_size x num_processes."""
+    if "global_batch_size" in saved or "batch_size" not in saved:
+        return saved
+    return {**saved, "global_batch_size": saved["batch_size"] * (saved.get("num_processes") or 1)}
+
+
 def max_steps(config: TrainConfig, profile: Profile, steps_per_epoch: int) -> int:
     """The run's length: max_steps if given, else epochs over the training split if given, else the profile's
     max_train_steps, else the profile's epochs."""
@@ -120,10 +170,8 @@ def max_steps(config: TrainConfig, profile: Profile, steps_per_epoch: int) -> in
     return or_default(config.epochs, profile.num_epochs) * steps_per_epoch
 
 
-def parse_config(argv=None, description: str = "") -> TrainConfig:
-    """The TrainConfig that `python -m helpers.train` arguments ask for: the --profile, resolved once here
-    (announced by the first process of a launch only), and the run's own values on it (from_profile). A
-    profile that cannot be used (get_profile's ValueError) ends the command with argparse's usage error."""
+def argument_parser(description: str = "") -> argparse.ArgumentParser:
+    """The options of `python -m helpers.train`: one per TrainConfig field (the profile by its name)."""
     ap = argparse.ArgumentParser(prog="python -m helpers.train", description=description)
     ap.add_argument("--profile", default="auto", choices=["auto", "full", "tiny"])
     ap.add_argument("--variant", default="text_aware", choices=["vanilla", "text_aware"])
@@ -136,13 +184,17 @@ def parse_config(argv=None, description: str = "") -> TrainConfig:
     ap.add_argument("--test-fraction", type=float, help="the test fraction you expect --data-dir to hold")
     ap.add_argument("--max-steps", type=int)
     ap.add_argument("--epochs", type=int)
-    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--batch-size", type=int,
+                    help="the GLOBAL batch, all processes together (the profile's: 4); each of N processes takes 1/N")
+    ap.add_argument("--scale-batch-with-gpus", action="store_true",
+                    help="--batch-size on EACH process instead, and the learning rate x the number of processes")
     ap.add_argument("--learning-rate", type=float)
     ap.add_argument("--weight-decay", type=float)
     ap.add_argument("--checkpoint-every", type=int)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"])
-    ap.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument("--max-grad-norm", type=float, default=1.0)
     ap.add_argument("--keep-checkpoints", type=int, default=2)
     ap.add_argument("--fresh-start", action="store_true",
                     help="delete --output-dir's checkpoints, loss log and adapter, and train from step 0")
@@ -150,12 +202,60 @@ def parse_config(argv=None, description: str = "") -> TrainConfig:
                     help="the reference of each target: itself (default), its mirror, or its nearest other drawing")
     ap.add_argument("--pairing-self-prob", type=float, default=None,
                     help="mirror/neighbour: fraction of samples that keep their own image (default 0.25)")
-    args = vars(ap.parse_args(argv))
+    return ap
+
+
+def config_from_args(args: dict, parser: argparse.ArgumentParser) -> TrainConfig:
+    """The TrainConfig of parsed options (vars(parser.parse_args())): the --profile, resolved once here
+    (announced by the first process of a launch only), and the run's own values on it (from_profile). A
+    profile that cannot be used (get_profile's ValueError) ends the command with argparse's usage error."""
+    args = dict(args)
     try:
         profile = get_profile(args.pop("profile"), announce=os.environ.get("RANK", "0") == "0")  # torchrun sets RANK
     except ValueError as e:
-        ap.error(str(e))
+        parser.error(str(e))
     return TrainConfig.from_profile(profile, **args)
+
+
+def parse_config(argv=None, description: str = "") -> TrainConfig:
+    """The TrainConfig that `python -m helpers.train` arguments ask for (argument_parser, config_from_args)."""
+    ap = argument_parser(description)
+    return config_from_args(vars(ap.parse_args(argv)), ap)
+
+
+def resolved(config: TrainConfig) -> TrainConfig:
+    """The same run with every recipe value the profile supplies written out (batch_size, learning_rate,
+    weight_decay, checkpoint_every, gradient_checkpointing, epochs; max_steps where the profile's
+    max_train_steps decides the length), so that it no longer depends on the profile's overrides: what
+    `config_args` puts on the command line."""
+    profile = run_profile(config, announce=False)
+    r = recipe(config, profile)
+    steps = (config.max_steps if config.max_steps is not None else
+             profile.max_train_steps if config.epochs is None else None)  # the rule of max_steps()
+    return dataclasses.replace(config, **{k: r[k] for k in ("batch_size", "learning_rate", "weight_decay",
+                                                            "checkpoint_every", "gradient_checkpointing", "epochs")},
+                               max_steps=steps)
+
+
+def config_args(config: TrainConfig) -> list[str]:
+    """The `python -m helpers.train` options of a run: every value of resolved(config), the profile by its
+    name. parse_config(config_args(c)) gives resolved(c) again, on the profile of that name resolved afresh
+    (helpers.train.launch checks that it is the same as c's)."""
+    c = resolved(config)
+    profile = getattr(c.profile, "name", c.profile)
+    args = ["--profile", profile, "--variant", c.variant, "--output-dir", str(c.output_dir)]
+    for f in dataclasses.fields(c):
+        value = getattr(c, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in ("profile", "variant", "output_dir") or value is None:
+            continue
+        if f.name == "gradient_checkpointing":
+            args.append(flag if value else "--no-gradient-checkpointing")
+        elif isinstance(value, bool):
+            args += [flag] if value else []
+        else:
+            args += [flag, repr(value) if isinstance(value, float) else str(value)]
+    return args
 
 
 def write_run_settings(run_dir, settings: dict) -> Path:

@@ -18,7 +18,9 @@ Every K steps a checkpoint is written under DIR/checkpoints/ (helpers.train.chec
 command again resumes from the newest complete one, verified, exactly. The final adapter goes to
 DIR/adapter.safetensors, with DIR/config.json and DIR/loss_log.csv (helpers.train.loss_log) beside it. Nothing
 of a run stays in memory after train() returns (TrainResult holds numbers and a path). Under
-`torchrun`/`accelerate launch` the same code runs data-parallel; only the main process writes.
+`torchrun`/`accelerate launch` the same code runs data-parallel; only the main process writes. --batch-size is
+the global batch, split over the processes (helpers.train.config.batch_plan); notebook 03 starts such a launch
+on every GPU (helpers.train.launch).
 
 Faults: a run holds DIR's lock (helpers.support.lock) from before a fresh start until its adapter is written,
 so a second writer on DIR (notebook 03 and `python -m helpers.train`) stops at once, and temporaries that a

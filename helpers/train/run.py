@@ -30,7 +30,16 @@ from .checkpoints import (
     delete_checkpoints,
     resume_from,
 )
-from .config import RESUME_SETTINGS, RUN_SETTINGS, TrainConfig, max_steps, recipe, run_profile
+from .config import (
+    RESUME_SETTINGS,
+    RUN_SETTINGS,
+    TrainConfig,
+    batch_plan,
+    comparable_settings,
+    max_steps,
+    recipe,
+    run_profile,
+)
 from .errors import TrainingError
 from .loss import DROP_RATES
 from .loss_log import LOSS_LOG, LossLog
@@ -48,7 +57,7 @@ class Run:
     profile: object  # helpers.profile.Profile: config.profile, or the one its name resolved to
     out: Path
     feats: dict[str, torch.Tensor]  # the feature cache (helpers.data.features), fp16 on the CPU
-    batch_size: int  # per process
+    batch_size: int  # per process: the global batch / processes (config.batch_plan)
     steps_per_epoch: int
     max_steps: int
     every: int  # checkpoint interval in steps
@@ -65,7 +74,8 @@ class Run:
 
 def prepare_run(config: TrainConfig, *, progress: bool = True) -> Run:
     """Everything a run needs, in four steps: Accelerate and the recipe on config's profile (the Profile it
-    carries, used as it is; a name is resolved here, once), the data and its feature cache
+    carries, used as it is; a name is resolved here, once) with the batch split over the processes (a count
+    that does not divide the global batch raises TrainingError), the data and its feature cache
     (built if missing) with the pairs, the UNet with the adapter (trainable in fp32, the rest frozen in the
     mixed-precision dtype) and AdamW prepared by Accelerate, and the settings the run records."""
     accelerator, profile, mp, r = _accelerator_and_recipe(config)
@@ -73,7 +83,7 @@ def prepare_run(config: TrainConfig, *, progress: bool = True) -> Run:
     data_dir = Path(config.data_dir) if config.data_dir else output_root(colab=in_colab(), drive=False) / "data"
     prep, feats, cache_meta, pairs = _data(config, accelerator, profile, data_dir, progress=progress and main)
     n = feats["image_embeds"].shape[0]
-    steps_per_epoch = math.ceil(n / (r["batch_size"] * accelerator.num_processes))
+    steps_per_epoch = math.ceil(n / r["global_batch_size"])
     steps = max_steps(config, profile, steps_per_epoch)
     model, params, optimizer = _model(config, accelerator, profile, mp, r, feats["image_embeds"].shape[-1])
     settings = {**config.values(), **r, "max_steps": steps, "steps_per_epoch": steps_per_epoch,
@@ -82,19 +92,20 @@ def prepare_run(config: TrainConfig, *, progress: bool = True) -> Run:
                 "test_fraction": prep.info.get("test_fraction"),
                 "trainable_parameters": sum(p.numel() for p in params.values()), "mixed_precision": mp,
                 "profile": profile.name, "base_model": profile.base_model, "ip_adapter": profile.ip_adapter,
-                "drop_rates": DROP_RATES, "num_processes": accelerator.num_processes,
+                "drop_rates": DROP_RATES,
                 "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                 "pairing_self_prob": pairs.self_prob if pairs else None, "pairing_rule": pairs.rule if pairs else None}
     from diffusers import DDPMScheduler
 
-    return Run(config, accelerator, profile, Path(config.output_dir), feats, r["batch_size"], steps_per_epoch, steps,
+    return Run(config, accelerator, profile, Path(config.output_dir), feats, r["per_process_batch_size"], steps_per_epoch, steps,
                r["checkpoint_every"], model, params, optimizer,
                DDPMScheduler.from_pretrained(profile.base_model, subfolder="scheduler"),
                _vae_scaling_factor(profile.base_model), settings, pairs=pairs)
 
 
 def _accelerator_and_recipe(config: TrainConfig):
-    """Step 1: the Accelerator (mixed precision from the hardware), the seed, the profile, the recipe."""
+    """Step 1: the Accelerator (mixed precision from the hardware), the seed, the profile, the recipe with
+    the batch plan (batch_size: the recipe's global batch; learning_rate: the one used; the plan's keys)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -104,7 +115,9 @@ def _accelerator_and_recipe(config: TrainConfig):
     set_seed(config.seed)
     profile = run_profile(config, announce=accelerator.is_main_process)  # models and recipe defaults
     try:
-        return accelerator, profile, mp, recipe(config, profile)
+        r = recipe(config, profile)
+        plan = batch_plan(r["batch_size"], r["learning_rate"], accelerator.num_processes, config.scale_batch_with_gpus)
+        return accelerator, profile, mp, {**r, **plan}
     except ValueError as e:
         raise TrainingError(str(e)) from None
 
@@ -161,7 +174,8 @@ def resume(run: Run) -> int:
     main = run.accelerator.is_main_process
     try:
         step, path, state = resume_from(run.out, run.settings, RESUME_SETTINGS, run.params, run.optimizer,
-                                        say=print if main else (lambda _: None), discard=main)
+                                        say=print if main else (lambda _: None), discard=main,
+                                        read_saved=comparable_settings)
     except (CheckpointMismatch, SettingsMismatch) as e:
         raise TrainingError(str(e)) from None
     if path is None:

@@ -460,3 +460,17 @@ def test_token_comes_from_the_notebook_services_secrets_before_a_login_box(servi
     FakeSecrets.secrets.clear()  # no such secret (or not attached to this notebook): quietly on to the login box
     assert ensure_token() is None and shown == [True] and FakeSecrets.asked == ["HF_TOKEN", "HF_TOKEN"]
     assert capsys.readouterr() == ("", "")
+
+
+def test_the_card_gives_the_global_batch_and_its_split(tmp_path):
+    """Issue 28: config.json's batch_size is the global batch; the card shows it with its split, and an older
+    run's (batch_size per process) as it was."""
+    from helpers.share.card import _training_table
+
+    def batch_row(config):
+        info = RunInfo(tmp_path, tmp_path / "adapter.safetensors", "text_aware", "tiny", config=config)
+        return next(line for line in _training_table(info).splitlines() if line.startswith("| batch |"))
+
+    assert batch_row({"batch_size": 4, "global_batch_size": 4, "per_process_batch_size": 2,
+                      "num_processes": 2}) == "| batch | 4 (2 per process x 2) |"
+    assert batch_row({"batch_size": 4, "num_processes": 2}) == "| batch | 4 x 2 process(es) |"

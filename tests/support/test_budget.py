@@ -98,6 +98,50 @@ def test_each_notebooks_minutes_add_up_its_gpu_work():
         budget.notebook_projection("06")
 
 
+def test_on_two_t4s_training_splits_and_pays_the_gradient_all_reduce_the_grid_and_cache_split_cleanly():
+    """Issue 28: each GPU does 1/N of a training step's FLOPs (the global batch is kept), then all-reduces the
+    fp32 gradients of the trainable parameters, 2(N-1)/N of their bytes at ALLREDUCE_GB_PER_S; the feature
+    cache and 05's grid split by job with nothing to exchange; 02, 04 and 03's samples stay on one GPU."""
+    b = budget.t4_budget()
+    st, trainable = b["settings"], b["training"]["text_aware"]["plain"]["trainable_parameters"]
+    assert budget.gradient_mb("text_aware") == pytest.approx(4 * trainable / 1e6) == pytest.approx(205.8, abs=0.1)
+    assert budget.gradient_mb("vanilla") < budget.gradient_mb("text_aware")
+    one_step = 4 * trainable / (budget.ALLREDUCE_GB_PER_S * 1e9)
+    assert budget.allreduce_seconds("text_aware", 1) == 0
+    assert budget.allreduce_seconds("text_aware", 2) == pytest.approx(one_step)
+    assert budget.allreduce_seconds("text_aware", 4) == pytest.approx(1.5 * one_step)
+    steps = st["steps_per_variant"]
+    assert budget.training_minutes("text_aware", gpus=2) == pytest.approx(
+        budget.training_minutes("text_aware") / 2 + steps * one_step / 60)
+    with pytest.raises(ValueError, match="at least 1"):
+        budget.notebook_projection("03", gpus=0)
+
+    five, five_on_two = budget.notebook_projection("05"), budget.notebook_projection("05", gpus=2)
+    grid = budget.images_minutes(st["grid_images"], references=st["grid_references"])
+    assert five_on_two.minutes == pytest.approx(grid / 2 + budget.images_minutes(budget.TIMING_IMAGES))
+    assert five.minutes_on(2) == pytest.approx(five_on_two.minutes) and five_on_two.minutes_on(1) == five.minutes
+    assert budget.notebook_projection("01", gpus=2).minutes == pytest.approx(budget.notebook_minutes("01") / 2)
+    for alone in ("02", "04"):
+        assert budget.notebook_projection(alone, gpus=2).minutes == pytest.approx(budget.notebook_minutes(alone))
+        assert "this notebook runs on one GPU" in budget.notebook_projection(alone).line()
+    three = budget.notebook_projection("03", gpus=2)
+    assert three.minutes == pytest.approx(
+        budget.training_minutes("vanilla", gpus=2) + budget.training_minutes("text_aware", gpus=2)
+        + budget.images_minutes(3 + budget.CARD_GRID_IMAGES))
+    assert three.best < budget.notebook_projection("03").best and len(three.parts) == 2
+
+    line = budget.notebook_projection("03").line()
+    assert f"On 2xT4 (Kaggle's T4 x2): about {budget._m(three.minutes)} min (training split over the GPUs" in line
+    assert "206 MB for text-aware, 0.05 s at an assumed 4 GB/s" in line and "\n" not in line
+    assert three.line().startswith(f"Notebook 03 on 2xT4: about {budget._m(three.minutes)} min (training")
+    assert f"On one T4: about {budget._m(budget.notebook_minutes('03'))} min." in three.line()
+    series = budget.series_projection()
+    assert series.minutes_on(2) == pytest.approx(sum(budget.notebook_projection(n, gpus=2).minutes
+                                                     for n in budget.NOTEBOOKS))
+    text = budget.training_speed_line(1.0, batch_size=2, gpus=2)
+    assert "per GPU" in text and f"on 2xT4 (with {one_step:.2f} s of gradient all-reduce)" in text
+
+
 def test_the_full_profiles_defaults_fit_one_sitting():
     """From the counted budget at the expected efficiencies, with the live defaults (profile, protocol): notebook
     03 at most 45 min, 05 at most 45 with at least 10 references, the whole series at most 90. Fails when a

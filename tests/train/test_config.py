@@ -51,3 +51,57 @@ def test_a_profile_that_cannot_be_used_is_a_usage_error_not_a_traceback(tmp_path
         parse_config(["--profile", "tiny", "--output-dir", str(tmp_path)])
     assert stop.value.code == 2 and "error: $IPA_RESOLUTION='100': give a size in pixels, a multiple of 64" \
         in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["profile defaults", "notebook overrides", "own values", "quick run", "epochs"])
+def test_the_command_line_carries_a_config_whole(case, tmp_path):
+    """config_args -> parse_config gives the same run (resolved: every recipe value written out), with the
+    same batch, learning rate and length as the config it came from, whatever the profile's overrides."""
+    tiny = get_profile("tiny", announce=False)
+    profile, own = {
+        "profile defaults": (tiny, {}),
+        "notebook overrides": (tiny.replace(train_batch_size=2, learning_rate=3e-4, checkpoint_every=3,
+                                            gradient_checkpointing=True, max_train_steps=5), {}),
+        "own values": (tiny, dict(batch_size=8, learning_rate=2.5e-5, weight_decay=0.0, max_steps=7, seed=3,
+                                  pairing="neighbour", pairing_self_prob=0.5, fresh_start=True, keep_checkpoints=1,
+                                  max_grad_norm=0.5, mixed_precision="no", scale_batch_with_gpus=True,
+                                  dataset="somewhere", resolution=64, test_fraction=0.25)),
+        "quick run": (get_profile("tiny", announce=False, quick=True), {}),
+        "epochs": (tiny, dict(epochs=2)),  # epochs given: the profile's max_train_steps no longer decides
+    }[case]
+    config = TrainConfig.from_profile(profile, output_dir=tmp_path / "run", variant="vanilla",
+                                      data_dir=str(tmp_path / "data"), **own)
+    args = config_module.config_args(config)
+    back = parse_config(args)
+    assert back.values() == config_module.resolved(config).values()
+    assert config_module.config_args(back) == args
+    assert recipe(back, back.profile) == recipe(config, profile)
+    for steps_per_epoch in (1, 3, 50):
+        assert (config_module.max_steps(back, back.profile, steps_per_epoch)
+                == config_module.max_steps(config, profile, steps_per_epoch))
+
+
+def test_the_global_batch_splits_over_the_processes_or_is_refused():
+    plan = config_module.batch_plan(4, 1e-4, 2)
+    assert plan == {"global_batch_size": 4, "per_process_batch_size": 2, "num_processes": 2, "learning_rate": 1e-4,
+                    "learning_rate_rule": "0.0001, the recipe's for a batch of 4"}
+    assert config_module.batch_plan(4, 1e-4, 1)["per_process_batch_size"] == 4  # one T4: as before
+    with pytest.raises(ValueError, match=r"the global batch of 4 does not split over 3 processes .* use 1 or 2 "
+                                         r"processes, or .*--scale-batch-with-gpus"):
+        config_module.batch_plan(4, 1e-4, 3)
+    scaled = config_module.batch_plan(4, 1e-4, 2, scale_with_gpus=True)  # linear scaling: lr x global / batch
+    assert (scaled["global_batch_size"], scaled["per_process_batch_size"]) == (8, 4)
+    assert scaled["learning_rate"] == pytest.approx(2e-4)
+    assert scaled["learning_rate_rule"] == "0.0002 = 0.0001 x 8 / 4 (linear scaling with the global batch)"
+    assert config_module.batch_plan(4, 1e-4, 3, scale_with_gpus=True)["global_batch_size"] == 12
+
+
+def test_older_checkpoints_settings_read_in_todays_terms():
+    """Before the global batch, batch_size was per process: an old record's global batch is batch x processes."""
+    old = {"variant": "text_aware", "batch_size": 4, "learning_rate": 1e-4, "num_processes": 1}
+    assert config_module.comparable_settings(old)["global_batch_size"] == 4
+    assert config_module.comparable_settings({**old, "batch_size": 2, "num_processes": 2})["global_batch_size"] == 4
+    assert config_module.comparable_settings({"batch_size": 3, "num_processes": None})["global_batch_size"] == 3
+    new = {**old, "global_batch_size": 4, "batch_size": 4, "num_processes": 2}
+    assert config_module.comparable_settings(new) is new
+    assert {"global_batch_size", "num_processes", "learning_rate"} <= set(config_module.RESUME_SETTINGS)

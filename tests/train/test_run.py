@@ -1,5 +1,6 @@
 """helpers.train.run: a run uses the Profile its TrainConfig carries (no second lookup by name), and records the
 same settings as the notebook's earlier field-by-field copy did, so runs written that way still resume."""
+import dataclasses
 import json
 import sys
 
@@ -61,3 +62,34 @@ def test_settings_are_the_old_copy_s_and_a_run_it_wrote_resumes(tiny_data, tmp_p
     after = read_run_settings(out)
     assert after.pop("max_steps") == 3 and before.pop("max_steps") == 2
     assert after == before
+
+
+def test_a_checkpoint_written_before_the_global_batch_resumes_and_a_changed_batch_is_still_refused(tiny_data, tmp_path):
+    """Checkpoints written before issue 28 record batch_size per process and no global_batch_size: a
+    single-process run of batch 4 continues; one of batch 2 (global 2) does not, under a global batch of 4."""
+    from helpers.train.checkpoints import MANIFEST, list_checkpoints
+    from helpers.train.run import TrainingError
+
+    _, _, data_dir = tiny_data
+    profile = get_profile("tiny", announce=False, max_train_steps=2, checkpoint_every=1)
+    out = tmp_path / "run"
+    config = TrainConfig.from_profile(profile, output_dir=out, variant="text_aware", data_dir=str(data_dir))
+    assert train(config, progress=False).steps == 2
+
+    def write_old_settings(batch_size):  # the newest checkpoint's, the one a resume reads
+        folder = list_checkpoints(out)[-1][1]
+        manifest = json.loads((folder / MANIFEST).read_text())
+        settings = manifest["settings"]
+        assert settings.pop("global_batch_size") == 4 and settings["num_processes"] == 1
+        manifest["settings"] = {**settings, "batch_size": batch_size}
+        (folder / MANIFEST).write_text(json.dumps(manifest))
+
+    write_old_settings(4)
+    longer = TrainConfig.from_profile(profile.replace(max_train_steps=3), output_dir=out, variant="text_aware",
+                                      data_dir=str(data_dir))
+    result = train(longer, progress=False)
+    assert (result.resumed_from, result.steps) == (2, 3)
+    write_old_settings(2)  # the checkpoint at step 3, as an older run of batch 2 would have left it
+    with pytest.raises(TrainingError, match=r"ckpt-000003 was written with other settings than this run's: global "
+                                            r"batch size \(all processes together\) 2 there, 4 now\."):
+        train(dataclasses.replace(longer, max_steps=4), progress=False)
