@@ -59,7 +59,7 @@ SOURCES = (FROM_MASKS_FOLDER, FROM_ALPHA, FROM_SEGMENTER)
 SPLITS = ("train", "test")
 LATENT_FACTOR = 8  # the VAE's downsampling
 DEFAULT_THRESHOLD = 0.5  # on the sigmoid probability (profile.mask_threshold)
-REBUILD_ON = ("version", "segmenter", "segmenter_stamp", "threshold", "resolution", "data", "prompts")
+NEARLY_EMPTY, NEARLY_FULL = 0.02, 0.9  # coverage that deserves a look: a mask of almost nothing, or of everything
 
 
 class MasksError(RuntimeError):
