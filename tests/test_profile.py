@@ -65,8 +65,18 @@ def test_unknown_profile_is_a_clear_error(monkeypatch):
 def test_tiny_profile_points_at_local_assets(tiny_profile):
     from pathlib import Path
 
-    for path in (tiny_profile.base_model, tiny_profile.ip_adapter, tiny_profile.eval_clip, tiny_profile.dataset):
+    for path in (tiny_profile.base_model, tiny_profile.ip_adapter, tiny_profile.eval_clip, tiny_profile.dataset,
+                 tiny_profile.segmenter):
         assert Path(path).exists()
+
+
+def test_the_segmenter_and_mask_settings():
+    """Issue 27: CLIPSeg beside the other models, a threshold on its probability, the background's loss weight."""
+    full, tiny = get_profile("full", announce=False), get_profile("tiny", announce=False)
+    assert full.segmenter == "CIDAS/clipseg-rd64-refined" and tiny.segmenter.endswith("clipseg")
+    assert (full.mask_threshold, full.mask_background_weight) == (0.5, 0.1) == (tiny.mask_threshold,
+                                                                                 tiny.mask_background_weight)
+    assert get_profile("full", announce=False, mask_threshold=0.3).mask_threshold == 0.3
 
 
 def test_the_sampler_is_ddim_and_the_banner_says_so(capsys):

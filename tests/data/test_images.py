@@ -1,9 +1,11 @@
-"""helpers.data.images: an image over the pixel limit is refused from its header, before any decoding."""
+"""helpers.data.images: an image over the pixel limit is refused from its header, before any decoding; the alpha
+channel and mask files become masks."""
 import io
 import struct
 import warnings
 import zlib
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -55,3 +57,46 @@ def test_prepare_dataset_reports_the_refused_image(tmp_path):
                             progress=False)
     assert list(again.train["id"]) == ["smaller.png"]
     assert dict(again.skipped)["small.png"].startswith("too large: 48x48 px")
+
+
+def test_the_alpha_channel_is_the_users_mask_read_before_compositing():
+    """Any transparent mode gives its alpha as a mask (>= 128: the character) and its picture on white; an
+    opaque image, or an alpha channel that hides nothing, gives none."""
+    from helpers.data.images import decode_image_and_alpha
+
+    def encoded(im, **kw):
+        buf = io.BytesIO()
+        im.save(buf, "PNG", **kw)
+        return buf.getvalue()
+
+    half = np.zeros((8, 8), bool)
+    half[:, :4] = True  # the left half is the character
+    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    rgba.paste((200, 10, 10, 255), (0, 0, 4, 8))
+    la = Image.fromarray(np.dstack([np.full((8, 8), 50, np.uint8), np.where(half, 200, 100).astype(np.uint8)]), "LA")
+    palette = Image.fromarray(np.where(half, 1, 0).astype(np.uint8), "P")
+    palette.putpalette([0, 0, 0, 200, 10, 10] + [0] * 762)
+    for data, hidden in ((encoded(rgba), 255), (encoded(palette, transparency=0), 255), (encoded(la), 175)):
+        image, alpha = decode_image_and_alpha(data)
+        assert image.mode == "RGB" and alpha.mode == "L" and np.array_equal(np.asarray(alpha) > 0, half)
+        assert (np.asarray(image)[~half] == hidden).all()  # composited on white (LA: 50 at alpha 100 -> 175)
+    opaque = rgba.copy()
+    opaque.putalpha(255)
+    for data in (encoded(opaque), encoded(rgba.convert("RGB"))):
+        assert decode_image_and_alpha(data)[1] is None
+
+
+def test_a_mask_file_is_white_on_black_or_a_cutout_of_its_images_size():
+    from helpers.data.images import decode_mask
+
+    grey = np.zeros((6, 8), np.uint8)
+    grey[2:, 3:] = 180  # >= 128: the character
+    cutout = Image.new("RGBA", (8, 6), (255, 255, 255, 0))
+    cutout.paste((0, 0, 0, 255), (3, 2, 8, 6))  # a black character, opaque: the alpha is read, not the colour
+    for im in (Image.fromarray(grey), Image.fromarray(grey).convert("RGB"), cutout):
+        buf = io.BytesIO()
+        im.save(buf, "PNG")
+        mask = decode_mask(buf.getvalue(), (8, 6))
+        assert mask.mode == "L" and np.array_equal(np.asarray(mask) == 255, grey > 0)
+    with pytest.raises(SkipItem, match=r"bad mask: m.png is 8x6 px, its image 6x8"):
+        decode_mask(buf.getvalue(), (6, 8), name="m.png")

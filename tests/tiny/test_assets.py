@@ -84,3 +84,18 @@ def test_build_is_deterministic_and_reused(tmp_path, tiny_root):
             assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
     stamp = (other / "COMPLETE").stat().st_mtime_ns
     assert build_tiny_assets(tmp_path / "again") == other and (other / "COMPLETE").stat().st_mtime_ns == stamp
+
+
+def test_the_tiny_segmenter_is_a_clipseg_laid_out_as_the_full_profiles(tiny_root, reference_image):
+    """CLIPSeg's classes and processor load it offline; like CIDAS/clipseg-rd64-refined it has the refined decoder,
+    patch 16 and a processor size other than its vision config's (positions interpolated), and it gives logits at
+    the processor's size."""
+    from helpers.data.masks import load_segmenter
+    from helpers.tiny.assets import SEGMENTER_SIZE
+
+    seg = load_segmenter(str(tiny_root / "clipseg"), device="cpu")
+    config = seg.model.config
+    assert type(seg.model).__name__ == "CLIPSegForImageSegmentation" and type(seg.processor).__name__ == "CLIPSegProcessor"
+    assert config.use_complex_transposed_convolution and config.vision_config.patch_size == 16
+    assert config.vision_config.image_size != SEGMENTER_SIZE
+    assert seg.logits([reference_image] * 2, ["boy", "a cartoon character"]).shape == (2, SEGMENTER_SIZE, SEGMENTER_SIZE)
