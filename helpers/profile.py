@@ -46,6 +46,7 @@ IP_ADAPTER_PLUS = "h94/IP-Adapter/models/ip-adapter-plus_sd15.safetensors"  # it
 EVAL_CLIP = "openai/clip-vit-large-patch14"  # CLIP-T / CLIP-I: the IP-Adapter paper's and torchmetrics' default
 DINO = "facebook/dino-vits16"  # DreamBooth's DINO metric
 BLIP = "Salesforce/blip-image-captioning-base"  # captions for images that have none
+CLIPSEG = "CIDAS/clipseg-rd64-refined"  # each drawing's character mask, from its caption's subject words
 RICK_AND_MORTY = "Norod78/RickAndMorty-HorizontalMirror-blip-captions"
 
 # a quick run: counts only, the models stay the profile's
@@ -72,6 +73,11 @@ class Profile:
     resolution: int  # pixels
     test_fraction: float = 0.1
     feature_batch_size: int = 16  # images per batch when caching VAE/CLIP features (helpers.data.features)
+    # masks (helpers.data.masks): the segmenter (a transformers CLIPSeg: Hub id or folder), the threshold on its
+    # sigmoid probability, and the loss weight of the background (notebook 03's MASK = "loss")
+    segmenter: str = CLIPSEG
+    mask_threshold: float = 0.5
+    mask_background_weight: float = 0.1
     # training (the seed's recipe)
     train_batch_size: int = 4
     num_epochs: int = 6
@@ -153,6 +159,7 @@ def full_profile(reason: str) -> Profile:
         eval_clip=EVAL_CLIP,
         dino=DINO,
         captioner=BLIP,
+        segmenter=CLIPSEG,
         dataset=RICK_AND_MORTY,
         resolution=512,
     )
@@ -172,6 +179,7 @@ def tiny_profile(reason: str) -> Profile:
         eval_clip=str(root / "clip"),
         dino=str(root / "dino"),
         captioner=None,
+        segmenter=str(root / "clipseg"),
         dataset=str(root / "dataset"),
         resolution=RESOLUTION,
         test_fraction=0.25,

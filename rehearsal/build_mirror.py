@@ -29,7 +29,7 @@ from . import dataset, models, readme  # noqa: E402
 from .hub_cache import RepoWriter, write_datasets_cache  # noqa: E402
 from .vocab import bert_vocab_standin, clip_bpe  # noqa: E402
 
-MIRROR_VERSION = "v2"  # bump when the mirror's content changes, so caches are rebuilt
+MIRROR_VERSION = "v3"  # bump when the mirror's content changes, so caches are rebuilt  (v3: CLIPSeg)
 MIRROR_ENV = "IPA_MIRROR_DIR"
 
 # Revisions: the 40-hex commit each repo's refs/main points at. Real ones where a public cache path shows
@@ -40,6 +40,7 @@ REVISIONS = {
     models.CLIP_L: "32bd64288804d66eefd0ccbe215aa642df71cc41",
     models.DINO: "abe3b354cb6a9b6f146096b14a4a9d7eecbcb4bd",
     models.BLIP: "82a37760796d32b1411fe092ab5d4e227313294b",
+    models.CLIPSEG: "0c1d4d4d0c5e7c2a9bd3a4c1b0e4f2a7d9c3e5b1",  # made up: the real one could not be checked offline
     dataset.REPO_ID: "68b7f66000000000000000000000000000000000",  # real short hash 68b7f66, padded
 }
 
@@ -87,6 +88,7 @@ def build_mirror(target: str | os.PathLike | None = None, *, log=_log) -> Path:
         step(models.CLIP_L, models.build_clip_l, repos[models.CLIP_L], vocab, merges)
         step(models.DINO, models.build_dino, repos[models.DINO])
         step(models.BLIP, models.build_blip, repos[models.BLIP], bert_vocab_standin(vocab))
+        step(models.CLIPSEG, models.build_clipseg, repos[models.CLIPSEG], vocab, merges)
         n_rows = step(dataset.REPO_ID, dataset.build_dataset, repos[dataset.REPO_ID])
         files = {rid: step(f"content-addressing {rid}", repo.finish) for rid, repo in repos.items()}
         step("datasets cache", write_datasets_cache, tmp / "datasets", repos[dataset.REPO_ID])

@@ -27,6 +27,7 @@ IP_ADAPTER = "h94/IP-Adapter"
 CLIP_L = "openai/clip-vit-large-patch14"
 DINO = "facebook/dino-vits16"
 BLIP = "Salesforce/blip-image-captioning-base"
+CLIPSEG = "CIDAS/clipseg-rd64-refined"
 
 
 def copy_hub_files(repo: RepoWriter) -> list[str]:
@@ -177,4 +178,21 @@ def build_blip(repo: RepoWriter, bert_tokens: list[str]) -> None:
         repo.copy(Path(tmp) / "vocab.txt", "vocab.txt")
         repo.copy(out / "tokenizer.json", "tokenizer.json")
     model = _random(lambda: BlipForConditionalGeneration(BlipConfig.from_dict(_config(BLIP, "config.json"))), seed=8)
+    _save_weights(model, repo.snapshot, {"model.safetensors": repo.path("model.safetensors")})
+
+
+def build_clipseg(repo: RepoWriter, vocab: dict[str, int], merges: list[str]) -> None:
+    """CIDAS/clipseg-rd64-refined: CLIPSegForImageSegmentation (150M: CLIP ViT-B/16 and its text tower, the
+    refined decoder), CLIP's tokenizer files (vocab, merges, tokenizer.json) and the legacy image processor
+    file (352 px, bilinear, ImageNet mean/std), all as transformers' CLIPSeg conversion script writes them."""
+    from transformers import CLIPSegConfig, CLIPSegForImageSegmentation, CLIPTokenizer
+
+    copy_hub_files(repo)
+    write_clip_tokenizer_files(repo.snapshot, vocab, merges, vocab_style="openai")
+    with tempfile.TemporaryDirectory() as tmp:  # tokenizer.json as the tokenizers library writes it
+        write_clip_tokenizer_files(Path(tmp), vocab, merges, vocab_style="openai")
+        CLIPTokenizer.from_pretrained(tmp, model_max_length=77).save_pretrained(Path(tmp) / "out")
+        shutil.copyfile(Path(tmp) / "out" / "tokenizer.json", repo.path("tokenizer.json"))
+    config = CLIPSegConfig.from_dict(_config(CLIPSEG, "config.json"))
+    model = _random(lambda: CLIPSegForImageSegmentation(config), seed=9)
     _save_weights(model, repo.snapshot, {"model.safetensors": repo.path("model.safetensors")})

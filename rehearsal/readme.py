@@ -23,6 +23,10 @@ PROVENANCE = {
     models.BLIP: "config.json from a public dump of the published config; processor files (preprocessor, "
                  "tokenizer) written by the installed transformers (384 px, CLIP mean/std, BERT tokenizer with "
                  "[DEC]/[ENC]) on a STAND-IN BERT vocabulary (the real ids of [PAD]/[UNK]/[CLS]/[SEP]/[MASK])",
+    models.CLIPSEG: "config.json, preprocessor_config.json (legacy ViTFeatureExtractor file: 352 px, bilinear, "
+                    "ImageNet mean/std) written from transformers' CLIPSeg conversion script's values (CLIP ViT-B/16, "
+                    "reduce_dim 64, complex transposed convolution); tokenizer files as openai/clip-vit-base-patch32's, "
+                    "which the script copies; weights as model.safetensors: NOT checked against the published files",
     dataset.REPO_ID: "README card and Parquet layout/columns as published; SYNTHETIC images",
 }
 

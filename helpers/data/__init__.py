@@ -1,4 +1,4 @@
-"""Notebook 01: the drawings, cleaned, split without leakage, and the features training reads.
+"""Notebook 01: the drawings, cleaned, split without leakage, the features training reads, and masks.
 
     sources.py     read a source (Hub dataset, folder, parquet, images + metadata.jsonl) into items
     images.py      decode and check one image, convert it to RGB, crop it square
@@ -6,6 +6,8 @@
     duplicates.py  the idea of the split: dHash of each image and its mirror, near-duplicate groups, split by group
     prepare.py     the five steps in order (prepare_dataset), and the prepared folder as the notebooks' contract
     features.py    the feature cache: VAE latents, image and text features of every training row, once
+    subjects.py    which words of a caption or prompt name its subject (one rule: Conceptrol, CLIPSeg)
+    masks.py       each row's character mask: the user's own (alpha, MASKS folder) or CLIPSeg's, stored once
 """
 
 _ENTRY_POINTS = {"prepare_dataset", "load_prepared", "use_prepared"}

@@ -1,6 +1,7 @@
 """The training data: load a source, check every image, caption, split without mirror leakage, save.
 
     prep = prepare_dataset(source, out_dir, resolution=512)   # load, check, caption, split, save
+    prep = prepare_dataset(source, out_dir, resolution=512, masks="my_masks/")   # with the user's own masks
     prep = load_prepared(out_dir)                               # the same object, from disk
     prep = use_prepared(out_dir, profile)                       # what notebooks 03-05 and the CLIs call
 
@@ -17,14 +18,20 @@ image (helpers.data.images), captions (helpers.data.captions), near-duplicate gr
 Every item is decoded and checked on its own, so one broken file never stops the rest: broken ones are
 listed in `prep.skipped` with the reason. Images are centre-cropped to a square and resized to `resolution`;
 images over `max_pixels` (helpers.data.images.MAX_PIXELS, 50 Mpx) are refused before they are decoded.
+The user's own masks are kept with their images, cropped and resized as they are: a same-named file in the
+masks folder (`masks`, helpers.data.sources.mask_files) first, else a transparent image's alpha channel, read
+before the image is composited on white. The other rows' masks are made later (helpers.data.masks).
 
 On disk (`out_dir`):
 
     prepared.json               what was prepared from what, and "splits": the folder that holds it
     prepared-<time>/            one preparation: train/, test/ (datasets.Dataset.save_to_disk: columns id,
-                                image (PNG, RGB, resolution^2), text, caption_source, group, hash) and
+                                image (PNG, RGB, resolution^2), text, caption_source, group, hash, and when
+                                any row has the user's own mask: mask (PNG, "L", resolution^2, 255 on the
+                                character, or None) and mask_source ("alpha", "masks folder" or None)) and
                                 skipped.json ([{"item": name, "reason": why}, ...])
-    <filename>.safetensors      the feature cache (helpers.data.features), fp16, rows in the split's order
+    <filename>.safetensors      the feature cache (helpers.data.features), fp16, rows in the split's order;
+                                masks.safetensors, every row's mask (helpers.data.masks)
     .lock.json                  while a writer works here (helpers.support.lock: one writer per folder)
 
 A preparation is replaced only by a complete one: the new one is written beside the old (a hidden
@@ -61,11 +68,30 @@ from .duplicates import (
     near_duplicate_groups,
     split_by_group,
 )
-from .images import MAX_PIXELS, SkipItem, center_square, decode_image, png_bytes
-from .sources import DataSourceError, SourceItem, open_source, source_stamp  # noqa: F401  (DataSourceError: public here)
+from .images import (
+    MAX_PIXELS,
+    SkipItem,
+    center_square,
+    center_square_mask,
+    decode_image_and_alpha,
+    decode_mask,
+    png_bytes,
+)
+from .sources import (  # noqa: F401  (DataSourceError: public here)
+    DataSourceError,
+    SourceItem,
+    files_stamp,
+    mask_files,
+    mask_key,
+    open_source,
+    source_stamp,
+)
 
 PREPARED_JSON = "prepared.json"  # what was prepared from what, and where; replaced last (the commit): it names a whole one
-PREPARED_VERSION = "2"  # 2: distances symmetric (either image mirrored)  # bump when prepared data would come out different, so old folders are rebuilt
+# bump when prepared data would come out different, so old folders are rebuilt. 2: distances symmetric (either
+# image mirrored); 3: the user's own masks kept (alpha channel, masks folder)
+PREPARED_VERSION = "3"
+FROM_ALPHA, FROM_MASKS_FOLDER = "alpha", "masks folder"  # a row's mask_source: where its user mask came from
 DATA_SEED = 0  # the split seed prepare_for_training uses (notebook 01 uses the same, so training reuses its work)
 SPLITS_PREFIX = "prepared-"  # prepared-<time>/: one preparation's splits and skipped.json, named by prepared.json
 _OLD_LAYOUT = ("train", "test", "skipped.json")  # beside prepared.json, before the prepared-<time> folders
@@ -86,7 +112,9 @@ class PreparedData:
 
     train, test: datasets.Dataset with columns id (str, stable per input row or file), image (PIL RGB,
                  resolution x resolution), text, caption_source ("dataset", "metadata.jsonl", "blip",
-                 "placeholder", ...), group (int: near-duplicate group, never split), hash (hex dHash)
+                 "placeholder", ...), group (int: near-duplicate group, never split), hash (hex dHash);
+                 when any row has a user mask also mask (PIL "L" or None) and mask_source (FROM_ALPHA,
+                 FROM_MASKS_FOLDER or None)
     skipped:     [(item name, reason)] for every input not kept
     info:        the contents of prepared.json (source, resolution, seed, counts, ...)
     """
@@ -103,6 +131,13 @@ class PreparedData:
         text = (f"{c.get('items', '?')} inputs: {len(self.train) + len(self.test)} kept, {len(self.skipped)} skipped; "
                 f"{groups} near-duplicate groups; train {len(self.train)} rows, test {len(self.test)} rows "
                 f"({self.info.get('resolution')} px) in {self.out_dir}")
+        masks = self.info.get("user_masks") or {}
+        if masks.get(FROM_ALPHA) or masks.get(FROM_MASKS_FOLDER):
+            text += (f"\nYour own masks: {masks.get(FROM_MASKS_FOLDER, 0)} from the masks folder, "
+                     f"{masks.get(FROM_ALPHA, 0)} from alpha channels; the other rows are segmented (helpers.data.masks)")
+        if masks.get("unused"):
+            text += (f"\n{len(masks['unused'])} files in the masks folder name no kept image and were not used: "
+                     + ", ".join(masks["unused"][:5]) + (", ..." if len(masks["unused"]) > 5 else ""))
         if self.info.get("replaced"):
             text += f"\nThis replaced the data prepared there before: {self.info['replaced']}"
         return text
@@ -114,18 +149,27 @@ class PreparedData:
                 f"{i.get('seed')} ({len(self.train)} train / {len(self.test)} test rows, prepared {i.get('created', '?')})")
 
 
-def _features():
+def _features(with_masks: bool = False):
     import datasets
 
-    return datasets.Features({
+    columns = {
         "id": datasets.Value("string"), "image": datasets.Image(), "text": datasets.Value("string"),
         "caption_source": datasets.Value("string"), "group": datasets.Value("int64"), "hash": datasets.Value("string"),
-    })
+    }
+    if with_masks:
+        columns.update({"mask": datasets.Image(), "mask_source": datasets.Value("string")})
+    return datasets.Features(columns)
+
+
+def _has_user_masks(info: dict) -> bool:
+    masks = info.get("user_masks") or {}
+    return bool(masks.get(FROM_ALPHA) or masks.get(FROM_MASKS_FOLDER))
 
 
 def prepare_dataset(source, out_dir, *, resolution: int, test_fraction: float = 0.1, seed: int = 0,
                     captioner: str | Callable | None = None, max_hash_distance: int = MAX_HASH_DISTANCE,
-                    max_pixels: int = MAX_PIXELS, overwrite: bool = False, progress: bool = True) -> PreparedData:
+                    max_pixels: int = MAX_PIXELS, masks=None, overwrite: bool = False,
+                    progress: bool = True) -> PreparedData:
     """Load `source`, check and convert every image, caption what has no caption, split by near-duplicate
     group, save under out_dir and return a PreparedData (train, test, skipped).
 
@@ -136,6 +180,10 @@ def prepare_dataset(source, out_dir, *, resolution: int, test_fraction: float = 
     captioner:   for inputs without a caption: a BLIP model id (profile.captioner), a callable
                  list[PIL.Image] -> list[str], or None for a placeholder text that says it is one
     max_pixels:  images with more pixels are skipped as too large, from their header (never decoded)
+    masks:       a folder of the user's own masks (notebook 01's MASKS), outside the image folder: one image per
+                 source image, same relative path and name, any extension (white or opaque: the character;
+                 helpers.data.sources.mask_files, helpers.data.images.decode_mask). It comes before an image's
+                 alpha channel. A mask of another size than its image skips the item ("bad mask: ...").
     Re-running with the same arguments and an unchanged source returns what is on disk (no recomputation;
     a local source's files are compared by size and mtime, a Hub dataset by its id: overwrite=True
     re-reads it). A single bad item never raises: it is listed in `skipped`. A bad source raises
@@ -156,6 +204,10 @@ def prepare_dataset(source, out_dir, *, resolution: int, test_fraction: float = 
            "hash_size": HASH_SIZE, "max_hash_distance": max_hash_distance}
     if max_pixels != MAX_PIXELS:  # only then: folders prepared before the limit existed keep their key
         key["max_pixels"] = max_pixels
+    found = None
+    if masks is not None:  # checked before the lock: a bad folder is refused at once
+        found = mask_files(masks, source)
+        key["masks"] = f"{Path(masks).expanduser().resolve()}:{files_stamp(Path(masks).expanduser())}"
     with FolderLock(out_dir, "preparing data") as lock:
         before = read_manifest(out_dir)
         _remove_unused(out_dir, before)
@@ -166,15 +218,15 @@ def prepare_dataset(source, out_dir, *, resolution: int, test_fraction: float = 
                 pass
         return _prepare(source, out_dir, key, before, resolution=resolution, test_fraction=test_fraction, seed=seed,
                         captioner=captioner, captioner_name=captioner_name, max_hash_distance=max_hash_distance,
-                        max_pixels=max_pixels, progress=progress, beat=lock.beat)
+                        max_pixels=max_pixels, masks=masks, found=found, progress=progress, beat=lock.beat)
 
 
 def _prepare(source, out_dir: Path, key: dict, before: dict | None, *, resolution, test_fraction, seed, captioner,
-             captioner_name, max_hash_distance, max_pixels, progress, beat) -> PreparedData:
+             captioner_name, max_hash_distance, max_pixels, masks, found, progress, beat) -> PreparedData:
     """The five steps of prepare_dataset, run while it holds the folder's lock."""
-    # 1. read every item and check it on its own
+    # 1. read every item and check it on its own (and its own mask, if it has one)
     items, skipped, description = open_source(source)
-    kept = _check_items(items, skipped, resolution, source, progress, max_pixels, beat)
+    kept, user_masks = _check_items(items, skipped, resolution, source, progress, max_pixels, beat, found)
     # 2. caption what has no caption
     texts, origins, n_captioned = _captions(kept, captioner, progress, beat)
     # 3. hash each image and its mirror, group near-duplicates, split by group
@@ -192,27 +244,38 @@ def _prepare(source, out_dir: Path, key: dict, before: dict | None, *, resolutio
         "counts": {"items": len(items), "kept": len(kept), "skipped": len(skipped),
                    "groups": int(len(set(groups.tolist()))), "train": int((~is_test).sum()), "test": int(is_test.sum()),
                    "captioned": n_captioned},
+        "user_masks": {"folder": None if masks is None else str(masks),
+                       **Counter(s for _, s in user_masks if s is not None),
+                       "unused": sorted(set(found or {}) - {mask_key(it.id) for it, _ in kept})},
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     if before is not None:
         info["replaced"] = (f"{before.get('source')} at {before.get('resolution')} px, test fraction "
                             f"{before.get('test_fraction')} (prepared {before.get('created', '?')})")
-    _save_prepared(out_dir, _split_rows(kept, texts, origins, groups, hashes, is_test), skipped, info, beat)
+    _save_prepared(out_dir, _split_rows(kept, texts, origins, groups, hashes, is_test, user_masks), skipped, info, beat)
     return load_prepared(out_dir)
 
 
 def _check_items(items: list[SourceItem], skipped: list, resolution: int, source, progress: bool,
-                 max_pixels: int = MAX_PIXELS, beat=lambda: None):
+                 max_pixels: int = MAX_PIXELS, beat=lambda: None, mask_files: dict[str, Path] | None = None):
     """Decode and check every item on its own, centre-cropped to resolution; what fails goes to `skipped`
-    with its reason. Raises DataSourceError when nothing is usable."""
+    with its reason. Raises DataSourceError when nothing is usable. Returns (kept: [(item, image)], user masks:
+    [(mask "L" at resolution or None, FROM_MASKS_FOLDER / FROM_ALPHA / None)], one per kept item): a file in
+    mask_files ({mask_key: path}) first, else the image's alpha channel, cropped and resized as the image."""
     from tqdm.auto import tqdm
 
     kept: list[tuple[SourceItem, Image.Image]] = []
+    user_masks: list[tuple[Image.Image | None, str | None]] = []
     for item in tqdm(items, desc="checking images", unit="img", disable=not progress):
         beat()
         try:
-            im = decode_image(item.read(), min_side=resolution / 2, max_pixels=max_pixels)
+            im, mask = decode_image_and_alpha(item.read(), min_side=resolution / 2, max_pixels=max_pixels)
+            origin = None if mask is None else FROM_ALPHA
+            mask_file = (mask_files or {}).get(mask_key(item.id))
+            if mask_file is not None:
+                mask, origin = decode_mask(mask_file.read_bytes(), im.size, name=str(mask_file)), FROM_MASKS_FOLDER
             kept.append((item, center_square(im, resolution)))
+            user_masks.append((None if mask is None else center_square_mask(mask, resolution), origin))
         except SkipItem as e:
             skipped.append((item.name, e.reason))
         except Exception as e:  # noqa: BLE001  (whatever one item does, the others go on)
@@ -221,7 +284,7 @@ def _check_items(items: list[SourceItem], skipped: list, resolution: int, source
         kinds = Counter(r.split(":")[0] for _, r in skipped)
         raise DataSourceError(f"{source}: none of its {len(items)} inputs is a usable image "
                               f"({', '.join(f'{k}: {v}' for k, v in kinds.items()) or 'it is empty'})")
-    return kept
+    return kept, user_masks
 
 
 def _captions(kept, captioner, progress: bool, beat=None) -> tuple[list[str], list[str], int]:
@@ -237,11 +300,13 @@ def _captions(kept, captioner, progress: bool, beat=None) -> tuple[list[str], li
     return texts, origins, len(missing)
 
 
-def _split_rows(kept, texts, origins, groups, hashes, is_test) -> dict:
-    """{"train": Dataset, "test": Dataset} in the prepared folder's columns."""
+def _split_rows(kept, texts, origins, groups, hashes, is_test, user_masks) -> dict:
+    """{"train": Dataset, "test": Dataset} in the prepared folder's columns (mask and mask_source only when
+    some row has a user mask)."""
     import datasets
 
-    split_rows = {name: {k: [] for k in _features()} for name in ("train", "test")}
+    features = _features(with_masks=any(s is not None for _, s in user_masks))
+    split_rows = {name: {k: [] for k in features} for name in ("train", "test")}
     for i, (item, im) in enumerate(kept):
         r = split_rows["test" if is_test[i] else "train"]
         r["id"].append(item.id)
@@ -250,7 +315,11 @@ def _split_rows(kept, texts, origins, groups, hashes, is_test) -> dict:
         r["caption_source"].append(origins[i])
         r["group"].append(int(groups[i]))
         r["hash"].append(np.packbits(hashes[i]).tobytes().hex())
-    return {k: datasets.Dataset.from_dict(v, features=_features()) for k, v in split_rows.items()}
+        if "mask" in features:
+            mask, source = user_masks[i]
+            r["mask"].append(None if mask is None else {"bytes": png_bytes(mask), "path": None})
+            r["mask_source"].append(source)
+    return {k: datasets.Dataset.from_dict(v, features=features) for k, v in split_rows.items()}
 
 
 def _save_prepared(out_dir: Path, splits: dict, skipped, info, beat=lambda: None) -> None:
@@ -358,7 +427,8 @@ def _read_splits(out_dir: Path, info: dict) -> PreparedData:
         for name in ("train", "test"):
             where = base / name
             if info["counts"][name] == 0:
-                splits[name] = datasets.Dataset.from_dict({k: [] for k in _features()}, features=_features())
+                features = _features(with_masks=_has_user_masks(info))
+                splits[name] = datasets.Dataset.from_dict({k: [] for k in features}, features=features)
             else:
                 splits[name] = datasets.load_from_disk(str(where))
     except (OSError, ValueError, KeyError, TypeError) as e:

@@ -16,6 +16,12 @@ in-memory datasets.Dataset is your own code's and has no such limit.
     items, skipped, description = open_source(source)   # FileNotFoundError / DataSourceError for a bad source
     stamp = source_stamp(source)                         # cheap identity: has the source changed?
     folders = own_folders(source)                        # where its files may lie (None: anywhere)
+    files = mask_files(masks, source)                    # the MASKS folder: {mask_key(item id): file}
+
+A masks folder (notebook 01's MASKS, prepare_dataset(masks=...)) holds the user's own masks, one image file
+per source image, at the same relative path and name with any image extension ("sub/a.jpg" -> "sub/a.png");
+a dataset's rows are named by their ids ("row-00012.png"). It lies outside the image folder, as kohya's
+`conditioning_data_dir` does: a masks/ folder inside it would be read as training images.
 """
 
 from __future__ import annotations
@@ -246,3 +252,38 @@ def _folder_items(folder: Path) -> tuple[list[SourceItem], list[tuple[str, str]]
         text = captions.get(rel) or None
         items.append(SourceItem(rel, rel, (lambda p=p: _read_file(_inside(p, own))), text, METADATA_FILE if text else None))
     return items, skipped
+
+
+def mask_key(item_id: str) -> str:
+    """The name a mask file is found by: the item's id (relative path or row id) without its extension."""
+    return Path(item_id).with_suffix("").as_posix()
+
+
+def mask_files(masks, source=None) -> dict[str, Path]:
+    """{mask_key: file} of every image file under the masks folder (hidden files left out). Raises
+    FileNotFoundError when it is not a folder, DataSourceError when it lies inside the source's folder or two
+    files share a name (a.png and a.jpg)."""
+    folder = Path(masks).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: the masks folder (MASKS) is not a folder. Give a folder of mask images "
+                                "named like your images, or leave MASKS empty to make every mask with the segmenter.")
+    src = Path(str(source)).expanduser() if source is not None and not _is_dataset(source) else None
+    if src is not None and src.is_dir() and folder.resolve().is_relative_to(src.resolve()):
+        raise DataSourceError(f"{folder}: the masks folder lies inside the image folder {src}, so its masks would "
+                              "be read as training images. Move it next to the image folder and give that path.")
+    found: dict[str, Path] = {}
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        if not p.is_file() or p.suffix.lower() not in IMAGE_EXTENSIONS or any(s.startswith(".") for s in rel.parts):
+            continue
+        key = mask_key(rel.as_posix())
+        if key in found:
+            raise DataSourceError(f"{folder}: two masks for {key}: {found[key].name} and {p.name}. Keep one.")
+        found[key] = p
+    return found
+
+
+def _is_dataset(source) -> bool:
+    import datasets
+
+    return isinstance(source, datasets.Dataset)

@@ -35,7 +35,7 @@ import numpy as np
 from PIL import ImageOps
 
 from ..data.duplicates import MAX_HASH_DISTANCE, dhash
-from ..sample.concepts import Subject, find_subject
+from ..data.subjects import Subject, find_subject
 from ..sample.registry import MODEL_NAMES, model_order
 from ..support.budget import SAMPLING, seconds_per_image
 from ..profile import EVAL_CLIP
@@ -142,7 +142,7 @@ class PromptSpec:
 
 
 def concept_of(prompt: str) -> Subject:
-    """(concept, how it was found) of a prompt: helpers.sample.concepts.find_subject, the one rule the panel
+    """(concept, how it was found) of a prompt: helpers.data.subjects.find_subject, the one rule the panel
     and `generate` use too (the whole prompt when no words name a subject). `how` is shown in notebook 05's
     prompt table."""
     return find_subject(prompt)

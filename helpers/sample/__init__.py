@@ -3,7 +3,6 @@
     registry.py    the models compared, by name (what each is, where its weights come from); nothing heavy
     bank.py        those models over one shared pipeline, and IP-Adapter scales set and read back
     generate.py    images for models x scales x references x prompts x seeds, one generator per image
-    concepts.py    the words that name a prompt's subject (Conceptrol's concept)
     references.py  the one rule for held-out references
     gallery.py     samples laid out as a labelled grid
     saved.py       samples on disk with the settings that made them

@@ -138,7 +138,7 @@ def generate(bank: ModelBank, references: dict, prompts, *, models=None, scales=
                 within 2 of 255 between batch 1 and 3 on the tiny profile). Out of GPU memory: OutOfMemory,
                 whose message says to lower it
     concepts:   {prompt: the words naming its subject}, for a model that masks by them (Conceptrol); a prompt
-                not in it gets helpers.sample.concepts.subject_of(prompt), the rule the panel and the
+                not in it gets helpers.data.subjects.subject_of(prompt), the rule the panel and the
                 evaluation use (the whole prompt when no words name a subject: never run unmasked)
     progress:   True for a tqdm bar, False for none, or a callable(done images, total images)
     on_step:    called after every denoising step of every pipeline call (a widget's progress bar)
@@ -215,7 +215,7 @@ def _pipeline_call(bank, name: str, scale: float, ref_id: str, image, chunk, cal
             concept_token_indices,
             set_concepts,
         )
-        from .concepts import subject_of
+        from ..data.subjects import subject_of
 
         concepts = [call["concepts"].get(p) or subject_of(p) for p, _ in chunk]
         set_concepts(bank.pipe.unet, [concept_token_indices(bank.pipe.tokenizer, p, c)

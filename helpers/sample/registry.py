@@ -38,7 +38,7 @@ MODELS: dict[str, ModelSpec] = {
     PRETRAINED: ModelSpec("IP-Adapter Plus (pretrained)"),
     "pretrained-instantstyle": ModelSpec("+ InstantStyle layers", source=PRETRAINED, ip_layers=INSTANTSTYLE_SD15),
     # Conceptrol (He and Yao, 2025, arXiv 2503.06568), training-free: every IP layer's output masked by the
-    # prompt's attention to the words naming the subject (helpers.sample.concepts), global masking
+    # prompt's attention to the words naming the subject (helpers.data.subjects), global masking
     "pretrained-conceptrol": ModelSpec("+ Conceptrol", source=PRETRAINED, attention="conceptrol"),
     "finetuned-vanilla": ModelSpec("fine-tuned vanilla", folder="vanilla", variant="vanilla"),
     "finetuned-text-aware": ModelSpec("fine-tuned text-aware", folder="text_aware", variant="text_aware"),

@@ -31,7 +31,7 @@ from PIL import Image
 from ..data.images import png_bytes
 from ..support.env import in_colab
 from .bank import ModelBank
-from .concepts import FOUND, find_subject, subject_of
+from ..data.subjects import FOUND, find_subject, subject_of
 from .generate import GALLERY_PROMPTS, Sample, generate
 from .saved import save_samples
 from .uploads import COLAB_UPLOAD_LIMIT, UPLOAD_PREFIX, parse_upload
@@ -322,7 +322,7 @@ def _description(text: str) -> str:
 
 def _concept_line(typed: str, prompt: str) -> str:
     """What the settings box says of the concept: the typed words, or the prompt's subject by the one rule
-    (helpers.sample.concepts.find_subject), naming its fallback when no words name a subject."""
+    (helpers.data.subjects.find_subject), naming its fallback when no words name a subject."""
     if typed.strip():
         return f"{typed.strip()} (typed)"
     words, how = find_subject(prompt)

@@ -17,6 +17,9 @@ What `build_tiny_assets()` writes, once, into a cache folder (atomically; a fini
     ip_adapter/image_encoder/  CLIPVisionModelWithProjection (Plus reads its penultimate hidden states)
     clip/                      CLIPModel + tokenizer + processor, for CLIP-T / CLIP-I
     dino/                      ViTModel + image processor, for DINO similarity
+    clipseg/                   CLIPSegForImageSegmentation + tokenizer + image processor file, laid out as
+                               CIDAS/clipseg-rd64-refined (refined decoder, patch 16, a processor size other
+                               than the vision config's, so position embeddings are interpolated as there)
     dataset/                   synthetic "cartoon characters" with captions and mirrored copies, stored as
                                the Hub dataset is (parquet under data/, columns image and text)
 
@@ -38,7 +41,7 @@ from .cartoons import build_cartoon_dataset
 from .shapes import random_ip_adapter_plus
 from .tokenizer import save_tokenizer
 
-TINY_VERSION = "v2"  # bump when anything below changes, so caches are rebuilt
+TINY_VERSION = "v3"  # bump when anything below changes, so caches are rebuilt  (v3: clipseg/)
 
 # Sizes, chosen to keep the layout of the real models while staying fast on a CPU.
 TEXT_DIM = 32  # text encoder width = UNet cross_attention_dim (768 in SD 1.5)
@@ -48,6 +51,7 @@ TINY_RESAMPLER_DIM = 128  # Resampler width; diffusers' converter needs heads = 
 RESAMPLER_QUERIES = 16  # image tokens per reference, as in IP-Adapter Plus
 RESOLUTION = 64  # pixels (512 in the full profile); latents are RESOLUTION / 8
 IP_ADAPTER_FILE = "ip-adapter-plus_tiny.safetensors"
+SEGMENTER_SIZE = 48  # CLIPSeg's processor size (352; its vision config says 224, positions are interpolated)
 
 
 def default_cache_dir() -> Path:
@@ -72,6 +76,7 @@ def build_tiny_assets(cache_dir: str | os.PathLike | None = None) -> Path:
         _build_ip_adapter(tmp / "ip_adapter")
         _build_clip(tmp / "clip")
         _build_dino(tmp / "dino")
+        _build_clipseg(tmp / "clipseg")
         build_cartoon_dataset(tmp / "dataset")
         (tmp / "COMPLETE").write_text(f"tiny assets {TINY_VERSION}: random weights, for tests only\n")
         try:
@@ -217,6 +222,29 @@ def _build_dino(folder: Path):
     cfg = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8)
     ViTModel(cfg, add_pooling_layer=False).save_pretrained(folder)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+
+
+def _build_clipseg(folder: Path):
+    """A tiny CLIPSegForImageSegmentation in CIDAS/clipseg-rd64-refined's file layout: config.json and
+    model.safetensors, the CLIP tokenizer files, and preprocessor_config.json in the Hub's legacy form (resize to
+    a square, bilinear, ImageNet mean and std), which helpers.data.masks reads with ViTImageProcessorPil."""
+    from transformers import CLIPSegConfig, CLIPSegForImageSegmentation
+
+    tok = save_tokenizer(folder)
+    torch.manual_seed(7)
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=32,
+                  patch_size=16)  # the real patch: the refined decoder upsamples by (16 / 4)^2
+    config = CLIPSegConfig(text_config=text, vision_config=vision, projection_dim=16, extract_layers=[1, 2, 3],
+                           reduce_dim=16, decoder_num_attention_heads=4, decoder_intermediate_size=32,
+                           use_complex_transposed_convolution=True)
+    CLIPSegForImageSegmentation(config).save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "do_normalize": True, "do_resize": True, "feature_extractor_type": "ViTFeatureExtractor",
+        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "processor_class": "CLIPSegProcessor",
+        "resample": 2, "size": SEGMENTER_SIZE}, indent=2))
 
 
 # --------------------------------------------------------------------------------------------------

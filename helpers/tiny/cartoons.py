@@ -3,6 +3,12 @@ stored as the Hub stores the Rick and Morty dataset (parquet under data/, column
 
     build_cartoon_dataset(folder)       the dataset, loadable with datasets.load_dataset(folder, split="train")
     draw_character(i, pose, scene)      one drawing (asymmetric, so that its mirror differs)
+    character_mask(i, pose, scene)      its true character mask (the oracle: PIL "L", 255 on the character)
+    cartoon_rows(size)                  the dataset's rows in its order: (drawing, caption, true mask)
+
+The oracle mask is drawn with the drawing, shape by shape: every shape of the character (body, legs, arms,
+head, eyes, smile, hair) is painted 255 on it with the same outline widths, the scene and its sun or moon not.
+So a test can check the mask plumbing (an alpha channel, a masks folder) against the truth, pixel for pixel.
 """
 
 from __future__ import annotations
@@ -28,17 +34,36 @@ SCENES = [("sky", (150, 200, 245), "in front of a blue sky"), ("grass", (120, 19
           ("space", (20, 20, 50), "in space at night")]
 
 
-def draw_character(index: int, pose: str, scene: int, size: int = 128):
-    """Draw one asymmetric cartoon character (PIL RGB image). Asymmetry makes mirrors differ."""
-    from PIL import Image, ImageDraw
+class _Canvas:
+    """Draws each shape on the picture and, for the character's shapes, 255 on its mask (same geometry)."""
+
+    def __init__(self, im, mask):
+        from PIL import ImageDraw
+
+        self.d, self.m = ImageDraw.Draw(im), ImageDraw.Draw(mask)
+
+    def __getattr__(self, shape):  # d.ellipse(...), d.line(...), ...: the picture; character=False: not the mask
+        def draw(xy, *args, character=True, **kw):
+            getattr(self.d, shape)(xy, *args, **kw)
+            if character:
+                getattr(self.m, shape)(xy, *args, **{k: (255 if k in ("fill", "outline") and v is not None else v)
+                                                     for k, v in kw.items()})
+        return draw
+
+
+def draw_character_and_mask(index: int, pose: str, scene: int, size: int = 128):
+    """(drawing, true mask): one asymmetric cartoon character (PIL RGB; asymmetry makes mirrors differ) and
+    the pixels of the character in it (PIL "L": 255 on the character, 0 on the scene)."""
+    from PIL import Image
 
     desc, skin, _, hair, _, shirt, style = CHARACTERS[index]
     _, bg, _ = SCENES[scene]
     s = size / 128
     im = Image.new("RGB", (size, size), bg)
-    d = ImageDraw.Draw(im)
+    mask = Image.new("L", (size, size), 0)
+    d = _Canvas(im, mask)
     S = lambda *xy: [v * s for v in xy]  # noqa: E731  (scale 128-px coordinates)
-    d.ellipse(S(96, 8, 120, 32), fill=(250, 230, 90) if scene != 2 else (230, 230, 230))  # sun / moon, top right
+    d.ellipse(S(96, 8, 120, 32), fill=(250, 230, 90) if scene != 2 else (230, 230, 230), character=False)  # sun / moon
     dy = -14 if pose == "jumping" else 0
     d.rectangle(S(48, 66 + dy, 80, 104 + dy), fill=shirt, outline=(0, 0, 0), width=max(1, int(2 * s)))  # body
     d.line(S(56, 104 + dy, 52, 122 + dy), fill=(0, 0, 0), width=max(1, int(4 * s)))  # legs
@@ -68,13 +93,39 @@ def draw_character(index: int, pose: str, scene: int, size: int = 128):
     elif style == "ears":
         d.polygon(S(42, 34 + dy, 48, 12 + dy, 58, 26 + dy), fill=hair)
         d.polygon(S(70, 26 + dy, 80, 12 + dy, 86, 34 + dy), fill=hair)
-    return im
+    return im, mask
+
+
+def draw_character(index: int, pose: str, scene: int, size: int = 128):
+    """Draw one asymmetric cartoon character (PIL RGB image). Asymmetry makes mirrors differ."""
+    return draw_character_and_mask(index, pose, scene, size)[0]
+
+
+def character_mask(index: int, pose: str, scene: int, size: int = 128):
+    """The true mask of draw_character(index, pose, scene, size): PIL "L", 255 on the character, 0 elsewhere."""
+    return draw_character_and_mask(index, pose, scene, size)[1]
 
 
 def cartoon_caption(index: int, pose: str, scene: int) -> str:
     desc, _, hair_name, _, shirt_name, _, style = CHARACTERS[index]
     hair = "ears" if style == "ears" else "hair"
     return f"a cartoon drawing of {desc} with {hair_name} {hair} and a {shirt_name} shirt {pose} {SCENES[scene][2]}"
+
+
+def cartoon_rows(size: int = 128) -> list[tuple]:
+    """The dataset's rows in its order, with the oracle: [(drawing PIL RGB, caption, true mask PIL "L")], 24
+    drawings and their mirrors (the mirror's mask mirrored too), shuffled with a fixed seed."""
+    from PIL import ImageOps
+
+    rng = random.Random(0)
+    rows = []
+    for c in range(len(CHARACTERS)):
+        for p, pose in enumerate(POSES):
+            scene = (c + p) % len(SCENES)
+            (im, mask), text = draw_character_and_mask(c, pose, scene, size), cartoon_caption(c, pose, scene)
+            rows += [(im, text, mask), (ImageOps.mirror(im), text, ImageOps.mirror(mask))]
+    rng.shuffle(rows)
+    return rows
 
 
 def build_cartoon_dataset(folder: str | os.PathLike, size: int = 128) -> Path:
@@ -84,17 +135,9 @@ def build_cartoon_dataset(folder: str | os.PathLike, size: int = 128) -> Path:
     loadable with `datasets.load_dataset(str(folder), split="train")`.
     """
     import datasets
-    from PIL import ImageOps
 
     folder = Path(folder)
-    rng = random.Random(0)
-    rows = []
-    for c in range(len(CHARACTERS)):
-        for p, pose in enumerate(POSES):
-            scene = (c + p) % len(SCENES)
-            im, text = draw_character(c, pose, scene, size), cartoon_caption(c, pose, scene)
-            rows += [(im, text), (ImageOps.mirror(im), text)]
-    rng.shuffle(rows)
+    rows = cartoon_rows(size)
     ds = datasets.Dataset.from_dict({"image": [r[0] for r in rows], "text": [r[1] for r in rows]},
                                     features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")}))
     (folder / "data").mkdir(parents=True, exist_ok=True)

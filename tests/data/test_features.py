@@ -91,7 +91,7 @@ def test_prepare_for_training_is_idempotent(tiny_profile, tiny_data, monkeypatch
     assert path.parent == folder and (folder / prep.info["splits"] / "train").is_dir()
     assert {"dataset"} == set(prep.train["caption_source"])  # the tiny dataset has captions
     monkeypatch.setattr(features_module, "load_pipeline", lambda *a, **k: pytest.fail("cache rebuilt although nothing changed"))
-    monkeypatch.setattr(prepare_module, "decode_image", lambda *a, **k: pytest.fail("data re-prepared although nothing changed"))
+    monkeypatch.setattr(prepare_module, "decode_image_and_alpha", lambda *a, **k: pytest.fail("data re-prepared although nothing changed"))
     again, again_path = prepare_for_training(tiny_profile, folder, progress=False)
     assert again_path == path and list(again.train["id"]) == list(prep.train["id"])
 

@@ -255,7 +255,7 @@ def test_prepared_data_is_reused_and_redone_when_the_source_changes(tmp_path, mo
         raise AssertionError("prepare_dataset decoded images although nothing changed")
 
     with monkeypatch.context() as m:
-        m.setattr(prepare_module, "decode_image", no_decoding)
+        m.setattr(prepare_module, "decode_image_and_alpha", no_decoding)
         again = prepare_dataset(src, out, resolution=RES, test_fraction=0.25, progress=False)
         loaded = load_prepared(out)
     assert (out / "prepared.json").stat().st_mtime_ns == stamp

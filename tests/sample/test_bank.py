@@ -200,7 +200,7 @@ def test_conceptrol_is_the_pretrained_adapter_masked_by_the_prompts_subject(bank
                      width=tiny_profile.resolution, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
     assert np.array_equal(pixels(made["pretrained-conceptrol"].image), pixels(alone))
     assert not np.array_equal(pixels(alone), pixels(made["pretrained"].image))  # the mask does something
-    # no words name a subject: masked by the whole prompt (helpers.sample.concepts), never unmasked
+    # no words name a subject: masked by the whole prompt (helpers.data.subjects), never unmasked
     whole, = generate(bank, {"r": reference_image}, ["in space"], models=["pretrained-conceptrol"], steps=STEPS,
                       progress=False)
     assert whole.concept == "in space"

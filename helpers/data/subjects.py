@@ -1,5 +1,6 @@
-"""Which words of a prompt name its subject: Conceptrol's textual concept (helpers.model.conceptrol), one rule
-for every caller (the evaluation's prompts, the sampling panel, `generate`).
+"""Which words of a prompt name its subject: one rule for every caller. Conceptrol's textual concept
+(helpers.model.conceptrol: the evaluation's prompts, the sampling panel, `generate`) and CLIPSeg's prompt for
+each image's mask (helpers.data.masks, from the image's caption, with MASK_SUBJECT_DEFAULT).
 
     subject_of("a watercolor painting of a cartoon character")     -> "cartoon character"
     subject_of("a cartoon drawing of a boy with blue hair ...")    -> "boy"
@@ -20,7 +21,7 @@ When no words name a subject, the fallback is the whole prompt, unless the calle
   concept is not in the prompt (`tokens.index` in `load_textual_concept`), would drop Conceptrol from those
   rows of a paired grid. The fallback is never silent: `find_subject` says how the words were found, notebook
   05's prompt table lists such prompts, the panel shows it, and each Sample records the words it used.
-- A segmenter that reads any text (CLIPSeg) can take a stated default instead: `default="a cartoon character"`.
+- A segmenter that reads any text (CLIPSeg) can take a stated default instead: MASK_SUBJECT_DEFAULT.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ SUBJECT_ENDS = frozenset(
     "standing sitting walking running jumping flying waving smiling looking and or is are was who that which "
     "while during".split())
 ARTICLES = frozenset({"a", "an", "the"})
+MASK_SUBJECT_DEFAULT = "a cartoon character"  # CLIPSeg's prompt for a caption that names no subject
 
 FOUND = "subject"  # Subject.how when the rule found subject words
 WHOLE_PROMPT = "whole prompt: no subject found"  # ... when none were, and no default was given

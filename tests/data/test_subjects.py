@@ -1,10 +1,10 @@
-"""helpers.sample.concepts: one subject-word rule, the same for the evaluation, the panel and generate."""
+"""helpers.data.subjects: one subject-word rule, the same for the evaluation, the panel and generate."""
 import pytest
 
 from helpers.evaluate.protocol import build_prompts, concept_of
 from helpers.evaluate.stats import OWN
 from helpers.sample.bank import load_models
-from helpers.sample.concepts import DEFAULT, FOUND, WHOLE_PROMPT, find_subject, subject_of
+from helpers.data.subjects import DEFAULT, FOUND, WHOLE_PROMPT, find_subject, subject_of
 from helpers.sample.generate import generate
 from helpers.sample.references import Reference
 from helpers.sample.widgets import SamplingPanel
