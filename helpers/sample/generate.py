@@ -1,6 +1,7 @@
 """Generate from reference images and prompts with the models of a bank.
 
     samples = generate(bank, refs, prompts, scales=(0.5, 1.0), seeds=(0, 1))   # list[Sample]
+    samples = generate(bank, refs, prompts, masks={ref_id: mask})   # that reference's background painted white
 
 `generate` runs diffusers' stock pipeline with precomputed image features (each reference goes through
 the image encoder once, the same call the pipeline makes), in batches, one `torch.Generator` per image,
@@ -52,6 +53,7 @@ class Sample:
     sampler: str = ""  # the pipeline's scheduler class, e.g. "DDIMScheduler"
     concept: str = ""  # Conceptrol: the prompt's words that name the subject; "" for every other model
     adapter_sha256: str = ""  # the identity of the weights (helpers.sample.registry.adapter_sha256)
+    background: str = "kept"  # "removed": the reference's background was painted white first (generate's masks)
 
     def settings(self) -> dict:
         """The settings as a JSON-friendly dict (no images)."""
@@ -122,7 +124,7 @@ def _prompt_table(references: dict, prompts) -> dict[str, list[str]]:
 
 
 def generate(bank: ModelBank, references: dict, prompts, *, models=None, scales=(1.0,), seeds=(0,), steps=None,
-             guidance=None, negative_prompt: str = "", batch_size=None, resolution=None, concepts=None,
+             guidance=None, negative_prompt: str = "", batch_size=None, resolution=None, concepts=None, masks=None,
              progress: bool | Callable[[int, int], None] = True,
              on_step: Callable[[], None] | None = None) -> list[Sample]:
     """Images for every model x scale x reference x prompt x seed, in that order.
@@ -140,6 +142,10 @@ def generate(bank: ModelBank, references: dict, prompts, *, models=None, scales=
     concepts:   {prompt: the words naming its subject}, for a model that masks by them (Conceptrol); a prompt
                 not in it gets helpers.data.subjects.subject_of(prompt), the rule the panel and the
                 evaluation use (the whole prompt when no words name a subject: never run unmasked)
+    masks:      {reference id: bool [H, W] mask at that reference's size, True on the character}: those
+                references reach the image encoder with every pixel off the mask set to white
+                (helpers.data.masks.fill_background), for any model; their samples say background="removed"
+                and keep the painted reference as reference_image
     progress:   True for a tqdm bar, False for none, or a callable(done images, total images)
     on_step:    called after every denoising step of every pipeline call (a widget's progress bar)
     """
@@ -157,6 +163,14 @@ def generate(bank: ModelBank, references: dict, prompts, *, models=None, scales=
     total = len(models) * len(scales) * sum(map(len, jobs.values()))
     bar = tqdm(total=total, desc="generating", unit="img") if progress is True else None
     images = {r: im.convert("RGB") for r, im in references.items()}
+    if masks:
+        from ..data.masks import fill_background  # here: only this option needs the data helpers
+
+        unknown = [r for r in masks if r not in references]
+        if unknown:
+            raise KeyError(f"masks given for unknown references {unknown}; references: {list(references)}")
+        images.update({r: fill_background(images[r], m) for r, m in masks.items()})
+    call["removed"] = set(masks or ())
     out = []
     for name in models:
         bank.use(name)
@@ -236,7 +250,8 @@ def _pipeline_call(bank, name: str, scale: float, ref_id: str, image, chunk, cal
             clear_concepts(bank.pipe.unet)
     return [Sample(im, name, ref_id, p, scale, s, call["steps"], call["guidance"], call["negative_prompt"],
                    call["resolution"], bank.models[name].variant, bank.profile.name, image,
-                   type(bank.pipe.scheduler).__name__, c, bank.models[name].sha256)
+                   type(bank.pipe.scheduler).__name__, c, bank.models[name].sha256,
+                   "removed" if ref_id in call["removed"] else "kept")
             for (p, s), im, c in zip(chunk, result, concepts)]
 
 

@@ -1,17 +1,27 @@
 """An ipywidgets panel to compare the models side by side: reference + prompt + settings -> one image per model.
 
 Only ipywidgets, and code that works on both 7.7 (Colab) and 8. The logic is in `SamplingPanel`'s plain
-methods (`generate`, `save`, `select`, `add_reference`, `load_path`, `colab_upload`) and `parse_upload`,
-which the buttons and observers call; everything they produce is kept as attributes (`last_samples`,
-`last_images`, `last_saved`, `last_error`, `status.value`, `settings_view.value`), because a headless
-kernel (tests, nbval) never shows widget output. Every name, path, prompt or message put into an HTML widget is
-escaped (html.escape): a model name or file name such as `<b>` or `a & b` shows as typed.
+methods (`generate`, `save`, `select`, `add_reference`, `load_path`, `colab_upload`, `reference_mask`,
+`preview_image`) and `parse_upload`, which the buttons and observers call; everything they produce is kept as
+attributes (`last_samples`, `last_images`, `last_saved`, `last_error`, `last_mask`, `last_mask_source`,
+`status.value`, `settings_view.value`), because a headless kernel (tests, nbval) never shows widget output.
+Every name, path, prompt or message put into an HTML widget is escaped (html.escape): a model name or file
+name such as `<b>` or `a & b` shows as typed.
 
     panel = SamplingPanel(bank, references, scale=0.7, out_dir=env.output_root / "samples" / "panel")
     panel.ui                     # display it (last expression of a cell)
     panel.prompt.value = "..."   # or set the widgets from code,
     panel.generate()             # press the buttons from code, and read
     panel.last_images            # {model name: PIL image}
+
+The reference's mask (the character, True; helpers.data.masks): "show mask" lays it over the preview, and
+"background removed" paints everything off it white before the image encoder sees the reference, for every
+ticked model (generate's `masks`; each Sample says background="removed"). Which mask:
+    a test-split reference   notebook 01's stored mask (`masks=load_masks(prep)`), else CLIPSeg now on its
+                             caption's subject words, as notebook 01 makes it (helpers.data.masks.mask_prompt)
+    your own image           CLIPSeg now on the Concept box's words, else the prompt's subject words
+                             (helpers.data.subjects.subject_of, "a cartoon character" when it names none)
+Segmented masks are kept per reference and words; the segmenter (the profile's) loads on first use.
 
 Your own reference image, three ways: the Upload button (ipywidgets' FileUpload; in Colab it silently loses
 files over about 1 MB, jupyter-widgets/ipywidgets issue 3452, and an upload that arrives empty is reported
@@ -26,12 +36,14 @@ import time
 from pathlib import Path
 
 import ipywidgets as widgets
+import numpy as np
 from PIL import Image
 
 from ..data.images import png_bytes
+from ..data.masks import fill_background, load_segmenter, mask_prompt, segment
+from ..data.subjects import FOUND, MASK_SUBJECT_DEFAULT, find_subject, subject_of
 from ..support.env import in_colab
 from .bank import ModelBank
-from ..data.subjects import FOUND, find_subject, subject_of
 from .generate import GALLERY_PROMPTS, Sample, generate
 from .saved import save_samples
 from .uploads import COLAB_UPLOAD_LIMIT, UPLOAD_PREFIX, parse_upload
@@ -54,16 +66,26 @@ class SamplingPanel:
 
     references: {id: PIL image}; captions: {id: caption} for the thumbnails and the dropdown (default: the
     references' own `.captions`, as helpers.sample.references.held_out_references returns them); scale: the IP scale
-    the slider starts at (the notebook's SCALE).
+    the slider starts at (the notebook's SCALE). masks: notebook 01's stored masks (helpers.data.masks.load_masks),
+    whose test-split rows the references' masks come from; segmenter (Hub id, folder or loaded Segmenter) and
+    threshold for the others: the profile's by default. show_mask and remove_background are the two mask
+    checkboxes, mask_note says under the preview which mask it shows.
     """
 
     def __init__(self, bank: ModelBank, references: dict[str, Image.Image] | None = None, *, out_dir=None,
                  prompt: str = GALLERY_PROMPTS[1], scale: float = 1.0, captions: dict[str, str] | None = None,
+                 masks=None, segmenter=None, threshold: float | None = None,
                  thumbnails: int = 8, thumb_size: int = 112, image_size: int = 256):
         self.bank = bank
         self.references = {str(k): v.convert("RGB") for k, v in (references or {}).items()}
         captions = captions if captions is not None else getattr(references, "captions", {})
         self.captions = {str(k): str(v) for k, v in captions.items()}
+        self.masks = masks
+        self.segmenter = segmenter if segmenter is not None else bank.profile.segmenter
+        self.threshold = float(threshold if threshold is not None else bank.profile.mask_threshold)
+        self._segmented: dict[tuple[str, str], np.ndarray] = {}  # (reference id, words) -> bool [H, W]
+        self.last_mask: np.ndarray | None = None
+        self.last_mask_source: str = ""
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.image_size = image_size
         self.last_samples: list[Sample] = []
@@ -88,6 +110,11 @@ class SamplingPanel:
         self.reference = W.Dropdown(options=[(self._label(r), r) for r in self.references], description="Reference",
                                     value=next(iter(self.references), None), layout=W.Layout(width="420px"))
         self.preview = W.Image(value=b"", format="png", width="128")
+        self.show_mask = W.Checkbox(value=False, description="show mask", indent=False,
+                                    tooltip="the reference's mask over it: the character kept, the rest tinted")
+        self.remove_background = W.Checkbox(value=False, description="background removed", indent=False,
+                                            tooltip="the adapters see the reference with everything off its mask white")
+        self.mask_note = W.HTML(value="", layout=W.Layout(width="200px"))
         self.upload = W.FileUpload(accept="image/*", multiple=False, description="Upload")
         self.path = W.Text(value="", placeholder="/content/drive/MyDrive/drawing.png", description="Path")
         self.path_button = W.Button(description="Load path", icon="folder-open")
@@ -108,8 +135,11 @@ class SamplingPanel:
         self.upload.observe(self._on_upload, names="value")
         self.path_button.on_click(lambda _b: self._guard(lambda: self.load_path(self.path.value)))
         self.colab_button.on_click(lambda _b: self._guard(self.colab_upload))
+        for box in (self.show_mask, self.remove_background):
+            box.observe(self._on_reference, names="value")
         return W.HBox([W.VBox([self.reference, W.HBox([self.upload, self.colab_button]),
-                               W.HBox([self.path, self.path_button]), upload_note]), self.preview])
+                               W.HBox([self.path, self.path_button]), upload_note]),
+                       W.VBox([self.preview, W.HBox([self.show_mask, self.remove_background]), self.mask_note])])
 
     def _setting_widgets(self, prompt: str, scale: float):
         """Prompt, IP scale, seed, steps, guidance, models; and beside them what they add up to."""
@@ -127,8 +157,10 @@ class SamplingPanel:
                             for name in self.bank.names}
         self.settings_view = W.HTML(value="", layout=W.Layout(width="320px"))
         for w in (self.reference, self.prompt, self.negative_prompt, self.concept, self.scale, self.seed, self.steps,
-                  self.guidance, *self.model_boxes.values()):
+                  self.guidance, self.remove_background, *self.model_boxes.values()):
             w.observe(self._show_settings, names="value")
+        for w in (self.prompt, self.concept):  # an upload's mask follows the subject words
+            w.observe(self._on_words, names="value")
         self._masks = any(self.bank.models[n].attention for n in self.bank.names)  # a model needs the concept
         return W.VBox([self.prompt, self.negative_prompt, *([self.concept] if self._masks else []),
                        W.HBox([self.scale, self.seed]),
@@ -203,7 +235,63 @@ class SamplingPanel:
                 "concept": self.concept.value.strip() or subject_of(self.prompt.value),
                 "seed": int(self.seed.value), "steps": int(self.steps.value), "guidance": float(self.guidance.value),
                 "sampler": type(self.bank.pipe.scheduler).__name__,
+                "background": "removed" if self.remove_background.value else "kept",
                 "models": [name for name, box in self.model_boxes.items() if box.value]}
+
+    def mask_words(self, ref_id: str | None = None) -> str:
+        """The words CLIPSeg is prompted with for a reference (default: the current one) that has no stored
+        mask: its caption's subject words for a test-split reference (as notebook 01), the Concept box's words
+        or else the prompt's subject words for your own image (the module docstring)."""
+        ref_id = self.reference.value if ref_id is None else ref_id
+        if not str(ref_id).startswith(UPLOAD_PREFIX):
+            return mask_prompt(self.captions.get(ref_id, ""))
+        return self.concept.value.strip() or subject_of(self.prompt.value, default=MASK_SUBJECT_DEFAULT)
+
+    def _stored(self, ref_id: str) -> bool:
+        return self.masks is not None and ref_id in self.masks.ids["test"]
+
+    def _mask_how(self, ref_id: str) -> str:
+        """Where the reference's mask comes from, in words (without computing it)."""
+        if self._stored(ref_id):
+            return f"stored by notebook 01 ({self.masks.source('test', ref_id)})"
+        return f"{_name(self.segmenter)} on {self.mask_words(ref_id)!r}, threshold {self.threshold:g}"
+
+    def reference_mask(self, ref_id: str | None = None) -> np.ndarray:
+        """bool [H, W] at the reference's size, True on the character: the stored mask of a test-split
+        reference, else CLIPSeg's now (module docstring; kept per reference and words). Also kept in
+        last_mask, and where it came from in last_mask_source."""
+        ref_id = self.reference.value if ref_id is None else ref_id
+        if ref_id not in self.references:
+            raise ValueError("no reference image: pick a test image or upload one")
+        image = self.references[ref_id]
+        if self._stored(ref_id):
+            mask = self.masks.image("test", ref_id)
+            if mask.shape != (image.height, image.width):
+                raise ValueError(f"{self.masks.path}: the stored mask of {ref_id} is {mask.shape[1]}x{mask.shape[0]}, "
+                                 f"the reference {image.width}x{image.height}: load the masks of the data the "
+                                 "references came from (load_masks(prep) on the same prepared folder)")
+        else:
+            key = (ref_id, self.mask_words(ref_id))
+            if key not in self._segmented:
+                self.segmenter = load_segmenter(self.segmenter, device=self.bank.device)  # once: then it is loaded
+                self._segmented[key] = segment([image], [key[1]], segmenter=self.segmenter,
+                                               threshold=self.threshold)[0]
+            mask = self._segmented[key]
+        self.last_mask, self.last_mask_source = mask, self._mask_how(ref_id)
+        return mask
+
+    def preview_image(self, ref_id: str | None = None) -> Image.Image:
+        """What the preview shows: the reference, painted white off its mask when "background removed" is
+        ticked (what the adapters will see), with the mask laid over it when "show mask" is (the background
+        tinted magenta)."""
+        ref_id = self.reference.value if ref_id is None else ref_id
+        image = self.references[ref_id]
+        if not (self.show_mask.value or self.remove_background.value):
+            return image
+        mask = self.reference_mask(ref_id)
+        if self.remove_background.value:
+            image = fill_background(image, mask)
+        return _overlay(image, mask) if self.show_mask.value else image
 
     def generate(self) -> list[Sample]:
         """One image per ticked model with the current settings, shown as each model finishes; the progress
@@ -219,6 +307,7 @@ class SamplingPanel:
         for name in self.bank.names:
             self.result_labels[name].value = f"<b>{html.escape(name)}</b>: " + ("waiting..." if name in models
                                                                                 else "not ticked")
+        masks = {ref_id: self.reference_mask(ref_id)} if self.remove_background.value else None
         samples, start = [], time.perf_counter()
         for i, name in enumerate(models):
             self._say(f"Generating with {name} ({i + 1}/{len(models)})...")
@@ -228,7 +317,7 @@ class SamplingPanel:
                 scales=(self.scale.value,), seeds=(int(self.seed.value),), steps=steps,
                 guidance=float(self.guidance.value), negative_prompt=self.negative_prompt.value, progress=False,
                 concepts={self.prompt.value: self.concept.value.strip()} if self.concept.value.strip() else None,
-                on_step=self._step)
+                masks=masks, on_step=self._step)
             samples.append(sample)
             self.result_images[name].value = png_bytes(_enlarge(sample.image, self.image_size))
             self.result_labels[name].value = f"<b>{html.escape(name)}</b> ({time.perf_counter() - t:.1f} s)"
@@ -236,8 +325,9 @@ class SamplingPanel:
         self.last_samples = samples
         self.last_images = {s.model: s.image for s in samples}
         self.save_button.disabled = False
-        self._say(f"{len(samples)} images in {time.perf_counter() - start:.1f} s: reference {ref_id}, "
-                  f"scale {self.scale.value:g}, seed {self.seed.value}, {steps} steps "
+        self._say(f"{len(samples)} images in {time.perf_counter() - start:.1f} s: reference {ref_id}"
+                  + (f" (background removed, mask {self.last_mask_source})" if masks else "")
+                  + f", scale {self.scale.value:g}, seed {self.seed.value}, {steps} steps "
                   f"({samples[0].sampler}), guidance {self.guidance.value:g}")
         return samples
 
@@ -267,6 +357,8 @@ class SamplingPanel:
         rows = [("reference", f"{s['reference']}" + (f": {caption}" if caption else "")), ("prompt", s["prompt"]),
                 ("negative", s["negative_prompt"] or "(none)"),
                 *([("concept", _concept_line(self.concept.value, s["prompt"]))] if self._masks else []),
+                *([("background", f"removed (mask {self._mask_how(s['reference'])})")]
+                  if s["background"] == "removed" and s["reference"] in self.references else []),
                 ("IP scale", f"{s['scale']:g}"), ("seed", s["seed"]),
                 ("sampler", f"{s['sampler']}, {s['steps']} steps"), ("guidance", f"{s['guidance']:g}"),
                 ("models", ", ".join(s["models"]) or "(none ticked)")]
@@ -306,8 +398,25 @@ class SamplingPanel:
         self._guard(add)
 
     def _on_reference(self, _change) -> None:
+        """The preview (and the note under it) for the current reference and mask boxes; an error (e.g. no
+        segmenter) goes to the status line, and the preview shows the plain reference."""
         ref_id = self.reference.value
-        self.preview.value = _thumbnail(self.references[ref_id], 128) if ref_id in self.references else b""
+        self.mask_note.value = ""
+        if ref_id not in self.references:
+            self.preview.value = b""
+            return
+        self.preview.value = _thumbnail(self.references[ref_id], 128)
+        if self.show_mask.value or self.remove_background.value:
+            def masked():
+                self.preview.value = _thumbnail(self.preview_image(ref_id), 128)
+                self.mask_note.value = (f"<small>mask: {html.escape(self.last_mask_source)}; "
+                                        f"{self.last_mask.mean():.0%} of the pixels</small>")
+            self._guard(masked)
+
+    def _on_words(self, _change) -> None:
+        """A typed prompt or concept changes an upload's mask words: show the mask for the new words."""
+        if str(self.reference.value).startswith(UPLOAD_PREFIX) and (self.show_mask.value or self.remove_background.value):
+            self._on_reference(None)
 
 
 # ipywidgets 7 (Colab) puts a description into the page as HTML; 8 shows it as plain text
@@ -327,6 +436,18 @@ def _concept_line(typed: str, prompt: str) -> str:
         return f"{typed.strip()} (typed)"
     words, how = find_subject(prompt)
     return words if how == FOUND else f"{words} ({how}; type one in Concept)"
+
+
+def _name(segmenter) -> str:
+    """A segmenter's name: a loaded Segmenter's .name, a Hub id's or folder's last part."""
+    return Path(str(getattr(segmenter, "name", segmenter))).name
+
+
+def _overlay(image: Image.Image, mask: np.ndarray, tint=(255, 0, 160), alpha: float = 0.6) -> Image.Image:
+    """The image with the pixels off the mask (bool [H, W]) blended `alpha` of the way to `tint`."""
+    rgb = np.asarray(image.convert("RGB"), np.float32)
+    off = (1 - alpha) * rgb + alpha * np.asarray(tint, np.float32)
+    return Image.fromarray(np.where(np.asarray(mask, bool)[..., None], rgb, off).round().astype(np.uint8), "RGB")
 
 
 def _enlarge(image: Image.Image, size: int) -> Image.Image:

@@ -102,6 +102,7 @@ NOTEBOOK_02_IMAGES = 11  # section 7: both models (2); 8: the block recorded (1)
 PREVIEW_IMAGES_PER_MODEL = 1  # 03's look at the trained models: 1 reference x 1 gallery prompt, each model
 CARD_GRID_IMAGES = 2 * 2 * 2  # 03's model card (helpers.share.hub.sample_grid): 2 references x 2 prompts x 2 models
 SAMPLE_REFERENCES, GALLERY_PROMPTS, SWEEP_SCALES = 3, 4, 4  # 04: profile.sample_references, its prompts, its sweep
+BACKGROUND_IMAGES = 2 * 2  # 04's mask cell: the pretrained and the text-aware model, background kept and removed
 TIMING_IMAGES = 2  # 05's warm-up and timed image before the grid
 
 
@@ -322,8 +323,8 @@ def _notebook_parts(name: str, *, neighbour: bool, steps: int | None, grid_image
                 images("sample images", PREVIEW_IMAGES_PER_MODEL * (1 + len(runs)) + CARD_GRID_IMAGES)]
     if name == "04":
         gallery = SAMPLE_REFERENCES * GALLERY_PROMPTS * models_04
-        return [images(f"images ({models_04} models: gallery, IP-scale sweep, panel, script)",
-                       gallery + SWEEP_SCALES * models_04 + models_04 + 1)]
+        return [images(f"images ({models_04} models: gallery, IP-scale sweep, panel, background removed, script)",
+                       gallery + SWEEP_SCALES * models_04 + models_04 + BACKGROUND_IMAGES + 1)]
     if name == "05":
         grid_images = st["grid_images"] if grid_images is None else grid_images
         references = st["grid_references"] if references is None else references

@@ -125,3 +125,20 @@ def test_out_of_memory_in_a_pipeline_call_names_the_batch_size(bank, references,
         torch.cuda.OutOfMemoryError("CUDA out of memory")))
     with pytest.raises(OutOfMemory, match="at one image per pipeline call: free GPU memory"):
         generate(bank, {"ref": references["ref"]}, ["a cat"], batch_size=1, **kwargs)
+
+
+def test_masks_paint_only_their_references_background_white_before_the_image_encoder(bank, references, monkeypatch):
+    seen = []  # what the image encoder gets, in the references' order
+    features = bank.image_features
+    monkeypatch.setattr(bank, "image_features", lambda image: seen.append(image.copy()) or features(image))
+    flipped = np.asarray(references["flipped"].convert("RGB"))
+    mask = np.zeros(flipped.shape[:2], bool)
+    mask[20:90, 30:100] = True  # a box: the "character"
+    out = generate(bank, references, ["a cat"], models=["pretrained"], steps=1, masks={"flipped": mask}, progress=False)
+    assert [(s.reference, s.background) for s in out] == [("ref", "kept"), ("flipped", "removed")]
+    ref, painted = (np.asarray(image) for image in seen)
+    assert np.array_equal(ref, np.asarray(references["ref"].convert("RGB")))
+    assert (flipped[~mask] != 255).any() and (painted[~mask] == 255).all() and np.array_equal(painted[mask], flipped[mask])
+    assert np.array_equal(np.asarray(out[1].reference_image), painted)
+    with pytest.raises(KeyError, match=r"masks given for unknown references \['other'\]"):
+        generate(bank, references, ["a cat"], models=["pretrained"], masks={"other": mask}, progress=False)

@@ -9,6 +9,8 @@ import pytest
 from _adapters import write_finetuned_adapters
 from PIL import Image
 
+import helpers.sample.widgets as widgets_module
+from helpers.data.masks import load_segmenter, mask_prompt, prepare_masks, segment
 from helpers.sample.bank import load_models
 from helpers.sample.generate import generate
 from helpers.sample.references import held_out_references
@@ -22,6 +24,23 @@ def bank(tiny_profile, tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
     write_finetuned_adapters(tiny_profile, runs)
     return load_models(tiny_profile, runs, device="cpu", verbose=False)
+
+
+@pytest.fixture(scope="module")
+def segmenter(tiny_profile):
+    return load_segmenter(tiny_profile.segmenter, device="cpu")
+
+
+@pytest.fixture
+def segment_calls(monkeypatch):
+    """Every (images, prompts) the panel hands to CLIPSeg (helpers.data.masks.segment, still called)."""
+    calls = []
+
+    def spy(images, prompts, **kwargs):
+        calls.append((list(images), list(prompts)))
+        return segment(images, prompts, **kwargs)
+    monkeypatch.setattr(widgets_module, "segment", spy)
+    return calls
 
 
 @pytest.fixture
@@ -199,14 +218,17 @@ def test_captions_come_with_held_out_references(bank, tiny_profile, tiny_data):
 EVIL = "<script>alert(1)</script> & co"
 
 
-def test_user_strings_are_escaped_in_the_panels_html(bank, reference_image, monkeypatch):
+def test_user_strings_are_escaped_in_the_panels_html(bank, reference_image, segmenter, monkeypatch):
     from helpers.sample import widgets
     from helpers.sample.bank import ModelBank
 
     own = ModelBank(bank.pipe, bank.profile, {EVIL: bank.models["pretrained"]}, {"<b>mine</b> & co": "no <i>file</i>"})
     try:
-        panel = SamplingPanel(own, {"ref": reference_image}, captions={"ref": "a <u>boy</u> & a dog"})
+        panel = SamplingPanel(own, {"ref": reference_image}, captions={"ref": "a <u>boy</u> & a dog"},
+                              segmenter=segmenter)
         panel.add_reference("<img src=x onerror=alert(1)>.png", reference_image)
+        panel.concept.value = "<b>hat</b> & co"  # an upload's mask words
+        panel.show_mask.value = panel.remove_background.value = True
         panel.prompt.value = "a <script>robot</script> & a cat"
         panel.steps.value = 1
         panel.generate_button.click()
@@ -214,17 +236,94 @@ def test_user_strings_are_escaped_in_the_panels_html(bank, reference_image, monk
     finally:
         bank.active = None  # the shared pipeline now holds another model's tensors: let the next use() swap
     html_values = {"notes": panel.notes.value, "label": panel.result_labels[EVIL].value, "status": panel.status.value,
-                   "settings": panel.settings_view.value, "caption": panel.thumbnails.children[0].children[2].value}
+                   "settings": panel.settings_view.value, "caption": panel.thumbnails.children[0].children[2].value,
+                   "mask": panel.mask_note.value}
     assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; co" in html_values["label"]
     assert "&lt;b&gt;mine&lt;/b&gt; &amp; co is not available: no &lt;i&gt;file&lt;/i&gt;" in html_values["notes"]
     assert "reference upload:&lt;img src=x onerror=alert(1)&gt;.png" in html_values["status"]
     assert "a &lt;script&gt;robot&lt;/script&gt; &amp; a cat" in html_values["settings"]
     assert "a &lt;u&gt;boy&lt;/u&gt; &amp; a dog" in html_values["caption"]
+    for where in ("mask", "settings", "status"):
+        assert "&#x27;&lt;b&gt;hat&lt;/b&gt; &amp; co&#x27;" in html_values[where], where
     for where, value in html_values.items():
-        assert not any(tag in value for tag in ("<script", "<img", "<u>", "<i>file", "<b>mine", " & ")), where
+        assert not any(tag in value for tag in ("<script", "<img", "<u>", "<i>file", "<b>mine", "<b>hat", " & ")), where
     panel._say("Saved to /tmp/a<b>&c")  # every status line goes through _say
     assert panel.status.value == "Saved to /tmp/a&lt;b&gt;&amp;c"
     # a model name as a checkbox description: plain text on ipywidgets 8, HTML on 7 (Colab), so escaped there
     assert panel.model_boxes[EVIL].description == (html.escape(EVIL) if widgets._HTML_DESCRIPTIONS else EVIL)
     monkeypatch.setattr(widgets, "_HTML_DESCRIPTIONS", True)
     assert widgets._description(EVIL) == "&lt;script&gt;alert(1)&lt;/script&gt; &amp; co"
+
+
+# The reference's mask: shown over the preview, and the background removed before the adapters see it
+
+
+def test_show_mask_gives_a_test_references_stored_mask_and_segments_an_upload(bank, tiny_profile, tiny_data, segmenter,
+                                                                              segment_calls):
+    prep, _, folder = tiny_data
+    masks = prepare_masks(prep, segmenter, progress=False)  # what notebook 01 stores, in the same folder
+    refs, _ = held_out_references(tiny_profile, folder, n=2)
+    panel = SamplingPanel(bank, refs, masks=masks, segmenter=segmenter)
+    first = next(iter(refs))
+    assert panel.preview_image() is panel.references[first]  # nothing ticked: the plain reference
+    panel.show_mask.value = True
+    assert panel.last_error is None, panel.last_error
+    stored = masks.image("test", first)
+    assert np.array_equal(panel.last_mask, stored) and 0 < stored.mean() < 1
+    assert segment_calls == []  # read from the file, not segmented again
+    assert "mask: stored by notebook 01 (segmenter)" in panel.mask_note.value and f"{stored.mean():.0%}" in panel.mask_note.value
+    shown, plain = np.asarray(panel.preview_image()), np.asarray(panel.references[first])
+    assert np.array_equal(shown[stored], plain[stored]) and (shown[~stored] != plain[~stored]).any()  # tinted off it
+
+    # your own image (another size): CLIPSeg now, on the prompt's subject words, then on the Concept box's
+    mine = panel.references[first].resize((80, 56)).transpose(Image.FLIP_LEFT_RIGHT)
+    panel.prompt.value = "a cartoon drawing of a robot in space"
+    panel.add_reference("mine.png", mine)
+    assert panel.last_error is None, panel.last_error
+    assert segment_calls[-1][1] == ["robot"] and segment_calls[-1][0][0].size == (80, 56)
+    by_hand = segment([mine], ["robot"], segmenter=segmenter, threshold=masks.threshold)[0]
+    assert panel.last_mask.shape == (56, 80) and np.array_equal(panel.last_mask, by_hand)
+    assert "on &#x27;robot&#x27;" in panel.mask_note.value
+    panel.concept.value = "robot arm"
+    assert segment_calls[-1][1] == ["robot arm"] and "robot arm" in panel.last_mask_source
+    panel.concept.value, panel.prompt.value = "", "in space"  # no subject named: the stated default
+    assert segment_calls[-1][1] == ["a cartoon character"]
+    calls = len(segment_calls)
+    panel.select(first)
+    panel.select("upload:mine.png")  # kept per reference and words: not segmented again
+    assert len(segment_calls) == calls and np.array_equal(panel.reference_mask(first), stored)
+
+    # without stored masks, a test reference is segmented on its caption's subject words, as notebook 01 does
+    alone = SamplingPanel(bank, refs, segmenter=segmenter)
+    alone.show_mask.value = True
+    assert segment_calls[-1][1] == [mask_prompt(refs.captions[first])] and alone.last_mask.shape == stored.shape
+
+
+def test_background_removed_gives_every_model_the_reference_with_its_background_painted_white(panel, bank, segmenter,
+                                                                                             monkeypatch):
+    panel.segmenter = segmenter
+    seen = []
+    features = bank.image_features
+    monkeypatch.setattr(bank, "image_features", lambda image: seen.append(image.copy()) or features(image))
+    panel.model_boxes["finetuned-vanilla"].value = False
+    panel.model_boxes["finetuned-text-aware-neighbour"].value = False
+    panel.remove_background.value = True
+    assert "background: removed (mask clipseg on &#x27;boy&#x27;, threshold 0.5)" in panel.settings_view.value
+    with_fill = panel.generate()
+    mask, reference = panel.last_mask, np.asarray(panel.references["ref"])
+    assert mask.shape == reference.shape[:2] and 0 < mask.mean() < 1
+    assert (reference[~mask] != 255).any()  # the drawing's own background is not white
+    assert len(seen) == 2  # one pipeline call per ticked model, the pretrained adapter among them
+    for image in seen:
+        got = np.asarray(image)
+        assert (got[~mask] == 255).all() and np.array_equal(got[mask], reference[mask])
+    assert {s.model for s in with_fill} == {"pretrained", "finetuned-text-aware"}
+    assert {s.background for s in with_fill} == {"removed"} and "background removed" in panel.status.value
+    assert np.array_equal(np.asarray(with_fill[0].reference_image), np.asarray(seen[0]))
+
+    seen.clear()
+    panel.remove_background.value = False
+    without = panel.generate()
+    assert all(np.array_equal(np.asarray(image), reference) for image in seen) and len(seen) == 2
+    assert {s.background for s in without} == {"kept"} and "background" not in panel.settings_view.value
+    assert not np.array_equal(np.asarray(without[0].image), np.asarray(with_fill[0].image))  # the fill reached the picture
