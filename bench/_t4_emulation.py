@@ -279,11 +279,20 @@ def _exists(name: str) -> bool:
 def _sdpa_mem_efficient(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
                         enable_gqa=False):
     """What SDPA's CUDA dispatch runs on sm75: `_scaled_dot_product_efficient_attention`, with the logsumexp
-    (saved for backward) computed only when a gradient is needed (attention.cpp, should_compute_logsumexp)."""
-    if attn_mask is not None or enable_gqa:
-        raise NotImplementedError("t4_attention: attention masks and GQA are not emulated (SD 1.5 uses neither)")
+    (saved for backward) computed only when a gradient is needed (attention.cpp, should_compute_logsumexp).
+    An attention mask (CLIPSeg's text tower: causal and padding) becomes the kernel's additive bias, a boolean
+    one first turned into 0 / -inf of the query's dtype, as attention.cpp's convert_boolean_attn_mask does; the
+    bias is broadcast to (batch, heads, queries, keys) (its padding to 16 keys is left out: a few bytes)."""
+    if enable_gqa:
+        raise NotImplementedError("t4_attention: GQA is not emulated (neither SD 1.5 nor CLIPSeg uses it)")
+    bias = None
+    if attn_mask is not None:
+        bias = attn_mask
+        if attn_mask.dtype == torch.bool:
+            bias = torch.zeros_like(attn_mask, dtype=query.dtype).masked_fill_(attn_mask.logical_not(), float("-inf"))
+        bias = bias.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
     lse = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
-    return torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, None, lse, dropout_p,
+    return torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, bias, lse, dropout_p,
                                                                   is_causal, scale=scale)[0]
 
 

@@ -7,10 +7,13 @@
     helpers.train.step.training_step(run, step)                        # the real training step
     latents = pipeline_call(pipe, profile, eval_batch(profile), steps, reference_embeds(pipe, pixels))
     decode(pipe, latents)
+    seg = segmenter_model(profile, device="cuda")                      # CLIPSeg (helpers.data.masks), fp16
+    probs = segment_call(seg, segmenter_inputs(seg, 8, segmenter_size(profile), device="cuda"), profile.resolution)
 
 Real sizes come from helpers.model.sd15 (bench/_real_size.py (real_size_models) for the UNet with IP-Adapter Plus
 and the ViT-H/14 image encoder, bench_train's VAE and text encoder); the tiny profile's models are its own
-files, loaded with helpers.model.pipeline.load_pipeline.
+files, loaded with helpers.model.pipeline.load_pipeline. The segmenter (CLIPSeg) is built from its config files:
+the tiny profile's folder, or the published files of CIDAS/clipseg-rd64-refined in rehearsal/hub_files/.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import _common as C
 import torch
 
 FULL_TRAIN_IMAGES = 476  # the full profile's training split: 529 drawings less ~10% held out (notebook 03)
+FULL_DATASET_ROWS = 529  # every row, train and test: what notebook 01 masks (helpers.data.masks.prepare_masks)
 VARIANTS = ("vanilla", "text_aware")
 PROMPT = "a cartoon character riding a bicycle"  # one of notebook 05's edit prompts
 
@@ -170,3 +174,70 @@ def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
     pipe.vae.enable_slicing()
     with torch.no_grad():
         return pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# The segmenter: CLIPSeg as helpers.data.masks runs it (01's masks, 05's subject scores)
+# --------------------------------------------------------------------------------------------------
+
+
+def segmenter_files(profile) -> Path:
+    """The folder of the profile's segmenter's config files: its own folder (the tiny profile's), else the
+    published files of its Hub repo kept for the rehearsal mirror (rehearsal/hub_files/ORG--NAME/: config.json,
+    preprocessor_config.json), so the count needs no download."""
+    name = str(profile.segmenter)
+    folder = Path(name) if Path(name).is_dir() else C.ROOT / "rehearsal" / "hub_files" / name.replace("/", "--")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder / 'config.json'}: no config for the segmenter {name!r}; copy its Hub repo's "
+                                "config.json and preprocessor_config.json there (rehearsal/hub_files/ORG--NAME/)")
+    return folder
+
+
+def segmenter_model(profile, *, device="cpu", dtype=torch.float16):
+    """The profile's CLIPSegForImageSegmentation from its config (segmenter_files) with random weights, in eval
+    mode, in `dtype` (fp16: load_segmenter's choice on a GPU); device "meta" builds it at once and holds no
+    memory. Its attention is transformers' default for it (SDPA), as from_pretrained gives."""
+    import json
+
+    from transformers import CLIPSegConfig, CLIPSegForImageSegmentation
+
+    from helpers.tiny.shapes import no_init, random_init
+
+    config = CLIPSegConfig.from_dict(json.loads((segmenter_files(profile) / "config.json").read_text()))
+    with torch.device("meta") if str(device) == "meta" else contextlib.nullcontext(), no_init():
+        model = CLIPSegForImageSegmentation(config)
+    if str(device) != "meta":
+        random_init(model, 9)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def segmenter_size(profile) -> int:
+    """The side CLIPSeg's processor resizes each image to (preprocessor_config.json's size: 352 for
+    CIDAS/clipseg-rd64-refined; the model interpolates its 224 px position embeddings)."""
+    import json
+
+    size = json.loads((segmenter_files(profile) / "preprocessor_config.json").read_text())["size"]
+    return int(size if isinstance(size, int) else size.get("shortest_edge") or size["height"])
+
+
+def segmenter_inputs(model, batch: int, size: int, *, text_positions: int | None = None, device="cpu") -> dict:
+    """What helpers.data.masks.Segmenter.logits gives the model for `batch` (image, prompt) pairs: pixel_values
+    (B, 3, size, size) in the model's dtype, input_ids and attention_mask (B, text_positions), default the text
+    tower's 77 positions (the processor pads to a batch's longest prompt: an upper bound for subject words).
+    Empty tensors: make them inside the FakeTensorMode to count."""
+    dtype = next(model.parameters()).dtype
+    n = text_positions or model.config.text_config.max_position_embeddings
+    return {"pixel_values": torch.empty(batch, 3, size, size, dtype=dtype, device=device),
+            "input_ids": torch.zeros(batch, n, dtype=torch.long, device=device),
+            "attention_mask": torch.ones(batch, n, dtype=torch.long, device=device)}
+
+
+def segment_call(model, inputs: dict, resolution: int) -> torch.Tensor:
+    """helpers.data.masks.segment_probabilities' work on the device for one batch: the model's logits (B, S, S),
+    their sigmoid in fp32, resized bilinearly to the images' `resolution`. Returns float32 (B, R, R)."""
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        probs = logits.float().reshape(len(inputs["pixel_values"]), *logits.shape[-2:]).sigmoid()
+        return F.interpolate(probs[:, None], size=(resolution, resolution), mode="bilinear", align_corners=False)[:, 0]

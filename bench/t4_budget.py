@@ -2,6 +2,7 @@
 
     python bench/t4_budget.py                       # the full profile: writes helpers/support/t4_budget.json
     python bench/t4_budget.py --profile tiny --output /tmp/b.json    # the same plumbing on the tiny models
+    python bench/t4_budget.py --only segmenter      # the segmenter again (seconds), the other counts kept
 
 The models are SD 1.5 + IP-Adapter Plus at their real sizes, built by the project's own builders on the meta
 device and copied to fake tensors (bench/_t4_counting.py): shapes and dtypes, no memory, no values. On them
@@ -15,6 +16,8 @@ run the real steps (bench/_t4_steps.py, which the GPU check runs too), as a T4 r
     sampling  the stock StableDiffusionPipeline call that helpers.sample.generate makes (a guided batch of
               the evaluation's size, the profile's DDIM steps), then the VAE decode, one image at a time
               (generate enables VAE slicing on a GPU); and pipe.encode_image once per reference.
+    segmenter CLIPSeg (helpers.data.masks: notebook 01 masks every row, notebook 05 segments every output for
+              its subject scores) from its published config, fp16, one call of segment's batch.
     SDPA      the memory-efficient kernel: sm75 has no flash attention.
 
 Memory is torch's MemTracker (adapted: bench/_t4_counting.FrozenAwareMemTracker), what
@@ -131,6 +134,52 @@ def _adapter_gib(unet) -> float:
 
 
 # --------------------------------------------------------------------------------------------------
+# The segmenter: CLIPSeg, as helpers.data.masks runs it (01's masks of every row, 05's subject scores)
+# --------------------------------------------------------------------------------------------------
+
+
+def segmenter_batch() -> int:
+    """Images per CLIPSeg call: helpers.data.masks.segment's default batch_size (prepare_masks passes its own
+    default, the same)."""
+    import inspect
+
+    from helpers.data.masks import prepare_masks, segment
+
+    batches = {inspect.signature(f).parameters["batch_size"].default for f in (segment, prepare_masks)}
+    if len(batches) != 1:
+        raise ValueError(f"helpers.data.masks: segment and prepare_masks default to different batches {batches}; "
+                         "count the one notebook 01 and 05 use")
+    return batches.pop()
+
+
+def count_segmenter(profile, batch: int | None = None) -> dict:
+    """One CLIPSeg call of `batch` (image, prompt) pairs (default segmenter_batch()) as load_segmenter runs it on
+    a GPU (fp16 weights, no autocast, SDPA as the memory-efficient kernel), its sigmoid and the resize to the
+    profile's resolution; and a call of one, for the memory per image. The prompts fill the text tower's 77
+    positions (an upper bound: the processor pads to a batch's longest prompt, and subject words are a few
+    tokens; 8 tokens would count 5% fewer FLOPs). Returns TFLOP per image, peak GiB of the call with its parts,
+    GiB per image, the parameters, the input size."""
+    batch = batch or segmenter_batch()
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    model = K.fake_copy(S.segmenter_model(profile, device="meta"), mode)
+    size = S.segmenter_size(profile)
+    counts = {}
+    for b in sorted({1, batch}):
+        with mode:
+            inputs = S.segmenter_inputs(model, b, size)
+        with E.t4_attention(), mode, K.Counted(model) as counted:
+            S.segment_call(model, inputs, profile.resolution)
+        counts[b] = counted
+    c, one = counts[batch], counts[1]
+    per_image = (c.peak_gib() - one.peak_gib()) / (batch - 1) if batch > 1 else one.peak_gib() - one.parts_gib()[
+        "parameters"]
+    return {"model": str(profile.segmenter), "image_size": size, "text_positions": inputs["input_ids"].shape[1],
+            "resolution": profile.resolution, "batch": batch, "tflop_per_image": c.tflop() / batch,
+            "peak_gib": c.peak_gib(), "parts_gib": c.parts_gib(), "gib_per_image": per_image,
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
+# --------------------------------------------------------------------------------------------------
 # The emulation, checked against CUDA's own autocast kernels
 # --------------------------------------------------------------------------------------------------
 
@@ -165,13 +214,15 @@ def check_emulation(profile, variant: str = "text_aware") -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
-def count_all(profile, *, train_images: int = S.FULL_TRAIN_IMAGES, variants=S.VARIANTS, checkpointing=(False, True),
-              counted_steps: int = 2, check: bool = True, say=print) -> dict:
+def count_all(profile, *, train_images: int = S.FULL_TRAIN_IMAGES, dataset_rows: int = S.FULL_DATASET_ROWS,
+              variants=S.VARIANTS, checkpointing=(False, True), counted_steps: int = 2, check: bool = True,
+              say=print) -> dict:
     """Every count of the budget file at `profile`'s defaults (the module docstring says how): settings,
-    training, sampling and, with `check`, the emulation check."""
-    out = {"settings": budget_settings(profile, train_images),
+    training, sampling, the segmenter and, with `check`, the emulation check."""
+    out = {"settings": budget_settings(profile, train_images, dataset_rows),
            "training": training_counts(profile, variants, checkpointing, say),
-           "sampling": sampling_counts(profile, counted_steps, say)}
+           "sampling": sampling_counts(profile, counted_steps, say),
+           "segmenter": segmenter_counts(profile, say)}
     if check:
         t0 = time.perf_counter()
         out["emulation_check"] = check_emulation(profile)
@@ -180,9 +231,10 @@ def count_all(profile, *, train_images: int = S.FULL_TRAIN_IMAGES, variants=S.VA
     return out
 
 
-def budget_settings(profile, train_images: int) -> dict:
-    """The defaults the counts are for: notebook 03's runs (vanilla and text-aware, and the neighbour-paired
-    model when profile.train_neighbour) and notebook 05's default grid (helpers.evaluate.protocol.grid_models)."""
+def budget_settings(profile, train_images: int, dataset_rows: int = S.FULL_DATASET_ROWS) -> dict:
+    """The defaults the counts are for: notebook 01's rows (every one masked), notebook 03's runs (vanilla and
+    text-aware, and the neighbour-paired model when profile.train_neighbour) and notebook 05's default grid
+    (helpers.evaluate.protocol.grid_models)."""
     from helpers.evaluate.protocol import grid_models, grid_size
     from helpers.support.budget import notebook_03_runs
 
@@ -195,7 +247,7 @@ def budget_settings(profile, train_images: int) -> dict:
             "scheduler": profile.scheduler, "inference_steps": profile.num_inference_steps,
             "guidance_scale": profile.guidance_scale, "grid_references": references, "grid_models": models,
             "grid_images": grid_size(references * prompts, models, len(profile.eval_scales), len(profile.eval_seeds)),
-            "memory_limit_gib": T4_MEMORY_LIMIT_GIB}
+            "memory_limit_gib": T4_MEMORY_LIMIT_GIB, "dataset_rows": dataset_rows}
 
 
 def notebook_05_references(profile) -> int:
@@ -250,6 +302,15 @@ def sampling_counts(profile, counted_steps: int, say=print) -> dict:
             "bank_peak_gib": s["peak_gib"] + len(FINETUNED) * s["adapter_gib_fp16"]}
 
 
+def segmenter_counts(profile, say=print) -> dict:
+    """count_segmenter at the code's batch, said in one line."""
+    t0 = time.perf_counter()
+    c = count_segmenter(profile)
+    say(f"  segmenter {c['model']}: {c['tflop_per_image']:.3f} TFLOP per image at {c['image_size']} px, peak "
+        f"{c['peak_gib']:.2f} GiB at batch {c['batch']} ({time.perf_counter() - t0:.0f} s)")
+    return c
+
+
 def _rounded(x):
     """Floats to 4 significant digits, everywhere in a JSON-ready structure (a small, readable file)."""
     if isinstance(x, float):
@@ -291,7 +352,21 @@ def how(counts: dict) -> dict:
                   "torch.cuda.max_memory_allocated; the CUDA context and the allocator's slack are not included",
         "flops": "torch.utils.flop_counter.FlopCounterMode: matmuls, convolutions, attention",
         "minutes": "projections: counted FLOPs / (efficiency x 65 TFLOPS); not measured",
+        "segmenter": segmenter_how(counts["segmenter"]),
     }
+
+
+def segmenter_how(c: dict, date: str | None = None) -> str:
+    """The file's "how" of the segmenter count (`date`: when it was counted, if not with the rest, and then the
+    transformers it was counted with)."""
+    import transformers
+
+    when = f" (counted {date}, transformers {transformers.__version__})" if date else ""
+    return (f"{c['model']}: CLIPSegForImageSegmentation from its published config (rehearsal/hub_files/) as fake "
+            f"fp16 tensors, one call of {c['batch']} (image, prompt) pairs as helpers.data.masks.segment makes it: "
+            f"{c['image_size']} px images, prompts padded to {c['text_positions']} positions (an upper bound), "
+            f"sigmoid and resize to {c['resolution']} px; no autocast (load_segmenter's fp16 weights), SDPA as the "
+            "memory-efficient kernel with the text tower's mask as its additive bias" + when)
 
 
 def count_budget(profile, **kwargs) -> dict:
@@ -301,6 +376,27 @@ def count_budget(profile, **kwargs) -> dict:
     counts = count_all(profile, **kwargs)
     out = _rounded({"how": how(counts), **counts})  # the file's figures; the projections come from them
     out["settings"].update({"t4_fp16_tflops": T4_FP16_TFLOPS, "efficiencies": list(EFFICIENCIES)})
+    out["projections"] = _rounded(projections(out))
+    return out
+
+
+def update_segmenter(profile, path: Path, say=print) -> dict:
+    """The budget file at `path` with its segmenter count made again and its projections recomputed; every other
+    count is kept as it is (byte for byte). Refused when the file's settings are not the profile's defaults now
+    (then every count is stale: run the full count)."""
+    from helpers.support.budget import EFFICIENCIES, T4_FP16_TFLOPS, projections
+
+    old = json.loads(path.read_text())
+    settings = _rounded(budget_settings(profile, old["settings"]["train_images"]))
+    settings.update({"t4_fp16_tflops": T4_FP16_TFLOPS, "efficiencies": list(EFFICIENCIES)})
+    stale = sorted(k for k in old["settings"] if old["settings"][k] != settings.get(k))
+    if stale:
+        raise SystemExit(f"{path}: counted at other settings than the {profile.name} profile's defaults now "
+                         f"({', '.join(stale)}): run the full count, python bench/t4_budget.py")
+    segmenter = _rounded(segmenter_counts(profile, say))
+    how_ = {**old["how"], "segmenter": segmenter_how(segmenter, datetime.date.today().isoformat())}
+    out = {"how": how_, "settings": settings, "training": old["training"], "sampling": old["sampling"],
+           "segmenter": segmenter, **({"emulation_check": old["emulation_check"]} if "emulation_check" in old else {})}
     out["projections"] = _rounded(projections(out))
     return out
 
@@ -324,6 +420,10 @@ def budget_lines(b: dict) -> list[str]:
                  f"{s['guidance']:g}, batch {s['batch']}, VAE decode {s['decode_tflop_per_image']:.2f}); image "
                  f"encoder {s['image_encoder_tflop_per_reference']:.2f} TFLOP per reference; peak {s['peak_gib']:.2f} "
                  f"GiB, {s['gib_per_image']:.3f} GiB per image + {s['call_overhead_gib']:.2f} GiB per call")
+    g = b["segmenter"]
+    lines.append(f"  segmenter {g['model']}: {g['tflop_per_image']:.3f} TFLOP per image ({g['image_size']} px, "
+                 f"{g['parameters'] / 1e6:.0f} M parameters); peak {g['peak_gib']:.2f} GiB at batch {g['batch']} "
+                 f"(parameters {g['parts_gib']['parameters']:.2f}), {g['gib_per_image']:.3f} GiB per image")
     limit = st["memory_limit_gib"]
     worst = max(c["peak_gib"] for runs in b["training"].values() for c in runs.values())
     verdict = "within" if worst <= limit else "OVER"
@@ -347,6 +447,9 @@ def main(argv=None):
     ap.add_argument("--no-check", action="store_true", help="skip the emulation check against CUDA autocast")
     ap.add_argument("--train-images", type=int, default=S.FULL_TRAIN_IMAGES,
                     help="training split size (default %(default)s)")
+    ap.add_argument("--only", choices=["segmenter"], default=None,
+                    help="count only this part again, into the existing file (--output or the package file), keeping "
+                         "every other count as it is, and recompute the projections")
     args = ap.parse_args(argv)
     if args.profile == "tiny" and args.output is None:
         ap.error("--profile tiny writes no package file: give --output")
@@ -354,11 +457,16 @@ def main(argv=None):
 
     profile = get_profile(args.profile, announce=False)
     t0 = time.perf_counter()
-    print(f"counting the {profile.name} profile's defaults on fake tensors (torch {torch.__version__}, no GPU needed)")
-    b = count_budget(profile, train_images=args.train_images, variants=tuple(args.variants.split(",")),
-               checkpointing=(False,) if args.no_checkpointing else (False, True), check=not args.no_check)
-    print("\n".join(budget_lines(b)))
     out = Path(args.output) if args.output else BUDGET_FILE
+    if args.only:
+        print(f"counting the {profile.name} profile's {args.only} again into {out}; the other counts stay")
+        b = update_segmenter(profile, out)
+    else:
+        print(f"counting the {profile.name} profile's defaults on fake tensors (torch {torch.__version__}, no GPU "
+              "needed)")
+        b = count_budget(profile, train_images=args.train_images, variants=tuple(args.variants.split(",")),
+                         checkpointing=(False,) if args.no_checkpointing else (False, True), check=not args.no_check)
+    print("\n".join(budget_lines(b)))
     out.write_text(json.dumps(b, indent=1) + "\n")
     print(f"wrote {out} ({time.perf_counter() - t0:.0f} s)")
     return b

@@ -234,7 +234,7 @@ def grid_references(profile, available: int, n_models: int | None = None) -> int
     if profile.eval_num_references is not None:
         return max(1, min(profile.eval_num_references, available))
     default = {f.name: f.default for f in dataclasses.fields(profile)}
-    fit = references_for_budget(profile.eval_minutes, seconds_per_image(GRID_EFFICIENCY),
+    fit = references_for_budget(profile.eval_minutes, seconds_per_image(GRID_EFFICIENCY, segmented=True),
                                 n_models=len(GRID_MODELS) if n_models is None else n_models,
                                 n_scales=len(default["eval_scales"]), n_seeds=len(default["eval_seeds"]),
                                 prompts_per_reference=1 + default["eval_edits_per_reference"], available=available)

@@ -9,10 +9,16 @@ bench/t4_budget.py writes it: SD 1.5 + IP-Adapter Plus at their real sizes, buil
 tensors (shapes and dtypes, no weights, no GPU), run through the project's real training step and the
 sampling call of helpers.sample.generate, as a T4 runs them: frozen weights in fp16, trainable ones in
 fp32, CUDA autocast's cast policy (emulated on the CPU and checked against CUDA's own autocast kernels),
-SDPA as the memory-efficient kernel (a T4, sm75, has no flash attention). Memory is torch's MemTracker at the
+SDPA as the memory-efficient kernel (a T4, sm75, has no flash attention); and the segmenter, CLIPSeg
+(helpers.data.masks), from its published config, as load_segmenter runs it on a GPU. Memory is torch's MemTracker at the
 second training step (AdamW's state exists then): what `torch.cuda.max_memory_allocated` would report; the
 CUDA context (~0.3-0.5 GiB) and the allocator's slack come on top. FLOPs are torch's FlopCounterMode's
 (matrix multiplies, convolutions, attention). The file's "how" says which torch, when, and what was emulated.
+
+The segmenter's work is counted where it runs: notebook 01 masks every row (train and test) once, notebook
+05 segments every generated image of its grid for the subject scores, and a masked reference in notebook 03
+(`mask="reference"` or `"both"`) costs one more image-encoder pass over the training images with their
+background filled; the masked loss weights an elementwise MSE, nothing a FLOP count sees.
 
 Minutes are projections, not measurements: counted FLOPs over a fraction of the T4's 65 TFLOPS fp16
 tensor-core peak. Projections use the *expected* fractions, which published T4 speeds imply, sampling
@@ -90,6 +96,11 @@ EFFICIENCIES = (TRAINING.expected, SAMPLING.expected, CEILING.expected)
 # Counted as the file's figures are (FlopCounterMode, SD 1.5's VAE config at 512 px, fp16): the feature cache's
 # VAE encode of one image (tests/support/test_budget.py recounts it). The file counts sampling's decode (2.515).
 VAE_ENCODE_TFLOP = 1.117
+
+# notebook 03's MASK (helpers.train: "none", the default, "reference", "loss", "both"); those with a masked
+# reference encode the training images again with their background filled (one image-encoder pass)
+MASKS = ("none", "reference", "loss", "both")
+MASKED_REFERENCE = ("reference", "both")
 
 # The limits the defaults are sized to (issue 26): one free Colab sitting for the whole series, 45 minutes for
 # each of the two long notebooks. tests/support/test_budget.py checks the defaults against them.
@@ -197,30 +208,58 @@ def image_tflop(steps: int | None = None, *, budget: dict | None = None) -> floa
     return s["tflop_per_image"] + extra * s["unet_tflop_per_step"] / s["batch"]
 
 
+def segmenter_tflop(images: int = 1, *, budget: dict | None = None) -> float:
+    """Counted TFLOP of the segmenter (CLIPSeg, helpers.data.masks) on `images` images, one prompt each:
+    t4_budget()["segmenter"]["tflop_per_image"] each."""
+    return images * (budget or t4_budget())["segmenter"]["tflop_per_image"]
+
+
 def images_minutes(n_images: int, efficiency: float | None = None, *, references: int = 0, steps: int | None = None,
-                   budget: dict | None = None) -> float:
+                   segmented: bool = False, budget: dict | None = None) -> float:
     """Projected T4 minutes to generate `n_images` at the profile's sampling settings (`steps` denoising steps,
     default 30, with guidance: image_tflop), plus the image encoder once for each of `references` reference
-    images, at `efficiency` of the peak (default: SAMPLING's expected 12%). Scoring (CLIP, DINO) is not
-    counted: under 1% of it."""
+    images, and with `segmented` the segmenter on each image (notebook 05's subject scores), at `efficiency` of
+    the peak (default: SAMPLING's expected 12%). Scoring (CLIP, DINO) is not counted: under 1% of it."""
     s = (budget or t4_budget())["sampling"]
     efficiency = SAMPLING.expected if efficiency is None else efficiency
     tflop = n_images * image_tflop(steps, budget=budget) + references * s["image_encoder_tflop_per_reference"]
+    if segmented:
+        tflop += segmenter_tflop(n_images, budget=budget)
     return minutes(tflop, efficiency)
 
 
-def seconds_per_image(efficiency: float | None = None, *, steps: int | None = None,
+def seconds_per_image(efficiency: float | None = None, *, steps: int | None = None, segmented: bool = False,
                       budget: dict | None = None) -> float:
-    """Projected T4 seconds per generated image (images_minutes of one image, in seconds)."""
-    return 60 * images_minutes(1, efficiency, steps=steps, budget=budget)
+    """Projected T4 seconds per generated image (images_minutes of one image, in seconds); with `segmented`,
+    and its segmentation (a grid image of notebook 05)."""
+    return 60 * images_minutes(1, efficiency, steps=steps, segmented=segmented, budget=budget)
 
 
 def grid_minutes(efficiency: float | None = None, *, budget: dict | None = None) -> float:
     """Projected T4 minutes of notebook 05's default grid (settings["grid_images"] images over
-    settings["grid_references"] references), at SAMPLING's expected efficiency unless given."""
+    settings["grid_references"] references, each image segmented for the subject scores), at SAMPLING's
+    expected efficiency unless given."""
     budget = budget or t4_budget()
     return images_minutes(budget["settings"]["grid_images"], efficiency,
-                          references=budget["settings"]["grid_references"], budget=budget)
+                          references=budget["settings"]["grid_references"], segmented=True, budget=budget)
+
+
+def masked_reference_tflop(images: int | None = None, *, budget: dict | None = None) -> float:
+    """Counted TFLOP of a masked reference's features (notebook 03, mask "reference" or "both"): the training
+    images (default settings["train_images"]), background filled from 01's stored masks, through the image
+    encoder once (the file's figure is two passes, a reference and a zero image). The target latents are the
+    unmasked images' and stay as cached."""
+    budget = budget or t4_budget()
+    n = budget["settings"]["train_images"] if images is None else images
+    return n * budget["sampling"]["image_encoder_tflop_per_reference"] / 2
+
+
+def masked_reference_minutes(efficiency: float | None = None, *, images: int | None = None,
+                             budget: dict | None = None) -> float:
+    """Projected T4 minutes a masked reference adds to notebook 03 (masked_reference_tflop), once for all its
+    runs, at SAMPLING's expected efficiency unless given. The masked loss adds nothing a FLOP count sees."""
+    efficiency = SAMPLING.expected if efficiency is None else efficiency
+    return minutes(masked_reference_tflop(images, budget=budget), efficiency)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -297,10 +336,12 @@ class _Part:
 
 
 def _notebook_parts(name: str, *, neighbour: bool, steps: int | None, grid_images: int | None,
-                    references: int | None, inference_steps: int | None, checkpointing: bool,
+                    references: int | None, inference_steps: int | None, checkpointing: bool, mask: str,
                     budget: dict) -> list[_Part]:
     """Each part of notebook `name`'s GPU work (_Part)."""
     st, s = budget["settings"], budget["sampling"]
+    if mask not in MASKS:
+        raise ValueError(f"mask {mask!r}: choose one of {', '.join(MASKS)}")
     one_image = image_tflop(inference_steps, budget=budget)
     runs = notebook_03_runs(neighbour)
     models_04 = 1 + len(runs) + 1  # the pretrained adapter, each trained one, + Conceptrol
@@ -309,18 +350,26 @@ def _notebook_parts(name: str, *, neighbour: bool, steps: int | None, grid_image
         return _Part(f"{n} {what}", n * one_image, "sampling")
 
     if name == "01":  # the file's image encoder figure is two passes (a reference, a zero image); the cache makes one
-        n = st["train_images"]
+        n, rows = st["train_images"], st["dataset_rows"]
         return [_Part(f"feature cache: {n} images through the VAE and the image encoder",
-                      n * (VAE_ENCODE_TFLOP + s["image_encoder_tflop_per_reference"] / 2), "sampling", splits="the feature cache")]
+                      n * (VAE_ENCODE_TFLOP + s["image_encoder_tflop_per_reference"] / 2), "sampling",
+                      splits="the feature cache"),
+                _Part(f"masks: {rows} rows (train and test) through CLIPSeg", segmenter_tflop(rows, budget=budget),
+                      "sampling")]
     if name == "02":
         return [images("images, one model at a time", NOTEBOOK_02_IMAGES)]
     if name == "03":
         steps = st["steps_per_variant"] if steps is None else steps
         train = sum(steps * training_tflop_per_step(v, checkpointing=checkpointing, budget=budget) for v in runs)
         reduced = sum(steps * gradient_mb(v, budget=budget) for v in runs)
-        return [_Part(f"training {len(runs)} runs ({', '.join(runs)}) x {steps} steps", train, "training",
-                      splits="training", reduced_mb=reduced),
-                images("sample images", PREVIEW_IMAGES_PER_MODEL * (1 + len(runs)) + CARD_GRID_IMAGES)]
+        masked = "" if mask == "none" else f", mask {mask}"
+        parts = [_Part(f"training {len(runs)} runs ({', '.join(runs)}{masked}) x {steps} steps", train, "training",
+                       splits="training", reduced_mb=reduced),
+                 images("sample images", PREVIEW_IMAGES_PER_MODEL * (1 + len(runs)) + CARD_GRID_IMAGES)]
+        if mask in MASKED_REFERENCE:
+            parts.insert(0, _Part(f"masked references: {st['train_images']} training images, background filled, "
+                                  "through the image encoder", masked_reference_tflop(budget=budget), "sampling"))
+        return parts
     if name == "04":
         gallery = SAMPLE_REFERENCES * GALLERY_PROMPTS * models_04
         return [images(f"images ({models_04} models: gallery, IP-scale sweep, panel, background removed, script)",
@@ -331,13 +380,16 @@ def _notebook_parts(name: str, *, neighbour: bool, steps: int | None, grid_image
         grid = _Part(f"grid of {grid_images} images over {references} references",
                      grid_images * one_image + references * s["image_encoder_tflop_per_reference"], "sampling",
                      splits="the grid")
-        return [grid, images("timing images", TIMING_IMAGES)]
+        segmented = _Part(f"CLIPSeg on the grid's {grid_images} images (subject scores)",
+                          segmenter_tflop(grid_images, budget=budget), "sampling", splits="the grid")
+        return [grid, segmented, images("timing images", TIMING_IMAGES)]
     raise ValueError(f"notebook {name!r}: choose one of {', '.join(NOTEBOOKS)}")
 
 
 def notebook_projection(name, *, neighbour: bool = False, steps: int | None = None, grid_images: int | None = None,
                         references: int | None = None, inference_steps: int | None = None,
-                        checkpointing: bool = False, gpus: int = 1, budget: dict | None = None) -> Projection:
+                        checkpointing: bool = False, mask: str = "none", gpus: int = 1,
+                        budget: dict | None = None) -> Projection:
     """Notebook `name`'s ("01" .. "05", or 1 .. 5) GPU work on `gpus` T4s at its defaults, projected from the
     counted budget: minutes at the expected efficiencies (TRAINING for training, SAMPLING for the rest) and
     at CEILING, with what runs and the assumption (`Projection.line()` says it in one sentence), and the
@@ -349,13 +401,16 @@ def notebook_projection(name, *, neighbour: bool = False, steps: int | None = No
     neighbour:       notebook 03 also trains the neighbour-paired model (opt-in); 04's bank has it too
     steps:           training steps per run in 03 (default: the counted run, 6 epochs)
     checkpointing:   03 trains with gradient checkpointing (the forward runs twice)
+    mask:            03's MASK (MASKS; "none", the default): "reference" and "both" add one image-encoder pass
+                     over the training images with their background filled (masked_reference_minutes), once
+                     for all of 03's runs; "loss" adds nothing a FLOP count sees
     grid_images, references: notebook 05's grid (default: the counted default grid)
     inference_steps: denoising steps per generated image (default: the profile's 30)
     """
     budget = budget or t4_budget()
     name = f"{int(name):02d}" if str(name).isdigit() else str(name)
     parts = _notebook_parts(name, neighbour=neighbour, steps=steps, grid_images=grid_images, references=references,
-                            inference_steps=inference_steps, checkpointing=checkpointing, budget=budget)
+                            inference_steps=inference_steps, checkpointing=checkpointing, mask=mask, budget=budget)
     if gpus < 1:
         raise ValueError(f"gpus {gpus!r}: at least 1")
     expected = {"training": TRAINING.expected, "sampling": SAMPLING.expected}
@@ -370,7 +425,7 @@ def notebook_projection(name, *, neighbour: bool = False, steps: int | None = No
 
 def _spread(parts: list[_Part], budget: dict) -> str:
     """How a notebook's parts spread over several GPUs, in words (the 2xT4 figure's brackets)."""
-    split = [p.splits for p in parts if p.splits]
+    split = list(dict.fromkeys(p.splits for p in parts if p.splits))
     if not split:
         return "the same: this notebook runs on one GPU"
     words = f"{' and '.join(split)} split over the GPUs"
@@ -439,6 +494,9 @@ def summary_lines(budget: dict | None = None) -> list[str]:
     lines.append(f"  sampling: {s['tflop_per_image']:.0f} TFLOP per image ({st['inference_steps']} steps, guidance "
                  f"{st['guidance_scale']:g}); peak {s['peak_gib']:.1f} GiB with one model, "
                  f"{s['gib_per_image']:.2f} GiB more per image of a call")
+    g = b["segmenter"]
+    lines.append(f"  segmenter ({g['model']}): {g['tflop_per_image']:.3f} TFLOP per image at {g['image_size']} px; "
+                 f"peak {g['peak_gib']:.2f} GiB at batch {g['batch']}")
     lines.append("Projected minutes on a T4 at the expected efficiencies (in brackets: at the ceiling, the best case):")
     lines += [f"  {e.kind}: {e.label()}; {', '.join(x.split(':')[0] for x in e.sources)}"
               for e in (TRAINING, SAMPLING, CEILING)]
@@ -454,9 +512,10 @@ def summary_lines(budget: dict | None = None) -> list[str]:
                      f"({_m(proj.best)}) min: {what}")
     if "03" in p["notebook_minutes"]:
         extra = notebook_minutes("03", neighbour=True, budget=b) - notebook_minutes("03", budget=b)
-        per_model = images_minutes(st["grid_images"] // st["grid_models"], budget=b)
+        per_model = images_minutes(st["grid_images"] // st["grid_models"], segmented=True, budget=b)
         lines.append(f"  opt-in: notebook 03's neighbour-paired run adds {extra:.0f} min; each model added to "
-                     f"notebook 05's grid, {per_model:.0f} min")
+                     f"notebook 05's grid, {per_model:.0f} min; a masked reference (MASK reference or both), "
+                     f"{masked_reference_minutes(budget=b):.1f} min (the masked loss: nothing measurable)")
     return lines
 
 

@@ -3,6 +3,7 @@ SDPA's memory-efficient kernel) and its check against CUDA's own kernels, the me
 blocks, and, at SD 1.5's real size, the 13 GiB limit of the text-aware training step (marked `budget`; it
 runs in CI with the rest: a change that would not fit a T4 fails there)."""
 
+import inspect
 import sys
 from pathlib import Path
 
@@ -79,6 +80,32 @@ def test_sdpa_runs_the_memory_efficient_kernel_with_logsumexp_only_for_training(
     assert q.grad is not None and q.grad.shape == q.shape
 
 
+def test_an_attention_mask_becomes_the_memory_efficient_kernels_additive_bias():
+    """CLIPSeg's text tower gives SDPA a boolean causal-and-padding mask: on a T4 the memory-efficient kernel
+    takes it as an additive bias of the query's dtype (0 / -inf), broadcast to (batch, heads, queries, keys)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Spy(TorchDispatchMode):  # the bias the kernel is given
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._scaled_dot_product_efficient_attention.default:
+                seen.append(args[3])
+            return func(*args, **(kwargs or {}))
+
+    mode = FakeTensorMode()
+    with mode:
+        q = torch.empty(2, 8, 77, 64, dtype=torch.float16)
+        mask = torch.ones(2, 1, 77, 77, dtype=torch.bool).tril()
+    with E.t4_attention(), mode, Spy(), torch.no_grad():
+        out = F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+    assert out.shape == q.shape and len(seen) == 1
+    bias = seen[0]
+    assert bias.dtype == torch.float16 and tuple(bias.shape) == (2, 8, 77, 77)
+    with pytest.raises(NotImplementedError, match="GQA"), E.t4_attention(), mode:
+        F.scaled_dot_product_attention(q, q, q, enable_gqa=True)
+
+
 class _Block(torch.nn.Module):
     def __init__(self, d: int):
         super().__init__()
@@ -142,3 +169,35 @@ def test_the_text_aware_training_step_fits_a_t4_at_the_profiles_defaults():
     stale = "helpers/support/t4_budget.json is stale: rerun python bench/t4_budget.py"
     assert c["peak_gib"] == pytest.approx(quoted["peak_gib"], rel=0.01), stale
     assert c["tflop"] == pytest.approx(quoted["tflop"], rel=0.01), stale
+
+
+@pytest.mark.budget
+def test_clipseg_is_counted_at_its_published_size_and_input():
+    """CIDAS/clipseg-rd64-refined from its published config (rehearsal/hub_files/), as helpers.data.masks runs it:
+    fp16 weights, segment's batch, the processor's 352 px. Its FLOPs are those of CLIP ViT-B/16 at 352 px
+    (22 x 22 patches + the class token: the 224 px position embeddings interpolated) and the 12-layer text tower
+    at 77 positions, by hand, plus the small decoder; its weights are fp16."""
+    import t4_budget
+
+    from helpers.data.masks import segment
+    from helpers.profile import full_profile
+    from helpers.support.budget import t4_budget as shipped
+
+    c = t4_budget.count_segmenter(full_profile("the T4 budget test"))
+    assert c["model"] == "CIDAS/clipseg-rd64-refined" and c["image_size"] == 352 and c["text_positions"] == 77
+    assert c["batch"] == inspect.signature(segment).parameters["batch_size"].default
+    tokens, width, mlp = (352 // 16) ** 2 + 1, 768, 3072
+    vision = 2 * (tokens - 1) * width * 3 * 16 * 16 + 12 * (2 * tokens * (4 * width**2 + 2 * width * mlp)
+                                                           + 4 * tokens**2 * width)
+    positions, text_width = 77, 512
+    text = 12 * (2 * positions * (4 * text_width**2 + 2 * text_width * 4 * text_width) + 4 * positions**2 * text_width)
+    counted = c["tflop_per_image"] * 1e12
+    assert vision + text < counted < 1.02 * (vision + text)  # the decoder (reduce_dim 64): about 1%
+    assert 149e6 < c["parameters"] < 152e6  # "about 150 M parameters"
+    assert c["parts_gib"]["parameters"] == pytest.approx(2 * c["parameters"] / 2**30, rel=1e-3)
+    assert sum(c["parts_gib"].values()) == pytest.approx(c["peak_gib"], rel=1e-6)
+    assert c["peak_gib"] < 1  # beside 05's bank of models on the GPU: a small addition
+    quoted = shipped()["segmenter"]
+    stale = "helpers/support/t4_budget.json is stale: rerun python bench/t4_budget.py --only segmenter"
+    for key in ("tflop_per_image", "peak_gib", "parameters", "batch", "image_size"):
+        assert c[key] == pytest.approx(quoted[key], rel=0.01), stale

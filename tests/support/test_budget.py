@@ -24,7 +24,7 @@ def _close(a, b, rel=2e-3):
 def test_the_packaged_budget_is_read_once_and_says_how_it_was_counted():
     b = budget.t4_budget()
     assert budget.t4_budget() is b
-    assert {"how", "settings", "training", "sampling", "projections", "emulation_check"} <= set(b)
+    assert {"how", "settings", "training", "sampling", "segmenter", "projections", "emulation_check"} <= set(b)
     assert b["how"]["torch"] and b["how"]["date"] and b["how"]["emulated"]
     assert b["emulation_check"]["ops"] > 1000 and b["emulation_check"]["mismatches"] == []
     for variant in ("vanilla", "text_aware"):
@@ -81,12 +81,21 @@ def test_each_notebooks_minutes_add_up_its_gpu_work():
     assert budget.notebook_minutes(3, neighbour=True) == pytest.approx(
         three.minutes + budget.training_minutes("text_aware") + budget.images_minutes(1))
     assert budget.notebook_minutes("03", steps=10) < three.minutes
-    five = budget.notebook_projection("05")
-    assert five.minutes == pytest.approx(budget.images_minutes(st["grid_images"] + 2, references=st["grid_references"]))
+    # 05: the grid, CLIPSeg on each of its images (the subject scores), the timing images
+    five, seg = budget.notebook_projection("05"), b["segmenter"]["tflop_per_image"]
+    assert five.minutes == pytest.approx(budget.images_minutes(st["grid_images"] + 2, references=st["grid_references"])
+                                         + budget.minutes(st["grid_images"] * seg, 0.12))
+    assert budget.grid_minutes() == pytest.approx(budget.images_minutes(
+        st["grid_images"], references=st["grid_references"], segmented=True)) == pytest.approx(five.minutes - dict(
+            five.parts)["2 timing images"])
     assert budget.notebook_minutes("05", grid_images=100, references=4) == pytest.approx(
-        budget.images_minutes(102, references=4))
+        budget.images_minutes(102, references=4) + budget.minutes(100 * seg, 0.12))
+    assert budget.seconds_per_image(segmented=True) == pytest.approx(budget.seconds_per_image() + seg / (0.12 * 65))
+    # 01: the feature cache of the training split, and CLIPSeg's mask of every row, train and test
+    assert st["dataset_rows"] > st["train_images"]
     assert budget.notebook_minutes("01") == pytest.approx(budget.minutes(
-        st["train_images"] * (budget.VAE_ENCODE_TFLOP + s["image_encoder_tflop_per_reference"] / 2), 0.12))
+        st["train_images"] * (budget.VAE_ENCODE_TFLOP + s["image_encoder_tflop_per_reference"] / 2)
+        + st["dataset_rows"] * seg, 0.12))
     assert budget.notebook_minutes("04", inference_steps=15) < budget.notebook_minutes("04")
     series = budget.series_projection()
     assert series.minutes == pytest.approx(sum(budget.notebook_minutes(n) for n in budget.NOTEBOOKS))
@@ -96,6 +105,29 @@ def test_each_notebooks_minutes_add_up_its_gpu_work():
     assert "8% (training) and 12% (sampling) of the T4's 65 TFLOPS fp16 peak" in series.assumption
     with pytest.raises(ValueError, match="choose one of 01, 02, 03, 04, 05"):
         budget.notebook_projection("06")
+
+
+def test_a_masked_reference_adds_one_image_encoder_pass_to_notebook_03_and_the_masked_loss_nothing():
+    """Issue 27 part 2: MASK "reference" (and "both") encodes the training images again with their background
+    filled: one image-encoder pass (the file's figure per reference is two: the image and a zero image), once
+    for every run of 03; "loss" weights an elementwise MSE. The default, "none", is 03 as it was."""
+    b = budget.t4_budget()
+    st, enc = b["settings"], b["sampling"]["image_encoder_tflop_per_reference"]
+    none = budget.notebook_projection("03")
+    assert budget.notebook_minutes("03", mask="none") == none.minutes
+    assert budget.notebook_minutes("03", mask="loss") == pytest.approx(none.minutes)
+    pass_ = budget.minutes(st["train_images"] * enc / 2, 0.12)
+    assert budget.masked_reference_minutes() == pytest.approx(pass_) and 0 < pass_ < 1
+    for mask in ("reference", "both"):
+        masked = budget.notebook_projection("03", mask=mask)
+        assert masked.minutes == pytest.approx(none.minutes + pass_)
+        assert f"mask {mask}) x {st['steps_per_variant']} steps" in masked.line()
+        assert "background filled" in masked.parts[0][0]
+    # one pass for every run: the neighbour-paired run's references are training images too
+    assert budget.notebook_minutes("03", mask="both", neighbour=True) == pytest.approx(
+        budget.notebook_minutes("03", neighbour=True) + pass_)
+    with pytest.raises(ValueError, match="choose one of none, reference, loss, both"):
+        budget.notebook_projection("03", mask="background")
 
 
 def test_on_two_t4s_training_splits_and_pays_the_gradient_all_reduce_the_grid_and_cache_split_cleanly():
@@ -117,10 +149,14 @@ def test_on_two_t4s_training_splits_and_pays_the_gradient_all_reduce_the_grid_an
         budget.notebook_projection("03", gpus=0)
 
     five, five_on_two = budget.notebook_projection("05"), budget.notebook_projection("05", gpus=2)
-    grid = budget.images_minutes(st["grid_images"], references=st["grid_references"])
+    grid = budget.images_minutes(st["grid_images"], references=st["grid_references"], segmented=True)
     assert five_on_two.minutes == pytest.approx(grid / 2 + budget.images_minutes(budget.TIMING_IMAGES))
+    assert "(the grid split over the GPUs; the rest on one GPU)" in five.line()
     assert five.minutes_on(2) == pytest.approx(five_on_two.minutes) and five_on_two.minutes_on(1) == five.minutes
-    assert budget.notebook_projection("01", gpus=2).minutes == pytest.approx(budget.notebook_minutes("01") / 2)
+    one = dict(budget.notebook_projection("01").parts)
+    masks = one[f"masks: {st['dataset_rows']} rows (train and test) through CLIPSeg"]  # prepare_masks: one process
+    assert budget.notebook_projection("01", gpus=2).minutes == pytest.approx((budget.notebook_minutes("01") - masks) / 2
+                                                                            + masks)
     for alone in ("02", "04"):
         assert budget.notebook_projection(alone, gpus=2).minutes == pytest.approx(budget.notebook_minutes(alone))
         assert "this notebook runs on one GPU" in budget.notebook_projection(alone).line()
@@ -157,6 +193,9 @@ def test_the_full_profiles_defaults_fit_one_sitting():
     now = dict(neighbour=full.train_neighbour, grid_images=images, references=references,
                inference_steps=full.num_inference_steps)
     limit = budget.LIMIT_MINUTES
+    # the segmenter is counted: 01 masks every row, 05 segments every grid image
+    assert any("CLIPSeg" in what for what, _ in budget.notebook_projection("01").parts)
+    assert any("CLIPSeg" in what for what, _ in budget.notebook_projection("05", **now).parts)
     assert budget.notebook_minutes("03", **now) <= limit["03"]
     assert budget.notebook_minutes("05", **now) <= limit["05"] and references >= 10
     assert budget.series_minutes(**now) <= limit["series"]
@@ -261,17 +300,27 @@ def test_reading_the_budget_imports_no_torch():
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
-def test_the_benchmark_at_tiny_shapes_writes_a_budget_the_reader_reads(tiny_profile, tmp_path, capsys):
-    """bench/t4_budget.py end to end on the tiny models: counts, the emulation check, the file, the report."""
+@pytest.fixture(scope="module")
+def tiny_budget(tiny_profile, tmp_path_factory):
+    """bench/t4_budget.py run once on the tiny models: (the file, what it printed)."""
+    import contextlib
+    import io
+
     sys.path.insert(0, str(ROOT / "bench"))
     import t4_budget
 
+    out, printed = tmp_path_factory.mktemp("budget") / "budget.json", io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        t4_budget.main(["--profile", "tiny", "--output", str(out), "--variants", "text_aware", "--no-checkpointing"])
+    return out, printed.getvalue()
+
+
+def test_the_benchmark_at_tiny_shapes_writes_a_budget_the_reader_reads(tiny_profile, tiny_budget):
+    """bench/t4_budget.py end to end on the tiny models: counts, the emulation check, the file, the report."""
     from helpers.model.official_format import adapter_parameters
 
-    out = tmp_path / "budget.json"
-    t4_budget.main(["--profile", "tiny", "--output", str(out), "--variants", "text_aware", "--no-checkpointing"])
+    out, printed = tiny_budget
     b = json.loads(out.read_text())
-    printed = capsys.readouterr().out
     assert f"wrote {out}" in printed and "12% of the T4's 65 TFLOPS fp16 peak" in printed
     assert b["settings"]["profile"] == "tiny" and b["emulation_check"]["mismatches"] == []
     c = b["training"]["text_aware"]["plain"]
@@ -287,9 +336,43 @@ def test_the_benchmark_at_tiny_shapes_writes_a_budget_the_reader_reads(tiny_prof
     s = b["sampling"]
     assert s["batch"] == 1 + tiny_profile.eval_edits_per_reference and s["steps"] == tiny_profile.num_inference_steps
     assert s["tflop_per_image"] > s["decode_tflop_per_image"] > 0
+    g = b["segmenter"]  # the tiny CLIPSeg from its folder, at its processor's size, segment's batch
+    from helpers.data.masks import load_segmenter
+
+    tiny_seg = load_segmenter(tiny_profile.segmenter, device="cpu")
+    assert g["parameters"] == sum(p.numel() for p in tiny_seg.model.parameters())
+    assert g["batch"] == 8 and g["image_size"] == tiny_seg.processor.image_processor.size["height"]
+    assert g["parts_gib"]["parameters"] == pytest.approx(2 * g["parameters"] / 2**30, rel=0.05)  # fp16, 512 B blocks
+    assert g["tflop_per_image"] > 0 and g["peak_gib"] > g["parts_gib"]["parameters"]
     assert _close(budget.projections(b), b["projections"])
     assert budget.training_minutes("text_aware", efficiency=0.25, budget=b) > 0
     assert "03" not in b["projections"]["notebook_minutes"] and "series" not in b["projections"]["notebook_minutes"]
+
+
+def test_counting_only_the_segmenter_again_keeps_every_other_count_as_it_is(tiny_budget, tmp_path, capsys):
+    """`--only segmenter` recounts CLIPSeg into an existing file: the training, sampling and check sections stay
+    byte for byte, the projections follow the new count, and a file counted at other settings is refused."""
+    import t4_budget  # bench/, on the path since tiny_budget
+
+    out = tmp_path / "budget.json"
+    fresh = json.loads(tiny_budget[0].read_text())
+    edited = json.loads(tiny_budget[0].read_text())
+    edited["segmenter"]["tflop_per_image"] *= 1000  # as if the model had changed since
+    edited["projections"]["notebook_minutes"]["05"]["expected"] = 0.0
+    out.write_text(json.dumps(edited, indent=1) + "\n")
+    t4_budget.main(["--profile", "tiny", "--output", str(out), "--only", "segmenter"])
+    again = json.loads(out.read_text())
+    assert "the other counts stay" in capsys.readouterr().out
+    for key in ("settings", "training", "sampling", "emulation_check"):
+        assert json.dumps(again[key]) == json.dumps(fresh[key])
+    assert {k: v for k, v in again["how"].items() if k != "segmenter"} == {
+        k: v for k, v in fresh["how"].items() if k != "segmenter"}
+    assert again["segmenter"] == fresh["segmenter"] and again["projections"] == fresh["projections"]
+    assert "(counted " in again["how"]["segmenter"]
+    edited["settings"]["epochs"] += 1
+    out.write_text(json.dumps(edited))
+    with pytest.raises(SystemExit, match=r"\(epochs\): run the full count"):
+        t4_budget.main(["--profile", "tiny", "--output", str(out), "--only", "segmenter"])
 
 
 def test_readme_quotes_the_counted_budget_as_it_is():
