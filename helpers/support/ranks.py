@@ -5,6 +5,7 @@ touches torch.distributed or Accelerate: the notebooks' single-process path stay
     for job in my_share(jobs): ...      # jobs[rank::world]: every job done once, by one process
     wait_for_everyone()                 # a barrier (Accelerate's PartialState: gloo on CPUs, NCCL on GPUs)
     value = from_main(value)            # the main process's value, on every process
+    values = gather(value)              # every process's value, by rank, on every process
     with main_first(): prepare()        # the main process first, then the others (which then find it done)
 
 Jobs are dealt round-robin rather than in contiguous blocks (accelerate's split_between_processes): the
@@ -14,6 +15,7 @@ to a prefix of that list, so a launch stopped part way has still done the first 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 
@@ -35,11 +37,21 @@ def is_main() -> bool:
 def state():
     """Accelerate's PartialState of the launch, started on first use: torch.distributed over gloo without a
     GPU (cpu=True: without it torchrun on CPUs gives N lone processes), else NCCL with this process's own GPU
-    made the current one (so "cuda" means it). Shared with an Accelerator the process already made."""
+    made the current one (so "cuda" means it). Shared with an Accelerator the process already made. The process
+    group is destroyed when the process exits: one left to the interpreter's end makes gloo abort now and then
+    ("terminate called without an active exception"), failing a launch that did its work."""
     import torch
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    global _ENDING
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if not _ENDING:
+        atexit.register(lambda: PartialState().destroy_process_group())
+        _ENDING = True
+    return state
+
+
+_ENDING = False  # whether state() has registered the process group's end at exit
 
 
 def start() -> None:
@@ -72,6 +84,16 @@ def from_main(value):
     box = [value if is_main() else None]
     broadcast_object_list(box, from_process=0)
     return box[0]
+
+
+def gather(value) -> list:
+    """Every process's `value` (picklable), in rank order, on every process (alone: [value])."""
+    if world_size() == 1:
+        return [value]
+    from accelerate.utils import gather_object
+
+    state()
+    return gather_object([value])
 
 
 @contextlib.contextmanager
