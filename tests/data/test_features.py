@@ -19,6 +19,7 @@ from helpers.data.features import (
     prepare_for_training,
 )
 from helpers.model.pipeline import load_pipeline
+from helpers.support.lock import clean_temporaries
 
 
 @pytest.fixture(scope="module")
@@ -270,6 +271,7 @@ def test_a_build_uses_the_shares_a_killed_launch_left(tiny_data, old_cache, tmp_
     shares = sorted(p.name for p in tmp_path.glob(".*.share-*"))
     assert encoded == [2] and not copy.exists()
     assert shares == [f".{copy.name}.share-null", f".{copy.name}.share-rows-2-4"]
+    assert clean_temporaries(tmp_path) == [] and len(list(tmp_path.glob(".*.share-*"))) == 2  # the lock keeps them
     cache_features(rows, tmp_path, batch_size=2, **kw)  # the next run, alone
     assert encoded == [2, 2, 2]  # rows 0-1 and 4-5: the shares' jobs are not done again
     _same_cache(copy, one / copy.name)

@@ -16,6 +16,7 @@ from helpers.evaluate.results import (
     share_paths,
 )
 from helpers.sample.registry import MODEL_NAMES
+from helpers.support.lock import clean_temporaries
 
 TWO = MODEL_NAMES[:2]
 
@@ -91,7 +92,7 @@ def test_shares_are_merged_in_the_grids_order_once_and_then_deleted(whole, tmp_p
     ResultsFile(shares[0]).append(rows[2:4] + rows[8:12])  # rows 2, 3 are in results.csv already
     ResultsFile(shares[1]).append(rows[4:8] + rows[12:14])
     shares[1].write_text(shares[1].read_text()[:-20])  # row 13 cut short
-    assert share_paths(tmp_path) == shares and not any(p.name.startswith(".") for p in shares)  # never "temporary"
+    assert clean_temporaries(tmp_path) == [] and share_paths(tmp_path) == shares  # the lock's clean-up keeps them
     results = ResultsFile(tmp_path / "results.csv")
     last = merge_shares(results, [row_key(r) for r in rows])
     assert last == {row_key(rows[3]), row_key(rows[11]), row_key(rows[12])}
