@@ -58,7 +58,8 @@ case "${1:-main}" in
   test-colab)
     # what the suite builds, caches and writes stays in .venv-colab, apart from the other versions' own;
     # outputs start empty each run. Then on to the test command (;;& tries the next patterns too).
-    export IPA_TINY_CACHE=$PWD/$VENV/cache HF_HOME=$PWD/$VENV/cache/hf IPA_OUTPUT_ROOT=$PWD/$VENV/outputs
+    # IPA_TEST_PART: the two-process launch tests run in `test` only (tests/_launch.py; CI time)
+    export IPA_TINY_CACHE=$PWD/$VENV/cache HF_HOME=$PWD/$VENV/cache/hf IPA_OUTPUT_ROOT=$PWD/$VENV/outputs IPA_TEST_PART=colab
     python -c 'import sys, torch; print(f"test-colab: Python {sys.version.split()[0]} ({sys.base_prefix}),"
                                        f" torch {torch.__version__}")'
     rm -rf "$IPA_OUTPUT_ROOT" ;;&

@@ -18,6 +18,13 @@ FolderInUse, while reading an up-to-date cache needs no lock), written beside th
 write) or an interrupt keeps the old file. Out of GPU memory raises FeatureCacheError naming the batch size
 to lower (profile.feature_batch_size): each row is encoded on its own, so any batch size gives the same cache
 (up to fp16 rounding) and the batch size may change between runs.
+
+Several processes (torchrun, accelerate launch; helpers.support.ranks): prepare_for_training and cache_features
+are called by every process. The main process prepares the data first; then the cache's jobs (the batches one
+process encodes, and the null features) are dealt out, each process writes its own jobs to shares beside the
+cache, and the main process merges them into the one cache file (atomic, as above): the same tensors as one
+process makes. A launch killed part way leaves its shares; the next build, with any number of processes,
+uses them.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import torch
 from PIL import Image
 
 from ..model.pipeline import load_pipeline
+from ..support import ranks
 from ..support.atomic import replacing
 from ..support.disk import check_space
 from ..support.lock import FolderLock
@@ -170,6 +178,13 @@ def cache_features(split, out_dir, *, base_model, ip_adapter, image_encoder=None
     call (profile.feature_batch_size); it does not change the cache, so it can change between runs.
     Raises DiskFull (naming the file) when the disk is full, FeatureCacheError when the GPU runs out of memory;
     the old file stays as it was in both cases.
+
+    Under a launch of several processes (torchrun, accelerate launch: helpers.support.ranks) every process calls
+    it: the jobs (the batches a single process encodes, and the null features) are dealt out, each process
+    writes each of its jobs to a share of its own (out_dir/.<filename>.share-rows-S-E, .share-null; hidden, but
+    not a name the lock's clean-up of temporaries removes), and the main process merges them into the cache
+    (the same batches, so the same tensors as one process makes) and deletes them. Shares of this fingerprint
+    left by a launch that was killed are used, by any number of processes, and their jobs skipped.
     """
     path = Path(out_dir) / filename
     meta = feature_fingerprint(split, base_model=base_model, ip_adapter=ip_adapter, image_encoder=image_encoder,
@@ -179,27 +194,90 @@ def cache_features(split, out_dir, *, base_model, ip_adapter, image_encoder=None
     if len(split) == 0:
         raise ValueError("cache_features: the split is empty")
     with FolderLock(out_dir, "caching features") as lock:
+        ranks.wait_for_everyone()  # every process holds the lock (its clean-up of temporaries done) before writing
         if _holds(path, {"fingerprint": meta["fingerprint"]}):  # another writer built it while this one waited
             return path
-        pipe = load_pipeline(base_model, ip_adapter, variant="vanilla", image_encoder=image_encoder, device=device)
-        try:
-            tensors = _encode_split(pipe, split, path, resolution, batch_size, progress, lock.beat)
-        except torch.cuda.OutOfMemoryError:
-            tensors = None  # raised below, outside this block: the traceback's frames hold the batch's activations
-        meta["ids"] = json.dumps(list(split["id"]))
-        meta["scaling_factor"] = str(pipe.vae.config.scaling_factor)
-        meta["device"] = str(pipe.device)
-        del pipe
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if tensors is None:
-            raise _out_of_memory(path, batch_size, "caching features")
-        check_space(path.parent, _nbytes(tensors), what=f"the feature cache {path}")
-        from safetensors.torch import save_file
+        jobs = [(s, min(s + batch_size, len(split))) for s in range(0, len(split), batch_size)] + [NULL_JOB]
+        shared = ranks.world_size() > 1
+        todo = [j for j in jobs if not _holds(_share_path(path, j), {"fingerprint": meta["fingerprint"]})]
+        mine = ranks.my_share(todo)
+        encoded, about = {}, None
+        if mine:
+            pipe = load_pipeline(base_model, ip_adapter, variant="vanilla", image_encoder=image_encoder, device=device)
+            about = {"fingerprint": meta["fingerprint"], "scaling_factor": str(pipe.vae.config.scaling_factor),
+                     "device": str(pipe.device)}
+            try:
+                encoded = _encode_jobs(pipe, split, mine, path, resolution, progress and ranks.is_main(), lock.beat,
+                                       write=about if shared else None)
+            except torch.cuda.OutOfMemoryError:
+                encoded = None  # raised below, outside this block: the traceback's frames hold the batch's activations
+            del pipe
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if encoded is None:
+                raise _out_of_memory(path, batch_size, "caching features")
+        ranks.wait_for_everyone()  # every share written
+        if ranks.is_main():
+            tensors, made_by = _merge_jobs(path, jobs, encoded)
+            about = about or made_by
+            meta.update(ids=json.dumps(list(split["id"])), scaling_factor=about["scaling_factor"],
+                        device=about["device"])
+            check_space(path.parent, _nbytes(tensors), what=f"the feature cache {path}")
+            from safetensors.torch import save_file
 
-        with replacing(path) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
+            with replacing(path) as tmp:
+                save_file(tensors, str(tmp), metadata=meta)
+            for share in path.parent.glob(f".{path.name}{SHARE_MARK}*"):
+                share.unlink(missing_ok=True)  # after the cache is in place: a crash before leaves them for a rerun
+        ranks.wait_for_everyone()  # the cache is there for every process
     return path
+
+
+NULL_JOB = "null"  # the job of the null features; the others are (first row, end row) batches
+SHARE_MARK = ".share-"  # .<cache file name>.share-rows-S-E / .share-null: one job's tensors, not merged yet
+
+
+def _share_path(path: Path, job) -> Path:
+    """Where a process of a launch writes one job of cache_features: .<filename>.share-null / .share-rows-S-E."""
+    return path.with_name(f".{path.name}{SHARE_MARK}" + (job if job == NULL_JOB else f"rows-{job[0]}-{job[1]}"))
+
+
+def _encode_jobs(pipe, split, jobs, path: Path, resolution: int, progress: bool, beat, *, write: dict | None) -> dict:
+    """{job: its tensors (fp16, CPU)} for jobs of cache_features: NULL_JOB (null_features) or a batch (first row,
+    end row; encode_batch). write: metadata to write each job to its share with (helpers.support.atomic) rather
+    than keep it (then {}). After the first batch, checks that the cache (and the shares) will fit on the disk
+    (DiskFull naming path before the rest is encoded)."""
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    out, checked = {}, False
+    n_rows = sum(j[1] - j[0] for j in jobs if j != NULL_JOB)
+    with torch.no_grad(), tqdm(total=n_rows, desc="caching features", unit="img", disable=not progress) as bar:
+        for job in jobs:
+            if job == NULL_JOB:
+                feats = null_features(pipe)
+            else:
+                rows = split[job[0]:job[1]]
+                feats = encode_batch(pipe, rows["image"], rows["text"], resolution)
+                for k, v in feats.items():
+                    if not torch.isfinite(v).all():
+                        raise FloatingPointError(f"non-finite {k} for rows {rows['id']} (dtype {v.dtype}); "
+                                                 "try device='cpu' (fp32)")
+            feats = {k: v.to("cpu", torch.float16).contiguous() for k, v in feats.items()}
+            if job != NULL_JOB and not checked:  # fp16 bytes per row, times the rows (twice with shares)
+                per_row = _nbytes({k: v[0] for k, v in feats.items()})
+                check_space(path.parent, int(per_row * len(split) * (2 if write else 1)),
+                            what=f"the feature cache {path}")
+                checked = True
+            if write is not None:
+                with replacing(_share_path(path, job)) as tmp:
+                    save_file(feats, str(tmp), metadata=write)
+            else:
+                out[job] = feats
+            if job != NULL_JOB:
+                bar.update(job[1] - job[0])
+            beat()
+    return out
 
 
 def _holds(path: Path, meta: dict[str, str]) -> bool:
@@ -220,30 +298,21 @@ def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _encode_split(pipe, split, path: Path, resolution: int, batch_size: int, progress: bool, beat) -> dict:
-    """cache_features' tensors (fp16, CPU). After the first batch, checks that the whole cache will fit on
-    the disk (DiskFull naming path before the rest is encoded)."""
-    from tqdm.auto import tqdm
+def _merge_jobs(path: Path, jobs, encoded: dict) -> tuple[dict, dict]:
+    """The cache's tensors from all of cache_features' jobs, in order: those in `encoded`, the others read from
+    their shares; and the metadata of the last share read (the scaling_factor and device of the process that
+    made it; {} when none was read)."""
+    from safetensors import safe_open
 
-    chunks: dict[str, list[torch.Tensor]] = {}
-    with torch.no_grad():
-        with tqdm(total=len(split), desc="caching features", unit="img", disable=not progress) as bar:
-            for s in range(0, len(split), batch_size):
-                rows = split[s:s + batch_size]
-                feats = encode_batch(pipe, rows["image"], rows["text"], resolution)
-                for k, v in feats.items():
-                    if not torch.isfinite(v).all():
-                        raise FloatingPointError(f"non-finite {k} for rows {rows['id']} (dtype {v.dtype}); "
-                                                 "try device='cpu' (fp32)")
-                    chunks.setdefault(k, []).append(v.to("cpu", torch.float16))
-                if s == 0:  # fp16 bytes per row, times the rows
-                    per_row = _nbytes({k: v[0] for k, v in chunks.items()}) / len(rows["id"])
-                    check_space(path.parent, int(per_row * len(split)), what=f"the feature cache {path}")
-                bar.update(len(rows["id"]))
-                beat()
-        tensors = {k: torch.cat(v).contiguous() for k, v in chunks.items()}
-        tensors.update({k: v.to("cpu", torch.float16).contiguous() for k, v in null_features(pipe).items()})
-    return tensors
+    parts, made_by = dict(encoded), {}
+    for job in jobs:
+        if job not in parts:
+            with safe_open(str(_share_path(path, job)), framework="pt") as f:
+                parts[job], made_by = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    batches = [parts[j] for j in jobs if j != NULL_JOB]
+    tensors = {k: torch.cat([b[k] for b in batches]).contiguous() for k in batches[0]}
+    tensors.update(parts[NULL_JOB])
+    return tensors, made_by
 
 
 def _out_of_memory(path: Path, batch_size: int, what: str) -> FeatureCacheError:
@@ -344,9 +413,12 @@ def prepare_for_training(profile, data_dir, *, device=None, progress: bool = Tru
     match it), and the train split's feature cache data_dir/train_features.safetensors at the data's resolution
     with the profile's models, built only if missing or stale. Returns (prep, path).
     Raises PreparedDataMismatch (PreparedDataDamaged for unreadable files), FolderInUse (another writer holds
-    data_dir), DiskFull or FeatureCacheError, each naming the folder or file and what to do."""
-    prep = use_prepared(data_dir, profile, dataset=dataset, resolution=resolution, test_fraction=test_fraction,
-                        announce=announce, progress=progress)
+    data_dir), DiskFull or FeatureCacheError, each naming the folder or file and what to do.
+    Under a launch of several processes every process calls it: the main process prepares the data first (the
+    others then read it), and all of them share the cache's encoding (cache_features)."""
+    with ranks.main_first():
+        prep = use_prepared(data_dir, profile, dataset=dataset, resolution=resolution, test_fraction=test_fraction,
+                            announce=announce, progress=progress)
     path = cache_features(prep.train, data_dir, base_model=profile.base_model, ip_adapter=profile.ip_adapter,
                           image_encoder=profile.image_encoder, resolution=prep.info["resolution"],
                           batch_size=profile.feature_batch_size, device=device,

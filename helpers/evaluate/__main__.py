@@ -10,6 +10,11 @@ Ctrl-C stops the grid where it is and writes those files from the rows scored so
 
 It holds --out-dir's lock (helpers.support.lock) from start to end: a second command or notebook 05 on the same
 folder stops at once. Out of GPU memory: run it again with a smaller --batch-size; it resumes.
+
+On several GPUs, one process each, the processes share the grid's jobs (helpers.evaluate.grid) and end with
+the results.csv one process writes; the main process then writes the other files:
+
+    torchrun --nproc_per_node 2 -m helpers.evaluate ...        (or: accelerate launch -m helpers.evaluate ...)
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from ..data.prepare import use_prepared
 from ..profile import get_profile
 from ..sample.bank import load_models
 from ..sample.registry import parse_models
+from ..support import ranks
 from ..support.env import output_root, quiet_libraries
 from ..support.lock import FolderLock
 from .grid import LOCK_PURPOSE, run_grid
@@ -56,20 +62,27 @@ def main(argv=None):
                           eval_scales=tuple(float(s) for s in args.scales.split(",")) if args.scales.strip() else None,
                           eval_seeds=tuple(int(s) for s in args.seeds.split(",")) if args.seeds.strip() else None,
                           eval_batch_size=args.batch_size,
-                          eval_models=tuple(m.strip() for m in args.models.split(",") if m.strip()) or None)
+                          eval_models=tuple(m.strip() for m in args.models.split(",") if m.strip()) or None,
+                          announce=ranks.is_main())
+    ranks.start()  # under a launch: join its processes (each takes its own GPU) before loading anything
     with FolderLock(out_dir, LOCK_PURPOSE) as lock:  # before minutes of loading: a second writer stops at once
         return _evaluate(profile, data_dir, runs_dir, out_dir, args.extra_models, lock)
 
 
 def _evaluate(profile, data_dir, runs_dir, out_dir, extra_models, lock):
-    """The grid and notebook 05's files from it, written to out_dir (whose lock the caller holds and beats)."""
-    prep = use_prepared(data_dir, profile, progress=False)
+    """The grid and notebook 05's files from it, written to out_dir (whose lock the caller holds and beats).
+    Under a launch, every process runs its share of the grid; the main process prepares the data first and
+    writes the files."""
+    with ranks.main_first():  # data missing: the main process prepares it, the others then read it
+        prep = use_prepared(data_dir, profile, progress=False, announce=ranks.is_main())
     references, prompts = protocol(profile, prep)
     lock.beat()
-    bank = load_models(profile, runs_dir, extra=parse_models(extra_models), baselines=True)
+    bank = load_models(profile, runs_dir, extra=parse_models(extra_models), baselines=True, verbose=ranks.is_main())
     lock.beat()
     result = run_grid(bank, references, prompts, train=prep.train, out_dir=out_dir,
                       models=grid_models(profile, bank.names), **grid_settings(profile))
+    if not ranks.is_main():
+        return result
     print(f"{len(result.rows)} images ({result.n_resumed} from an earlier run, {result.n_generated} made now) in "
           f"{result.csv}\n{result.progress()}")
     if not result.rows:

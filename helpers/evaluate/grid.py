@@ -30,6 +30,14 @@ What makes it safe to stop and run again:
   writes, beating at each job; a second notebook or command on the same folder stops at once (FolderInUse).
 - Images are written atomically (helpers.support.atomic.replacing); results.csv is append-only, a cut last
   line dropped; a full disk raises helpers.support.disk.DiskFull naming the file.
+- Several processes (torchrun / accelerate launch, one per GPU; helpers.support.ranks): the jobs still to do are
+  dealt out round-robin, each process runs its own (the same batches, so the same images, as one process makes)
+  and appends their rows to its own share, results.rank-K.csv; at the end the main process merges the shares
+  into results.csv in the grid's order, in one atomic rewrite (helpers.evaluate.results.merge_shares), so the
+  file equals a one-process run's, row for row. The launch holds one lock (its ranks share it); shares are not
+  hidden temporaries, so the lock's clean-up never deletes them. A launch killed part way leaves its shares:
+  the next run, with any number of processes, merges them first and skips what they hold. In memory (out_dir
+  None) nothing is shared: every process makes the whole grid.
 - Out of GPU memory: EvaluationOutOfMemory names the batch size (notebook 05's EVAL_BATCH_SIZE, the command's
   --batch-size), which may change on resume. The batch is not part of a row's key, as an image depends on its
   seed, not its batch: rows made at another batch size agree within BATCH_TOLERANCE (floating-point rounding).
@@ -52,11 +60,12 @@ from ..sample.generate import generate as generate_images
 from ..sample.references import Reference
 from ..sample.registry import label
 from ..sample.saved import sample_filename
+from ..support import ranks
 from ..support.atomic import replacing
 from ..support.lock import FolderLock
 from .metrics import get_clip, get_dino, x100
 from .protocol import GRID_MODELS, PromptSpec, check_held_out
-from .results import IDENTITY, RESULTS_FILE, ResultsFile, load_samples, row_key
+from .results import IDENTITY, RESULTS_FILE, ResultsFile, load_samples, merge_shares, row_key, share_path
 from .stats import EDIT
 
 LOCK_PURPOSE = "evaluation"  # what the eval folder's lock says its writer is
@@ -233,7 +242,10 @@ def run_grid(bank, references: Sequence[Reference], prompts: Sequence[PromptSpec
 
     Order: the headline comparison first, reference by reference (_grid_jobs). An interrupt (KeyboardInterrupt:
     Colab's stop button, Ctrl-C) ends the grid where it is: the result holds the rows scored so far
-    (result.stopped; result.progress() says how far), and a rerun continues.
+    (result.stopped; result.progress() says how far), and a rerun continues. Under a launch of several
+    processes (WORLD_SIZE > 1) with an out_dir, the jobs are shared out (module docstring) and every process
+    returns the same result, read from the merged results.csv; an interrupt there stops the launch (it is raised),
+    and the next run merges what each process wrote.
     """
     references = list(references)
     _check_inputs(references, prompts, train)
@@ -241,42 +253,57 @@ def run_grid(bank, references: Sequence[Reference], prompts: Sequence[PromptSpec
     models = list(getattr(bank, "names", bank) if models is None else as_list(models))
     identities = {m: _identity(bank, m) for m in models}
     out_dir = Path(out_dir) if out_dir is not None else None
+    split = out_dir is not None and ranks.world_size() > 1  # a launch's processes share the jobs
+    say = print if ranks.is_main() else _silent
     with FolderLock(out_dir, LOCK_PURPOSE) if out_dir is not None else contextlib.nullcontext() as lock:
         clip_s, dino_s = get_clip(clip), get_dino(dino)  # loaded once per process (a first download takes a while)
         if lock is not None:
             lock.beat()
-        results = ResultsFile(out_dir / RESULTS_FILE if out_dir is not None else None, clip_model=clip_s.name,
-                              dino_model=dino_s.name)
-        if results.dropped_partial_line:
-            print(f"{results.path}: dropped a last line cut short by an interruption")
         jobs = list(_grid_jobs(models, identities, scales, references, prompts, seeds, steps, guidance))
         planned = [k for *_, keys in jobs for k in keys]
-        n_stale = _say_stale(results, planned, identities)
+        results, last_keys = _open_results(out_dir, planned, clip_s.name, dino_s.name, split, say)
+        n_stale = _say_stale(results, planned, identities, say)
         resumed = sum(results.has(k) for k in planned)
         if resumed:
-            print(f"Resuming: {resumed} of {len(planned)} images are already in {results.path}")
+            say(f"Resuming: {resumed} of {len(planned)} images are already in {results.path}")
+        todo = [job for job in jobs if not all(results.has(k) for k in job[3])]
+        mine = ranks.my_share(todo) if split else todo
+        if split:
+            say(f"{len(todo)} jobs (model x scale x reference) to do, shared by {ranks.world_size()} processes; "
+                f"each writes its rows to its own {share_path(out_dir, 0).name.replace('-0.', '-K.')}, merged into "
+                f"{RESULTS_FILE} at the end")
         bar = None
-        if progress:
+        if progress and ranks.is_main():
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(planned), initial=resumed, desc="generating + scoring", unit="img")
+            bar = (tqdm(total=sum(len(keys) for *_, keys in mine), desc="generating + scoring (process 0's share)",
+                        unit="img") if split else
+                   tqdm(total=len(planned), initial=resumed, desc="generating + scoring", unit="img"))
+        writer = ResultsFile(share_path(out_dir, ranks.rank()), clip_model=clip_s.name,
+                             dino_model=dino_s.name) if split else results
         grid = _Grid(bank, references, prompts, results, out_dir, tuple(seeds), steps, guidance, batch_size,
-                     generate or generate_images, clip_s, dino_s,
-                     last_key=row_key(results.rows[-1]) if results.rows else None)
+                     generate or generate_images, clip_s, dino_s, writer=writer, last_keys=last_keys)
         stopped = False
         try:
-            for model, scale, ref, keys in jobs:
-                if not all(results.has(k) for k in keys):
-                    if lock is not None:
-                        lock.beat()
-                    n = grid.run_job(model, scale, ref, keys)
-                    if bar is not None:
-                        bar.update(n)
+            for model, scale, ref, keys in mine:
+                if lock is not None:
+                    lock.beat()
+                n = grid.run_job(model, scale, ref, keys)
+                if bar is not None:
+                    bar.update(n)
         except KeyboardInterrupt:  # stopped by hand: what is scored stays scored, and is the result
+            if split:  # every process of the launch stops; the next run merges their shares
+                raise
             stopped = True
         finally:
             if bar is not None:
                 bar.close()
+        if split:  # the shares into results.csv, in the grid's order, by the main process; then all read it
+            ranks.wait_for_everyone()
+            if ranks.is_main():
+                merge_shares(results, planned, clip_model=clip_s.name, dino_model=dino_s.name)
+            ranks.wait_for_everyone()
+            results = ResultsFile(results.path)
     by_key = {row_key(r): r for r in results.rows}
     rows = [by_key[k] for k in planned if k in by_key]
     return GridResult(rows, results.path, len(rows) - resumed, resumed, len(results.rows) - len(rows),
@@ -294,7 +321,35 @@ def _identity(bank, model: str) -> str:
                     f"(with a stand-in generate) {{model name: adapter identity}}, not {type(bank).__name__}")
 
 
-def _say_stale(results: ResultsFile, planned: list[tuple], identities: dict[str, str]) -> int:
+def _silent(*args, **kwargs) -> None:
+    """print for the processes of a launch but the main one (which alone speaks)."""
+
+
+def _open_results(out_dir, planned, clip_model, dino_model, split, say) -> tuple[ResultsFile, set]:
+    """results.csv with every share merged into it (results.merge_shares: the shares a killed launch left, in the
+    grid's order `planned`), and the keys whose job is made again whole. Under a launch (split) the main process
+    merges while the others wait, after every process holds the lock (its clean-up of temporaries done)."""
+    path = out_dir / RESULTS_FILE if out_dir is not None else None
+    if split:
+        ranks.wait_for_everyone()
+    last: set = set()
+    if not split or ranks.is_main():
+        results = ResultsFile(path, clip_model=clip_model, dino_model=dino_model)
+        if results.dropped_partial_line:
+            say(f"{results.path}: dropped a last line cut short by an interruption")
+        before = len(results.rows)
+        last = merge_shares(results, planned, clip_model=clip_model, dino_model=dino_model)
+        if len(results.rows) > before:
+            say(f"{results.path}: merged {len(results.rows) - before} rows that processes of an earlier launch had "
+                "written to their own shares")
+    if split:
+        last = ranks.from_main(last)  # also waits for the merge
+        if not ranks.is_main():
+            results = ResultsFile(path, clip_model=clip_model, dino_model=dino_model)
+    return results, last
+
+
+def _say_stale(results: ResultsFile, planned: list[tuple], identities: dict[str, str], say=print) -> int:
     """Print, per model, how many of its rows were made by an earlier adapter (another identity) and are missing
     for the current one: they are regenerated. Returns how many there are."""
     wanted = {k[:1] + k[2:] for k in planned if not results.has(k)}  # the missing keys, identity left out
@@ -304,8 +359,8 @@ def _say_stale(results: ResultsFile, planned: list[tuple], identities: dict[str,
     for model in identities:
         ids = {i: n for (m, i), n in old.items() if m == model}
         if ids:
-            print(f"model {model}: {sum(ids.values())} rows of an earlier adapter (id {', '.join(ids)}) are out of "
-                  f"date; regenerating with id {identities[model]}")
+            say(f"model {model}: {sum(ids.values())} rows of an earlier adapter (id {', '.join(ids)}) are out of "
+                f"date; regenerating with id {identities[model]}")
     return sum(old.values())
 
 
@@ -340,19 +395,21 @@ class _Grid:
     generate: object
     clip: object
     dino: object
-    last_key: tuple | None = None  # the key of results.csv's last row when this run started
+    writer: ResultsFile | None = None  # where this process appends its rows: results, or its share under a launch
+    last_keys: set = field(default_factory=set)  # results.csv's and each share's last row when this run started
     images: dict = field(default_factory=dict)  # row key -> PIL image, when there is no out_dir
     seconds_generating: float = 0.0
     seconds_scoring: float = 0.0
 
     def run_job(self, model: str, scale: float, ref: Reference, keys: list[tuple]) -> int:
         """One job: generate the images of one reference's prompts x seeds at one model and scale that
-        results.csv lacks, save them (or keep them in `images`), score them and append their rows to results.csv.
-        Returns how many were made. A job that results.csv holds in part (the grid grew by prompts or seeds) is
-        completed with its missing images alone, except the job of the file's last row, which an interruption
-        may have cut short: it is made again whole (its rows there are kept), in the batches an uninterrupted
-        run makes, so the CSV ends the same byte for byte."""
-        missing = keys if self.last_key in keys else [k for k in keys if not self.results.has(k)]
+        results.csv lacks, save them (or keep them in `images`), score them and append their rows to results.csv
+        (to this process's share under a launch). Returns how many were made. A job that results.csv holds in
+        part (the grid grew by prompts or seeds) is completed with its missing images alone, except the job of
+        the file's last row (or a share's), which an interruption may have cut short: it is made again whole
+        (its rows there are kept), in the batches an uninterrupted run makes, so the CSV ends the same byte for
+        byte."""
+        missing = keys if self.last_keys & set(keys) else [k for k in keys if not self.results.has(k)]
         start = time.perf_counter()
         made = []
         for prompts, seeds in _products(missing):  # one call when nothing of the job is there yet
@@ -369,8 +426,8 @@ class _Grid:
                     s.image.convert("RGB").save(tmp, format="JPEG", quality=95)
         else:
             self.images.update((row_key(s), s.image) for s in made)
-        self.results.append(score_samples(made, self.references, self.prompts, clip=self.clip, dino=self.dino,
-                                          files=files))
+        rows = score_samples(made, self.references, self.prompts, clip=self.clip, dino=self.dino, files=files)
+        (self.writer or self.results).append([r for r in rows if not self.results.has(row_key(r))])
         self.seconds_scoring += time.perf_counter() - start
         return n_new
 

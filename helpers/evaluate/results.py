@@ -18,6 +18,12 @@ fails (a full disk: helpers.support.disk.DiskFull naming the file) is cut back t
 else that is not a row of this format (another version's columns, a second header line, a damaged line, a
 row repeated) raises ResultsFileError naming the file, the line and what to do. One writer at a time:
 run_grid holds the eval folder's lock (helpers.support.lock) while it appends.
+
+Under a launch of several processes (torchrun, accelerate launch; helpers.support.ranks), each process appends
+its own rows to its own share, results.rank-K.csv beside results.csv (same format; a name the lock's clean-up of
+temporaries never touches), and `merge_shares` moves them into results.csv in the grid's order, in one atomic
+rewrite (a temporary file renamed over it), then deletes the shares. A share left by a killed launch is merged
+the same way when the next run starts.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from ..support.disk import disk_errors
 from .stats import IDENTITY  # "adapter_sha256": the column naming the weights a row was made with
 
 RESULTS_FILE = "results.csv"  # in the eval folder (helpers.evaluate.outputs names the other files)
+SHARE_PREFIX, SHARE_SUFFIX = "results.rank-", ".csv"  # results.rank-K.csv: process K's rows, not merged yet
 CSV_COLUMNS = ("model", "adapter_sha256", "scale", "reference", "prompt", "prompt_kind", "edit", "seed", "steps",
                "guidance", "clip_t", "clip_t_x100", "clip_i", "clip_i_x100", "dino", "clip_model", "dino_model", "file")
 KEY_COLUMNS = ("model", "adapter_sha256", "scale", "reference", "prompt", "seed", "steps", "guidance")
@@ -147,6 +154,17 @@ class ResultsFile:
     def has(self, key: tuple) -> bool:
         return key in self._keys
 
+    def add_at_once(self, rows) -> None:
+        """Add rows (those not there yet) by rewriting the whole file at once: a temporary file renamed over it
+        (helpers.support.atomic), so it holds all of them or none, whatever stops the write."""
+        rows = [r for r in rows if row_key(r) not in self._keys]
+        if not rows or self.path is None:
+            return
+        old = self.path.read_text() if self.path.is_file() else ""
+        self._replace((old or ",".join(CSV_COLUMNS) + "\n") + format_rows(rows))
+        self.rows += [_typed({c: r[c] for c in CSV_COLUMNS}) for r in rows]
+        self._keys.update(row_key(r) for r in rows)
+
     def append(self, rows) -> None:
         """Append rows (dicts with CSV_COLUMNS) in one write, then flush and fsync: on disk before it returns.
         A write that fails (a full disk: DiskFull naming the file) leaves the file as it was before it."""
@@ -166,6 +184,48 @@ class ResultsFile:
                 raise
         self.rows += [_typed({c: r[c] for c in CSV_COLUMNS}) for r in rows]
         self._keys.update(row_key(r) for r in rows)
+
+
+def share_path(out_dir, rank: int) -> Path:
+    """Where process `rank` of a launch writes its rows: out_dir/results.rank-K.csv."""
+    return Path(out_dir) / f"{SHARE_PREFIX}{int(rank)}{SHARE_SUFFIX}"
+
+
+def share_paths(out_dir) -> list[Path]:
+    """The shares in out_dir (results.rank-K.csv), by K."""
+    found = []
+    for p in Path(out_dir).glob(f"{SHARE_PREFIX}*{SHARE_SUFFIX}"):
+        k = p.name[len(SHARE_PREFIX):-len(SHARE_SUFFIX)]
+        if k.isdigit():
+            found.append((int(k), p))
+    return [p for _, p in sorted(found)]
+
+
+def merge_shares(results: ResultsFile, order=(), *, clip_model: str | None = None,
+                 dino_model: str | None = None) -> set[tuple]:
+    """Move every share beside `results` (results.rank-K.csv, of this launch or of one that was killed) into it:
+    the rows it lacks, those whose key is in `order` (the grid's row keys, in generation order) in that order,
+    then the others in share order, added at once (ResultsFile.add_at_once: atomic); then delete the shares.
+    A crash before the deletion leaves shares whose rows are all in results.csv: merged again, they add nothing.
+    Returns the keys of the last row of results.csv and of each share as found: a cut may have left that row's
+    job in part, and run_grid makes such a job again whole (keeping the rows), in the batches it had.
+    clip_model, dino_model: as for ResultsFile (a share scored with other models raises ResultsFileError)."""
+    last = {row_key(results.rows[-1])} if results.rows else set()
+    if results.path is None:
+        return last
+    shares = share_paths(results.path.parent)
+    new: dict[tuple, dict] = {}
+    for share in shares:
+        rows = ResultsFile(share, clip_model=clip_model, dino_model=dino_model).rows
+        last.update(row_key(r) for r in rows[-1:])
+        for r in rows:
+            if not results.has(row_key(r)):
+                new.setdefault(row_key(r), r)
+    position = {k: i for i, k in enumerate(order)}
+    results.add_at_once(sorted(new.values(), key=lambda r: position.get(row_key(r), len(position))))
+    for share in shares:
+        share.unlink(missing_ok=True)
+    return last
 
 
 def _parses(column: str, value: str) -> bool:

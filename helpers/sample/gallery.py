@@ -1,6 +1,8 @@
-"""Generated images laid out as a labelled grid (a PIL image): notebooks 03, 04 and 05, and the model card.
+"""Generated images laid out as a labelled grid (a PIL image): notebooks 03, 04 and 05, and the model card; and
+a gallery's images made by the processes of a launch together.
 
     image_grid(samples, rows=("reference", "prompt"), cols="model")   rows and columns named by Sample settings
+    samples = generate_shared(bank, references, prompts, scales=..., seeds=...)   generate's images, any launch
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ import textwrap
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ..support import ranks
 from .generate import SETTING_NAMES, Sample, as_list
+from .generate import generate as generate_images
 
 
 def _font(size: int):
@@ -90,3 +94,29 @@ def image_grid(samples: list[Sample], rows=("reference", "prompt"), cols=("model
                 grid.paste(s.image.convert("RGB").resize((cell, cell), resample), (x0 + j * cell, y))
     grid.info.update(rows=row_labels, cols=col_labels, title=title or "")
     return grid
+
+
+def generate_shared(bank, references: dict, prompts, *, models=None, scales=(1.0,), seeds=(0,), generate=None,
+                    **settings) -> list[Sample]:
+    """helpers.sample.generate.generate(bank, references, prompts, ...), made by the processes of a launch
+    together (torchrun / accelerate launch, one per GPU; helpers.support.ranks): its jobs, model x scale x
+    reference, dealt out round-robin, each made by one call of generate as one process makes it (a call's
+    batches hold one reference's prompts x seeds, so the batches and the images are the same), and every
+    image gathered back to every process, in generate's order (models x scales x references x prompts x seeds).
+    A lone process (notebook 04) calls generate once, as before.
+
+    generate: the generation function (default helpers.sample.generate.generate; tests pass a stand-in);
+    settings: generate's other arguments (steps, guidance, batch_size, ...; progress defaults to the main
+    process's)."""
+    generate = generate or generate_images
+    if ranks.world_size() == 1:
+        return generate(bank, references, prompts, models=models, scales=scales, seeds=seeds, **settings)
+    settings.setdefault("progress", ranks.is_main())
+    table = ({r: as_list(prompts.get(r, [])) for r in references} if isinstance(prompts, dict)
+             else {r: as_list(prompts) for r in references})
+    models = list(getattr(bank, "names", bank) if models is None else as_list(models))
+    jobs = [(m, float(s), r) for m in models for s in as_list(scales) for r in references]
+    mine = {job: generate(bank, {job[2]: references[job[2]]}, {job[2]: table[job[2]]}, models=[job[0]],
+                          scales=(job[1],), seeds=seeds, **settings) for job in ranks.my_share(jobs)}
+    made = {job: samples for share in ranks.gather(mine) for job, samples in share.items()}
+    return [s for job in jobs for s in made[job]]

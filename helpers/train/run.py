@@ -123,14 +123,14 @@ def _accelerator_and_recipe(config: TrainConfig):
 
 
 def _data(config: TrainConfig, accelerator, profile, data_dir: Path, *, progress: bool):
-    """Step 2: notebook 01's data and its feature cache (the main process builds them, the others then read
-    them), a fresh start if asked, and the pairs of a non-self pairing. Returns (prep, features, cache metadata,
+    """Step 2: notebook 01's data and its feature cache (the main process prepares the data, then every process
+    encodes its share of the cache), a fresh start if asked, and the pairs of a non-self pairing. Returns (prep, features, cache metadata,
     pairs or None)."""
     main = accelerator.is_main_process
-    with accelerator.main_process_first():
-        prep, cache_path = prepare_for_training(profile, data_dir, progress=progress, announce=main,
-                                                dataset=config.dataset, resolution=config.resolution,
-                                                test_fraction=config.test_fraction)
+    # every process: the main one prepares the data first, then all share the cache's encoding
+    prep, cache_path = prepare_for_training(profile, data_dir, progress=progress, announce=main,
+                                            dataset=config.dataset, resolution=config.resolution,
+                                            test_fraction=config.test_fraction)
     feats, cache_meta = load_feature_cache(cache_path)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # this run's own peak: from here on (the cache step freed its models)

@@ -1,11 +1,14 @@
 """helpers.data.features: the cache equals diffusers' own encoders, is reused while nothing changes, rebuilt when anything does."""
 import json
 import os
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _launch import as_process, one_test_part, torchrun
 
 import helpers.data.features as features_module
 import helpers.data.prepare as prepare_module
@@ -16,6 +19,7 @@ from helpers.data.features import (
     prepare_for_training,
 )
 from helpers.model.pipeline import load_pipeline
+from helpers.support.lock import clean_temporaries
 
 
 @pytest.fixture(scope="module")
@@ -224,3 +228,51 @@ def test_the_cache_stays_valid_across_a_swap_of_the_same_data_and_not_of_other_d
     other = prepare_dataset(tmp_path / "pics", data, resolution=64, test_fraction=0, progress=False)
     cache_features(other.train, data, resolution=32, **kw)  # other pixels, the same cache resolution
     assert path.stat().st_mtime_ns != stamp
+
+
+# Several processes (issue 28): the cache's jobs shared out, merged by the main process into the same tensors
+
+
+def _same_cache(a, b):
+    ta, ma = load_feature_cache(a)
+    tb, mb = load_feature_cache(b)
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), "other tensors"
+    assert ma == mb  # fingerprint, ids, scaling factor, device
+
+
+@one_test_part
+def test_a_cache_built_by_two_processes_equals_the_one_built_by_one(tiny_data, tmp_path):
+    """prepare_for_training in both processes of a torchrun launch (as training calls it): 3 batches and the null
+    features dealt out, each process's written to its shares, merged by the main process; no share left."""
+    prep, path, folder = tiny_data
+    data = tmp_path / "data"
+    shutil.copytree(folder, data)
+    (data / path.name).unlink()
+    out = torchrun(Path(__file__).with_name("_cache_launch.py"), data).stdout
+    # 36 rows at the profile's 16 per batch: process 0 encodes rows 0-15 and 32-35, process 1 rows 16-31 (and null)
+    assert sorted(re.findall(r"process (\d) encoded (\d+) rows", out)) == [("0", "20"), ("1", "16")]
+    _same_cache(data / path.name, path)  # the session's cache, built by one process at the same batch size
+    assert _nothing_left(data) == []  # no share, no temporary, no lock
+
+
+def test_a_build_uses_the_shares_a_killed_launch_left(tiny_data, old_cache, tmp_path, monkeypatch):
+    """Process 1 of a 2-process launch writes its shares and the launch dies before the merge; a one-process
+    build then encodes only the jobs it lacks and ends with the cache one process builds."""
+    copy, before, rows, kw = old_cache
+    copy.unlink()
+    one = tmp_path / "one"
+    cache_features(rows, one, batch_size=2, **kw)  # 3 batches + the null features, by one process
+    encoded = []
+    real = features_module.encode_batch
+    monkeypatch.setattr(features_module, "encode_batch", lambda p, im, t, r: encoded.append(len(t)) or real(p, im, t, r))
+    with monkeypatch.context() as m:  # process 1 of 2: jobs 2 and 4 of [rows 0-1, 2-3, 4-5, null], and no merge
+        as_process(m, 1, 2)
+        cache_features(rows, tmp_path, batch_size=2, **kw)
+    shares = sorted(p.name for p in tmp_path.glob(".*.share-*"))
+    assert encoded == [2] and not copy.exists()
+    assert shares == [f".{copy.name}.share-null", f".{copy.name}.share-rows-2-4"]
+    assert clean_temporaries(tmp_path) == [] and len(list(tmp_path.glob(".*.share-*"))) == 2  # the lock keeps them
+    cache_features(rows, tmp_path, batch_size=2, **kw)  # the next run, alone
+    assert encoded == [2, 2, 2]  # rows 0-1 and 4-5: the shares' jobs are not done again
+    _same_cache(copy, one / copy.name)
+    assert _nothing_left(tmp_path) == []

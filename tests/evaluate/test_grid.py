@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from _grid import fake_generate, grid, identities, split  # noqa: F401
+from _launch import as_process
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -21,7 +22,7 @@ import helpers.evaluate.results as results_module
 from helpers.evaluate.grid import BATCH_TOLERANCE, EvaluationOutOfMemory, run_grid
 from helpers.evaluate.headline import headline
 from helpers.evaluate.protocol import build_prompts
-from helpers.evaluate.results import ResultsFile, row_key
+from helpers.evaluate.results import ResultsFile, row_key, share_path, share_paths
 from helpers.evaluate.stats import matched_gain, summarize
 from helpers.model.adapter_file import ADAPTER_FILE
 from helpers.sample.references import pick_references
@@ -321,3 +322,21 @@ def test_a_grid_grown_in_a_later_sitting_keeps_every_row_and_makes_only_the_new_
     fresh = run_grid(weights, more, more_prompts, scales=(0.5, 1.0), seeds=(0, 1), out_dir=tmp_path / "fresh",
                      models=bigger, generate=fake_generate, **settings)
     same_rows(grown.rows, fresh.rows, tolerance=BATCH_TOLERANCE)  # an old image was scored in a smaller batch
+
+
+def test_a_launchs_process_writes_only_its_share_and_a_lone_rerun_merges_it(split, tiny_profile, tmp_path,
+                                                                            monkeypatch):
+    """Process 1 of a 2-process launch whose main process died: it makes every other job (round-robin) into its
+    own results.rank-1.csv and never touches results.csv. A rerun in one process merges that share, makes only
+    the rest and ends with the rows and values of one process's run."""
+    whole, _, _ = grid(split, tiny_profile, tmp_path / "whole", models=TWO)
+    jobs = [whole.planned[i:i + 4] for i in range(0, len(whole.planned), 4)]  # 2 prompts x 2 seeds per job
+    with monkeypatch.context() as m:
+        as_process(m, 1, 2)
+        grid(split, tiny_profile, tmp_path / "cut", models=TWO)
+    assert not (tmp_path / "cut" / "results.csv").exists()
+    share = ResultsFile(share_path(tmp_path / "cut", 1)).rows
+    assert [row_key(r) for r in share] == [k for job in jobs[1::2] for k in job]
+    again, _, _ = grid(split, tiny_profile, tmp_path / "cut", models=TWO)
+    assert again.n_resumed == len(share) and again.n_generated == len(whole.rows) - len(share)
+    assert again.rows == whole.rows and share_paths(tmp_path / "cut") == []

@@ -4,8 +4,19 @@ line is fixed ends with the rows of an uninterrupted run."""
 import pytest
 from _grid import grid, split  # noqa: F401
 
-from helpers.evaluate.results import CSV_COLUMNS, KEY_COLUMNS, ResultsFile, ResultsFileError, format_rows, row_key
+from helpers.evaluate.results import (
+    CSV_COLUMNS,
+    KEY_COLUMNS,
+    ResultsFile,
+    ResultsFileError,
+    format_rows,
+    merge_shares,
+    row_key,
+    share_path,
+    share_paths,
+)
 from helpers.sample.registry import MODEL_NAMES
+from helpers.support.lock import clean_temporaries
 
 TWO = MODEL_NAMES[:2]
 
@@ -69,3 +80,30 @@ def test_two_writers_opened_on_one_file_are_caught_when_read(whole, tmp_path):
     with pytest.raises(ResultsFileError, match="line 6 repeats the image of line 2"):
         ResultsFile(path)
     assert path.read_text().count("\n") == 9 and format_rows(whole.rows[:1]) in path.read_text()
+
+
+def test_shares_are_merged_in_the_grids_order_once_and_then_deleted(whole, tmp_path):
+    """results.rank-K.csv of two processes (each every other job, the second cut in the middle of its last line)
+    into results.csv: its rows in the order given, each once, the shares gone; the keys of each file's last row
+    (whose job a rerun makes again whole) come back."""
+    rows = whole.rows
+    ResultsFile(tmp_path / "results.csv").append(rows[:4])
+    shares = [share_path(tmp_path, k) for k in (0, 1)]
+    ResultsFile(shares[0]).append(rows[2:4] + rows[8:12])  # rows 2, 3 are in results.csv already
+    ResultsFile(shares[1]).append(rows[4:8] + rows[12:14])
+    shares[1].write_text(shares[1].read_text()[:-20])  # row 13 cut short
+    assert clean_temporaries(tmp_path) == [] and share_paths(tmp_path) == shares  # the lock's clean-up keeps them
+    results = ResultsFile(tmp_path / "results.csv")
+    last = merge_shares(results, [row_key(r) for r in rows])
+    assert last == {row_key(rows[3]), row_key(rows[11]), row_key(rows[12])}
+    assert ResultsFile(tmp_path / "results.csv").rows == results.rows == rows[:13]
+    assert share_paths(tmp_path) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["results.csv"]
+    # a share whose rows are all there already (a crash after the merge, before the deletion) adds nothing
+    ResultsFile(shares[0]).append(rows[8:12])
+    before = (tmp_path / "results.csv").read_bytes()
+    merge_shares(ResultsFile(tmp_path / "results.csv"))
+    assert (tmp_path / "results.csv").read_bytes() == before and share_paths(tmp_path) == []
+    # a share scored with another CLIP does not mix
+    ResultsFile(shares[1]).append([dict(r, clip_model="another/clip") for r in rows[20:21]])
+    with pytest.raises(ResultsFileError, match="scored with CLIP"):
+        merge_shares(ResultsFile(tmp_path / "results.csv"), clip_model=rows[0]["clip_model"])
