@@ -5,6 +5,7 @@ encoders.
     tensors, meta = load_feature_cache(path)
     prep, path = prepare_for_training(profile, data_dir)    # notebook 01's data as it is + its cache
     mirror = cache_mirror_features(prep.train, path, ...)   # features of the flipped images (mirror pairing)
+    path = cache_image_variant(prep.train, path, "masked", transform, ...)  # other pictures' (helpers.train.masking)
 
 Tensors (rows in the split's order; sizes for SD 1.5 + ViT-H/14 at 512 px; see encode_batch, null_features):
     latent_mean, latent_std (N, 4, 64, 64); image_embeds (N, 257, 1280); text_embeds (N, 77, 768);
@@ -343,26 +344,34 @@ def load_feature_cache(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 MIRROR_VERSION = "1"  # bump when mirror features would come out different
 
 
+def variant_cache_path(cache_path, name: str) -> Path:
+    """Where cache_image_variant keeps the `name` features of a feature cache: <stem>_<name>.safetensors beside it."""
+    cache_path = Path(cache_path)
+    return cache_path.with_name(f"{cache_path.stem}_{name}.safetensors")
+
+
 def mirror_cache_path(cache_path) -> Path:
     """Where cache_mirror_features keeps the mirror features of a feature cache: <stem>_mirror.safetensors beside it."""
-    cache_path = Path(cache_path)
-    return cache_path.with_name(f"{cache_path.stem}_mirror.safetensors")
+    return variant_cache_path(cache_path, "mirror")
 
 
-def cache_mirror_features(split, cache_path, *, base_model, ip_adapter, image_encoder=None, resolution: int,
-                          batch_size: int = 16, device=None, progress: bool = True) -> Path:
-    """Image-encoder features of every row of `split` mirrored left to right (helpers.train.pairing's `mirror`
-    pairing), written beside the feature cache `cache_path` (mirror_cache_path) and returned as a path.
+def cache_image_variant(split, cache_path, name: str, transform, *, version: str, extra_meta: dict[str, str] | None = None,
+                        base_model, ip_adapter, image_encoder=None, resolution: int, batch_size: int = 16, device=None,
+                        progress: bool = True) -> Path:
+    """Image-encoder features of every row of `split` with its picture changed by `transform`, written beside the
+    feature cache `cache_path` (variant_cache_path(cache_path, name)) and returned as a path.
 
-    Tensor: mirror_image_embeds (N, 257, 1280) fp16, rows in the cache's order: encode_images of
-    ImageOps.mirror(center_square(image)), the same preprocessing as the cache's image_embeds.
+    transform(i, image) -> PIL RGB: row i's picture after the cache's preprocessing (center_square at
+    `resolution`, RGB) as the encoder should see it (mirror: flipped; helpers.train.masking: background filled).
+    Tensor: "{name}_image_embeds" (N, 257, 1280) fp16, rows in the cache's order: encode_images of the changed
+    pictures, the same preprocessing as the cache's image_embeds.
     A file of its own rather than more tensors in the cache: the cache's fingerprint decides reuse for every
     run, and a cache whose contents depended on a training option would need that option in its fingerprint
-    (a full rebuild, VAE included, whenever a mirror run comes and goes). This file records the cache's
-    fingerprint instead: it is reused while the cache is unchanged and rebuilt with it (one image-encoder
-    pass over the flipped images). It is built under the same lock, disk and memory rules as cache_features.
+    (a full rebuild, VAE included, whenever such a run comes and goes). This file records the cache's
+    fingerprint instead, with `version` and `extra_meta` (what else the pictures depend on, e.g. the masks'
+    fingerprint): it is reused while all of them are unchanged and rebuilt otherwise (one image-encoder pass).
+    It is built under the same lock, disk and memory rules as cache_features.
     """
-    from PIL import ImageOps
     from safetensors import safe_open
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
@@ -375,21 +384,21 @@ def cache_mirror_features(split, cache_path, *, base_model, ip_adapter, image_en
     if json.loads(cache_meta["ids"]) != list(split["id"]):
         raise ValueError(f"{cache_path}: its rows are not this split's (ids differ); rebuild it with "
                          "prepare_for_training on the same data folder")
-    path = mirror_cache_path(cache_path)
-    meta = {"format": "ipa-mirror-features", "version": MIRROR_VERSION, "cache_fingerprint": cache_meta["fingerprint"],
-            "ids": cache_meta["ids"]}
+    path = variant_cache_path(cache_path, name)
+    meta = {"format": f"ipa-{name.replace('_', '-')}-features", "version": version,
+            "cache_fingerprint": cache_meta["fingerprint"], "ids": cache_meta["ids"], **(extra_meta or {})}
     if _holds(path, meta):
         return path
-    with FolderLock(path.parent, "caching mirror features") as lock:  # the same rules as cache_features
+    with FolderLock(path.parent, f"caching {name} features") as lock:  # the same rules as cache_features
         if _holds(path, meta):
             return path
         pipe = load_pipeline(base_model, ip_adapter, variant="vanilla", image_encoder=image_encoder, device=device)
         chunks = []
         try:
-            with torch.no_grad(), tqdm(total=len(split), desc="mirror features", unit="img", disable=not progress) as bar:
+            with torch.no_grad(), tqdm(total=len(split), desc=f"{name} features", unit="img", disable=not progress) as bar:
                 for s in range(0, len(split), batch_size):
-                    images = [ImageOps.mirror(center_square(im.convert("RGB"), resolution))
-                              for im in split[s:s + batch_size]["image"]]
+                    images = [transform(s + k, center_square(im.convert("RGB"), resolution))
+                              for k, im in enumerate(split[s:s + batch_size]["image"])]
                     chunks.append(encode_images(pipe, images).to("cpu", torch.float16))
                     bar.update(len(images))
                     lock.beat()
@@ -399,10 +408,29 @@ def cache_mirror_features(split, cache_path, *, base_model, ip_adapter, image_en
         if chunks is None:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            raise _out_of_memory(path, batch_size, "caching mirror features")
+            raise _out_of_memory(path, batch_size, f"caching {name} features")
+        tensors = {f"{name}_image_embeds": torch.cat(chunks).contiguous()}
+        check_space(path.parent, _nbytes(tensors), what=f"the {name} features {path}")
         with replacing(path) as tmp:
-            save_file({"mirror_image_embeds": torch.cat(chunks).contiguous()}, str(tmp), metadata=meta)
+            save_file(tensors, str(tmp), metadata=meta)
     return path
+
+
+def cache_mirror_features(split, cache_path, *, base_model, ip_adapter, image_encoder=None, resolution: int,
+                          batch_size: int = 16, device=None, progress: bool = True) -> Path:
+    """Image-encoder features of every row of `split` mirrored left to right (helpers.train.pairing's `mirror`
+    pairing), written beside the feature cache `cache_path` (mirror_cache_path) and returned as a path.
+
+    Tensor: mirror_image_embeds (N, 257, 1280) fp16, rows in the cache's order: encode_images of
+    ImageOps.mirror(center_square(image)), the same preprocessing as the cache's image_embeds
+    (cache_image_variant: reused while the cache is unchanged, rebuilt with it).
+    """
+    from PIL import ImageOps
+
+    return cache_image_variant(split, cache_path, "mirror", lambda i, image: ImageOps.mirror(image),
+                               version=MIRROR_VERSION, base_model=base_model, ip_adapter=ip_adapter,
+                               image_encoder=image_encoder, resolution=resolution, batch_size=batch_size,
+                               device=device, progress=progress)
 
 
 def prepare_for_training(profile, data_dir, *, device=None, progress: bool = True, announce: bool = True,

@@ -6,6 +6,11 @@ plot uses (`model_order`); `label(name)` is what plots and tables call it. A tra
 a `folder` under notebook 03's runs/; a baseline or ablation is an entry with a `source` (the model whose
 weights it reuses) and what it changes: `block=False`, `ip_layers` or `attention`. To add a model, add an entry
 (docs/architecture.md, "Where to change what"); helpers.sample.bank loads it.
+
+The masked runs (notebook 03's MASK, helpers.train.masking) are entries with a `mask`, in run folders named
+<twin's folder>-mask_<mask> (helpers.train.pairing.run_name); `masked_twins()` pairs each with the unmasked run
+it differs from by the mask alone. Like every trained model they are in the bank once their folder holds an
+adapter, and in notebook 05's grid only when asked (Profile.eval_models), never in the default one.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ class ModelSpec:
     block: bool = True  # False: run without the source's text-image block
     ip_layers: tuple[str, ...] | None = None  # IP-Adapter only in these UNet blocks (others at scale 0); None: all
     attention: str | None = None  # "conceptrol": IP attention masked by the prompt's subject (helpers.model.conceptrol)
+    mask: str = "none"  # trained with MASK "reference", "loss" or "both" (helpers.train.masking); "none": unmasked
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -46,6 +52,15 @@ MODELS: dict[str, ModelSpec] = {
                                                block=False),
     "finetuned-text-aware-neighbour": ModelSpec("fine-tuned text-aware, neighbour pairing",
                                                 folder="text_aware_neighbour", variant="text_aware"),
+    # trained on the character (opt-in, notebook 03's MASK): the reference's background filled, the loss
+    # weighted by the target's mask, or both; each against its twin finetuned-text-aware
+    "finetuned-text-aware-mask-reference": ModelSpec("fine-tuned text-aware, masked reference",
+                                                     folder="text_aware-mask_reference", variant="text_aware",
+                                                     mask="reference"),
+    "finetuned-text-aware-mask-loss": ModelSpec("fine-tuned text-aware, masked loss", folder="text_aware-mask_loss",
+                                                variant="text_aware", mask="loss"),
+    "finetuned-text-aware-mask-both": ModelSpec("fine-tuned text-aware, masked reference and loss",
+                                                folder="text_aware-mask_both", variant="text_aware", mask="both"),
 }
 
 FINETUNED = {name: (m.folder, m.variant) for name, m in MODELS.items() if m.folder}  # name -> (folder, variant)
@@ -53,6 +68,17 @@ FINETUNED = {name: (m.folder, m.variant) for name, m in MODELS.items() if m.fold
 BASELINES = tuple(name for name, m in MODELS.items() if m.source)  # derived from another model's weights
 
 MODEL_NAMES = tuple(MODELS)
+
+MASK_FOLDER = "-mask_"  # a masked run's folder: <its twin's folder>-mask_<mask> (helpers.train.pairing.run_name)
+
+
+def masked_twins() -> dict[str, str]:
+    """{masked model: its unmasked twin}: for each registry model trained with a mask, the registry model whose
+    run folder is the same but for the mask (same variant, pairing and recipe), e.g.
+    "finetuned-text-aware-mask-loss" -> "finetuned-text-aware"."""
+    by_folder = {m.folder: name for name, m in MODELS.items() if m.folder and m.mask == "none"}
+    return {name: by_folder[m.folder.split(MASK_FOLDER)[0]] for name, m in MODELS.items()
+            if m.folder and m.mask != "none"}
 
 
 def label(name: str) -> str:

@@ -7,6 +7,7 @@ holds. The batch is the recipe's global batch, split over the processes (config.
 
     loss.py         the objective: condition dropout, the epoch's order, the denoising loss
     pairing.py      which reference each target is conditioned on: self, mirror or neighbour
+    masking.py      training on the character: the reference's background filled, the loss weighted by the mask
     config.py       TrainConfig, the recipe's values against the profile, the command line, config.json
     run.py          what a run holds, built once (prepare_run), resumed, released
     step.py         one training step, and the checkpoint every K steps

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from ..profile import Profile, get_profile
 from ..support.atomic import write_json
+from .masking import MASKS
 from .pairing import PAIRINGS
 
 RUN_SETTINGS = "config.json"  # every value a run used, in its folder (written by helpers.train.loop)
@@ -39,7 +40,9 @@ RUN_SETTINGS = "config.json"  # every value a run used, in its folder (written b
 # `comparable_settings` reads older checkpoints' settings in today's terms
 RESUME_SETTINGS = {"variant": "variant", "global_batch_size": "global batch size (all processes together)",
                    "learning_rate": "learning rate", "weight_decay": "weight decay", "seed": "seed",
-                   "num_processes": "number of processes (GPUs)",
+                   "num_processes": "number of processes (GPUs)", "mask": "mask (MASK: none, reference, loss or both)",
+                   "masks": "masks (fingerprint of notebook 01's masks.safetensors: segmenter, threshold, data)",
+                   "mask_background_weight": "mask background weight (profile.mask_background_weight)",
                    "data": "training data (fingerprint of notebook 01's images and captions, resolution and models)"}
 
 
@@ -70,6 +73,7 @@ class TrainConfig:
     fresh_start: bool = False  # delete output_dir's checkpoints, loss log and adapter first, and start at step 0
     pairing: str = "self"  # self | mirror | neighbour (helpers.train.pairing)
     pairing_self_prob: float | None = None  # mirror/neighbour: fraction of samples kept self; None: 0.25
+    mask: str = "none"  # none | reference | loss | both (helpers.train.masking)
     # True: batch_size on EACH process (global batch x processes) and the learning rate scaled with it (batch_plan)
     scale_batch_with_gpus: bool = False
 
@@ -154,7 +158,10 @@ def batch_plan(batch_size: int, learning_rate: float, num_processes: int, scale_
 
 def comparable_settings(saved: dict) -> dict:
     """A checkpoint's saved settings in today's terms, for the RESUME_SETTINGS comparison: before the global
-    batch, `batch_size` was per process, so an older record's global batch is batch_size x num_processes."""
+    batch, `batch_size` was per process, so an older record's global batch is batch_size x num_processes;
+    before masks, every run was unmasked (mask "none")."""
+    if "mask" not in saved:
+        saved = {**saved, "mask": "none"}
     if "global_batch_size" in saved or "batch_size" not in saved:
         return saved
     return {**saved, "global_batch_size": saved["batch_size"] * (saved.get("num_processes") or 1)}
@@ -202,6 +209,9 @@ def argument_parser(description: str = "") -> argparse.ArgumentParser:
                     help="the reference of each target: itself (default), its mirror, or its nearest other drawing")
     ap.add_argument("--pairing-self-prob", type=float, default=None,
                     help="mirror/neighbour: fraction of samples that keep their own image (default 0.25)")
+    ap.add_argument("--mask", default="none", choices=MASKS,
+                    help="train on the character (notebook 01's masks): 'reference' fills the reference's background, "
+                         "'loss' weights the loss by the target's mask, 'both'; default none")
     return ap
 
 

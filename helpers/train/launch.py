@@ -43,7 +43,7 @@ from .loop import TrainResult, train
 
 # the Profile fields a training run reads that the command line does not carry (the recipe's it does)
 PROFILE_FIELDS = ("base_model", "ip_adapter", "image_encoder", "captioner", "dataset", "resolution", "test_fraction",
-                  "feature_batch_size", "random_weights")
+                  "feature_batch_size", "random_weights", "segmenter", "mask_threshold", "mask_background_weight")
 RESULT_FLAG = "--result-file"  # python -m helpers.train: where the main process writes its TrainResult (JSON)
 
 

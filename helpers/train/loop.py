@@ -4,7 +4,7 @@
 
     python -m helpers.train --profile tiny|full --variant vanilla|text_aware --output-dir DIR \\
            [--max-steps N] [--checkpoint-every K] [--seed S] [--batch-size B] [--epochs E] ...
-           [--pairing self|mirror|neighbour [--pairing-self-prob P]]
+           [--pairing self|mirror|neighbour [--pairing-self-prob P]] [--mask none|reference|loss|both]
 
 The recipe is the seed project's, the same for both variants so that the comparison isolates the
 architecture (helpers.profile holds its values; notebook 03 shows them). It starts from the pretrained

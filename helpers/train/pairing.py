@@ -57,10 +57,11 @@ class PairingError(ValueError):
     """A pairing that cannot be used (unknown name, bad probability, a run folder trained otherwise)."""
 
 
-def run_name(variant: str, pairing: str = "self") -> str:
-    """The run folder under runs/ for a variant trained with a pairing: "text_aware" for self,
-    "text_aware_neighbour" for neighbour. Self-paired runs are never overwritten by other pairings."""
-    return variant if pairing == "self" else f"{variant}_{pairing}"
+def run_name(variant: str, pairing: str = "self", mask: str = "none") -> str:
+    """The run folder under runs/ for a variant trained with a pairing and a mask (helpers.train.masking):
+    "text_aware" for self, "text_aware_neighbour" for neighbour, "text_aware-mask_loss" for self with MASK loss,
+    "text_aware_neighbour-mask_both". Runs of another pairing or mask never overwrite each other."""
+    return (variant if pairing == "self" else f"{variant}_{pairing}") + ("" if mask == "none" else f"-mask_{mask}")
 
 
 @dataclass

@@ -43,6 +43,7 @@ from .config import (
 from .errors import TrainingError
 from .loss import DROP_RATES
 from .loss_log import LOSS_LOG, LossLog
+from .masking import Masking, check_mask, cost_line, prepare_masking
 from .pairing import PAIRS_FILE, PairingError, run_pairs
 
 RUN_FILES = (LOSS_LOG, ADAPTER_FILE, RUN_SETTINGS, PAIRS_FILE)  # what a fresh start deletes, besides the checkpoints
@@ -56,7 +57,8 @@ class Run:
     accelerator: object  # accelerate.Accelerator
     profile: object  # helpers.profile.Profile: config.profile, or the one its name resolved to
     out: Path
-    feats: dict[str, torch.Tensor]  # the feature cache (helpers.data.features), fp16 on the CPU
+    feats: dict[str, torch.Tensor]  # the feature cache (helpers.data.features), fp16 on the CPU; with MASK
+    # reference or both, its image_embeds are the masked references' (helpers.train.masking)
     batch_size: int  # per process: the global batch / processes (config.batch_plan)
     steps_per_epoch: int
     max_steps: int
@@ -69,22 +71,27 @@ class Run:
     settings: dict = dataclasses.field(default_factory=dict)  # config.json: every value this run uses
     log: LossLog | None = None  # the buffered loss log (train() makes it once the start step is known)
     pairs: object = None  # helpers.train.pairing.Pairs; None: self pairing
+    masking: Masking | None = None  # helpers.train.masking; None: MASK none
     lock: object = None  # helpers.support.lock.FolderLock of `out`, held by train() for the whole run
 
 
 def prepare_run(config: TrainConfig, *, progress: bool = True) -> Run:
-    """Everything a run needs, in four steps: Accelerate and the recipe on config's profile (the Profile it
+    """Everything a run needs, in five steps: Accelerate and the recipe on config's profile (the Profile it
     carries, used as it is; a name is resolved here, once) with the batch split over the processes (a count
     that does not divide the global batch raises TrainingError), the data and its feature cache
-    (built if missing) with the pairs, the UNet with the adapter (trainable in fp32, the rest frozen in the
-    mixed-precision dtype) and AdamW prepared by Accelerate, and the settings the run records."""
+    (built if missing) with the pairs, a masked run's masks and masked features (its cost printed first), the
+    UNet with the adapter (trainable in fp32, the rest frozen in the mixed-precision dtype) and AdamW prepared
+    by Accelerate, and the settings the run records."""
     accelerator, profile, mp, r = _accelerator_and_recipe(config)
     main = accelerator.is_main_process
     data_dir = Path(config.data_dir) if config.data_dir else output_root(colab=in_colab(), drive=False) / "data"
-    prep, feats, cache_meta, pairs = _data(config, accelerator, profile, data_dir, progress=progress and main)
+    prep, feats, cache_meta, pairs, cache_path = _data(config, accelerator, profile, data_dir, progress=progress and main)
     n = feats["image_embeds"].shape[0]
     steps_per_epoch = math.ceil(n / r["global_batch_size"])
     steps = max_steps(config, profile, steps_per_epoch)
+    masking = _masking(config, accelerator, profile, prep, cache_path, feats, pairs, r, steps, progress=progress and main)
+    if masking is not None:
+        feats = masking.apply(feats, pairs)
     model, params, optimizer = _model(config, accelerator, profile, mp, r, feats["image_embeds"].shape[-1])
     settings = {**config.values(), **r, "max_steps": steps, "steps_per_epoch": steps_per_epoch,
                 "train_images": n, "data": cache_meta["fingerprint"][:16], "data_dir": str(data_dir),
@@ -94,13 +101,14 @@ def prepare_run(config: TrainConfig, *, progress: bool = True) -> Run:
                 "profile": profile.name, "base_model": profile.base_model, "ip_adapter": profile.ip_adapter,
                 "drop_rates": DROP_RATES,
                 "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-                "pairing_self_prob": pairs.self_prob if pairs else None, "pairing_rule": pairs.rule if pairs else None}
+                "pairing_self_prob": pairs.self_prob if pairs else None, "pairing_rule": pairs.rule if pairs else None,
+                "masks": None, "mask_background_weight": None, **(masking.settings() if masking else {})}
     from diffusers import DDPMScheduler
 
     return Run(config, accelerator, profile, Path(config.output_dir), feats, r["per_process_batch_size"], steps_per_epoch, steps,
                r["checkpoint_every"], model, params, optimizer,
                DDPMScheduler.from_pretrained(profile.base_model, subfolder="scheduler"),
-               _vae_scaling_factor(profile.base_model), settings, pairs=pairs)
+               _vae_scaling_factor(profile.base_model), settings, pairs=pairs, masking=masking)
 
 
 def _accelerator_and_recipe(config: TrainConfig):
@@ -124,8 +132,8 @@ def _accelerator_and_recipe(config: TrainConfig):
 
 def _data(config: TrainConfig, accelerator, profile, data_dir: Path, *, progress: bool):
     """Step 2: notebook 01's data and its feature cache (the main process prepares the data, then every process
-    encodes its share of the cache), a fresh start if asked, and the pairs of a non-self pairing. Returns (prep, features, cache metadata,
-    pairs or None)."""
+    encodes its share of the cache), a fresh start if asked, and the pairs of a non-self pairing. Returns (prep,
+    features, cache metadata, pairs or None, the cache's path)."""
     main = accelerator.is_main_process
     # every process: the main one prepares the data first, then all share the cache's encoding
     prep, cache_path = prepare_for_training(profile, data_dir, progress=progress, announce=main,
@@ -144,11 +152,33 @@ def _data(config: TrainConfig, accelerator, profile, data_dir: Path, *, progress
                               cache_path, feats, cache_meta, write=main, progress=progress)
     except PairingError as e:
         raise TrainingError(str(e)) from None
-    return prep, feats, cache_meta, pairs
+    return prep, feats, cache_meta, pairs, cache_path
+
+
+def _masking(config: TrainConfig, accelerator, profile, prep, cache_path, feats, pairs, r: dict, steps: int, *,
+             progress: bool) -> Masking | None:
+    """Step 3, MASK other than none: the run's cost, printed before anything else of it (helpers.train.masking.
+    cost_line), then the masks and the masked features (the main process makes what is missing, the others
+    then read it). None for MASK none."""
+    try:
+        if check_mask(config.mask) == "none":
+            return None
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+    main = accelerator.is_main_process
+    if main:
+        print(cost_line(config.mask, config.variant, steps, len(prep.train), checkpointing=r["gradient_checkpointing"],
+                        gpus=accelerator.num_processes, mirror=config.pairing == "mirror"))
+    try:
+        with accelerator.main_process_first():
+            return prepare_masking(config.mask, prep, profile, cache_path, feats, pairs, progress=progress,
+                                   announce=main)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
 
 
 def _model(config: TrainConfig, accelerator, profile, mp: str, r: dict, image_encoder_dim: int):
-    """Step 3: the UNet with the adapter, frozen in the mixed-precision dtype but for the adapter's parameters
+    """Step 4: the UNet with the adapter, frozen in the mixed-precision dtype but for the adapter's parameters
     (fp32: GradScaler needs them so), and AdamW over those, prepared by Accelerate."""
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp, torch.float32)
     unet = load_unet(profile.base_model, profile.ip_adapter, variant=config.variant,

@@ -22,7 +22,9 @@ def step_batch(run: Run, step: int) -> tuple[dict[str, torch.Tensor], torch.Gene
     exactly what an uninterrupted one sees.
 
     batch: latent_mean, latent_std (B, 4, r/8, r/8); text_embeds (B, 77, C); image_embeds (B, 257, 1280), the
-    features of each row's reference (helpers.train.pairing; self pairing: the row's own)
+    features of each row's reference (helpers.train.pairing; self pairing: the row's own; MASK reference or
+    both: of the reference with its background filled); MASK loss or both: latent_mask (B, r/8, r/8), each
+    target row's mask at latent size (helpers.train.masking)
     """
     acc, feats, b = run.accelerator, run.feats, run.batch_size
     global_batch = b * acc.num_processes
@@ -33,6 +35,8 @@ def step_batch(run: Run, step: int) -> tuple[dict[str, torch.Tensor], torch.Gene
     refs = None if run.pairs is None else run.pairs.references(feats, rows, seed=run.config.seed, step=step,
                                                                  process=acc.process_index)
     batch = make_batch(feats, rows, g, references=refs)
+    if run.masking is not None and run.masking.loss_masks is not None:
+        batch["latent_mask"] = run.masking.loss_masks[rows]  # the targets' (rows), whatever the reference
     return {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}, g
 
 
@@ -41,7 +45,8 @@ def training_step(run: Run, step: int) -> float:
     Returns the loss. Raises TrainingError on a non-finite loss or when the GPU runs out of memory."""
     batch, g = step_batch(run, step)
     try:
-        loss = diffusion_loss(run.model, run.scheduler, batch, g, run.scaling)
+        loss = diffusion_loss(run.model, run.scheduler, batch, g, run.scaling,
+                              background_weight=run.masking.background_weight if run.masking else None)
         if not torch.isfinite(loss):
             last = list_checkpoints(run.out)
             raise TrainingError(

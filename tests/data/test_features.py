@@ -14,9 +14,11 @@ import helpers.data.features as features_module
 import helpers.data.prepare as prepare_module
 from helpers.data.features import (
     cache_features,
+    cache_image_variant,
     feature_fingerprint,
     load_feature_cache,
     prepare_for_training,
+    variant_cache_path,
 )
 from helpers.model.pipeline import load_pipeline
 from helpers.support.lock import clean_temporaries
@@ -98,6 +100,49 @@ def test_prepare_for_training_is_idempotent(tiny_profile, tiny_data, monkeypatch
     monkeypatch.setattr(prepare_module, "decode_image_and_alpha", lambda *a, **k: pytest.fail("data re-prepared although nothing changed"))
     again, again_path = prepare_for_training(tiny_profile, folder, progress=False)
     assert again_path == path and list(again.train["id"]) == list(prep.train["id"])
+
+
+def test_an_image_variant_is_the_changed_pictures_features_reused_until_its_inputs_change(
+        tiny_profile, tiny_data, tiny_pipe, tmp_path, monkeypatch):
+    """cache_image_variant (the mirror's and the masked references' features): transform(i, picture) gets each
+    row's center-squared picture in the cache's order; the features are diffusers' encode_image of what it
+    returns; an unchanged file is reused without a model, and a change of its extra metadata rebuilds it."""
+    from PIL import ImageOps
+    from safetensors.torch import load_file
+
+    prep, path, _ = tiny_data
+    cache = tmp_path / path.name
+    shutil.copy2(path, cache)
+    given = []
+
+    def grey_corner(i, picture):  # a different change per row, so that a wrong row order shows
+        given.append((i, picture.size, picture.mode))
+        out = picture.copy()
+        out.paste((128, 128, 128), (0, 0, 8 + i % 8, 8))
+        return ImageOps.flip(out)
+
+    kw = dict(version="1", base_model=tiny_profile.base_model, ip_adapter=tiny_profile.ip_adapter,
+              resolution=tiny_profile.resolution, batch_size=7, progress=False)
+    out = cache_image_variant(prep.train, cache, "cornered", grey_corner, extra_meta={"corner": "grey"}, **kw)
+    r = tiny_profile.resolution
+    assert out == variant_cache_path(cache, "cornered") == tmp_path / "train_features_cornered.safetensors"
+    assert given == [(i, (r, r), "RGB") for i in range(len(prep.train))]
+    embeds = load_file(str(out))["cornered_image_embeds"]
+    for i in (0, 5):
+        given.clear()
+        picture = grey_corner(i, prep.train[i]["image"].convert("RGB"))
+        with torch.no_grad():
+            expected, _ = tiny_pipe.encode_image(picture, "cpu", 1, output_hidden_states=True)
+        torch.testing.assert_close(embeds[i].float(), expected[0], atol=2e-2, rtol=1e-2)
+    loads, real_load = [], load_pipeline
+    monkeypatch.setattr(features_module, "load_pipeline", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    stamp = out.stat().st_mtime_ns
+    cache_image_variant(prep.train, cache, "cornered", grey_corner, extra_meta={"corner": "grey"}, **kw)
+    assert loads == [] and out.stat().st_mtime_ns == stamp  # reused: no model loaded
+    cache_image_variant(prep.train, cache, "cornered", grey_corner, extra_meta={"corner": "black"}, **kw)
+    assert loads == [1] and out.stat().st_mtime_ns != stamp  # what the pictures depend on changed: rebuilt
+    with pytest.raises(ValueError, match="rows are not this split's"):
+        cache_image_variant(prep.test, cache, "cornered", grey_corner, **kw)
 
 
 # Faults while the cache is built: a full disk, out of GPU memory, a second writer (issue 25)

@@ -40,7 +40,7 @@ def fake_rows_and_samples(refs, prompts, scales=(0.5, 1.0)):
     for m_i, m in enumerate(MODEL_NAMES):
         for s in scales:
             for p_i, p in enumerate(prompts):
-                im = Image.new("RGB", (32, 32), (40 * m_i, 5 * p_i, int(100 * s)))
+                im = Image.new("RGB", (32, 32), (25 * m_i, 5 * p_i, int(100 * s)))
                 row = {"model": m, "scale": s, "reference": p.reference, "prompt": p.prompt, "seed": 0}
                 rows.append(row)
                 samples[(m, s, p.reference, p.prompt)] = Sample(im, m, p.reference, p.prompt, s, 0, 2, 7.5,
@@ -67,7 +67,7 @@ def test_one_grid_per_edit_category_same_reference_and_prompt_across_models():
     cell = 128
     header = grid.height - cell * len(grid.info["rows"])
     for j in range(len(MODEL_NAMES)):
-        assert grid.getpixel((cell * (2 + j) + cell // 2, header + cell // 2)) == (40 * j, 5 * p_i, 50)
+        assert grid.getpixel((cell * (2 + j) + cell // 2, header + cell // 2)) == (25 * j, 5 * p_i, 50)
 
 
 def test_scale_sweep_rows_are_models_by_label():

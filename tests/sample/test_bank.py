@@ -19,7 +19,9 @@ STEPS = 2
 
 
 def test_bank_offers_every_registered_model_over_one_pipeline(bank):
-    assert bank.names == ["pretrained", "finetuned-vanilla", "finetuned-text-aware", "finetuned-text-aware-neighbour"]
+    assert bank.names == ["pretrained", "finetuned-vanilla", "finetuned-text-aware", "finetuned-text-aware-neighbour",
+                          "finetuned-text-aware-mask-reference", "finetuned-text-aware-mask-loss",
+                          "finetuned-text-aware-mask-both"]
     assert bank.names == [n for n in MODEL_NAMES if n not in BASELINES] and bank.missing == {}
     unet = bank.pipe.unet
     live = adapter_parameters(unet, block=False)
@@ -29,7 +31,7 @@ def test_bank_offers_every_registered_model_over_one_pipeline(bank):
         assert bank.use(name) is bank.pipe and bank.pipe.unet is unet  # one base pipeline
         assert live[key].data_ptr() == bank.models[name].params[key].data_ptr()  # swapped in place, no copy
         block = unet._modules.get("text_image_attn")
-        assert (block is not None) == (name in ("finetuned-text-aware", "finetuned-text-aware-neighbour"))
+        assert (block is not None) == (name.startswith("finetuned-text-aware"))
         seen[name] = live[key].detach().clone()
     assert not torch.equal(seen["pretrained"], seen["finetuned-vanilla"])
     assert not torch.equal(seen["finetuned-vanilla"], seen["finetuned-text-aware"])

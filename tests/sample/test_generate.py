@@ -35,7 +35,7 @@ def test_same_seed_same_image_different_seeds_differ_batching_does_not_matter(ba
 
 def test_at_scale_zero_every_model_is_plain_stable_diffusion(bank, reference_image):
     out = generate(bank, {"r": reference_image}, ["a cat"], scales=(0.0,), steps=STEPS, progress=False)
-    assert len(out) == len(bank.names) == 4 and all(np.array_equal(pixels(s.image), pixels(out[0].image)) for s in out)
+    assert len(out) == len(bank.names) == 7 and all(np.array_equal(pixels(s.image), pixels(out[0].image)) for s in out)
 
 
 def test_per_reference_prompts_and_progress_callback(bank, references):

@@ -14,6 +14,7 @@ from helpers.data.masks import load_segmenter, mask_prompt, prepare_masks, segme
 from helpers.sample.bank import load_models
 from helpers.sample.generate import generate
 from helpers.sample.references import held_out_references
+from helpers.sample.registry import masked_twins
 from helpers.sample.saved import png_settings
 from helpers.sample.uploads import parse_upload
 from helpers.sample.widgets import SamplingPanel
@@ -64,13 +65,13 @@ def test_generate_button_gives_one_image_per_model(panel, bank):
     panel.scale.value, panel.seed.value, panel.guidance.value = 0.6, 7, 5.0
     panel.generate_button.click()
     assert panel.last_error is None, panel.last_error
-    assert list(panel.last_images) == bank.names and len(bank.names) == 4
+    assert list(panel.last_images) == bank.names and len(bank.names) == 7
     for s in panel.last_samples:
         assert (s.reference, s.prompt, s.scale, s.seed, s.steps, s.guidance) == (
             "flipped", "a cartoon drawing of a robot", 0.6, 7, 2, 5.0)
         assert s.image.size == (64, 64)
         assert bytes(panel.result_images[s.model].value)[:4] == b"\x89PNG"  # shown in the panel
-    assert panel.progress.value == panel.progress.max == 4 * 2 and "4 images" in panel.status.value  # 4 models x 2 steps
+    assert panel.progress.value == panel.progress.max == 7 * 2 and "7 images" in panel.status.value  # 7 models x 2 steps
     assert {s.sampler for s in panel.last_samples} == {"DDIMScheduler"} and "DDIMScheduler" in panel.status.value
     # the same settings through helpers.sample.generate give the same pixels
     again = generate(bank, {"flipped": panel.references["flipped"]}, ["a cartoon drawing of a robot"],
@@ -82,7 +83,8 @@ def test_generate_button_gives_one_image_per_model(panel, bank):
 def test_unticked_models_are_skipped_and_errors_go_to_the_status(panel):
     panel.model_boxes["finetuned-vanilla"].value = False
     panel.model_boxes["pretrained"].value = False
-    panel.model_boxes["finetuned-text-aware-neighbour"].value = False
+    for name in ("finetuned-text-aware-neighbour", *masked_twins()):  # the opt-in runs
+        panel.model_boxes[name].value = False
     panel.generate_button.click()
     assert list(panel.last_images) == ["finetuned-text-aware"]
     panel.model_boxes["finetuned-text-aware"].value = False
@@ -95,7 +97,8 @@ def test_save_button_writes_images_with_settings(panel, tmp_path):
     panel.save_button.click()
     assert "nothing to save yet" in panel.last_error
     panel.model_boxes["pretrained"].value = False
-    panel.model_boxes["finetuned-text-aware-neighbour"].value = False
+    for name in ("finetuned-text-aware-neighbour", *masked_twins()):  # the opt-in runs
+        panel.model_boxes[name].value = False
     panel.generate_button.click()
     panel.save_button.click()
     assert panel.last_error is None
@@ -109,7 +112,8 @@ def test_progress_bar_counts_denoising_steps(panel):
     panel.progress.observe(lambda change: seen.append(change["new"]), names="value")
     panel.steps.value = 3
     panel.model_boxes["pretrained"].value = False
-    panel.model_boxes["finetuned-text-aware-neighbour"].value = False
+    for name in ("finetuned-text-aware-neighbour", *masked_twins()):  # the opt-in runs
+        panel.model_boxes[name].value = False
     panel.generate_button.click()
     assert panel.last_error is None and panel.progress.max == 2 * 3
     assert [v for v in seen if v] == [1, 2, 3, 4, 5, 6]  # one tick per denoising step, both models

@@ -53,6 +53,15 @@ def test_a_profile_that_cannot_be_used_is_a_usage_error_not_a_traceback(tmp_path
         in capsys.readouterr().err
 
 
+def test_mask_is_one_of_its_four_values_on_the_command_line(tmp_path, capsys):
+    base = ["--profile", "tiny", "--output-dir", str(tmp_path)]
+    assert parse_config(base).mask == "none"
+    assert parse_config(base + ["--mask", "loss"]).mask == "loss"
+    with pytest.raises(SystemExit) as stop:
+        parse_config(base + ["--mask", "background"])
+    assert stop.value.code == 2 and "--mask: invalid choice: 'background'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("case", ["profile defaults", "notebook overrides", "own values", "quick run", "epochs"])
 def test_the_command_line_carries_a_config_whole(case, tmp_path):
     """config_args -> parse_config gives the same run (resolved: every recipe value written out), with the
@@ -63,7 +72,7 @@ def test_the_command_line_carries_a_config_whole(case, tmp_path):
         "notebook overrides": (tiny.replace(train_batch_size=2, learning_rate=3e-4, checkpoint_every=3,
                                             gradient_checkpointing=True, max_train_steps=5), {}),
         "own values": (tiny, dict(batch_size=8, learning_rate=2.5e-5, weight_decay=0.0, max_steps=7, seed=3,
-                                  pairing="neighbour", pairing_self_prob=0.5, fresh_start=True, keep_checkpoints=1,
+                                  pairing="neighbour", pairing_self_prob=0.5, mask="both", fresh_start=True, keep_checkpoints=1,
                                   max_grad_norm=0.5, mixed_precision="no", scale_batch_with_gpus=True,
                                   dataset="somewhere", resolution=64, test_fraction=0.25)),
         "quick run": (get_profile("tiny", announce=False, quick=True), {}),
@@ -75,6 +84,7 @@ def test_the_command_line_carries_a_config_whole(case, tmp_path):
     back = parse_config(args)
     assert back.values() == config_module.resolved(config).values()
     assert config_module.config_args(back) == args
+    assert args[args.index("--mask") + 1] == config.mask == back.mask  # "none" unless given
     assert recipe(back, back.profile) == recipe(config, profile)
     for steps_per_epoch in (1, 3, 50):
         assert (config_module.max_steps(back, back.profile, steps_per_epoch)
@@ -97,11 +107,13 @@ def test_the_global_batch_splits_over_the_processes_or_is_refused():
 
 
 def test_older_checkpoints_settings_read_in_todays_terms():
-    """Before the global batch, batch_size was per process: an old record's global batch is batch x processes."""
+    """Before the global batch, batch_size was per process: an old record's global batch is batch x processes.
+    Before masks, every run was unmasked: an old record without a mask has mask "none"."""
     old = {"variant": "text_aware", "batch_size": 4, "learning_rate": 1e-4, "num_processes": 1}
     assert config_module.comparable_settings(old)["global_batch_size"] == 4
     assert config_module.comparable_settings({**old, "batch_size": 2, "num_processes": 2})["global_batch_size"] == 4
     assert config_module.comparable_settings({"batch_size": 3, "num_processes": None})["global_batch_size"] == 3
-    new = {**old, "global_batch_size": 4, "batch_size": 4, "num_processes": 2}
+    new = {**old, "global_batch_size": 4, "batch_size": 4, "num_processes": 2, "mask": "loss"}
     assert config_module.comparable_settings(new) is new
-    assert {"global_batch_size", "num_processes", "learning_rate"} <= set(config_module.RESUME_SETTINGS)
+    assert config_module.comparable_settings(old)["mask"] == "none"
+    assert {"global_batch_size", "num_processes", "learning_rate", "mask"} <= set(config_module.RESUME_SETTINGS)

@@ -69,6 +69,9 @@ def test_profile_settings_the_command_line_cannot_carry_are_refused(tiny_profile
     with pytest.raises(TrainingError, match=r"would not travel: feature_batch_size 3 here, 16 there\. Set them"):
         launch_command(config, 2)
     assert "--learning-rate" in launch_command(tiny_config(tiny_profile.replace(learning_rate=5e-5), tmp_path), 2)
+    masked = tiny_config(tiny_profile.replace(mask_background_weight=0.3), tmp_path)  # a masked run's b
+    with pytest.raises(TrainingError, match=r"would not travel: mask_background_weight 0.3 here, 0.1 there"):
+        launch_command(masked, 2)
 
 
 def fake_launch(monkeypatch, script: str):
@@ -128,12 +131,13 @@ def _alive(pid: int) -> bool:
 
 def test_training_on_two_processes_as_03_starts_it_writes_one_adapter_with_the_global_batch(
         tiny_profile, tmp_path, monkeypatch):
-    """Fresh output root: the launched run prepares data and cache itself; two CPU processes (gloo) train
+    """Fresh output root: the launched run prepares data, cache, masks and masked features itself (a masked run,
+    MASK both: the main process makes them once, the other reads them); two CPU processes (gloo) train
     data-parallel, the main process alone writes; the global batch is the recipe's 4, 2 per process. A resume
     with another number of processes is refused, naming both."""
     monkeypatch.setenv("IPA_OUTPUT_ROOT", str(tmp_path / "outputs"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    config = tiny_config(tiny_profile, tmp_path, max_steps=2, checkpoint_every=2)
+    config = tiny_config(tiny_profile, tmp_path, max_steps=2, checkpoint_every=2, mask="both")
     out = io.StringIO()
     result = train_on_all_gpus(config, gpus=2, out=out)
     printed = out.getvalue()
@@ -141,11 +145,14 @@ def test_training_on_two_processes_as_03_starts_it_writes_one_adapter_with_the_g
     assert isinstance(result, TrainResult) and (result.steps, result.resumed_from) == (2, 0)
     assert result.adapter == tmp_path / "run" / ADAPTER_FILE and result.adapter.is_file()
     assert f"Wrote {result.adapter} after 2 steps" in printed and printed.count("Wrote ") == 1
-    assert (tmp_path / "outputs" / "data" / "train_features.safetensors").is_file()
+    data = tmp_path / "outputs" / "data"
+    assert all((data / f).is_file() for f in ("train_features.safetensors", "masks.safetensors",
+                                              "train_features_masked.safetensors"))
+    assert printed.count("MASK = 'both', an opt-in run") == 1 and printed.count("Making every drawing's mask") == 1
     settings = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (settings["global_batch_size"], settings["per_process_batch_size"], settings["num_processes"],
             settings["batch_size"]) == (4, 2, 2, 4)
-    assert settings["learning_rate"] == tiny_profile.learning_rate
+    assert settings["learning_rate"] == tiny_profile.learning_rate and settings["mask"] == "both"
     assert len(read_loss_log(tmp_path / "run")) == 2 == len(result.losses)  # one row a step, one writer
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == sorted(
         [ADAPTER_FILE, "checkpoints", "config.json", "loss_log.csv"])  # no stray files, no lock left
