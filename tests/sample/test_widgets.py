@@ -309,8 +309,8 @@ def test_background_removed_gives_every_model_the_reference_with_its_background_
     seen = []
     features = bank.image_features
     monkeypatch.setattr(bank, "image_features", lambda image: seen.append(image.copy()) or features(image))
-    panel.model_boxes["finetuned-vanilla"].value = False
-    panel.model_boxes["finetuned-text-aware-neighbour"].value = False
+    for name, box in panel.model_boxes.items():  # two models: the pretrained adapter and a fine-tuned one
+        box.value = name in ("pretrained", "finetuned-text-aware")
     panel.remove_background.value = True
     assert "background: removed (mask clipseg on &#x27;boy&#x27;, threshold 0.5)" in panel.settings_view.value
     with_fill = panel.generate()
