@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..data.masks import prepare_masks
 from ..data.prepare import use_prepared
 from ..profile import get_profile
 from ..sample.bank import load_models
@@ -65,10 +66,11 @@ def _evaluate(profile, data_dir, runs_dir, out_dir, extra_models, lock):
     """The grid and notebook 05's files from it, written to out_dir (whose lock the caller holds and beats)."""
     prep = use_prepared(data_dir, profile, progress=False)
     references, prompts = protocol(profile, prep)
+    masks = prepare_masks(prep, profile, progress=False)  # notebook 01's (made now if it has not run since masks came)
     lock.beat()
     bank = load_models(profile, runs_dir, extra=parse_models(extra_models), baselines=True)
     lock.beat()
-    result = run_grid(bank, references, prompts, train=prep.train, out_dir=out_dir,
+    result = run_grid(bank, references, prompts, train=prep.train, out_dir=out_dir, masks=masks,
                       models=grid_models(profile, bank.names), **grid_settings(profile))
     print(f"{len(result.rows)} images ({result.n_resumed} from an earlier run, {result.n_generated} made now) in "
           f"{result.csv}\n{result.progress()}")
