@@ -216,6 +216,18 @@ class CLIPScorer:
         """CLIP-I: cosine between each image and its reference image, (N,) float32 on the CPU."""
         return self._pairs(list(images), list(references))
 
+    @torch.inference_mode()
+    def embed(self, images: Sequence[ImageLike]) -> torch.Tensor:
+        """Unit-length projected image embeddings, (N, projection_dim) float32 on the CPU: what torchmetrics' CLIP
+        score code computes for each image (the processor on the uint8 tensors, get_image_features, L2 norm), so
+        the cosine of two rows is image_image's score, and an image scored against many is embedded once."""
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            batch = [to_chw_uint8(im) for im in images[i:i + self.batch_size]]
+            pixels = self.processor(images=batch, return_tensors="pt")["pixel_values"].to(self.device)
+            out.append(torch.nn.functional.normalize(self.model.get_image_features(pixels).float(), dim=-1).cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.model.config.projection_dim)
+
 
 # --------------------------------------------------------------------------------------------------
 # DINO
@@ -363,21 +375,33 @@ def subject_scores(images: Sequence[ImageLike], masks, references: Sequence[Imag
     masks: bool [N, H, W] (or a list of [H, W]), each image's character at its size (output_masks);
     reference_masks: the same for the references, at theirs (helpers.data.masks.load_masks(prep).image("test", id)).
     """
-    images, references = [_rgb(im) for im in images], [_rgb(im) for im in references]
     masks = [np.asarray(m, dtype=bool) for m in masks]
     reference_masks = [np.asarray(m, dtype=bool) for m in reference_masks]
     if not len(images) == len(masks) == len(references) == len(reference_masks):
         raise ValueError(f"subject_scores: {len(images)} images, {len(masks)} masks, {len(references)} references "
                          f"and {len(reference_masks)} reference masks: give one of each per pair")
+    # each distinct (reference, mask) is embedded once: a grid's job scores one reference against many outputs
+    keys = [(id(r), m.shape, np.packbits(m).tobytes()) for r, m in zip(references, reference_masks)]
+    slot, unique = {}, []  # key -> its place among the distinct references; their first index in the pairs
+    for k, key in enumerate(keys):
+        if key not in slot:
+            slot[key] = len(unique)
+            unique.append(k)
+    row = torch.tensor([slot[key] for key in keys], dtype=torch.long)
+    images, references = [_rgb(im) for im in images], [_rgb(references[k]) for k in unique]
+    ref_masks = [reference_masks[k] for k in unique]
     subject = torch.tensor([bool(m.any() and r.any()) for m, r in zip(masks, reference_masks)])
     background = torch.tensor([bool((~m).any() and (~r).any()) for m, r in zip(masks, reference_masks)])
-    on = [fill_background(im, m, fill) for im, m in zip(images, masks)]
-    ref_on = [fill_background(im, m, fill) for im, m in zip(references, reference_masks)]
-    off = [fill_background(im, ~m, fill) for im, m in zip(images, masks)]
-    ref_off = [fill_background(im, ~m, fill) for im, m in zip(references, reference_masks)]
-    nan = torch.tensor(float("nan"))
     clip_s, dino_s = get_clip(clip), get_dino(dino)
-    return {"clip_i_subject": torch.where(subject, clip_s.image_image(on, ref_on), nan) if images else torch.zeros(0),
-            "dino_subject": torch.where(subject, dino_s.image_image(on, ref_on), nan) if images else torch.zeros(0),
-            "clip_i_background": torch.where(background, clip_s.image_image(off, ref_off), nan) if images
-            else torch.zeros(0)}
+
+    def cosine(embed, keep, images_, references_):  # (N,): each image's embedding against its reference's
+        e, r = embed(images_), embed(references_)
+        return torch.where(keep, (e * r[row]).sum(-1), torch.tensor(float("nan"))) if len(e) else torch.zeros(0)
+
+    on = [fill_background(im, m, fill) for im, m in zip(images, masks)]
+    ref_on = [fill_background(im, m, fill) for im, m in zip(references, ref_masks)]
+    off = [fill_background(im, ~m, fill) for im, m in zip(images, masks)]
+    ref_off = [fill_background(im, ~m, fill) for im, m in zip(references, ref_masks)]
+    return {"clip_i_subject": cosine(clip_s.embed, subject, on, ref_on),
+            "dino_subject": cosine(dino_s.embed, subject, on, ref_on),
+            "clip_i_background": cosine(clip_s.embed, background, off, ref_off)}
