@@ -6,14 +6,15 @@ of its models (stats.complete_references), so a grid stopped part way gives a sm
     headline_table(rows)                  its CLIP-T gain at matched CLIP-I over each baseline, overall and per
                                           edit category, with the interval and the half width it came out at
     headline(rows)                        the same in sentences, saying plainly when a comparison is impossible
-    masked_twins(rows)                    (masked variant, its unmasked twin) for each masked run in the rows
+    twin_pairs(rows)                      (masked run, its unmasked twin) for each masked run in the rows
 
 Masked runs (notebook 03's MASK: the reference's background filled, the loss weighted by the mask, or both) are
 compared with their unmasked twin, the same recipe without the mask, whenever both are in the rows: the three
 functions above add "masked - twin" to their comparisons, with the same statistics (paired differences per IP
 scale, the gain at matched CLIP-I, and in sentences the subject-only scores' paired differences), and leave masked
-runs out of the text-aware model's default baselines. Which run is whose twin: the registry entry's `twin`
-(helpers.sample.registry.ModelSpec) when it has one, else the name, "<twin>-mask-<reference|loss|both>" (twin_of).
+runs out of the text-aware model's default baselines. Which run is whose twin: the registry's pairing
+(helpers.sample.registry.masked_twins, where the registry has one), else the name,
+"<twin>-mask-<reference|loss|both>" (twin_of), which also pairs an extra model named that way.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import math
 import re
 from collections.abc import Sequence
 
-from ..sample.registry import MODELS, label, model_order
+from ..sample import registry
+from ..sample.registry import label, model_order
 from .stats import (CATEGORIES, EDIT, OWN, SCORES, SUBJECT_SCORES, MatchedGain, as_frame, complete_references,
                     matched_gain, metric_label, paired_difference)
 
@@ -30,16 +32,17 @@ MASKED_NAME = re.compile(r"^(?P<twin>.+)-mask-(?P<mask>reference|loss|both)$")  
 
 
 def twin_of(model: str) -> str | None:
-    """The unmasked twin of a masked run: its registry entry's `twin` when it has one, else from its name
-    ("finetuned-text-aware-mask-loss" -> "finetuned-text-aware"); None for a model trained without a mask."""
-    twin = getattr(MODELS.get(model), "twin", None)
-    if twin:
-        return twin
+    """The unmasked twin of a masked run: the registry's (helpers.sample.registry.masked_twins(), where the registry
+    has it), else from its name ("finetuned-text-aware-mask-loss" -> "finetuned-text-aware"); None for a model
+    trained without a mask."""
+    pairs = registry.masked_twins() if hasattr(registry, "masked_twins") else {}
+    if model in pairs:
+        return pairs[model]
     found = MASKED_NAME.match(str(model))
     return found["twin"] if found else None
 
 
-def masked_twins(rows) -> list[tuple[str, str]]:
+def twin_pairs(rows) -> list[tuple[str, str]]:
     """(masked run, its unmasked twin) for every masked run in the rows whose twin is there too (model_order)."""
     present = model_order(as_frame(rows)["model"])
     return [(m, twin_of(m)) for m in present if twin_of(m) in present]
@@ -49,7 +52,7 @@ def _pairs(frame, model: str, baselines) -> list[tuple[str, str]]:
     """(a, b) comparisons of a - b: `model` against each baseline (when `model` is there), then each masked run
     against its twin."""
     pairs = [(model, b) for b in comparisons(frame, model, baselines)] if model in set(frame["model"]) else []
-    return pairs + [p for p in masked_twins(frame) if p not in pairs and p[::-1] not in pairs]
+    return pairs + [p for p in twin_pairs(frame) if p not in pairs and p[::-1] not in pairs]
 
 
 def _scores(frame) -> list[str]:
@@ -59,7 +62,7 @@ def _scores(frame) -> list[str]:
 def paired_table(rows, *, model: str = "finetuned-text-aware", baselines: Sequence[str] | None = None,
                  prompt_kind: str | None = EDIT):
     """`model` minus each baseline (default: every other model but masked runs), then each masked run minus its
-    twin (masked_twins), image by image, per IP scale, over the references complete for both
+    twin (twin_pairs), image by image, per IP scale, over the references complete for both
     (complete_references: all of them unless the grid stopped part way): each score's mean difference with its
     95% paired interval, as 'mean [low, high]' strings (DataFrame; empty when there is nothing to compare)."""
     import pandas as pd
@@ -195,7 +198,7 @@ def _masked_sentences(frame, kept, clip_model: str, prompt_kind, seed: int) -> l
     differences of the subject-only scores over all IP scales; then how many images have no subject score."""
     lines = []
     subject = [m for m in SUBJECT_SCORES if m in frame]
-    for a, b in masked_twins(frame):
+    for a, b in twin_pairs(frame):
         lines.append(f"Masked training: {label(a)} against its unmasked twin {label(b)}.")
         lines += [_gain_sentence(frame, kept, a, b, y, clip_model, prompt_kind, seed)
                   for y in ("clip_i", "clip_i_subject") if y in frame]

@@ -56,9 +56,7 @@ def test_each_masked_run_is_compared_with_its_unmasked_twin_when_both_were_evalu
     """A masked run (fake rows) appears against its twin in the paired table, the headline table and the sentences,
     with the subject scores' paired differences; it is not one of the text-aware model's baselines. Without the
     masked run, none of it."""
-    from types import SimpleNamespace
-
-    from helpers.evaluate.headline import masked_twins, paired_table, twin_of
+    from helpers.evaluate.headline import paired_table, twin_of, twin_pairs
     from helpers.sample import registry
 
     base = {"finetuned-vanilla": 0.0, "finetuned-text-aware": 0.01}
@@ -67,7 +65,7 @@ def test_each_masked_run_is_compared_with_its_unmasked_twin_when_both_were_evalu
         if r["model"] == "finetuned-vanilla-mask-loss":
             r["clip_i_background"] -= 0.05  # the masked run leaves the background to the prompt
     masked = ("finetuned-vanilla-mask-loss", "finetuned-vanilla")
-    assert masked_twins(rows) == [masked] and twin_of("finetuned-text-aware") is None
+    assert twin_pairs(rows) == [masked] and twin_of("finetuned-text-aware") is None
     head = f"{label(masked[0])} - {label(masked[1])}"
     paired = paired_table(rows)
     assert list(paired["comparison"].unique()) == [f"{label('finetuned-text-aware')} - {label('finetuned-vanilla')}",
@@ -84,8 +82,10 @@ def test_each_masked_run_is_compared_with_its_unmasked_twin_when_both_were_evalu
     assert "CLIP-I background -0.050 [-0.050, -0.050]" in text
     assert f"higher than {label(masked[0])}" not in text and f"lower than {label(masked[0])}" not in text
     plain = synthetic_rows(base, subject=True)
-    assert masked_twins(plain) == [] and "Masked training" not in headline(plain)
+    assert twin_pairs(plain) == [] and "Masked training" not in headline(plain)
     assert len(paired_table(plain)) == 4
-    # a registry entry's twin wins over the name
-    monkeypatch.setitem(registry.MODELS, "vanilla-masked", SimpleNamespace(label="masked", twin="finetuned-vanilla"))
-    assert twin_of("vanilla-masked") == "finetuned-vanilla"
+    # the registry's pairing (helpers.sample.registry.masked_twins, where it has one) wins over the name
+    monkeypatch.setattr(registry, "masked_twins", lambda: {"vanilla-masked": "finetuned-vanilla"}, raising=False)
+    assert twin_of("vanilla-masked") == "finetuned-vanilla" and twin_pairs(
+        [dict(r, model="vanilla-masked") if r["model"] == masked[0] else r for r in rows]) == [
+        ("vanilla-masked", "finetuned-vanilla")]
