@@ -74,6 +74,7 @@ def grid(split, tiny_profile, out_dir, generate=fake_generate, models=MODEL_NAME
     refs = pick_references(test, 3)
     specs = build_prompts(refs, EDITS, 1)
     result = run_grid(bank or identities(models), refs, specs, train=train, scales=(0.5, 1.0), seeds=(0, 1),
-                      out_dir=out_dir, clip=tiny_profile.eval_clip, dino=tiny_profile.dino, steps=2, guidance=7.5,
+                      out_dir=out_dir, clip=tiny_profile.eval_clip, dino=tiny_profile.dino,
+                      segmenter=tiny_profile.segmenter, mask_threshold=tiny_profile.mask_threshold, steps=2, guidance=7.5,
                       generate=generate, progress=False, models=list(models), **kw)
     return result, refs, specs

@@ -1,6 +1,7 @@
 """Notebook 05: CLIP-T against CLIP-I and DINO, across IP-Adapter scales (`python -m helpers.evaluate`).
 
-    metrics.py   the scores: plain cosines through torchmetrics' CLIP score code, and DINO
+    metrics.py   the scores: plain cosines through torchmetrics' CLIP score code, and DINO; the same on the
+                 character alone and on the background alone (masks by the segmenter, helpers.data.masks)
     protocol.py  references (held out, checked), prompts (own caption + edits), the grid's settings and size
     grid.py      generate and score the grid, one row per image: the headline comparison first, resumable,
                  and grown across sittings
@@ -11,7 +12,7 @@
     outputs.py   notebook 05's files (summary.csv, headline, tradeoff.png, ...), one writer for 05 and the command
 """
 
-_ENTRY_POINTS = {"clip_t", "clip_i", "dino"}
+_ENTRY_POINTS = {"clip_t", "clip_i", "dino", "subject_scores"}
 
 
 def __getattr__(name):  # the entry points, imported on first use so that `helpers.evaluate.stats` stays light

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..data.masks import prepare_masks
 from ..data.prepare import use_prepared
 from ..profile import get_profile
 from ..sample.bank import load_models
@@ -76,10 +77,11 @@ def _evaluate(profile, data_dir, runs_dir, out_dir, extra_models, lock):
     with ranks.main_first():  # data missing: the main process prepares it, the others then read it
         prep = use_prepared(data_dir, profile, progress=False, announce=ranks.is_main())
     references, prompts = protocol(profile, prep)
+    masks = prepare_masks(prep, profile, progress=False)  # notebook 01's (made now if it has not run since masks came)
     lock.beat()
     bank = load_models(profile, runs_dir, extra=parse_models(extra_models), baselines=True, verbose=ranks.is_main())
     lock.beat()
-    result = run_grid(bank, references, prompts, train=prep.train, out_dir=out_dir,
+    result = run_grid(bank, references, prompts, train=prep.train, out_dir=out_dir, masks=masks,
                       models=grid_models(profile, bank.names), **grid_settings(profile))
     if not ranks.is_main():
         return result

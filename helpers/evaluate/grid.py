@@ -6,9 +6,15 @@
 
 The grid is models x IP-Adapter scales x references x prompts x seeds. Each reference's prompts x seeds,
 at one model and scale, is one job: generated (helpers.sample.generate.generate, one torch.Generator per image),
-saved, scored (helpers.evaluate.metrics: CLIP-T, CLIP-I, DINO) and appended to results.csv before the next job.
+saved, scored (helpers.evaluate.metrics: CLIP-T, CLIP-I, DINO, and the same on the character alone and on the
+background alone) and appended to results.csv before the next job.
 A rerun skips the jobs already in results.csv and runs the others exactly as an uninterrupted run would
 (the same jobs, so the same batches), so its final CSV is the same, row for row and value for value.
+
+Subject-only scores: each output is segmented in memory, by the segmenter that made the references' masks
+(notebook 01's masks.safetensors, `masks=`), loaded once per run like the CLIP and DINO scorers, with its prompt's
+subject words; its character is then scored against the reference's (helpers.evaluate.metrics.subject_scores).
+Scoring happens before the JPEG is written: the saved file, read back, would score slightly differently.
 
 A grid that grows across sittings:
 - The headline comparison comes first, reference by reference: every scale of one reference for each model of
@@ -52,9 +58,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from ..profile import DINO, EVAL_CLIP
+from ..data.masks import DEFAULT_THRESHOLD, mask_prompt, segment
+from ..profile import CLIPSEG, DINO, EVAL_CLIP
 from ..sample.generate import MAX_BATCH, OutOfMemory, Sample, as_list, out_of_memory_advice
 from ..sample.generate import generate as generate_images
 from ..sample.references import Reference
@@ -63,7 +71,7 @@ from ..sample.saved import sample_filename
 from ..support import ranks
 from ..support.atomic import replacing
 from ..support.lock import FolderLock
-from .metrics import get_clip, get_dino, x100
+from .metrics import get_clip, get_dino, get_segmenter, output_masks, subject_scores, x100
 from .protocol import GRID_MODELS, PromptSpec, check_held_out
 from .results import IDENTITY, RESULTS_FILE, ResultsFile, load_samples, merge_shares, row_key, share_path
 from .stats import EDIT
@@ -76,6 +84,12 @@ BATCH_KNOB = ("set EVAL_BATCH_SIZE = {k} in notebook 05's Settings cell, or give
 # at most 2 of 255, scores by at most 5e-5 (252 images, 7 models); tests/evaluate/test_grid.py checks it. Not
 # measured on a GPU in fp16, whose rounding is coarser.
 BATCH_TOLERANCE = 1e-3
+# Outputs are segmented one at a time: CLIPSeg's probabilities move by about 1e-5 with the batch around an image
+# (measured on the tiny profile, CPU), which can flip a pixel at the threshold, so a job completed in part (a
+# rerun) would mask an image differently from an uninterrupted run. The cost is small: counted (torch's
+# FlopCounterMode, real shapes), CLIPSeg takes 0.084 TFLOP per image against about 51 to generate it; on this CPU
+# at real shapes one image per call took 1.5 s against 1.4 s in batches of 4. Not measured on a GPU.
+SEGMENT_BATCH = 1
 
 
 class EvaluationOutOfMemory(OutOfMemory):
@@ -84,12 +98,17 @@ class EvaluationOutOfMemory(OutOfMemory):
 
 
 def score_samples(samples, references: Sequence[Reference], prompts: Sequence[PromptSpec], *,
-                  clip=EVAL_CLIP, dino=DINO, files=None) -> list[dict]:
-    """One row per sample (CSV_COLUMNS): its settings, prompt kind, and CLIP-T / CLIP-I / DINO scores.
+                  clip=EVAL_CLIP, dino=DINO, files=None, segmenter=CLIPSEG, threshold: float = DEFAULT_THRESHOLD,
+                  reference_masks: Mapping | None = None) -> list[dict]:
+    """One row per sample (CSV_COLUMNS): its settings, prompt kind, CLIP-T / CLIP-I / DINO scores, and the
+    subject-only scores (helpers.evaluate.metrics.subject_scores; NaN where a mask is empty) with the share of the
+    output on its character (subject_coverage).
 
     samples: objects with image, model, reference, prompt, scale, seed (steps, guidance, adapter_sha256
-             optional), e.g. helpers.sample.generate.Sample
-    clip, dino: ids/folders or loaded helpers.evaluate.metrics scorers (loaded once and reused)
+             optional), e.g. helpers.sample.generate.Sample; their images are scored as they are (in memory)
+    clip, dino, segmenter: ids/folders or loaded helpers.evaluate.metrics scorers / a helpers.data.masks.Segmenter
+             (loaded once and reused); threshold: the segmenter's (profile.mask_threshold)
+    reference_masks: {reference id: bool [H, W]} (make_reference_masks); None: made here with `segmenter`
     files: optional file name per sample (where the image was saved)
     """
     samples = list(samples)
@@ -98,12 +117,19 @@ def score_samples(samples, references: Sequence[Reference], prompts: Sequence[Pr
     missing = sorted({s.reference for s in samples} - set(by_id))
     if missing:
         raise KeyError(f"samples refer to references that were not given: {missing}")
-    clip_s, dino_s = get_clip(clip), get_dino(dino)
+    clip_s, dino_s, seg = get_clip(clip), get_dino(dino), get_segmenter(segmenter)
+    if reference_masks is None:
+        reference_masks = make_reference_masks([by_id[r] for r in dict.fromkeys(s.reference for s in samples)],
+                                               segmenter=seg, threshold=threshold)
     images = [s.image for s in samples]
     refs = [by_id[s.reference].image for s in samples]
     t = clip_s.text_image(images, [s.prompt for s in samples]) if samples else []
     i = clip_s.image_image(images, refs) if samples else []
     d = dino_s.image_image(images, refs) if samples else []
+    masks = output_masks(images, [s.prompt for s in samples], segmenter=seg, threshold=threshold,
+                         batch_size=SEGMENT_BATCH)
+    subject = subject_scores(images, masks, refs, [reference_masks[s.reference] for s in samples], clip=clip_s,
+                             dino=dino_s)
     rows = []
     for k, s in enumerate(samples):
         spec = kinds.get((s.reference, s.prompt), PromptSpec(s.reference, s.prompt, EDIT, ""))
@@ -114,10 +140,37 @@ def score_samples(samples, references: Sequence[Reference], prompts: Sequence[Pr
             "steps": getattr(s, "steps", None), "guidance": getattr(s, "guidance", None),
             "clip_t": float(t[k]), "clip_t_x100": float(x100(t[k])),
             "clip_i": float(i[k]), "clip_i_x100": float(x100(i[k])), "dino": float(d[k]),
-            "clip_model": clip_s.name, "dino_model": dino_s.name,
+            **{name: float(v[k]) for name, v in subject.items()}, "subject_coverage": float(masks[k].mean()),
+            "clip_model": clip_s.name, "dino_model": dino_s.name, "segmenter": seg.name,
+            "mask_threshold": float(threshold),
             "file": files[k] if files is not None else "",
         })
     return rows
+
+
+def make_reference_masks(references: Sequence[Reference], masks=None, *, segmenter=CLIPSEG,
+                         threshold: float = DEFAULT_THRESHOLD) -> dict:
+    """{reference id: bool [H, W]}, each reference's character at its image's size.
+
+    masks: notebook 01's stored masks (helpers.data.masks.Masks, from prepare_masks / load_masks: the references
+           are test rows, so masks.image("test", id)), whose segmenter and threshold must be `segmenter`'s and
+           `threshold`, as the outputs are segmented with them; or {id: bool [H, W]}; or None: each reference
+           segmented now with its caption's subject words (helpers.data.masks.mask_prompt), as prepare_masks does
+           for a row without a mask of the user's."""
+    if masks is None:
+        seg = get_segmenter(segmenter)  # one at a time: references may differ in size
+        return {r.id: segment([r.image], [mask_prompt(r.caption)], segmenter=seg, threshold=threshold)[0]
+                for r in references}
+    if isinstance(masks, Mapping):
+        return {r.id: np.asarray(masks[r.id], dtype=bool) for r in references}
+    name = segmenter if isinstance(segmenter, str) else getattr(segmenter, "name", str(segmenter))
+    if str(name) != masks.segmenter or float(threshold) != masks.threshold:
+        raise ValueError(
+            f"{masks.path} was made by segmenter {masks.segmenter} at threshold {masks.threshold:g}, and this "
+            f"evaluation segments its outputs with {name} at {float(threshold):g}: a reference's and an output's "
+            "character must come from one segmenter. Run notebook 01's mask cell (prepare_masks(prep, profile)) "
+            "with the profile this evaluation uses, or give it the masks' segmenter and threshold.")
+    return {r.id: masks.image("test", r.id) for r in references}
 
 
 @dataclass
@@ -222,8 +275,9 @@ def _products(keys: list[tuple]) -> list[tuple[list[str], list[int]]]:
 
 
 def run_grid(bank, references: Sequence[Reference], prompts: Sequence[PromptSpec], *, train, scales, seeds=(0,),
-             models=None, out_dir=None, clip=EVAL_CLIP, dino=DINO,
-             steps=None, guidance=None, batch_size=None, progress=True, generate=None) -> GridResult:
+             models=None, out_dir=None, clip=EVAL_CLIP, dino=DINO, masks=None, segmenter=CLIPSEG,
+             mask_threshold: float = DEFAULT_THRESHOLD, steps=None, guidance=None, batch_size=None, progress=True,
+             generate=None) -> GridResult:
     """Generate every model x scale x reference x prompt x seed and score each image, writing as it goes.
 
     train:    the training split: references found in it are refused (check_held_out) before anything runs
@@ -235,6 +289,9 @@ def run_grid(bank, references: Sequence[Reference], prompts: Sequence[PromptSpec
               there and ends with the same rows and values as a run that was never interrupted. Rows of a
               model's earlier adapter (another adapter_sha256) count as missing: they are made again. The
               folder's lock (helpers.support.lock.FolderLock) is held throughout: another writer -> FolderInUse
+    masks:    the references' masks: notebook 01's (helpers.data.masks.prepare_masks(prep, profile)), or None to
+              segment them here (make_reference_masks); segmenter, mask_threshold: what segments each output
+              (profile.segmenter, profile.mask_threshold: grid_settings), the masks' own
     steps, guidance: default to the bank's profile (num_inference_steps, guidance_scale)
     batch_size: images per pipeline call (default: helpers.sample.generate.pick_batch_size); out of GPU memory ->
               EvaluationOutOfMemory, and a rerun at a smaller one resumes (rows within BATCH_TOLERANCE)
@@ -257,11 +314,14 @@ def run_grid(bank, references: Sequence[Reference], prompts: Sequence[PromptSpec
     say = print if ranks.is_main() else _silent
     with FolderLock(out_dir, LOCK_PURPOSE) if out_dir is not None else contextlib.nullcontext() as lock:
         clip_s, dino_s = get_clip(clip), get_dino(dino)  # loaded once per process (a first download takes a while)
+        seg = get_segmenter(segmenter)
+        ref_masks = make_reference_masks(references, masks, segmenter=seg, threshold=mask_threshold)
         if lock is not None:
             lock.beat()
         jobs = list(_grid_jobs(models, identities, scales, references, prompts, seeds, steps, guidance))
         planned = [k for *_, keys in jobs for k in keys]
-        results, last_keys = _open_results(out_dir, planned, clip_s.name, dino_s.name, split, say)
+        checks = dict(clip_model=clip_s.name, dino_model=dino_s.name, segmenter=seg.name, mask_threshold=mask_threshold)
+        results, last_keys = _open_results(out_dir, planned, checks, split, say)
         n_stale = _say_stale(results, planned, identities, say)
         resumed = sum(results.has(k) for k in planned)
         if resumed:
@@ -279,10 +339,10 @@ def run_grid(bank, references: Sequence[Reference], prompts: Sequence[PromptSpec
             bar = (tqdm(total=sum(len(keys) for *_, keys in mine), desc="generating + scoring (process 0's share)",
                         unit="img") if split else
                    tqdm(total=len(planned), initial=resumed, desc="generating + scoring", unit="img"))
-        writer = ResultsFile(share_path(out_dir, ranks.rank()), clip_model=clip_s.name,
-                             dino_model=dino_s.name) if split else results
+        writer = ResultsFile(share_path(out_dir, ranks.rank()), **checks) if split else results
         grid = _Grid(bank, references, prompts, results, out_dir, tuple(seeds), steps, guidance, batch_size,
-                     generate or generate_images, clip_s, dino_s, writer=writer, last_keys=last_keys)
+                     generate or generate_images, clip_s, dino_s, seg, float(mask_threshold), ref_masks,
+                     writer=writer, last_keys=last_keys)
         stopped = False
         try:
             for model, scale, ref, keys in mine:
@@ -301,7 +361,7 @@ def run_grid(bank, references: Sequence[Reference], prompts: Sequence[PromptSpec
         if split:  # the shares into results.csv, in the grid's order, by the main process; then all read it
             ranks.wait_for_everyone()
             if ranks.is_main():
-                merge_shares(results, planned, clip_model=clip_s.name, dino_model=dino_s.name)
+                merge_shares(results, planned, **checks)
             ranks.wait_for_everyone()
             results = ResultsFile(results.path)
     by_key = {row_key(r): r for r in results.rows}
@@ -325,27 +385,28 @@ def _silent(*args, **kwargs) -> None:
     """print for the processes of a launch but the main one (which alone speaks)."""
 
 
-def _open_results(out_dir, planned, clip_model, dino_model, split, say) -> tuple[ResultsFile, set]:
+def _open_results(out_dir, planned, checks: dict, split, say) -> tuple[ResultsFile, set]:
     """results.csv with every share merged into it (results.merge_shares: the shares a killed launch left, in the
     grid's order `planned`), and the keys whose job is made again whole. Under a launch (split) the main process
-    merges while the others wait, after every process holds the lock (its clean-up of temporaries done)."""
+    merges while the others wait, after every process holds the lock (its clean-up of temporaries done). checks:
+    the scorers' names a ResultsFile refuses to mix (clip_model, dino_model, segmenter, mask_threshold)."""
     path = out_dir / RESULTS_FILE if out_dir is not None else None
     if split:
         ranks.wait_for_everyone()
     last: set = set()
     if not split or ranks.is_main():
-        results = ResultsFile(path, clip_model=clip_model, dino_model=dino_model)
+        results = ResultsFile(path, **checks)
         if results.dropped_partial_line:
             say(f"{results.path}: dropped a last line cut short by an interruption")
         before = len(results.rows)
-        last = merge_shares(results, planned, clip_model=clip_model, dino_model=dino_model)
+        last = merge_shares(results, planned, **checks)
         if len(results.rows) > before:
             say(f"{results.path}: merged {len(results.rows) - before} rows that processes of an earlier launch had "
                 "written to their own shares")
     if split:
         last = ranks.from_main(last)  # also waits for the merge
         if not ranks.is_main():
-            results = ResultsFile(path, clip_model=clip_model, dino_model=dino_model)
+            results = ResultsFile(path, **checks)
     return results, last
 
 
@@ -395,6 +456,9 @@ class _Grid:
     generate: object
     clip: object
     dino: object
+    segmenter: object
+    mask_threshold: float
+    reference_masks: dict  # reference id -> bool [H, W]
     writer: ResultsFile | None = None  # where this process appends its rows: results, or its share under a launch
     last_keys: set = field(default_factory=set)  # results.csv's and each share's last row when this run started
     images: dict = field(default_factory=dict)  # row key -> PIL image, when there is no out_dir
@@ -426,7 +490,9 @@ class _Grid:
                     s.image.convert("RGB").save(tmp, format="JPEG", quality=95)
         else:
             self.images.update((row_key(s), s.image) for s in made)
-        rows = score_samples(made, self.references, self.prompts, clip=self.clip, dino=self.dino, files=files)
+        rows = score_samples(made, self.references, self.prompts, clip=self.clip, dino=self.dino, files=files,
+                             segmenter=self.segmenter, threshold=self.mask_threshold,
+                             reference_masks=self.reference_masks)
         (self.writer or self.results).append([r for r in rows if not self.results.has(row_key(r))])
         self.seconds_scoring += time.perf_counter() - start
         return n_new

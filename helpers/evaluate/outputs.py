@@ -49,7 +49,8 @@ def write_summary(rows, eval_dir) -> dict:
 
 
 def write_tradeoff(rows, eval_dir, *, copy_clip_t: float | None = None, random_weights: bool = False):
-    """tradeoff.png: plots.tradeoff_plot of the edit prompts' summary, the scores' backbones on the axes;
+    """tradeoff.png: plots.tradeoff_plot of the edit prompts' summary (a subject CLIP-I panel when the rows have
+    it), the scores' backbones on the axes;
     copy_clip_t: the unedited references' CLIP-T (protocol.copy_baseline(...)[EDIT][0]). Returns the Figure."""
     import matplotlib.pyplot as plt
 

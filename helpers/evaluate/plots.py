@@ -1,8 +1,9 @@
 """Notebook 05's figures: what a reader would rather look at than read. Each returns a matplotlib Figure or a
 PIL image (tests check what they hold); models are labelled by what they are (helpers.sample.registry.label).
 
-    tradeoff_plot(summary)                 CLIP-I and DINO against CLIP-T, one curve per model through its IP
-                                           scales, 95% interval bars over references
+    tradeoff_plot(summary)                 CLIP-I, DINO and subject CLIP-I (the character alone) against CLIP-T,
+                                           one curve per model through its IP scales, 95% interval bars over
+                                           references
     side_by_side(samples)                  rows: (reference, edit prompt); columns: the reference, then each model
     category_grids(rows, prompts, load)    one side_by_side per edit category (setting, outfit, action, style)
     scale_sweep(samples, ref, prompt)      one reference and prompt: models down, IP scales across
@@ -31,7 +32,9 @@ from .stats import CATEGORIES, EDIT, N_BOOT, OWN, MatchedGain, bootstrap_ci
 SEED_PROJECT_CLIP_T = 0.32  # the seed project's reported "mean CLIP-T" (plain cosine; model and prompts unknown)
 IP_ADAPTER_TABLE1_CLIP_T = 0.588  # Ye et al. 2023, Table 1 (COCO val): empty text prompt, rescaled score
 METRIC_LABELS = {"clip_t": "CLIP-T (image vs prompt)", "clip_i": "CLIP-I (image vs reference)",
-                 "dino": "DINO (image vs reference)"}
+                 "dino": "DINO (image vs reference)", "clip_i_subject": "CLIP-I subject (character vs character)",
+                 "dino_subject": "DINO subject (character vs character)",
+                 "clip_i_background": "CLIP-I background (background vs background)"}
 
 
 def save_figure(figure, path, **savefig_kwargs):
@@ -50,15 +53,18 @@ def save_figure(figure, path, **savefig_kwargs):
 
 
 def _axis_label(metric: str, clip_model: str, dino_model: str) -> str:
-    backbone = dino_model if metric == "dino" else clip_model
+    backbone = dino_model if metric.startswith("dino") else clip_model
     return f"{METRIC_LABELS.get(metric, metric)}\nplain cosine" + (f", {backbone}" if backbone else "")
 
 
-def tradeoff_plot(summary, *, y: Sequence[str] = ("clip_i", "dino"), x: str = "clip_t", title: str | None = None,
-                  clip_model: str = "", dino_model: str = "", note: str = "", copy_clip_t: float | None = None):
-    """One panel per consistency metric in `y` against `x` (CLIP-T): one curve per model through its IP
-    scales (labelled at each point), 95% t intervals over references as error bars; baselines and
-    ablations dashed. Up and to the right is better: more like the reference and more like the prompt.
+def tradeoff_plot(summary, *, y: Sequence[str] = ("clip_i", "dino", "clip_i_subject"), x: str = "clip_t",
+                  title: str | None = None, clip_model: str = "", dino_model: str = "", note: str = "",
+                  copy_clip_t: float | None = None):
+    """One panel per consistency metric in `y` that the summary has, against `x` (CLIP-T): one curve per model
+    through its IP scales (labelled at each point), 95% t intervals over references as error bars; baselines and
+    ablations dashed. Up and to the right is better: more like the reference and more like the prompt. The
+    subject panel (CLIP-I of the character alone, helpers.evaluate.metrics) tells a kept character from a copied
+    picture, which whole-image CLIP-I and DINO reward alike.
 
     summary: helpers.evaluate.stats.summarize(rows, prompt_kind=...); clip_model / dino_model: named on the axes.
     copy_clip_t: CLIP-T of the unedited references with the same prompts (helpers.evaluate.protocol.copy_baseline),

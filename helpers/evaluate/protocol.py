@@ -254,9 +254,11 @@ def protocol(profile, prep, *, n_models: int | None = None,
 
 
 def grid_settings(profile) -> dict:
-    """run_grid's settings from the profile: scales, seeds, scorers, batch size."""
+    """run_grid's settings from the profile: scales, seeds, scorers (the segmenter and its threshold too), batch
+    size."""
     return {"scales": tuple(profile.eval_scales), "seeds": tuple(profile.eval_seeds), "clip": profile.eval_clip,
-            "dino": profile.dino, "batch_size": profile.eval_batch_size}
+            "dino": profile.dino, "segmenter": profile.segmenter, "mask_threshold": profile.mask_threshold,
+            "batch_size": profile.eval_batch_size}
 
 
 # --------------------------------------------------------------------------------------------------

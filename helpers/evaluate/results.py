@@ -13,7 +13,7 @@ The batch size is not part of the key: an image depends on its seed, not on its 
 The file is append-only: rows already there are never rewritten, so a rerun that skips them and appends
 the rest in the same order ends with the same bytes as a run that was never interrupted. Floats are
 written with Python's shortest round-trip repr and read back with float(), so values survive the round trip
-exactly. A last line cut short by a crash (no newline) is dropped when the file is opened; an append that
+exactly (an empty mask's NaN is written "nan" and read back as NaN). A last line cut short by a crash (no newline) is dropped when the file is opened; an append that
 fails (a full disk: helpers.support.disk.DiskFull naming the file) is cut back to the rows before it. Anything
 else that is not a row of this format (another version's columns, a second header line, a damaged line, a
 row repeated) raises ResultsFileError naming the file, the line and what to do. One writer at a time:
@@ -39,14 +39,17 @@ from ..sample.generate import Sample
 from ..support.atomic import write_text
 from ..support.disk import disk_errors
 from .stats import IDENTITY  # "adapter_sha256": the column naming the weights a row was made with
+from .stats import SUBJECT_SCORES  # clip_i_subject, dino_subject, clip_i_background (helpers.evaluate.metrics)
 
 RESULTS_FILE = "results.csv"  # in the eval folder (helpers.evaluate.outputs names the other files)
 SHARE_PREFIX, SHARE_SUFFIX = "results.rank-", ".csv"  # results.rank-K.csv: process K's rows, not merged yet
 CSV_COLUMNS = ("model", "adapter_sha256", "scale", "reference", "prompt", "prompt_kind", "edit", "seed", "steps",
-               "guidance", "clip_t", "clip_t_x100", "clip_i", "clip_i_x100", "dino", "clip_model", "dino_model", "file")
+               "guidance", "clip_t", "clip_t_x100", "clip_i", "clip_i_x100", "dino", *SUBJECT_SCORES, "subject_coverage",
+               "clip_model", "dino_model", "segmenter", "mask_threshold", "file")
 KEY_COLUMNS = ("model", "adapter_sha256", "scale", "reference", "prompt", "seed", "steps", "guidance")
 _INTS = {"seed", "steps"}
-_FLOATS = {"scale", "guidance", "clip_t", "clip_t_x100", "clip_i", "clip_i_x100", "dino"}
+_FLOATS = {"scale", "guidance", "clip_t", "clip_t_x100", "clip_i", "clip_i_x100", "dino", *SUBJECT_SCORES,
+           "subject_coverage", "mask_threshold"}
 _NEW_FOLDER = "use a new eval folder (EVAL_DIR in notebook 05's Settings, --out-dir of python -m helpers.evaluate)"
 
 
@@ -86,18 +89,21 @@ class ResultsFile:
     """results.csv, opened for resuming. `rows` (typed dicts, file order) are the rows already written;
     `append` adds more. path None: nothing is written (rows are only kept in memory)."""
 
-    def __init__(self, path, *, clip_model: str | None = None, dino_model: str | None = None):
+    def __init__(self, path, *, clip_model: str | None = None, dino_model: str | None = None,
+                 segmenter: str | None = None, mask_threshold: float | None = None):
         self.path = Path(path) if path is not None else None
         self.rows: list[dict] = []
         self.dropped_partial_line = False
         if self.path is not None and self.path.is_file():
             self._read()
-        for column, name in (("clip_model", clip_model), ("dino_model", dino_model)):
+        for column, name, what in (("clip_model", clip_model, "CLIP"), ("dino_model", dino_model, "DINO"),
+                                   ("segmenter", segmenter, "the segmenter"),
+                                   ("mask_threshold", mask_threshold, "the mask threshold")):
             used = {r[column] for r in self.rows}
             if name is not None and used - {name}:
                 raise ResultsFileError(
-                    f"{self.path} was scored with {column.split('_')[0].upper()} {sorted(used)}, this run uses "
-                    f"{name!r}: scores from different models do not mix. Use another output folder, or delete the file.")
+                    f"{self.path} was scored with {what} {sorted(used)}, this run uses {name!r}: scores from "
+                    "different models do not mix. Use another output folder, or delete the file.")
         self._keys = {row_key(r) for r in self.rows}
 
     def _read(self) -> None:
@@ -111,12 +117,18 @@ class ResultsFile:
         if header is None:
             return
         if tuple(header) != CSV_COLUMNS:
-            older = IDENTITY not in header and set(header) <= set(CSV_COLUMNS)
+            older = set(header) <= set(CSV_COLUMNS)
+            why = ""
+            if older and IDENTITY not in header:
+                why = (f": it was written before each row recorded the adapter that made it ({IDENTITY}), so its "
+                       "rows cannot be told from a retrained adapter's")
+            elif older and not set(SUBJECT_SCORES) <= set(header):
+                why = (f": it was written before the subject-only scores ({', '.join(SUBJECT_SCORES)}), which are "
+                       "taken from each image in memory as it is made; its saved JPEGs, scored again, would not "
+                       "give the same numbers")
             raise ResultsFileError(
-                f"{self.path} has the columns {header}, not this version's {list(CSV_COLUMNS)}"
-                + (f": it was written before each row recorded the adapter that made it ({IDENTITY}), so its "
-                   "rows cannot be told from a retrained adapter's" if older else "")
-                + f". {_NEW_FOLDER[0].upper() + _NEW_FOLDER[1:]}, or move the file aside to start over.")
+                f"{self.path} has the columns {header}, not this version's {list(CSV_COLUMNS)}{why}. "
+                f"{_NEW_FOLDER[0].upper() + _NEW_FOLDER[1:]}, or move the file aside to start over.")
         seen: dict[tuple, int] = {}
         line = reader.line_num + 1  # where the next record starts (a quoted field may span lines)
         for record in reader:
@@ -201,22 +213,24 @@ def share_paths(out_dir) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def merge_shares(results: ResultsFile, order=(), *, clip_model: str | None = None,
-                 dino_model: str | None = None) -> set[tuple]:
+def merge_shares(results: ResultsFile, order=(), *, clip_model: str | None = None, dino_model: str | None = None,
+                 segmenter: str | None = None, mask_threshold: float | None = None) -> set[tuple]:
     """Move every share beside `results` (results.rank-K.csv, of this launch or of one that was killed) into it:
     the rows it lacks, those whose key is in `order` (the grid's row keys, in generation order) in that order,
     then the others in share order, added at once (ResultsFile.add_at_once: atomic); then delete the shares.
     A crash before the deletion leaves shares whose rows are all in results.csv: merged again, they add nothing.
     Returns the keys of the last row of results.csv and of each share as found: a cut may have left that row's
     job in part, and run_grid makes such a job again whole (keeping the rows), in the batches it had.
-    clip_model, dino_model: as for ResultsFile (a share scored with other models raises ResultsFileError)."""
+    clip_model, dino_model, segmenter, mask_threshold: as for ResultsFile (a share scored with other models
+    raises ResultsFileError)."""
     last = {row_key(results.rows[-1])} if results.rows else set()
     if results.path is None:
         return last
     shares = share_paths(results.path.parent)
     new: dict[tuple, dict] = {}
     for share in shares:
-        rows = ResultsFile(share, clip_model=clip_model, dino_model=dino_model).rows
+        rows = ResultsFile(share, clip_model=clip_model, dino_model=dino_model, segmenter=segmenter,
+                           mask_threshold=mask_threshold).rows
         last.update(row_key(r) for r in rows[-1:])
         for r in rows:
             if not results.has(row_key(r)):

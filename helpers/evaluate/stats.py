@@ -2,7 +2,11 @@
 gain in prompt following at matched consistency (helpers.evaluate.headline writes it up against every baseline).
 
 Input: rows, one per generated image (helpers.evaluate.grid.run_grid's result.rows), with at least model, scale,
-reference, prompt, seed, prompt_kind, edit and the metric columns (clip_t, clip_i, dino: plain cosines). Rows that
+reference, prompt, seed, prompt_kind, edit and the metric columns (clip_t, clip_i, dino: plain cosines; and, when
+the rows have them, the subject-only scores clip_i_subject, dino_subject, clip_i_background). A NaN score (an
+empty mask left the image nothing to compare: helpers.evaluate.metrics) is left out: each reference's mean is
+over its images that have the score, a reference with none drops out of that score's interval, and summarize
+counts them (`<score>_missing`). Rows that
 carry adapter_sha256 must hold one adapter per model: results.csv read back whole may also hold a retrained
 model's earlier rows, and those are refused (as_frame) rather than averaged with the current ones.
 
@@ -39,7 +43,9 @@ from ..sample.registry import label, model_order
 
 OWN, EDIT = "own caption", "edit"  # prompt kinds: a reference's own caption, or an edit prompt
 CATEGORIES = ("setting", "outfit", "action", "style")  # edit categories (helpers.evaluate.protocol.EDIT_PROMPTS)
-METRICS = ("clip_t", "clip_i", "dino")
+METRICS = ("clip_t", "clip_i", "dino")  # whole-image scores
+SUBJECT_SCORES = ("clip_i_subject", "dino_subject", "clip_i_background")  # on the character / background alone
+SCORES = METRICS + SUBJECT_SCORES
 N_BOOT = 2000  # bootstrap draws of the matched gain (MatchedGain.boots, for its histogram; not its interval)
 LEVEL = 0.95
 PAIR_KEYS = ("scale", "reference", "prompt", "seed")  # what two models' images share when they are a pair
@@ -120,6 +126,8 @@ def bootstrap_ci(values, groups=None, *, level: float = LEVEL, seed: int | None 
     groups: one label per value (the reference of each image). Values are first averaged per group, so
             images of the same reference never count as independent evidence. Without groups every value is
             its own group. Fewer than two groups: the interval is (nan, nan).
+    NaN values (an empty mask's subject scores) are left out first: a group's mean is over its other values, and a
+    group with none left drops out.
     seed: no effect (the interval is computed, not drawn); kept for the callers of the bootstrap it replaced.
     """
     values = np.asarray(values, dtype=np.float64)
@@ -127,6 +135,9 @@ def bootstrap_ci(values, groups=None, *, level: float = LEVEL, seed: int | None 
         groups = np.asarray([str(g) for g in groups])
         if len(groups) != len(values):
             raise ValueError(f"{len(values)} values but {len(groups)} group labels")
+        groups = groups[~np.isnan(values)]
+    values = values[~np.isnan(values)]
+    if groups is not None:
         labels = list(dict.fromkeys(groups.tolist()))
         values = np.array([values[groups == g].mean() for g in labels])
     mean, lo, hi = t_interval(values, level)
@@ -155,11 +166,14 @@ def as_frame(rows, *, prompt_kind: str | None = None, edit: str | None = None):
 
 
 def backbones(rows) -> str:
-    """The score backbones and scale, for a table's caption: 'plain cosines; CLIP-T/CLIP-I: CLIP <id>; DINO: <id>'."""
+    """The score backbones and scale, for a table's caption: 'plain cosines; CLIP-T/CLIP-I: CLIP <id>; DINO: <id>'
+    (and the segmenter of the subject-only scores, when the rows have one)."""
     frame = as_frame(rows)
     clip = frame["clip_model"].iloc[0] if "clip_model" in frame else "?"
     dino = frame["dino_model"].iloc[0] if "dino_model" in frame else "?"
-    return f"plain cosines in [-1, 1]; CLIP-T and CLIP-I: CLIP {clip}; DINO: {dino} (CLS token)"
+    seg = (f"; subject and background: masks by {frame['segmenter'].iloc[0]} at threshold "
+           f"{float(frame['mask_threshold'].iloc[0]):g}, the rest filled white" if "segmenter" in frame else "")
+    return f"plain cosines in [-1, 1]; CLIP-T and CLIP-I: CLIP {clip}; DINO: {dino} (CLS token){seg}"
 
 
 def complete_references(rows, models: Sequence[str]) -> list[str]:
@@ -179,17 +193,21 @@ def complete_references(rows, models: Sequence[str]) -> list[str]:
     return [str(r) for r in part["reference"].unique() if done.get(r, False)]
 
 
-def summarize(rows, *, prompt_kind: str | None = None, edit: str | None = None, columns: Sequence[str] = METRICS):
+def summarize(rows, *, prompt_kind: str | None = None, edit: str | None = None,
+              columns: Sequence[str] | None = None):
     """A table (pandas DataFrame), one line per model and scale: its label, n references and images, and for
-    each metric in `columns` its mean with the t interval over references (bootstrap_ci: `<m>`, `<m>_lo`,
-    `<m>_hi`), plus `clip_t_x100`: torchmetrics' CLIPScore of those images and prompts, max(100 x mean cosine, 0), and,
-    when the rows carry it, the adapter_sha256 of the weights (the model card keeps only its own adapter's lines).
+    each metric in `columns` (default: every one of SCORES the rows have) its mean with the t interval over
+    references (bootstrap_ci: `<m>`, `<m>_lo`, `<m>_hi`; NaN left out), for each subject-only score
+    `<m>_missing`, the images without one (an empty mask), plus `clip_t_x100`: torchmetrics' CLIPScore of those
+    images and prompts, max(100 x mean cosine, 0), and, when the rows carry it, the adapter_sha256 of the weights
+    (the model card keeps only its own adapter's lines).
 
     prompt_kind: OWN or EDIT to keep only those prompts; edit: one edit category; None for all.
     """
     import pandas as pd
 
     frame = as_frame(rows, prompt_kind=prompt_kind, edit=edit)
+    columns = [m for m in SCORES if m in frame] if columns is None else list(columns)
     if frame.empty:
         raise ValueError(f"no rows with prompt_kind {prompt_kind!r}" + (f" and edit {edit!r}" if edit else ""))
     out = []
@@ -202,6 +220,8 @@ def summarize(rows, *, prompt_kind: str | None = None, edit: str | None = None, 
                 line[IDENTITY] = str(cell[IDENTITY].iloc[0])
             for m in columns:
                 line[m], line[f"{m}_lo"], line[f"{m}_hi"] = bootstrap_ci(cell[m], cell["reference"])
+                if m in SUBJECT_SCORES:
+                    line[f"{m}_missing"] = int(cell[m].isna().sum())
             if "clip_t" in columns:
                 line["clip_t_x100"] = max(100 * float(cell["clip_t"].mean()), 0.0)
             out.append(line)
@@ -213,12 +233,14 @@ def format_summary(summary, digits: int = 3):
     import pandas as pd
 
     shown = summary[["label", "scale", "n_references", "n_images"]].rename(columns={"label": "model"})
-    for m in METRICS:
+    for m in SCORES:
         if m in summary:
             shown[metric_label(m)] = [f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
                                 for v, lo, hi in zip(summary[m], summary[f"{m}_lo"], summary[f"{m}_hi"])]
     if "clip_t_x100" in summary:
         shown["CLIPScore (x100)"] = summary["clip_t_x100"].round(1)
+    if "clip_i_subject_missing" in summary:
+        shown["no subject score (empty mask)"] = summary["clip_i_subject_missing"]
     return pd.DataFrame(shown)
 
 
@@ -380,5 +402,7 @@ def matched_gain(rows, model: str, baseline: str, *, x: str = "clip_t", y: str =
 
 
 def metric_label(name: str) -> str:
-    """'clip_t' -> 'CLIP-T', 'clip_i' -> 'CLIP-I', 'dino' -> 'DINO' (other names as they are)."""
-    return {"clip_t": "CLIP-T", "clip_i": "CLIP-I", "dino": "DINO"}.get(name, name)
+    """'clip_t' -> 'CLIP-T', 'clip_i' -> 'CLIP-I', 'dino' -> 'DINO', 'clip_i_subject' -> 'CLIP-I subject', ...
+    (other names as they are)."""
+    return {"clip_t": "CLIP-T", "clip_i": "CLIP-I", "dino": "DINO", "clip_i_subject": "CLIP-I subject",
+            "dino_subject": "DINO subject", "clip_i_background": "CLIP-I background"}.get(name, name)

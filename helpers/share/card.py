@@ -30,10 +30,12 @@ SAMPLES_FILE = "samples.png"
 
 
 def _interval(row: dict, metric: str) -> str:
+    """'mean [low, high]', or '-' where the summary has no such score (an older summary.csv, or no mask)."""
     try:
-        return f"{float(row[metric]):.3f} [{float(row[metric + '_lo']):.3f}, {float(row[metric + '_hi']):.3f}]"
+        mean, lo, hi = (float(row[metric + end]) for end in ("", "_lo", "_hi"))
     except (KeyError, ValueError):
         return "-"
+    return "-" if mean != mean else f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
 def evaluation_markdown(ev: Evaluation, *, with_plot: bool) -> str:
@@ -42,16 +44,20 @@ def evaluation_markdown(ev: Evaluation, *, with_plot: bool) -> str:
     if random:
         lines += ["**Random weights (tiny profile): these numbers are meaningless; they only show that the code runs.**", ""]
     lines += [f"Plain cosines, mean and 95% t interval over held-out references; CLIP model "
-              f"`{ev.clip_model or 'not recorded'}`. CLIP-T: image vs prompt; CLIP-I and DINO: image vs reference. "
+              f"`{ev.clip_model or 'not recorded'}`. CLIP-T: image vs prompt; CLIP-I and DINO: image vs reference; "
+              "CLIP-I subject: the character alone (each background filled white) vs the reference's. "
               f"Model `{ev.model}`.", "",
-              "| prompts | IP scale | references | CLIP-T | CLIP-I | DINO |", "| --- | --- | --- | --- | --- | --- |"]
+              "| prompts | IP scale | references | CLIP-T | CLIP-I | DINO | CLIP-I subject |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in ev.rows:
         lines.append(f"| {r.get('prompt_kind', 'all')} | {float(r['scale']):g} | {r.get('n_references', '')} | "
-                     f"{_interval(r, 'clip_t')} | {_interval(r, 'clip_i')} | {_interval(r, 'dino')} |")
+                     f"{_interval(r, 'clip_t')} | {_interval(r, 'clip_i')} | {_interval(r, 'dino')} | "
+                     f"{_interval(r, 'clip_i_subject')} |")
     if ev.headline:
         lines += ["", "> " + ev.headline.replace("\n", "\n> ")]
     if with_plot:
-        lines += ["", f"![Trade-off: CLIP-I and DINO against CLIP-T across IP-Adapter scales ({ev.profile} profile)]"
+        lines += ["", f"![Trade-off: CLIP-I, DINO and subject CLIP-I against CLIP-T across IP-Adapter scales "
+                      f"({ev.profile} profile)]"
                       f"({TRADEOFF_FILE})", "",
                   f"The trade-off plot of notebook 05 ({ev.profile} profile): up and to the right is better; one "
                   "curve per model across IP-Adapter scales."]

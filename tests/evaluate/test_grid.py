@@ -61,7 +61,8 @@ def test_a_retrained_adapter_is_evaluated_again_not_resumed(split, tiny_profile,
     def evaluate(out_dir, bank=None):
         bank = bank or load_models(tiny_profile, tmp_path / "runs", baselines=models[2:], device="cpu", verbose=False)
         result = run_grid(bank, refs, prompts, train=train, scales=(1.0,), out_dir=out_dir, models=models, steps=2,
-                          clip=tiny_profile.eval_clip, dino=tiny_profile.dino, progress=False)
+                          clip=tiny_profile.eval_clip, dino=tiny_profile.dino, segmenter=tiny_profile.segmenter,
+                          progress=False)
         (out_dir / "summary.csv").write_text(summarize(result.rows).to_csv(index=False))  # as 05 and the command do
         return bank, result
 
@@ -200,7 +201,7 @@ def test_out_of_memory_names_the_batch_size_and_a_smaller_one_resumes(split, tin
     refs = pick_references(test, 1)
     prompts = build_prompts(refs, {"style": ["a watercolor painting of a character", "a pixel art character"]}, 2)
     settings = dict(train=train, scales=(0.5, 1.0), seeds=(0, 1), models=["finetuned-text-aware"], steps=2,
-                    clip=tiny_profile.eval_clip, dino=tiny_profile.dino, progress=False)
+                    clip=tiny_profile.eval_clip, dino=tiny_profile.dino, segmenter=tiny_profile.segmenter, progress=False)
     whole = run_grid(bank, refs, prompts, out_dir=tmp_path / "whole", batch_size=3, **settings)  # 2 jobs of 6
     pipeline = type(bank.pipe)
     real_call, calls = pipeline.__call__, []
@@ -295,8 +296,8 @@ def test_a_grid_grown_in_a_later_sitting_keeps_every_row_and_makes_only_the_new_
     assert set(few_prompts) < set(more_prompts)  # and more edits to those a reference had
     bigger = [*HEADLINE, "finetuned-text-aware-no-block", "pretrained"]
     weights = identities(bigger)  # one identity per model throughout: the weights do not change
-    settings = dict(train=train, clip=tiny_profile.eval_clip, dino=tiny_profile.dino, steps=2, guidance=7.5,
-                    progress=False)
+    settings = dict(train=train, clip=tiny_profile.eval_clip, dino=tiny_profile.dino, segmenter=tiny_profile.segmenter,
+                    steps=2, guidance=7.5, progress=False)
     eval_dir = tmp_path / "eval"
     first = run_grid({m: weights[m] for m in HEADLINE}, few, few_prompts, scales=(0.5,), seeds=(0,),
                      out_dir=eval_dir, models=HEADLINE, generate=fake_generate, **settings)
@@ -340,3 +341,60 @@ def test_a_launchs_process_writes_only_its_share_and_a_lone_rerun_merges_it(spli
     again, _, _ = grid(split, tiny_profile, tmp_path / "cut", models=TWO)
     assert again.n_resumed == len(share) and again.n_generated == len(whole.rows) - len(share)
     assert again.rows == whole.rows and share_paths(tmp_path / "cut") == []
+
+
+def test_references_keep_notebook_01s_masks_outputs_are_segmented_once_loaded_and_scored_in_memory(
+        tiny_profile, tmp_path, monkeypatch):
+    """The grid's subject scores: each reference's stored mask (helpers.data.masks.prepare_masks), each output
+    segmented by the same segmenter, loaded once for the whole grid, and scored as it is in memory (its saved JPEG
+    would score otherwise). Masks made at another threshold than the outputs' are refused."""
+    import helpers.evaluate.metrics as metrics
+    from helpers.data.masks import prepare_masks
+    from helpers.data.prepare import prepare_dataset
+    from helpers.evaluate.metrics import SUBJECT_SCORES, get_segmenter, output_masks, subject_scores
+    from helpers.evaluate.results import load_samples
+
+    prep = prepare_dataset(tiny_profile.dataset, tmp_path / "data", resolution=tiny_profile.resolution,
+                           test_fraction=tiny_profile.test_fraction, seed=0, progress=False)
+    masks = prepare_masks(prep, tiny_profile, progress=False)
+    refs = pick_references(prep.test, 2)
+    prompts = build_prompts(refs, {"style": ["a watercolor painting of a cartoon character"]}, 1)
+    for key in [k for k in metrics._CACHE if k[0] == "segmenter"]:
+        monkeypatch.delitem(metrics._CACHE, key)
+    loads, real_load = [], metrics.load_segmenter
+    monkeypatch.setattr(metrics, "load_segmenter", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    made = []
+
+    def generate(*args, **kwargs):
+        out = fake_generate(*args, **kwargs)
+        made.extend(out)
+        return out
+
+    settings = dict(train=prep.train, clip=tiny_profile.eval_clip, dino=tiny_profile.dino,
+                    segmenter=tiny_profile.segmenter, steps=2, guidance=7.5, generate=generate, progress=False)
+    result = run_grid(identities(TWO), refs, prompts, scales=(0.5, 1.0), models=list(TWO), masks=masks,
+                      mask_threshold=masks.threshold, out_dir=tmp_path / "eval", **settings)
+    assert len(result.rows) == 16 and len(loads) == 1  # 8 jobs, one segmenter
+    seg = get_segmenter(tiny_profile.segmenter)
+    images, ref_images = [s.image for s in made], [{r.id: r.image for r in refs}[s.reference] for s in made]
+    out_masks = output_masks(images, [s.prompt for s in made], segmenter=seg, threshold=masks.threshold)
+    stored = [masks.image("test", s.reference) for s in made]
+    want = subject_scores(images, out_masks, ref_images, stored, clip=tiny_profile.eval_clip, dino=tiny_profile.dino)
+    other = subject_scores(images, out_masks, ref_images, [~m for m in stored], clip=tiny_profile.eval_clip,
+                           dino=tiny_profile.dino)
+    rows = {row_key(r): r for r in result.rows}
+    for k, s in enumerate(made):
+        row = rows[row_key(s)]
+        assert row["subject_coverage"] == out_masks[k].mean() and row["segmenter"] == seg.name
+        for name in SUBJECT_SCORES:
+            assert row[name] == pytest.approx(float(want[name][k]), abs=1e-6) != float(other[name][k])
+    jpegs = load_samples(result.rows, tmp_path / "eval", refs)  # the saved files, read back and scored again
+    rescored = subject_scores([s.image for s in jpegs], output_masks([s.image for s in jpegs], [s.prompt for s in jpegs],
+                              segmenter=seg, threshold=masks.threshold), [s.reference_image for s in jpegs],
+                              [masks.image("test", s.reference) for s in jpegs], clip=tiny_profile.eval_clip,
+                              dino=tiny_profile.dino)
+    assert any(abs(float(rescored["clip_i_subject"][k]) - r["clip_i_subject"]) > 1e-4 for k, r in enumerate(result.rows))
+    with pytest.raises(ValueError, match=r"made by segmenter .* at threshold 0.5, and this evaluation segments its "
+                                         r"outputs with .* at 0.6.*notebook 01's mask cell"):
+        run_grid(identities(TWO), refs, prompts, scales=(0.5,), models=list(TWO), masks=masks, mask_threshold=0.6,
+                 out_dir=None, **settings)

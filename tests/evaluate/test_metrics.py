@@ -200,3 +200,86 @@ def test_the_scorers_use_those_processors(clip, tiny_profile, rows):
     torch.testing.assert_close(got, by_hand(image, config), atol=0, rtol=0)
     got = get_dino(tiny_profile.dino).processor(images=[image], return_tensors="pt")["pixel_values"][0]
     torch.testing.assert_close(got, by_hand(image, processor_config(tiny_profile.dino)), atol=0, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Subject-only scores: the character alone, the background alone
+# --------------------------------------------------------------------------------------------------
+
+def _drawing(seed, size=64):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def _box(size=64, top=16, left=12, h=30, w=24):
+    m = np.zeros((size, size), bool)
+    m[top:top + h, left:left + w] = True
+    return m
+
+
+def test_subject_scores_are_fill_embed_cosine_by_hand_and_tell_a_copied_picture_from_a_kept_character(clip,
+                                                                                                    tiny_profile):
+    """By hand: every pixel off the mask set to white, CLIP's (DINO's) embedding of each, their cosine. A copied
+    picture scores 1 on the character and on the background; the same character pasted into another scene
+    still scores 1 on the character, and lower on the background and on the whole image."""
+    from helpers.evaluate.metrics import SUBJECT_FILL, subject_scores
+
+    dino_s = get_dino(tiny_profile.dino)
+    reference, m_ref = _drawing(0), _box()
+    other, m_other = _drawing(1), _box(top=20, left=30, h=20, w=20)
+    scene = Image.fromarray(np.where(m_ref[..., None], np.asarray(reference), np.asarray(_drawing(2))))
+    outputs, masks = [other, reference, scene], [m_other, m_ref, m_ref]
+    got = subject_scores(outputs, masks, [reference] * 3, [m_ref] * 3, clip=clip, dino=dino_s)
+
+    def filled(image, mask):  # numpy, not helpers.data.masks.fill_background
+        return Image.fromarray(np.where(mask[..., None], np.asarray(image), np.uint8(SUBJECT_FILL)).astype(np.uint8))
+
+    def cosine(embed, a, b):
+        ea, eb = embed(a), embed(b)
+        return (ea * eb).sum(-1) / (ea.norm(dim=-1) * eb.norm(dim=-1))
+
+    def clip_embed(images):
+        with torch.no_grad():
+            pixels = clip.processor(images=images, return_tensors="pt")["pixel_values"]
+            return clip.model.get_image_features(pixels)
+
+    def dino_embed(images):
+        with torch.no_grad():
+            pixels = dino_s.processor(images=images, return_tensors="pt")["pixel_values"]
+            return dino_s.model(pixel_values=pixels).last_hidden_state[:, 0]
+
+    on = [filled(o, m) for o, m in zip(outputs, masks)]
+    off = [filled(o, ~m) for o, m in zip(outputs, masks)]
+    torch.testing.assert_close(got["clip_i_subject"], cosine(clip_embed, on, [filled(reference, m_ref)] * 3))
+    torch.testing.assert_close(got["dino_subject"], cosine(dino_embed, on, [filled(reference, m_ref)] * 3))
+    torch.testing.assert_close(got["clip_i_background"], cosine(clip_embed, off, [filled(reference, ~m_ref)] * 3))
+    copied, kept = 1, 2
+    for name in ("clip_i_subject", "dino_subject"):
+        assert got[name][copied] == pytest.approx(1, abs=1e-5) and got[name][kept] == pytest.approx(1, abs=1e-5)
+    assert got["clip_i_background"][copied] == pytest.approx(1, abs=1e-5)
+    whole = clip_i([scene], [reference], clip=clip)[0]
+    assert got["clip_i_background"][kept] < 1 - 1e-3 and whole < 1 - 1e-3  # only the subject score keeps it
+
+
+def test_an_empty_mask_gives_nan_and_a_full_one_no_background_score(clip, tiny_profile):
+    from helpers.evaluate.metrics import subject_scores
+
+    reference, m_ref = _drawing(0), _box()
+    empty, full = np.zeros((64, 64), bool), np.ones((64, 64), bool)
+    got = subject_scores([_drawing(1)] * 3, [empty, m_ref, full], [reference, reference, reference],
+                         [m_ref, empty, m_ref], clip=clip, dino=tiny_profile.dino)
+    assert torch.isnan(got["clip_i_subject"][:2]).all() and torch.isnan(got["dino_subject"][:2]).all()
+    assert torch.isfinite(got["clip_i_subject"][2]) and torch.isfinite(got["clip_i_background"][:2]).all()
+    assert torch.isnan(got["clip_i_background"][2])  # nothing off a full mask
+
+
+def test_outputs_are_segmented_with_their_prompts_subject_words(tiny_profile):
+    from helpers.data.masks import segment
+    from helpers.evaluate.metrics import output_masks, subject_words
+
+    assert subject_words("a cartoon character riding a bicycle") == "cartoon character"
+    assert subject_words("in space") == "a cartoon character"  # none named: the stated default
+    images, prompts = [_drawing(3), _drawing(4)], ["a watercolor painting of a cartoon character", "in space"]
+    got = output_masks(images, prompts, segmenter=tiny_profile.segmenter, threshold=0.5)
+    want = segment(images, ["cartoon character", "a cartoon character"], segmenter=tiny_profile.segmenter,
+                   threshold=0.5)
+    assert got.shape == (2, 64, 64) and got.dtype == bool and np.array_equal(got, want)

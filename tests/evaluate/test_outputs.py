@@ -9,6 +9,7 @@ import nbformat
 import pandas as pd
 from PIL import Image
 
+from helpers.data.masks import MASKS_FILE
 from helpers.data.prepare import use_prepared
 from helpers.evaluate.__main__ import main as evaluation_main
 from helpers.evaluate.outputs import (
@@ -25,6 +26,8 @@ from helpers.evaluate.outputs import (
     write_tradeoff,
 )
 from helpers.evaluate.protocol import GRID_MODELS, copy_baseline, protocol
+from helpers.evaluate.results import CSV_COLUMNS
+from helpers.evaluate.stats import SUBJECT_SCORES
 from helpers.evaluate.stats import EDIT, OWN
 from helpers.share.run_info import read_evaluation, read_run
 
@@ -46,6 +49,11 @@ def test_the_command_line_writes_the_files_notebook_05_writes(tiny_profile, runs
                               "--references", "3", "--edits-per-reference", "1", "--scales", "0.5,1.0",
                               "--out-dir", str(out)])
     assert "The grid is complete" in capsys.readouterr().out and {r["model"] for r in result.rows} == set(GRID_MODELS)
+    # the subject-only scores: results.csv's columns, with the references' masks notebook 01 stores (made here)
+    table = pd.read_csv(out / "results.csv")
+    assert list(table.columns) == list(CSV_COLUMNS) and (table["segmenter"] == tiny_profile.segmenter).all()
+    assert table[list(SUBJECT_SCORES)].notna().all().all() and (tmp_path / "data" / MASKS_FILE).is_file()
+    assert {f"{m}_missing" for m in SUBJECT_SCORES} < set(pd.read_csv(out / SUMMARY_FILE).columns)
     # notebook 05's cells on the same rows, in a kernel whose matplotlib settings differ
     profile = tiny_profile.replace(eval_num_references=3, eval_edits_per_reference=1, eval_scales=(0.5, 1.0))
     references, prompts = protocol(profile, use_prepared(tmp_path / "data", profile, progress=False))

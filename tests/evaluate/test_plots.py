@@ -27,6 +27,10 @@ def test_tradeoff_plot_has_every_model_by_label_with_interval_bars():
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == LABELS
     assert "tiny-clip" in fig.axes[0].get_xlabel() and "tiny-dino" in fig.axes[1].get_ylabel()
     assert len(fig.axes[0].containers) == len(MODEL_NAMES)  # one errorbar container per model
+    with_subject = tradeoff_plot(summarize(synthetic_rows(dict.fromkeys(MODEL_NAMES[:2], 0.0), n_refs=5, subject=True),
+                                           prompt_kind=EDIT), clip_model="tiny-clip")
+    assert len(with_subject.axes) == 3 and with_subject.axes[2].get_ylabel().startswith("CLIP-I subject")
+    assert with_subject.axes[2].get_xlabel().startswith("CLIP-T")  # CLIP-T against the subject score
 
 
 def references(n=4, size=32):

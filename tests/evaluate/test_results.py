@@ -1,9 +1,11 @@
 """helpers.evaluate.results: results.csv refuses what it cannot resume (another version's columns, a second
 header line, a damaged line, a repeated row) naming the file, the line and what to do, and a rerun after the
 line is fixed ends with the rows of an uninterrupted run."""
+import numpy as np
 import pytest
 from _grid import grid, split  # noqa: F401
 
+from helpers.evaluate.grid import BATCH_TOLERANCE
 from helpers.evaluate.results import (
     CSV_COLUMNS,
     KEY_COLUMNS,
@@ -40,7 +42,7 @@ def test_the_identity_is_part_of_every_row_and_its_key(whole):
 
 @pytest.mark.parametrize("damage, says", [
     (lambda lines: lines[:5] + [lines[0]] + lines[5:], "line 6: a second header line: two writers"),
-    (lambda lines: lines[:5] + [lines[5].replace(",", ";", 3)] + lines[6:], r"line 6: \d+ fields, not 18"),
+    (lambda lines: lines[:5] + [lines[5].replace(",", ";", 3)] + lines[6:], rf"line 6: \d+ fields, not {len(CSV_COLUMNS)}"),
     (lambda lines: lines[:5] + [lines[5].replace(",0,2,", ",x,2,", 1)] + lines[6:], "line 6: seed is 'x', not a number"),
     (lambda lines: lines[:5] + [lines[3]] + lines[5:], "line 6 repeats the image of line 4"),
 ])
@@ -57,8 +59,16 @@ def test_a_bad_line_names_the_file_and_the_line_and_a_rerun_after_fixing_it_ends
     fixed = csv.read_text().splitlines(keepends=True)
     del fixed[number - 1]
     csv.write_text("".join(fixed))
+    kept = ResultsFile(csv)
     again, _, _ = grid(split, tiny_profile, tmp_path, models=TWO)
-    assert [row_key(r) for r in again.rows] == [row_key(r) for r in whole.rows] and again.rows == whole.rows
+    assert [row_key(r) for r in again.rows] == [row_key(r) for r in whole.rows]
+    remade = [i for i, r in enumerate(again.rows) if not kept.has(row_key(r))]
+    assert len(remade) <= 1 and [r for i, r in enumerate(again.rows) if i not in remade] == [
+        r for i, r in enumerate(whole.rows) if i not in remade]  # the rows kept: exactly
+    for i in remade:  # the deleted line's image, made again and scored alone: CLIP on a CPU moves by ~2e-7 with
+        for column, value in again.rows[i].items():  # the batch (as across batch sizes, BATCH_TOLERANCE)
+            assert value == (pytest.approx(whole.rows[i][column], abs=BATCH_TOLERANCE, rel=0)
+                             if isinstance(value, float) else whole.rows[i][column]), column
 
 
 def test_an_older_results_csv_without_the_adapter_column_is_refused(whole, tmp_path):
@@ -107,3 +117,21 @@ def test_shares_are_merged_in_the_grids_order_once_and_then_deleted(whole, tmp_p
     ResultsFile(shares[1]).append([dict(r, clip_model="another/clip") for r in rows[20:21]])
     with pytest.raises(ResultsFileError, match="scored with CLIP"):
         merge_shares(ResultsFile(tmp_path / "results.csv"), clip_model=rows[0]["clip_model"])
+
+
+def test_an_older_results_csv_without_the_subject_scores_is_refused_and_nan_round_trips(whole, tmp_path):
+    from helpers.evaluate.stats import SUBJECT_SCORES
+
+    old = [c for c in CSV_COLUMNS if c not in (*SUBJECT_SCORES, "subject_coverage", "segmenter", "mask_threshold")]
+    text = ",".join(old) + "\n" + "".join(",".join(str(r[c]) for c in old) + "\n" for r in whole.rows[:3])
+    (tmp_path / "results.csv").write_text(text)
+    with pytest.raises(ResultsFileError, match="written before the subject-only scores .clip_i_subject.*saved JPEGs.*"
+                                               "Use a new eval folder"):
+        ResultsFile(tmp_path / "results.csv")
+    empty = dict(whole.rows[0], clip_i_subject=float("nan"), dino_subject=float("nan"))  # an empty mask's row
+    ResultsFile(tmp_path / "new.csv").append([empty])
+    back = ResultsFile(tmp_path / "new.csv").rows[0]
+    assert np.isnan(back["clip_i_subject"]) and np.isnan(back["dino_subject"])
+    assert {k: v for k, v in back.items() if k not in SUBJECT_SCORES[:2]} == {
+        k: v for k, v in whole.rows[0].items() if k not in SUBJECT_SCORES[:2]}
+    assert ",nan,nan," in (tmp_path / "new.csv").read_text()

@@ -240,3 +240,41 @@ def test_intervals_hold_their_level_at_ten_references():
     print(f"coverage of the 95% intervals at {n_refs} references: now {covered}; percentile bootstrap {old}")
     assert all(c >= 0.94 for c in covered.values()), covered
     assert all(c < 0.93 for c in old.values()), old
+
+
+def test_an_empty_masks_nan_is_left_out_per_reference_and_counted():
+    """Each image twice (two seeds, equal scores); blank one copy's subject scores (NaN, as an empty mask gives):
+    every mean, interval, paired difference and matched gain is what it was, and summarize counts the NaN. A
+    reference with no subject score left drops out of that score, as if it had never been there."""
+    from helpers.evaluate.stats import SUBJECT_SCORES
+
+    models = {"finetuned-vanilla": 0.0, "finetuned-text-aware": 0.02}
+    full = synthetic_rows(models, n_refs=6, subject=True, seeds=(0, 1), noise=0.003)
+    for r in full[1::2]:  # the noise differs between the seeds: make the copies equal
+        r["clip_t"] = full[full.index(r) - 1]["clip_t"]
+    holes = [dict(r) for r in full]
+    blanked = 0
+    for i, r in enumerate(holes):
+        if r["seed"] == 1 and i % 3:
+            r.update(dict.fromkeys(SUBJECT_SCORES, math.nan))
+            blanked += r["prompt_kind"] == EDIT
+    a, b = summarize(full, prompt_kind=EDIT), summarize(holes, prompt_kind=EDIT)
+    for m in SUBJECT_SCORES:
+        np.testing.assert_allclose(b[[m, f"{m}_lo", f"{m}_hi"]], a[[m, f"{m}_lo", f"{m}_hi"]], rtol=1e-12)
+    assert b["clip_i_subject_missing"].sum() == blanked > 0 and a["clip_i_subject_missing"].sum() == 0
+    assert "no subject score (empty mask)" in format_summary(b)
+    pair = ("finetuned-text-aware", "finetuned-vanilla")
+    for m in SUBJECT_SCORES:
+        assert paired_difference(holes, *pair, m) == pytest.approx(paired_difference(full, *pair, m), abs=1e-12)
+    g, h = matched_gain(full, *pair, y="clip_i_subject"), matched_gain(holes, *pair, y="clip_i_subject")
+    assert (h.gain, h.low, h.high) == pytest.approx((g.gain, g.low, g.high), abs=1e-12) and g.gain == pytest.approx(
+        0.02, abs=0.01)
+    # every image of ref0 blanked: the subject scores are those of the other references alone
+    gone = [dict(r, **dict.fromkeys(SUBJECT_SCORES, math.nan)) if r["reference"] == "ref0" else r for r in full]
+    without = [r for r in full if r["reference"] != "ref0"]
+    c, d = summarize(gone, prompt_kind=EDIT), summarize(without, prompt_kind=EDIT)
+    np.testing.assert_allclose(c[["clip_i_subject", "clip_i_subject_lo", "clip_i_subject_hi"]],
+                               d[["clip_i_subject", "clip_i_subject_lo", "clip_i_subject_hi"]], rtol=1e-12)
+    assert paired_difference(gone, *pair, "clip_i_subject") == pytest.approx(
+        paired_difference(without, *pair, "clip_i_subject"), abs=1e-12)
+    assert bootstrap_ci([0.1, math.nan, 0.3, 0.5], ["a", "a", "b", "c"]) == pytest.approx(bootstrap_ci([0.1, 0.3, 0.5]))

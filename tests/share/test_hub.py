@@ -144,7 +144,8 @@ def test_full_run_card_has_hub_metadata_and_notebook_05s_table(runs, tmp_path, t
     ids = {"pretrained": "0" * 16, "finetuned-text-aware": adapter_sha256(run / "adapter.safetensors")}  # the weights
     rows = [{"model": m, "adapter_sha256": ids[m], "scale": s, "reference": f"r{r}", "prompt": f"{k} of r{r}",
              "seed": 0, "prompt_kind": k, "clip_t": 0.3 - 0.1 * s + rng.normal(0, .01),
-             "clip_i": 0.6 + 0.3 * s + rng.normal(0, .01), "dino": 0.5 + 0.3 * s, "clip_model": "openai/clip-vit-large-patch14"}
+             "clip_i": 0.6 + 0.3 * s + rng.normal(0, .01), "dino": 0.5 + 0.3 * s, "clip_model": "openai/clip-vit-large-patch14",
+             "clip_i_subject": 0.5 + 0.4 * s + rng.normal(0, .01)}
             for m in ("pretrained", "finetuned-text-aware") for s in (0.5, 1.0) for r in range(4) for k in (OWN, EDIT)]
     eval_dir.mkdir()
     pd.DataFrame(rows).to_csv(eval_dir / "results.csv", index=False)
@@ -162,6 +163,7 @@ def test_full_run_card_has_hub_metadata_and_notebook_05s_table(runs, tmp_path, t
     table = [line for line in card.text.splitlines() if line.startswith(("| edit |", "| own caption |"))]
     line = summaries[EDIT].query("model == 'finetuned-text-aware' and scale == 1.0").iloc[0]
     assert len(table) == 4 and f"| edit | 1 | 4 | {line['clip_t']:.3f} [{line['clip_t_lo']:.3f}" in card.text
+    assert f"| {line['clip_i_subject']:.3f} [{line['clip_i_subject_lo']:.3f}, {line['clip_i_subject_hi']:.3f}] |" in card.text
     assert (folder / "tradeoff.png").read_bytes() == (eval_dir / "tradeoff.png").read_bytes()
     assert "inherit its terms: non-commercial" in card.text
     # the vanilla run is not in 05's results: no table, no plot
