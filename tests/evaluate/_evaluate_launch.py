@@ -1,4 +1,4 @@
-"""Run by tests/evaluate/test_main.py in every process of a launch: python -m helpers.evaluate with ARGS, each
+"""Run by tests/evaluate/test_evaluate_main.py in every process of a launch: python -m helpers.evaluate with ARGS, each
 process killed (SIGKILL: nothing cleaned up) as it starts its job number $IPA_TEST_KILL_AT (from 1)."""
 import os
 import signal
