@@ -199,5 +199,9 @@ def test_clipseg_is_counted_at_its_published_size_and_input():
     assert c["peak_gib"] < 1  # beside 05's bank of models on the GPU: a small addition
     quoted = shipped()["segmenter"]
     stale = "helpers/support/t4_budget.json is stale: rerun python bench/t4_budget.py --only segmenter"
-    for key in ("tflop_per_image", "peak_gib", "parameters", "batch", "image_size"):
+    for key in ("tflop_per_image", "parameters", "batch", "image_size"):
         assert c[key] == pytest.approx(quoted[key], rel=0.01), stale
+    # memory is the kernels' own: on the torch the file was counted with it must agree; on another release
+    # (test-colab runs Colab's 2.11) the attention's workspace differs (2.11 counts 0.425 GiB where 2.13 counts 0.386)
+    same_torch = shipped()["how"]["torch"] == torch.__version__
+    assert c["peak_gib"] == pytest.approx(quoted["peak_gib"], rel=0.01 if same_torch else 0.15), stale
