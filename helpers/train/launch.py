@@ -3,11 +3,8 @@
     result = train_on_all_gpus(config)        # > 1 GPU: one process per GPU; else train(config) right here
     cmd = launch_command(config, 2)           # the command it runs (a terminal runs the same)
 
-Why a subprocess and not `accelerate.notebook_launcher`: notebook_launcher refuses once the notebook holds an
-Accelerator or has initialised CUDA, and notebook 03's look-inside cell does both (prepare_run). A subprocess
-starts fresh processes whatever the kernel holds, runs the command line that the tests run (under
-`accelerate launch` with two CPU processes and gloo), and a crash or an out-of-memory error in it leaves
-the notebook's kernel as it was.
+Why a subprocess and not `accelerate.notebook_launcher`: helpers.support.launch (notebook 03's look-inside cell
+has made an Accelerator and initialised CUDA by then, which notebook_launcher refuses).
 
 The command carries the TrainConfig whole (helpers.train.config.config_args): the profile by its name, which
 each process resolves again, and every recipe value written out, so the notebook's overrides travel too.
@@ -23,20 +20,14 @@ interrupt (the notebook's stop button) stops every process of the launch and re-
 
 from __future__ import annotations
 
-import codecs
-import collections
 import dataclasses
 import json
-import os
-import shlex
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from ..profile import get_profile
+from ..support.launch import accelerate_command, environment, failure, gpu_count, shown, stream
 from .config import TrainConfig, batch_plan, config_args, recipe, run_profile
 from .errors import TrainingError
 from .loop import TrainResult, train
@@ -45,13 +36,6 @@ from .loop import TrainResult, train
 PROFILE_FIELDS = ("base_model", "ip_adapter", "image_encoder", "captioner", "dataset", "resolution", "test_fraction",
                   "feature_batch_size", "random_weights", "segmenter", "mask_threshold", "mask_background_weight")
 RESULT_FLAG = "--result-file"  # python -m helpers.train: where the main process writes its TrainResult (JSON)
-
-
-def gpu_count() -> int:
-    """The CUDA GPUs this machine shows (0 without CUDA)."""
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def train_on_all_gpus(config: TrainConfig, gpus: int | None = None, *, out=None) -> TrainResult:
@@ -95,11 +79,9 @@ def launch_command(config: TrainConfig, num_processes: int, *, port: int | None 
     except ValueError as e:
         raise TrainingError(str(e)) from None
     check_profile_travels(config)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
-           "--num_machines", "1", "--mixed_precision", choose_mixed_precision(config.mixed_precision),
-           "--dynamo_backend", "no", "--main_process_port", str(port or free_port()),
-           "-m", "helpers.train", *config_args(config)]
-    return cmd + ([RESULT_FLAG, str(result_file)] if result_file else [])
+    args = config_args(config) + ([RESULT_FLAG, str(result_file)] if result_file else [])
+    return accelerate_command("helpers.train", args, num_processes,
+                              mixed_precision=choose_mixed_precision(config.mixed_precision), port=port)
 
 
 def launch(config: TrainConfig, num_processes: int, *, out=None) -> TrainResult:
@@ -110,19 +92,12 @@ def launch(config: TrainConfig, num_processes: int, *, out=None) -> TrainResult:
     with tempfile.TemporaryDirectory(prefix="ipa-launch-") as tmp:
         result_file = Path(tmp) / "result.json"
         cmd = launch_command(config, num_processes, result_file=result_file)
-        shown = "accelerate launch " + shlex.join(cmd[3:-2])  # what a terminal would run (no result file)
-        print(f"Training on {num_processes} processes: {shown}", file=out, flush=True)
-        code, tail = _stream(cmd, _environment(), out)
+        print(f"Training on {num_processes} processes: {shown(cmd[:-2])}", file=out, flush=True)  # no result file
+        code, tail = stream(cmd, environment(), out)
         if code != 0 or not result_file.is_file():
-            raise TrainingError(_failure(code, tail, num_processes))
+            raise TrainingError(failure(code, tail, f"training on {num_processes} processes",
+                                        then="Run the same cell again to resume from the last checkpoint once fixed."))
         return read_result(result_file)
-
-
-def free_port() -> int:
-    """A TCP port free on this machine now, for the launch's rendezvous (another launch may hold 29500)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def write_result(path, result: TrainResult) -> None:
@@ -136,60 +111,3 @@ def read_result(path) -> TrainResult:
     """The TrainResult write_result saved."""
     values = json.loads(Path(path).read_text())
     return TrainResult(**{**values, "adapter": Path(values["adapter"])})
-
-
-def _environment() -> dict:
-    """This process's environment, with the folder this `helpers` comes from first on PYTHONPATH (a checkout;
-    an installed copy is found anyway): the launched processes import the same code as the notebook, whatever
-    its working folder."""
-    root = str(Path(__file__).resolve().parents[2])
-    if Path(root).name in ("site-packages", "dist-packages"):
-        return dict(os.environ)
-    path = os.environ.get("PYTHONPATH", "")
-    return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
-
-
-def _stream(cmd: list[str], env: dict, out) -> tuple[int, str]:
-    """Run cmd, copying its stdout and stderr to `out` as they come (progress bars' carriage returns
-    included: a notebook redraws the bar in place). Returns (exit status, the last 8000 characters)."""
-    tail = collections.deque(maxlen=8000)
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        while chunk := proc.stdout.read1(1 << 16):
-            text = decoder.decode(chunk)
-            out.write(text)
-            out.flush()
-            tail.extend(text)
-        out.write(decoder.decode(b"", final=True))
-        return proc.wait(), "".join(tail)
-    except BaseException:  # the notebook's stop button (KeyboardInterrupt), or anything else: stop them all
-        _stop(proc)
-        raise
-    finally:
-        proc.stdout.close()
-
-
-def _stop(proc: subprocess.Popen, grace: float = 30) -> None:
-    """Stop a launch and every process it started (its own session): SIGINT, so the runs release their lock;
-    SIGKILL after `grace` seconds."""
-    for sig, wait in ((signal.SIGINT, grace), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(wait)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _failure(code: int, tail: str, n: int) -> str:
-    """What TrainingError says when a launch failed: the run's own `error: ...` line if it printed one."""
-    lines = [line.strip() for line in tail.replace("\r", "\n").splitlines() if line.strip()]
-    ours = next((line.removeprefix("error: ") for line in lines if line.startswith("error: ")), None)
-    if ours:
-        return f"{ours} (training on {n} processes)"
-    last = "\n".join(lines[-25:])
-    return (f"training on {n} processes stopped (exit status {code}) without a result. Its last lines:\n{last}\n"
-            "The full output is above. Run the same cell again to resume from the last checkpoint once fixed.")

@@ -4,11 +4,8 @@ Two CPU processes (gloo) stand in for two GPUs."""
 import dataclasses
 import io
 import json
-import os
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
@@ -46,8 +43,6 @@ def test_the_command_is_accelerate_launch_with_one_process_per_gpu_and_the_confi
     assert cmd[cmd.index("--main_process_port") + 1] == "29999" and cmd[cmd.index("--mixed_precision") + 1] == "no"
     i = cmd.index("helpers.train")
     assert cmd[i - 1] == "-m" and cmd[i + 1:] == config_args(config) + ["--result-file", str(tmp_path / "r.json")]
-    # the launched processes import this checkout's helpers, whatever the working folder
-    assert launch_module._environment()["PYTHONPATH"].split(os.pathsep)[0] == str(Path(__file__).resolve().parents[2])
 
 
 def test_a_process_count_that_does_not_divide_the_global_batch_is_refused_before_anything_starts(
@@ -93,40 +88,6 @@ def test_a_launch_that_stops_raises_the_run_s_own_error_and_streams_its_output(t
     with pytest.raises(TrainingError, match=r"stopped \(exit status 3\) without a result\. Its last lines:\n"
                                             r"Traceback \(most recent call last\):\nSegfault\n"):
         launch_module.launch(tiny_config(tiny_profile, tmp_path), 2, out=io.StringIO())
-
-
-def test_an_interrupt_stops_every_process_of_the_launch(tmp_path):
-    """The notebook's stop button raises KeyboardInterrupt in the cell: the launch and the processes it
-    started (its session) get SIGINT and are gone when the interrupt reaches the notebook."""
-    pids = tmp_path / "pids"
-    script = ("import os, subprocess, sys, time; "
-              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
-              f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{child.pid}}'); print('ready', flush=True); "
-              "time.sleep(600)")
-
-    class Cell(io.StringIO):
-        def write(self, text):
-            if "ready" in text:
-                raise KeyboardInterrupt
-            return super().write(text)
-
-    started = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        launch_module._stream([sys.executable, "-c", script], dict(os.environ), Cell())
-    assert time.monotonic() - started < 60
-    for pid in map(int, pids.read_text().split()):
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and _alive(pid):
-            time.sleep(0.1)
-        assert not _alive(pid), f"process {pid} of the launch still runs"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[1][0] != "Z"  # a zombie has ended (its parent reaps it)
-    except (FileNotFoundError, IndexError):
-        return False
 
 
 def test_training_on_two_processes_as_03_starts_it_writes_one_adapter_with_the_global_batch(
