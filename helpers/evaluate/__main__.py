@@ -28,6 +28,7 @@ from ..profile import get_profile
 from ..sample.bank import load_models
 from ..sample.registry import parse_models
 from ..support import ranks
+from ..support.atomic import write_json
 from ..support.env import output_root, quiet_libraries
 from ..support.lock import FolderLock
 from .grid import LOCK_PURPOSE, run_grid
@@ -36,15 +37,20 @@ from .protocol import copy_baseline, grid_models, grid_settings, protocol
 from .stats import EDIT
 
 
-def main(argv=None):
-    """python -m helpers.evaluate: notebook 05's grid with the same settings (profile, references, prompts,
-    models, scales, seeds, scorers), written to --out-dir row by row; run it again to resume."""
+RESULT_FLAG = "--result-file"  # where the main process writes the grid's counts (helpers.evaluate.launch)
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    """The command's options: notebook 05's Settings cell, one flag each (helpers.evaluate.launch writes them)."""
     ap = argparse.ArgumentParser(prog="python -m helpers.evaluate", description=main.__doc__.split("\n")[0])
     ap.add_argument("--profile", default="auto", choices=["auto", "full", "tiny"])
+    ap.add_argument("--quick", action="store_true", help="a quick run (notebook 05's QUICK_RUN): counts cut")
     ap.add_argument("--data-dir", default=None, help="notebook 01's folder (default: <output root>/data)")
     ap.add_argument("--runs-dir", default=None, help="notebook 03's folder (default: <output root>/runs)")
     ap.add_argument("--out-dir", default=None, help="where results.csv goes (default: <output root>/eval)")
     ap.add_argument("--references", type=int, help="held-out references (default: the profile's)")
+    ap.add_argument("--eval-minutes", type=float, help="without --references: as many references as fit this many "
+                    "T4 minutes (default: the profile's)")
     ap.add_argument("--edits-per-reference", type=int, help="edit prompts per reference (default: the profile's)")
     ap.add_argument("--scales", default="", help="IP-Adapter scales, e.g. 0.3,0.5,0.7,1.0 (default: the profile's)")
     ap.add_argument("--seeds", default="", help="seeds, e.g. 0,1 (default: the profile's)")
@@ -53,21 +59,43 @@ def main(argv=None):
     ap.add_argument("--models", default="", help="the grid's models, comma-separated, or 'all' (default: the headline "
                     "comparison, helpers.evaluate.protocol.GRID_MODELS; notebook 05's EVAL_MODELS)")
     ap.add_argument("--extra-models", default="", help="more adapters, 'name=user/repo, folder' (as in 04 and 05)")
-    args = ap.parse_args(argv)
+    ap.add_argument(RESULT_FLAG, help=argparse.SUPPRESS)
+    return ap
+
+
+def profile_from_args(args: argparse.Namespace, *, announce: bool = True):
+    """The profile the command evaluates with: --profile, --quick, then each setting given (as notebook 05's
+    Settings cell builds it from its fields)."""
+    return get_profile(args.profile, quick=args.quick, eval_num_references=args.references,
+                       eval_minutes=args.eval_minutes, eval_edits_per_reference=args.edits_per_reference,
+                       eval_scales=tuple(float(s) for s in args.scales.split(",")) if args.scales.strip() else None,
+                       eval_seeds=tuple(int(s) for s in args.seeds.split(",")) if args.seeds.strip() else None,
+                       eval_batch_size=args.batch_size,
+                       eval_models=tuple(m.strip() for m in args.models.split(",") if m.strip()) or None,
+                       announce=announce)
+
+
+def main(argv=None):
+    """python -m helpers.evaluate: notebook 05's grid with the same settings (profile, references, prompts,
+    models, scales, seeds, scorers), written to --out-dir row by row; run it again to resume."""
+    args = argument_parser().parse_args(argv)
     quiet_libraries()  # the same harmless library noise the notebooks drop
     root = output_root(colab=False, drive=False)
     data_dir, runs_dir, out_dir = (Path(d) if d else root / name for d, name in
                                    ((args.data_dir, "data"), (args.runs_dir, "runs"), (args.out_dir, "eval")))
-    profile = get_profile(args.profile, eval_num_references=args.references,
-                          eval_edits_per_reference=args.edits_per_reference,
-                          eval_scales=tuple(float(s) for s in args.scales.split(",")) if args.scales.strip() else None,
-                          eval_seeds=tuple(int(s) for s in args.seeds.split(",")) if args.seeds.strip() else None,
-                          eval_batch_size=args.batch_size,
-                          eval_models=tuple(m.strip() for m in args.models.split(",") if m.strip()) or None,
-                          announce=ranks.is_main())
+    profile = profile_from_args(args, announce=ranks.is_main())
     ranks.start()  # under a launch: join its processes (each takes its own GPU) before loading anything
     with FolderLock(out_dir, LOCK_PURPOSE) as lock:  # before minutes of loading: a second writer stops at once
-        return _evaluate(profile, data_dir, runs_dir, out_dir, args.extra_models, lock)
+        result = _evaluate(profile, data_dir, runs_dir, out_dir, args.extra_models, lock)
+    if args.result_file and ranks.is_main():
+        write_json(Path(args.result_file), counts(result))
+    return result
+
+
+def counts(result) -> dict:
+    """The numbers of a GridResult that say what this run did (helpers.evaluate.launch reads them back)."""
+    return {k: getattr(result, k) for k in ("n_generated", "n_resumed", "n_other", "n_stale", "seconds_generating",
+                                            "seconds_scoring", "stopped")}
 
 
 def _evaluate(profile, data_dir, runs_dir, out_dir, extra_models, lock):

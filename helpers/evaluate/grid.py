@@ -277,7 +277,7 @@ def _products(keys: list[tuple]) -> list[tuple[list[str], list[int]]]:
 def run_grid(bank, references: Sequence[Reference], prompts: Sequence[PromptSpec], *, train, scales, seeds=(0,),
              models=None, out_dir=None, clip=EVAL_CLIP, dino=DINO, masks=None, segmenter=CLIPSEG,
              mask_threshold: float = DEFAULT_THRESHOLD, steps=None, guidance=None, batch_size=None, progress=True,
-             generate=None) -> GridResult:
+             generate=None, make_missing: bool = True) -> GridResult:
     """Generate every model x scale x reference x prompt x seed and score each image, writing as it goes.
 
     train:    the training split: references found in it are refused (check_held_out) before anything runs
@@ -296,6 +296,8 @@ def run_grid(bank, references: Sequence[Reference], prompts: Sequence[PromptSpec
     batch_size: images per pipeline call (default: helpers.sample.generate.pick_batch_size); out of GPU memory ->
               EvaluationOutOfMemory, and a rerun at a smaller one resumes (rows within BATCH_TOLERANCE)
     generate: the generation function (default helpers.sample.generate.generate; tests pass a stand-in)
+    make_missing: False: make nothing, only merge the shares a launch left and return the rows out_dir holds
+              (helpers.evaluate.launch reads a launch's grid back this way)
 
     Order: the headline comparison first, reference by reference (_grid_jobs). An interrupt (KeyboardInterrupt:
     Colab's stop button, Ctrl-C) ends the grid where it is: the result holds the rows scored so far
@@ -311,7 +313,7 @@ def run_grid(bank, references: Sequence[Reference], prompts: Sequence[PromptSpec
     identities = {m: _identity(bank, m) for m in models}
     out_dir = Path(out_dir) if out_dir is not None else None
     split = out_dir is not None and ranks.world_size() > 1  # a launch's processes share the jobs
-    say = print if ranks.is_main() else _silent
+    say = print if ranks.is_main() and make_missing else _silent
     with FolderLock(out_dir, LOCK_PURPOSE) if out_dir is not None else contextlib.nullcontext() as lock:
         clip_s, dino_s = get_clip(clip), get_dino(dino)  # loaded once per process (a first download takes a while)
         seg = get_segmenter(segmenter)
@@ -326,14 +328,14 @@ def run_grid(bank, references: Sequence[Reference], prompts: Sequence[PromptSpec
         resumed = sum(results.has(k) for k in planned)
         if resumed:
             say(f"Resuming: {resumed} of {len(planned)} images are already in {results.path}")
-        todo = [job for job in jobs if not all(results.has(k) for k in job[3])]
+        todo = [job for job in jobs if make_missing and not all(results.has(k) for k in job[3])]
         mine = ranks.my_share(todo) if split else todo
         if split:
             say(f"{len(todo)} jobs (model x scale x reference) to do, shared by {ranks.world_size()} processes; "
                 f"each writes its rows to its own {share_path(out_dir, 0).name.replace('-0.', '-K.')}, merged into "
                 f"{RESULTS_FILE} at the end")
         bar = None
-        if progress and ranks.is_main():
+        if progress and make_missing and ranks.is_main():
             from tqdm.auto import tqdm
 
             bar = (tqdm(total=sum(len(keys) for *_, keys in mine), desc="generating + scoring (process 0's share)",

@@ -140,6 +140,21 @@ class ModelBank:
             self.active = name
         return self.pipe
 
+    def to(self, device) -> "ModelBank":
+        """Move the pipeline and every model's weights to `device`, e.g. "cpu" to leave the GPU to other processes
+        (notebook 05's launch) and back. The active model stays active. Returns the bank."""
+        active = self.active
+        self.pipe.to(device)
+        for model in self.models.values():
+            model.params = {k: v.to(device) for k, v in model.params.items()}
+            if model.block is not None:
+                model.block.to(device)
+        self._features.clear()  # image features on the old device
+        self.active = None
+        if active is not None:
+            self.use(active)  # the pipeline's adapter parameters point at the moved tensors again
+        return self
+
     @property
     def uses_concepts(self) -> bool:
         """Whether the active model masks its IP attention by the prompt's subject (Conceptrol): then every
