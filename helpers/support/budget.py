@@ -31,8 +31,10 @@ N GPUs (Kaggle's free T4 x2): every projection also gives the time on 2xT4 (`not
 gpus=N)`; `Projection.line()` says both). Training keeps its global batch over the GPUs, so each does 1/N of a
 step's FLOPs at the same fraction of its peak, and then pays a ring all-reduce of the gradients of the
 trainable parameters, fp32, every step (`allreduce_seconds`: 206 MB for the text-aware adapter, about 0.05 s
-at the assumed ALLREDUCE_GB_PER_S). The feature cache and 05's grid split by job with nothing to exchange:
-time / N. What a notebook does in its own process (02, 04, 03's samples) stays on one GPU.
+at the assumed ALLREDUCE_GB_PER_S). 05's grid splits by job with nothing to exchange: time / N (notebook 05
+launches it on every GPU, helpers.evaluate.launch). What a notebook does in its own process stays on one GPU:
+02, 04, 03's samples, and 01, whose feature cache (about 1.5 min of a T4) would split under a launch too, but
+a second process would spend about as long loading its models as it saved.
 
 Reading it needs no torch: the file is JSON, loaded once.
 """
@@ -352,8 +354,7 @@ def _notebook_parts(name: str, *, neighbour: bool, steps: int | None, grid_image
     if name == "01":  # the file's image encoder figure is two passes (a reference, a zero image); the cache makes one
         n, rows = st["train_images"], st["dataset_rows"]
         return [_Part(f"feature cache: {n} images through the VAE and the image encoder",
-                      n * (VAE_ENCODE_TFLOP + s["image_encoder_tflop_per_reference"] / 2), "sampling",
-                      splits="the feature cache"),
+                      n * (VAE_ENCODE_TFLOP + s["image_encoder_tflop_per_reference"] / 2), "sampling"),
                 _Part(f"masks: {rows} rows (train and test) through CLIPSeg", segmenter_tflop(rows, budget=budget),
                       "sampling")]
     if name == "02":
@@ -395,8 +396,8 @@ def notebook_projection(name, *, neighbour: bool = False, steps: int | None = No
     at CEILING, with what runs and the assumption (`Projection.line()` says it in one sentence), and the
     expected minutes on one T4 and on two (`Projection.on`).
 
-    gpus:            T4s (default 1): training splits its FLOPs and pays the gradient all-reduce each step, the
-                     feature cache and 05's grid split, the rest stays on one GPU
+    gpus:            T4s (default 1): training splits its FLOPs and pays the gradient all-reduce each step, 05's
+                     grid splits, the rest stays on one GPU (what a notebook runs in its own process)
 
     neighbour:       notebook 03 also trains the neighbour-paired model (opt-in); 04's bank has it too
     steps:           training steps per run in 03 (default: the counted run, 6 epochs)
@@ -516,6 +517,12 @@ def summary_lines(budget: dict | None = None) -> list[str]:
         lines.append(f"  opt-in: notebook 03's neighbour-paired run adds {extra:.0f} min; each model added to "
                      f"notebook 05's grid, {per_model:.0f} min; a masked reference (MASK reference or both), "
                      f"{masked_reference_minutes(budget=b):.1f} min (the masked loss: nothing measurable)")
+    if "series" in p["notebook_minutes"]:  # every notebook counted (a partial file, the tests': not)
+        two = {n: notebook_projection(n, budget=b, gpus=2) for n in NOTEBOOKS}
+        split = [n for n, proj in two.items() if proj.minutes < proj.minutes_on(1)]
+        lines.append(f"On 2xT4 (Kaggle's T4 x2), notebooks {' and '.join(split)} on both GPUs: "
+                     + ", ".join(f"notebook {n} {_m(two[n].minutes)} min" for n in split) + "; the others as on "
+                     f"one; the whole series {_m(series_projection(budget=b, gpus=2).minutes)} min")
     return lines
 
 
