@@ -11,7 +11,8 @@ Loading by id is helpers.model.adapter_file.resolve_adapter's job. Nothing here 
 `push_adapter` is called without dry_run.
 
 Faults: the upload folder has one writer at a time (helpers.support.lock.FolderLock, held while it is built
-and while it is pushed). Its files are written all or none: each goes to a temporary beside it
+and while it is pushed; during the push a thread beats the lock (FolderLock.beating), as the upload is one blocking
+call that can outlast the lock's stale age). Its files are written all or none: each goes to a temporary beside it
 (helpers.support.atomic), and they replace the old ones only once every one is complete, so a disconnect or a
 full disk (DiskFull naming the file) leaves the previous build whole. A push never changes a repo's
 visibility: an existing repo that is public while private was asked for (or the reverse) stops the push.
@@ -185,7 +186,8 @@ def push_adapter(folder, repo_id: str, *, private: bool = True, token: str | Non
         return [info, create, upload]
     ModelCard.load(folder / CARD_FILE).validate()
     api = HfApi(token=token)
-    with FolderLock(folder, "pushing to the Hub"):  # no build replaces the files while they upload
+    # no build replaces the files while they upload; a thread beats the lock through the upload's one long call
+    with FolderLock(folder, "pushing to the Hub") as lock, lock.beating():
         try:
             info.result = api.repo_info(**info.kwargs)
         except RepositoryNotFoundError:
