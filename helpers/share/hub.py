@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..evaluate.outputs import recorded_adapters
 from ..model.adapter_file import ADAPTER_FILE, AdapterFileError, check_saved_adapter
 from ..sample.bank import load_models
 from ..sample.gallery import image_grid
@@ -85,7 +86,7 @@ def build_upload_folder(run_dir, out_dir, *, eval_dir=None, eval_profile: str | 
     if out.resolve() == run.run_dir.resolve():
         raise ValueError(f"{out}: the upload folder must not be the run folder itself (its checkpoints would be uploaded)")
     evaluation = read_evaluation(eval_dir, run, profile=eval_profile) if eval_dir is not None else None
-    tradeoff = _whole_png(evaluation.tradeoff) if evaluation is not None and evaluation.tradeoff is not None else None
+    tradeoff = _whole_png(evaluation) if evaluation is not None and evaluation.tradeoff is not None else None
     image = None if samples is None else samples if isinstance(samples, Image.Image) else Image.open(samples)
     card = make_card(run, repo_id=repo_id, evaluation=evaluation, samples=samples is not None, license=license)
     tensors, metadata = public_adapter(run.adapter)  # the same tensors; no local path in its metadata
@@ -114,10 +115,13 @@ def build_upload_folder(run_dir, out_dir, *, eval_dir=None, eval_profile: str | 
     return out
 
 
-def _whole_png(path: Path) -> bytes:
-    """The bytes of notebook 05's plot, read once and checked to be a whole PNG (never a half-written one)."""
+def _whole_png(evaluation) -> bytes:
+    """The bytes of notebook 05's plot (evaluation.tradeoff), read once, checked to be a whole PNG (never a
+    half-written one) and to record evaluation's adapter (read_evaluation checked the file; a new plot may have
+    replaced it since)."""
     from PIL import Image
 
+    path = evaluation.tradeoff
     data = path.read_bytes()
     try:
         with Image.open(io.BytesIO(data)) as im:
@@ -125,6 +129,9 @@ def _whole_png(path: Path) -> bytes:
     except Exception as e:  # noqa: BLE001  (PIL raises several types for a damaged file)
         raise ValueError(f"{path}: not a whole PNG image ({e}); run notebook 05's plot cell again (or pass "
                          "eval_dir=None to leave the evaluation out of the card)") from None
+    if (recorded_adapters(data) or {}).get(evaluation.model) != evaluation.adapter_sha256:
+        raise ValueError(f"{path}: replaced while the upload folder was built (it no longer records {evaluation.model}"
+                         f" as {evaluation.adapter_sha256}); build the folder again")
     return data
 
 
