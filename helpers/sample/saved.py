@@ -9,15 +9,20 @@ Every file is written atomically (helpers.support.atomic: beside it, then rename
 leaves the old file or the new one, never half of one; a full disk raises helpers.support.disk.DiskFull naming
 the file. The index is written once the call's images are: after an interrupted call it lists what earlier calls
 saved, and saving the same samples again writes the same file names (a hash of the settings) and lists them.
+Two writers on one folder (two notebook-04 sessions, or 04 and a script) keep each other's rows: the index is
+read, added to and rewritten under the folder's helpers.support.lock.FolderLock, held only for that (a writer
+that finds it held waits up to LOCK_WAIT_SECONDS), so rows another writer added meanwhile are kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import json
 import re
+import time
 from pathlib import Path
 from typing import Iterable
 
@@ -25,10 +30,12 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ..support.atomic import replacing, write_json, write_text
+from ..support.lock import FolderInUse, FolderLock
 from .generate import SETTING_NAMES, Sample
 
 SETTINGS_KEY = "ipa-settings"  # PNG text chunk holding every setting as JSON
 INDEX_JSON, INDEX_CSV = "index.json", "index.csv"
+LOCK_WAIT_SECONDS = 60.0  # how long save_samples waits for another writer's index update before it gives up
 
 
 def _slug(text: str, n: int = 24) -> str:
@@ -47,8 +54,7 @@ def save_samples(samples: Iterable[Sample], out_dir) -> list[Path]:
     index.csv (one row per file; saving into the same folder again adds rows). Returns the PNG paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    index = {row["file"]: row for row in _read_index(out_dir)}
-    paths = []
+    paths, added = [], {}
     for s in samples:
         settings = s.settings()
         info = PngInfo()
@@ -58,16 +64,40 @@ def save_samples(samples: Iterable[Sample], out_dir) -> list[Path]:
         path = out_dir / sample_filename(s)
         with replacing(path) as tmp:
             s.image.save(tmp, format="PNG", pnginfo=info)
-        index[path.name] = {"file": path.name, **settings}
+        added[path.name] = {"file": path.name, **settings}
         paths.append(path)
-    rows = list(index.values())
-    write_json(out_dir / INDEX_JSON, rows)
-    table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=["file", *SETTING_NAMES], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(out_dir / INDEX_CSV, table.getvalue())
+    with _index_lock(out_dir):  # read, add, write: another writer's rows, added meanwhile, are kept
+        index = {row["file"]: row for row in _read_index(out_dir)}
+        index.update(added)
+        rows = list(index.values())
+        write_json(out_dir / INDEX_JSON, rows)
+        table = io.StringIO()
+        writer = csv.DictWriter(table, fieldnames=["file", *SETTING_NAMES], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text(out_dir / INDEX_CSV, table.getvalue())
     return paths
+
+
+@contextlib.contextmanager
+def _index_lock(out_dir: Path, wait: float | None = None):
+    """Hold the folder's FolderLock for the index update, waiting (up to LOCK_WAIT_SECONDS) while another writer
+    holds it; then its FolderInUse is raised. clean=False: images are written outside the lock, so a temporary
+    in the folder may be another live writer's image."""
+    deadline = time.monotonic() + (LOCK_WAIT_SECONDS if wait is None else wait)
+    lock = FolderLock(out_dir, "saving samples", clean=False)
+    while True:
+        try:
+            lock.__enter__()
+            break
+        except FolderInUse:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    try:
+        yield lock
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def _read_index(out_dir: Path) -> list[dict]:

@@ -11,7 +11,8 @@ Loading by id is helpers.model.adapter_file.resolve_adapter's job. Nothing here 
 `push_adapter` is called without dry_run.
 
 Faults: the upload folder has one writer at a time (helpers.support.lock.FolderLock, held while it is built
-and while it is pushed). Its files are written all or none: each goes to a temporary beside it
+and while it is pushed; during the push a thread beats the lock (FolderLock.beating), as the upload is one blocking
+call that can outlast the lock's stale age). Its files are written all or none: each goes to a temporary beside it
 (helpers.support.atomic), and they replace the old ones only once every one is complete, so a disconnect or a
 full disk (DiskFull naming the file) leaves the previous build whole. A push never changes a repo's
 visibility: an existing repo that is public while private was asked for (or the reverse) stops the push.
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..evaluate.outputs import recorded_adapters
 from ..model.adapter_file import ADAPTER_FILE, AdapterFileError, check_saved_adapter
 from ..sample.bank import load_models
 from ..sample.gallery import image_grid
@@ -84,7 +86,7 @@ def build_upload_folder(run_dir, out_dir, *, eval_dir=None, eval_profile: str | 
     if out.resolve() == run.run_dir.resolve():
         raise ValueError(f"{out}: the upload folder must not be the run folder itself (its checkpoints would be uploaded)")
     evaluation = read_evaluation(eval_dir, run, profile=eval_profile) if eval_dir is not None else None
-    tradeoff = _whole_png(evaluation.tradeoff) if evaluation is not None and evaluation.tradeoff is not None else None
+    tradeoff = _whole_png(evaluation) if evaluation is not None and evaluation.tradeoff is not None else None
     image = None if samples is None else samples if isinstance(samples, Image.Image) else Image.open(samples)
     card = make_card(run, repo_id=repo_id, evaluation=evaluation, samples=samples is not None, license=license)
     tensors, metadata = public_adapter(run.adapter)  # the same tensors; no local path in its metadata
@@ -113,10 +115,13 @@ def build_upload_folder(run_dir, out_dir, *, eval_dir=None, eval_profile: str | 
     return out
 
 
-def _whole_png(path: Path) -> bytes:
-    """The bytes of notebook 05's plot, read once and checked to be a whole PNG (never a half-written one)."""
+def _whole_png(evaluation) -> bytes:
+    """The bytes of notebook 05's plot (evaluation.tradeoff), read once, checked to be a whole PNG (never a
+    half-written one) and to record evaluation's adapter (read_evaluation checked the file; a new plot may have
+    replaced it since)."""
     from PIL import Image
 
+    path = evaluation.tradeoff
     data = path.read_bytes()
     try:
         with Image.open(io.BytesIO(data)) as im:
@@ -124,6 +129,9 @@ def _whole_png(path: Path) -> bytes:
     except Exception as e:  # noqa: BLE001  (PIL raises several types for a damaged file)
         raise ValueError(f"{path}: not a whole PNG image ({e}); run notebook 05's plot cell again (or pass "
                          "eval_dir=None to leave the evaluation out of the card)") from None
+    if (recorded_adapters(data) or {}).get(evaluation.model) != evaluation.adapter_sha256:
+        raise ValueError(f"{path}: replaced while the upload folder was built (it no longer records {evaluation.model}"
+                         f" as {evaluation.adapter_sha256}); build the folder again")
     return data
 
 
@@ -185,7 +193,8 @@ def push_adapter(folder, repo_id: str, *, private: bool = True, token: str | Non
         return [info, create, upload]
     ModelCard.load(folder / CARD_FILE).validate()
     api = HfApi(token=token)
-    with FolderLock(folder, "pushing to the Hub"):  # no build replaces the files while they upload
+    # no build replaces the files while they upload; a thread beats the lock through the upload's one long call
+    with FolderLock(folder, "pushing to the Hub") as lock, lock.beating():
         try:
             info.result = api.repo_info(**info.kwargs)
         except RepositoryNotFoundError:

@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data.prepare import read_manifest
-from ..evaluate.outputs import HEADLINE_FILE, SUMMARY_FILE, TRADEOFF_FILE  # 05's files, by their one writer's names
+from ..evaluate.outputs import (  # 05's files, by their one writer's names, and the adapters they record
+    HEADLINE_FILE,
+    SUMMARY_FILE,
+    TRADEOFF_FILE,
+    recorded_adapters,
+    split_headline,
+)
 from ..evaluate.results import RESULTS_FILE
 from ..model.adapter_file import ADAPTER_FILE
 from ..model.official_format import BLOCK_PREFIX
@@ -102,14 +108,18 @@ class Evaluation:
     model: str
     rows: list[dict]  # summary.csv rows of this model
     clip_model: str = ""
-    tradeoff: Path | None = None
-    headline: str = ""
+    tradeoff: Path | None = None  # None when absent or made from another adapter of `model`
+    headline: str = ""  # headline.txt's sentences; "" when absent or made from another adapter of `model`
+    adapter_sha256: str = ""  # the identity of the adapter these rows, the plot and the headline are of
+    left_out: list[str] = field(default_factory=list)  # why a plot or headline was left out, one line each
 
 
 def read_evaluation(eval_dir, run: RunInfo, *, profile: str | None = None) -> Evaluation | None:
     """This run's rows of notebook 05's summary.csv (None when eval_dir has no summary or no such model, or when
     its rows were made by other weights than run.adapter's: their adapter_sha256 is not the file's, as after a
-    retraining; then a line says so).
+    retraining; then a line says so). tradeoff.png and headline.txt are taken only when they record run.adapter's
+    identity for this model (helpers.evaluate.outputs.recorded_adapters); otherwise a line says why
+    (not_of_adapter, also in `.left_out`) and the card goes without them.
 
     profile: the profile notebook 05 ran with (its files do not record it); default: the run's own."""
     eval_dir = Path(eval_dir)
@@ -132,7 +142,30 @@ def read_evaluation(eval_dir, run: RunInfo, *, profile: str | None = None) -> Ev
     if (eval_dir / RESULTS_FILE).is_file():
         with open(eval_dir / RESULTS_FILE, newline="") as f:
             clip_model = next(csv.DictReader(f), {}).get("clip_model", "")
-    tradeoff = eval_dir / TRADEOFF_FILE
-    headline = eval_dir / HEADLINE_FILE
-    return Evaluation(profile or run.profile, model, rows, clip_model, tradeoff if tradeoff.is_file() else None,
-                      headline.read_text().strip() if headline.is_file() else "")
+    evaluation = Evaluation(profile or run.profile, model, rows, clip_model, adapter_sha256=current)
+    tradeoff, headline = eval_dir / TRADEOFF_FILE, eval_dir / HEADLINE_FILE
+    for path in (tradeoff, headline):  # each shown only when it records this adapter for `model`
+        if not path.is_file():
+            continue
+        why = not_of_adapter(path, model, current, run.adapter)
+        if why is not None:
+            print(why)
+            evaluation.left_out.append(why)
+        elif path == tradeoff:
+            evaluation.tradeoff = tradeoff
+        else:
+            evaluation.headline = split_headline(headline.read_text())[0]
+    return evaluation
+
+
+def not_of_adapter(path: Path, model: str, current: str, adapter: Path | str = "the adapter") -> str | None:
+    """Why notebook 05's file `path` (tradeoff.png, headline.txt) must not be shown with the adapter whose
+    identity is `current`: one line, or None when the file records `model` with that identity
+    (helpers.evaluate.outputs.recorded_adapters)."""
+    recorded = recorded_adapters(path)
+    if recorded is not None and recorded.get(model) == current:
+        return None
+    why = ("records no adapter (written before notebook 05 recorded them)" if recorded is None else
+           f"does not show {model}" if model not in recorded else "was made from an earlier adapter")
+    seen = f" (it records {model} as {recorded[model]}; {adapter} is {current})" if model in (recorded or {}) else ""
+    return f"{path.name} {why}: run notebook 05 again{seen}. The card leaves it out ({path})."

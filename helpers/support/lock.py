@@ -3,6 +3,8 @@
     with FolderLock(run_dir, "training") as lock:   # stops at once if another writer holds the folder
         for step in ...:
             lock.beat()                              # refreshes the heartbeat (at most every BEAT_SECONDS)
+        with lock.beating(every=60):                 # one long blocking call (an upload): a thread beats
+            api.upload_folder(...)
 
 The lock is `.lock.json` in the folder: {"owner", "pid", "host", "purpose", "since", "seen"}. Another writer
 stops at once with FolderInUse: "in use by pid N on HOST since T, last seen S ago". A lock whose heartbeat is
@@ -23,10 +25,12 @@ that must survive (shares of other ranks not merged yet).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -139,6 +143,8 @@ class FolderLock:
         self.held = False
         self.nested = False
         self._last_beat = 0.0
+        self._beat_lock = threading.Lock()  # beat() from a beating() thread and from the caller, one at a time
+        self._beater: threading.Thread | None = None
 
     # --- taking and giving back ---------------------------------------------------------------------
     def acquire(self) -> "FolderLock":
@@ -217,22 +223,56 @@ class FolderLock:
     # --- staying alive ------------------------------------------------------------------------------
     def beat(self, *, force: bool = False) -> None:
         """Refresh the heartbeat (written at most every BEAT_SECONDS unless force). Raises FolderInUse when
-        another writer has taken the folder over meanwhile (this one was seen as stale)."""
+        another writer has taken the folder over meanwhile (this one was seen as stale). Thread-safe."""
         if not self.held or not _is_main_rank():
             return
-        now = time.time()
-        if not force and now - self._last_beat < BEAT_SECONDS:
-            return
-        info = read_lock(self.folder)
-        if info is not None and info.get("owner") != self.owner:
-            self.held = False
-            raise FolderInUse(f"{self.folder} was taken over by another writer ({describe_lock(info)}) while "
-                              f"this one was silent for {_ago(now - self._last_beat)}; stopping so as not to mix "
-                              "their files.")
-        from .atomic import write_json
+        with self._beat_lock:  # one write at a time: both threads would write the same .lock.json.tmp-PID
+            now = time.time()
+            if not force and now - self._last_beat < BEAT_SECONDS:
+                return
+            info = read_lock(self.folder)
+            if info is not None and info.get("owner") != self.owner:
+                self.held = False
+                raise FolderInUse(f"{self.folder} was taken over by another writer ({describe_lock(info)}) while "
+                                  f"this one was silent for {_ago(now - self._last_beat)}; stopping so as not to "
+                                  "mix their files.")
+            from .atomic import write_json
 
-        write_json(self.path, self._record(since=(info or {}).get("since")))
-        self._last_beat = now
+            write_json(self.path, self._record(since=(info or {}).get("since")))
+            self._last_beat = now
+
+    @contextlib.contextmanager
+    def beating(self, every: float = 60.0):
+        """Beat from a daemon thread every `every` seconds (at most a third of the stale age) until the block
+        ends, for one long blocking call that cannot beat itself (huggingface_hub's upload can outlast the
+        stale age). The thread is stopped and joined when the block ends. A takeover seen by the thread
+        (FolderInUse) stops the beating and is raised when the block ends; a failed write (a Drive hiccup) is
+        said once and tried again at the next beat."""
+        every = max(0.05, min(float(every), self.stale_after / 3))
+        stop, taken, said = threading.Event(), [], []
+
+        def run():
+            while not stop.wait(every):
+                try:
+                    self.beat(force=True)
+                except FolderInUse as e:
+                    taken.append(e)
+                    return
+                except Exception as e:  # noqa: BLE001  (a thread's error would be lost: say it, beat again)
+                    if not said:
+                        said.append(e)
+                        self.say(f"{self.path}: could not refresh the heartbeat ({type(e).__name__}: {e}); "
+                                 f"trying again every {every:g} s.")
+
+        self._beater = threading.Thread(target=run, name=f"FolderLock beat {self.folder}", daemon=True)
+        self._beater.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            self._beater.join()
+        if taken:
+            raise taken[0]
 
     def __enter__(self) -> "FolderLock":
         self.acquire()

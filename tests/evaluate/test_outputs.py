@@ -2,23 +2,29 @@
 summary.csv, headline files and figures as notebook 05's cells do on the same rows, whatever the notebook's
 matplotlib settings, and a model card built from a command-line evaluation shows the trade-off plot."""
 import ast
+import json
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import nbformat
 import pandas as pd
+from _rows import synthetic_rows
 from PIL import Image
 
 from helpers.data.masks import MASKS_FILE
 from helpers.data.prepare import use_prepared
 from helpers.evaluate.__main__ import main as evaluation_main
 from helpers.evaluate.outputs import (
+    ADAPTERS_COLUMN,
+    ADAPTERS_LINE,
     HEADLINE_DRAWS_FILE,
     HEADLINE_FILE,
     HEADLINE_TABLE_FILE,
     SCALE_SWEEP_FILE,
     SUMMARY_FILE,
     TRADEOFF_FILE,
+    recorded_adapters,
+    split_headline,
     write_headline,
     write_headline_draws,
     write_image_grids,
@@ -84,3 +90,26 @@ def test_the_command_line_writes_the_files_notebook_05_writes(tiny_profile, runs
     evaluation = read_evaluation(out, read_run(runs[0] / "text_aware"))
     assert evaluation.tradeoff == out / TRADEOFF_FILE and evaluation.headline.startswith("RANDOM WEIGHTS")
     assert {r["prompt_kind"] for r in evaluation.rows} == {EDIT, OWN}
+
+
+def test_the_files_record_the_adapters_their_rows_came_from(tmp_path):
+    """tradeoff.png (a PNG text chunk), headline.txt (its last line) and headline.csv (a column) say which adapter
+    files made them, so the model card can tell a plot of an earlier adapter; rows without adapter_sha256 record
+    nothing."""
+    ids = {"finetuned-text-aware": "0123456789abcdef", "pretrained": "fedcba9876543210"}
+    rows = [dict(r, adapter_sha256=ids[r["model"]])
+            for r in synthetic_rows({"pretrained": 0.0, "finetuned-text-aware": 0.02}, n_refs=4)]
+    plt.close(write_tradeoff(rows, tmp_path / "with"))
+    text, table, _ = write_headline(rows, tmp_path / "with")
+    assert recorded_adapters(tmp_path / "with" / TRADEOFF_FILE) == ids
+    assert recorded_adapters(tmp_path / "with" / HEADLINE_FILE) == ids
+    written = (tmp_path / "with" / HEADLINE_FILE).read_text()
+    assert written.splitlines()[-1].startswith(ADAPTERS_LINE) and split_headline(written)[0] == text
+    assert ADAPTERS_COLUMN not in table  # what the notebook shows: the table as headline_table gives it
+    assert {json.dumps(ids)} == set(pd.read_csv(tmp_path / "with" / HEADLINE_TABLE_FILE)[ADAPTERS_COLUMN])
+    bare = [{k: v for k, v in r.items() if k != "adapter_sha256"} for r in rows]
+    plt.close(write_tradeoff(bare, tmp_path / "without"))
+    assert write_headline(bare, tmp_path / "without")[0] == text
+    assert recorded_adapters(tmp_path / "without" / TRADEOFF_FILE) is None
+    assert recorded_adapters(tmp_path / "without" / HEADLINE_FILE) is None
+    assert (tmp_path / "without" / HEADLINE_FILE).read_text() == text + "\n"

@@ -1,6 +1,12 @@
 """helpers.sample.saved: generated images keep their settings on disk, and read back."""
 import csv
 import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,3 +67,30 @@ def test_a_full_disk_names_the_file_and_leaves_no_half_image(tmp_path, monkeypat
     assert [p.name for p in paths] == [p.name for p in save_samples(samples, whole)]
     assert all(p.read_bytes() == (whole / p.name).read_bytes() for p in paths)
     assert (tmp_path / "index.json").read_text() == (whole / "index.json").read_text()
+
+
+def test_two_writers_saving_into_one_folder_keep_each_others_rows(tmp_path):
+    """Two processes (two notebook-04 sessions) save different samples into one folder at the same moment, round
+    after round: every file of both ends in index.json and index.csv, and no lock is left behind."""
+    rounds, start = 12, time.time() + 3  # both begin at the same instant, after their imports
+    code = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(Path(__file__).parents[1])!r})
+        from _samples import fake_samples
+        from helpers.sample.saved import save_samples
+        writer = sys.argv[1]
+        time.sleep(max(0.0, {start} - time.time()))
+        for r in range({rounds}):
+            save_samples(fake_samples(models=("w" + writer,), scales=(r + 1,), refs=("a", "b"), size=16),
+                         {str(tmp_path)!r})
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", code, w], env={**os.environ, "WORLD_SIZE": "1"},
+                              stderr=subprocess.PIPE, text=True) for w in ("1", "2")]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert len(pngs) == 2 * rounds * 2
+    assert sorted(r["file"] for r in json.loads((tmp_path / "index.json").read_text())) == pngs
+    with open(tmp_path / "index.csv", newline="") as f:
+        assert sorted(r["file"] for r in csv.DictReader(f)) == pngs
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".png") == ["index.csv", "index.json"]

@@ -16,9 +16,11 @@ from huggingface_hub import ModelCard, ModelCardData, constants
 from huggingface_hub.errors import RepositoryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from helpers.evaluate.outputs import write_headline, write_summary, write_tradeoff
+from helpers.evaluate.outputs import ADAPTERS_KEY, write_headline, write_summary, write_tradeoff
 from helpers.evaluate.stats import EDIT, OWN
 from helpers.model.adapter_file import AdapterFileError, resolve_adapter, save_adapter
 from helpers.model.official_format import adapter_state_dict, official_to_live
@@ -233,8 +235,9 @@ def test_the_upload_folder_has_one_writer_and_copies_only_a_whole_plot(runs, tmp
 
     (eval_dir / "summary.csv").write_text(f"model,scale,adapter_sha256\nfinetuned-text-aware,1.0,"
                                           f"{adapter_sha256(run / 'adapter.safetensors')}\n")
-    plot = Image.new("RGB", (64, 48), "white")
-    plot.save(eval_dir / "tradeoff.png")
+    plot, info = Image.new("RGB", (64, 48), "white"), PngInfo()
+    info.add_text(ADAPTERS_KEY, json.dumps({"finetuned-text-aware": adapter_sha256(run / "adapter.safetensors")}))
+    plot.save(eval_dir / "tradeoff.png", pnginfo=info)  # as notebook 05 records its adapters
     whole = (eval_dir / "tradeoff.png").read_bytes()
     (eval_dir / "tradeoff.png").write_bytes(whole[: len(whole) // 2])  # as a plain write cut short leaves it
     with pytest.raises(ValueError, match="tradeoff.png: not a whole PNG image .*run notebook 05's plot cell again"):
@@ -244,6 +247,65 @@ def test_the_upload_folder_has_one_writer_and_copies_only_a_whole_plot(runs, tmp
     assert (out / "tradeoff.png").read_bytes() == whole and "![Trade-off" in (out / "README.md").read_text()
     build_upload_folder(run, out)  # built again without the evaluation: the old plot does not stay behind
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter.safetensors"]
+
+
+def test_the_card_leaves_out_a_plot_or_headline_of_an_earlier_adapter(runs, tmp_path, capsys):
+    """Notebook 05's files record the adapters their rows came from. After a retraining (new adapter bytes) and a
+    05 that rewrote its summary but not the plot (or not the headline), the card shows only what is of the
+    adapter being shared, and says in one line what it left out and why."""
+    import pandas as pd
+
+    run, eval_dir = tmp_path / "runs" / "text_aware", tmp_path / "eval"
+    shutil.copytree(runs / "runs" / "text_aware", run)
+    rng = np.random.default_rng(1)
+
+    def rows_of(identity):
+        return [{"model": m, "adapter_sha256": identity if m == "finetuned-text-aware" else "0" * 16, "scale": s,
+                 "reference": f"r{r}", "prompt": f"{k} of r{r}", "seed": 0, "prompt_kind": k,
+                 "clip_t": 0.3 - 0.1 * s + rng.normal(0, .01), "clip_i": 0.6 + 0.3 * s + rng.normal(0, .01),
+                 "dino": 0.5 + 0.3 * s, "clip_model": "clip"}
+                for m in ("pretrained", "finetuned-text-aware") for s in (0.5, 1.0) for r in range(4)
+                for k in (OWN, EDIT)]
+
+    def evaluate(rows, *, plot=True):  # notebook 05's cells (all, or all but the plot)
+        pd.DataFrame(rows).to_csv(eval_dir / "results.csv", index=False)
+        write_summary(rows, eval_dir)
+        if plot:
+            plt.close(write_tradeoff(rows, eval_dir))
+        write_headline(rows, eval_dir)
+
+    def card(name):
+        out = build_upload_folder(run, tmp_path / name, eval_dir=eval_dir)
+        return (out / "README.md").read_text(), (out / "tradeoff.png").exists(), capsys.readouterr().out
+
+    import matplotlib.pyplot as plt
+
+    eval_dir.mkdir()
+    old = adapter_sha256(run / "adapter.safetensors")
+    evaluate(rows_of(old))
+    old_headline = (eval_dir / "headline.txt").read_bytes()
+    text, plot, said = card("unchanged")  # the adapter 05 evaluated: all of it in the card
+    assert plot and "![Trade-off" in text and "> RANDOM WEIGHTS" not in text and "> " in text and said == ""
+    assert "Adapters used" not in text  # the identities line is for the card's check, not its readers
+    tensors = load_file(str(run / "adapter.safetensors"))
+    key = next(iter(tensors))
+    tensors[key] = tensors[key] + 1.0  # retrained: the same file name, other bytes
+    with safe_open(str(runs / "runs" / "text_aware" / "adapter.safetensors"), "pt") as f:
+        save_file(tensors, str(run / "adapter.safetensors"), metadata=f.metadata())
+    new = adapter_sha256(run / "adapter.safetensors")
+    assert new != old
+    evaluate(rows_of(new), plot=False)  # 05 again, but its plot cell did not run
+    text, plot, said = card("retrained")
+    assert not plot and "![Trade-off" not in text and "## Evaluation" in text and "\n> " in text
+    assert said.count("\n") == 1 and said.startswith("tradeoff.png was made from an earlier adapter: run notebook 05 "
+                                                     f"again (it records finetuned-text-aware as {old};")
+    evaluate(rows_of(new))
+    (eval_dir / "headline.txt").write_bytes(old_headline)  # the plot again, but the headline of before
+    text, plot, said = card("retrained-plot")
+    assert plot and "![Trade-off" in text and "\n> " not in text
+    assert said.startswith("headline.txt was made from an earlier adapter: run notebook 05 again")
+    evaluate(rows_of(new))
+    assert card("all-again")[1:] == (True, "")
 
 
 class FakeApi:

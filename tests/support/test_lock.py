@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -155,3 +156,48 @@ def test_an_unreadable_lock_file_is_taken_over(tmp_path, monkeypatch):
     with FolderLock(tmp_path, say=said.append):
         assert read_lock(tmp_path)["pid"] == os.getpid()
     assert "unreadable" in said[0]
+
+
+def _second_writer_tries(folder) -> str:
+    """Another process takes the folder's lock if it can: 'took' or 'FolderInUse'."""
+    code = textwrap.dedent(f"""
+        from helpers.support.lock import FolderInUse, FolderLock
+        try:
+            FolderLock({str(folder)!r}, "a second writer", say=lambda _: None).acquire()
+            print("took")
+        except FolderInUse:
+            print("FolderInUse")
+    """)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, "WORLD_SIZE": "1"}).stdout.strip()
+
+
+def test_a_beating_block_keeps_the_lock_through_a_call_longer_than_the_stale_age(tmp_path, monkeypatch):
+    """A push's upload is one blocking call that can outlast IPA_LOCK_STALE_MINUTES: silent, its lock is taken
+    over by a second writer; inside `beating()` a thread keeps it fresh, and the thread ends with the block."""
+    monkeypatch.setenv("IPA_LOCK_STALE_MINUTES", str(1.5 / 60))  # 1.5 s (the subprocess reads it too)
+    silent, beating = tmp_path / "silent", tmp_path / "beating"
+    with FolderLock(silent):
+        time.sleep(2.5)  # one long call, no beat
+        assert _second_writer_tries(silent) == "took"  # the fault: a live writer lost its folder
+    with FolderLock(beating) as lock:
+        with lock.beating(every=0.3):
+            time.sleep(2.5)
+            assert _second_writer_tries(beating) == "FolderInUse"
+            assert read_lock(beating)["pid"] == os.getpid() and time.time() - read_lock(beating)["seen"] < 1.5
+        thread = lock._beater
+        assert not thread.is_alive() and thread not in threading.enumerate()
+        seen = read_lock(beating)["seen"]
+        time.sleep(0.6)
+        assert read_lock(beating)["seen"] == seen  # nothing beats after the block
+    assert not (beating / LOCK_FILE).exists()
+
+
+def test_a_takeover_seen_by_the_beating_thread_is_raised_when_the_block_ends(tmp_path):
+    with FolderLock(tmp_path) as lock:
+        with pytest.raises(FolderInUse, match="taken over"):
+            with lock.beating(every=0.1):
+                info = read_lock(tmp_path)
+                (tmp_path / LOCK_FILE).write_text(json.dumps({**info, "owner": "other/pid/2", "pid": 2, "host": "o"}))
+                time.sleep(0.4)
+        assert not lock._beater.is_alive() and read_lock(tmp_path)["owner"] == "other/pid/2"  # left to the other
