@@ -54,6 +54,7 @@ from .registry import (
     ModelSpec,
     adapter_sha256,
     label,
+    opt_in_note,
 )
 
 
@@ -76,15 +77,19 @@ class ModelBank:
     """Several IP-Adapter models over one shared pipeline. Build it with `load_models`.
 
     names:   the available models, in MODEL_NAMES order
-    missing: model name -> why it is not available (a message naming the file and what to do)
+    missing: model name -> why it is not available (a message naming the file and what to do), every one
+    opt_in_untrained: the names of `missing` that are opt-in models notebook 03 has not trained (registry
+             ModelSpec.opt_in) and that nobody asked for by name: the notes give them one line together
     pipe:    the shared diffusers StableDiffusionPipeline; `use(name)` puts a model's adapter in it
     """
 
-    def __init__(self, pipe, profile, models: dict[str, AdapterWeights], missing: dict[str, str]):
+    def __init__(self, pipe, profile, models: dict[str, AdapterWeights], missing: dict[str, str],
+                 opt_in_untrained=()):
         self.pipe = pipe
         self.profile = profile
         self.models = models
         self.missing = missing
+        self.opt_in_untrained = [n for n in opt_in_untrained if n in missing]
         self.active: str | None = None
         self._live = adapter_parameters(pipe.unet, block=False)
         self.conceptrol_layer = SD15_GLOBAL_LAYER  # Conceptrol's global mask: their SD 1.5 layer (same name in tiny)
@@ -108,7 +113,8 @@ class ModelBank:
         return self.models[name].sha256
 
     def describe(self) -> str:
-        """Which models are available and which are not, with the reason."""
+        """Which models are available and which are not, with the reason (missing_notes: the untrained opt-in
+        models in one line)."""
         lines = []
         for n in self.names:
             m = self.models[n]
@@ -118,8 +124,13 @@ class ModelBank:
                 f", IP attention masked by the prompt's subject (global mask of {self.conceptrol_layer})"
                 if m.attention == "conceptrol" else "")
             lines.append(f"{n} ({label(n)}): {m.variant}, {m.source} (sha256 {m.sha256}){how}")
-        lines += [f"{n}: NOT AVAILABLE - {msg}" for n, msg in self.missing.items()]
-        return "\n".join(lines)
+        return "\n".join(lines + self.missing_notes("{name}: NOT AVAILABLE - {why}"))
+
+    def missing_notes(self, form: str = "{name} is not available: {why}") -> list[str]:
+        """What is missing, in lines: one per model of `missing` (`form` with its name and why), but one line for
+        all the untrained opt-in models together, naming each and the notebook 03 setting that trains it."""
+        lines = [form.format(name=n, why=why) for n, why in self.missing.items() if n not in self.opt_in_untrained]
+        return lines + ([opt_in_note(self.opt_in_untrained)] if self.opt_in_untrained else [])
 
     def use(self, name: str):
         """Point the pipeline at model `name`'s adapter weights (exact: the tensors themselves, no copy).
@@ -289,7 +300,9 @@ def load_models(profile, runs_dir=None, *, extra=None, vae=None, device=None, dt
               for all of them, or a list of their names
 
     A missing or unusable adapter file never raises: the bank records why in `bank.missing` (printed
-    once here unless verbose=False) and offers the models it has (always "pretrained").
+    once here unless verbose=False, as `bank.missing_notes()`) and offers the models it has (always
+    "pretrained"). The opt-in models notebook 03 has not trained (registry ModelSpec.opt_in) share one line
+    there, unless profile.eval_models names one: a model asked for by name gets its own line.
     """
     clash = sorted(set(extra or {}) & set(MODEL_NAMES))
     if clash:
@@ -305,15 +318,17 @@ def load_models(profile, runs_dir=None, *, extra=None, vae=None, device=None, dt
                                 {k: p.data for k, p in live.items()}, None, {},
                                 sha256=adapter_sha256(resolve_ip_adapter(profile.ip_adapter)))
     unet.text_image_attn = None  # the zero-initialised block load_pipeline added: unused
-    models, missing = {PRETRAINED: pretrained}, {}
+    models, missing, untrained = {PRETRAINED: pretrained}, {}, []
     for name, (folder, variant) in FINETUNED.items():
         if runs_dir is None:
             missing[name] = "no runs folder given (notebook 03 writes one)"
+            untrained.append(name)
             continue
         path = Path(runs_dir) / folder / ADAPTER_FILE
         if not path.is_file():
             missing[name] = (f"no adapter at {path}: train it in notebook 03 ({label(name)}, variant {variant!r}), "
                              f"or copy its adapter.safetensors there")
+            untrained.append(name)
             continue
         try:
             models[name] = _load_finetuned(pipe, name, path, variant, live)
@@ -331,9 +346,10 @@ def load_models(profile, runs_dir=None, *, extra=None, vae=None, device=None, dt
             models[name] = _load_finetuned(pipe, name, path, adapter_variant(path), live)
         except (AdapterFileError, KeyError, OSError, RuntimeError, ValueError) as e:
             missing[name] = f"cannot use {spec}: {e}"
-    bank = ModelBank(pipe, profile, models, missing)
+    asked = set(getattr(profile, "eval_models", None) or ())  # named in notebook 05's EVAL_MODELS / --models
+    bank = ModelBank(pipe, profile, models, missing, [n for n in untrained if MODELS[n].opt_in and n not in asked])
     bank.use(PRETRAINED)
     if verbose and missing:
-        print("\n".join(f"{n} is not available: {msg}" for n, msg in missing.items()))
+        print("\n".join(bank.missing_notes()))
         print(f"Models available: {', '.join(bank.names)}")
     return bank

@@ -11,6 +11,9 @@ The masked runs (notebook 03's MASK, helpers.train.masking) are entries with a `
 <twin's folder>-mask_<mask> (helpers.train.pairing.run_name); `masked_twins()` pairs each with the unmasked run
 it differs from by the mask alone. Like every trained model they are in the bank once their folder holds an
 adapter, and in notebook 05's grid only when asked (Profile.eval_models), never in the default one.
+
+The models notebook 03 trains only when asked (the neighbour-paired and masked runs) name that setting in
+`opt_in`: while untrained they share one line of the bank's notes (`opt_in_note`), not one line each.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class ModelSpec:
     ip_layers: tuple[str, ...] | None = None  # IP-Adapter only in these UNet blocks (others at scale 0); None: all
     attention: str | None = None  # "conceptrol": IP attention masked by the prompt's subject (helpers.model.conceptrol)
     mask: str = "none"  # trained with MASK "reference", "loss" or "both" (helpers.train.masking); "none": unmasked
+    opt_in: str = ""  # the notebook 03 setting that trains it, for a model trained only when asked; "": by default
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -51,16 +55,18 @@ MODELS: dict[str, ModelSpec] = {
     "finetuned-text-aware-no-block": ModelSpec("fine-tuned text-aware, block removed", source="finetuned-text-aware",
                                                block=False),
     "finetuned-text-aware-neighbour": ModelSpec("fine-tuned text-aware, neighbour pairing",
-                                                folder="text_aware_neighbour", variant="text_aware"),
+                                                folder="text_aware_neighbour", variant="text_aware",
+                                                opt_in="TRAIN_NEIGHBOUR = True"),
     # trained on the character (opt-in, notebook 03's MASK): the reference's background filled, the loss
     # weighted by the target's mask, or both; each against its twin finetuned-text-aware
     "finetuned-text-aware-mask-reference": ModelSpec("fine-tuned text-aware, masked reference",
                                                      folder="text_aware-mask_reference", variant="text_aware",
-                                                     mask="reference"),
+                                                     mask="reference", opt_in='MASK = "reference"'),
     "finetuned-text-aware-mask-loss": ModelSpec("fine-tuned text-aware, masked loss", folder="text_aware-mask_loss",
-                                                variant="text_aware", mask="loss"),
+                                                variant="text_aware", mask="loss", opt_in='MASK = "loss"'),
     "finetuned-text-aware-mask-both": ModelSpec("fine-tuned text-aware, masked reference and loss",
-                                                folder="text_aware-mask_both", variant="text_aware", mask="both"),
+                                                folder="text_aware-mask_both", variant="text_aware", mask="both",
+                                                opt_in='MASK = "both"'),
 }
 
 FINETUNED = {name: (m.folder, m.variant) for name, m in MODELS.items() if m.folder}  # name -> (folder, variant)
@@ -79,6 +85,14 @@ def masked_twins() -> dict[str, str]:
     by_folder = {m.folder: name for name, m in MODELS.items() if m.folder and m.mask == "none"}
     return {name: by_folder[m.folder.split(MASK_FOLDER)[0]] for name, m in MODELS.items()
             if m.folder and m.mask != "none"}
+
+
+def opt_in_note(names) -> str:
+    """One line for opt-in models (ModelSpec.opt_in) that notebook 03 has not trained: their names and the setting
+    that trains each, e.g. 'Not trained (opt-in, each one notebook 03 setting away): finetuned-text-aware-neighbour
+    (TRAIN_NEIGHBOUR = True), finetuned-text-aware-mask-loss (MASK = "loss").'"""
+    return ("Not trained (opt-in, each one notebook 03 setting away): "
+            + ", ".join(f"{n} ({MODELS[n].opt_in})" for n in names) + ".")
 
 
 def label(name: str) -> str:

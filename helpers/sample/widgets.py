@@ -96,7 +96,7 @@ class SamplingPanel:
         controls = self._setting_widgets(prompt, scale)
         results = self._result_widgets()
         notes = ([f"Profile {bank.profile.name}: random weights, the pictures are noise."] if bank.profile.random_weights
-                 else []) + [f"{name} is not available: {msg}" for name, msg in bank.missing.items()]
+                 else []) + bank.missing_notes()
         self.notes = widgets.HTML(value="<br>".join(f"<i>{html.escape(n)}</i>" for n in notes))
         self.ui = widgets.VBox([self.notes, pick, self.thumbnails, widgets.HBox([controls, self.settings_view]),
                                 widgets.HBox([self.generate_button, self.save_button, self.progress]), self.status,

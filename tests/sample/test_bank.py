@@ -12,7 +12,7 @@ from helpers.model.official_format import (
 from helpers.model.pipeline import load_pipeline
 from helpers.sample.bank import ip_scales, load_models, set_ip_scale
 from helpers.sample.generate import generate
-from helpers.sample.registry import BASELINES, FINETUNED, MODEL_NAMES, label
+from helpers.sample.registry import BASELINES, FINETUNED, MODEL_NAMES, MODELS, label, opt_in_note
 from helpers.train.pairing import run_name
 
 STEPS = 2
@@ -73,10 +73,41 @@ def test_missing_adapters_give_a_clear_message_and_the_pretrained_model(tiny_pro
                          ("finetuned-text-aware-neighbour", "text_aware_neighbour")]:
         assert str(tmp_path / "runs" / folder / "adapter.safetensors") in bank.missing[name]
         assert "notebook 03" in bank.missing[name] and label(name) in bank.missing[name]
-    printed = capsys.readouterr().out
-    assert printed.count("finetuned-vanilla is not available") == 1 and "Models available: pretrained" in printed
+    printed = capsys.readouterr().out.splitlines()
+    opt_in = [n for n in MODEL_NAMES if MODELS[n].opt_in]
+    assert sorted(bank.missing) == sorted(FINETUNED) and sorted(bank.opt_in_untrained) == sorted(opt_in)
+    # the headline models one line each; the four opt-in ones (neighbour, masked) one line, naming their settings
+    assert printed == [f"{n} is not available: {bank.missing[n]}" for n in ("finetuned-vanilla", "finetuned-text-aware")
+                       ] + [opt_in_note(opt_in), "Models available: pretrained"]
+    assert ("finetuned-text-aware-neighbour (TRAIN_NEIGHBOUR = True), finetuned-text-aware-mask-reference "
+            '(MASK = "reference"), finetuned-text-aware-mask-loss (MASK = "loss")') in printed[2]
+    assert bank.describe().splitlines()[1:] == [f"{n}: NOT AVAILABLE - {bank.missing[n]}" for n in
+                                                ("finetuned-vanilla", "finetuned-text-aware")] + [opt_in_note(opt_in)]
     with pytest.raises(KeyError, match="finetuned-vanilla.*no adapter at"):
         bank.use("finetuned-vanilla")
+    with pytest.raises(KeyError, match="finetuned-text-aware-mask-loss.*no adapter at"):  # still explained on use
+        bank.use("finetuned-text-aware-mask-loss")
+
+
+def test_an_opt_in_model_asked_for_by_name_or_unusable_gets_its_own_line(tiny_profile, runs, tmp_path, capsys):
+    """Notebook 05's EVAL_MODELS names the masked-loss model, the neighbour run's file is broken, an extra model is
+    missing: each has its own line; only the two other masked runs, untrained and not asked for, share one."""
+    for folder in ("vanilla", "text_aware"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "adapter.safetensors").write_bytes(runs[1][f"finetuned-{folder.replace('_', '-')}"]
+                                                               .read_bytes())
+    (tmp_path / "text_aware_neighbour").mkdir()
+    (tmp_path / "text_aware_neighbour" / "adapter.safetensors").write_bytes(b"cut short")
+    profile = tiny_profile.replace(eval_models=("finetuned-text-aware", "finetuned-text-aware-mask-loss"))
+    bank = load_models(profile, tmp_path, extra={"mine": str(tmp_path / "nowhere")}, device="cpu")
+    printed = capsys.readouterr().out.splitlines()
+    quiet = ["finetuned-text-aware-mask-reference", "finetuned-text-aware-mask-both"]
+    assert bank.names == ["pretrained", "finetuned-vanilla", "finetuned-text-aware"] and bank.opt_in_untrained == quiet
+    assert sorted(bank.missing) == sorted(["finetuned-text-aware-neighbour", "finetuned-text-aware-mask-loss", "mine",
+                                           *quiet])
+    own = ["finetuned-text-aware-neighbour", "finetuned-text-aware-mask-loss", "mine"]
+    assert printed[:-1] == [f"{n} is not available: {bank.missing[n]}" for n in own] + [opt_in_note(quiet)]
+    assert "cannot use" in bank.missing["finetuned-text-aware-neighbour"] and "no adapter at" in printed[1]
 
 
 def test_unreadable_or_wrong_adapters_are_reported_not_raised(tiny_profile, runs, tmp_path):

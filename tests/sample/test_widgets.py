@@ -14,7 +14,7 @@ from helpers.data.masks import load_segmenter, mask_prompt, prepare_masks, segme
 from helpers.sample.bank import load_models
 from helpers.sample.generate import generate
 from helpers.sample.references import held_out_references
-from helpers.sample.registry import masked_twins
+from helpers.sample.registry import MODEL_NAMES, MODELS, masked_twins, opt_in_note
 from helpers.sample.saved import png_settings
 from helpers.sample.uploads import parse_upload
 from helpers.sample.widgets import SamplingPanel
@@ -257,6 +257,22 @@ def test_user_strings_are_escaped_in_the_panels_html(bank, reference_image, segm
     assert panel.model_boxes[EVIL].description == (html.escape(EVIL) if widgets._HTML_DESCRIPTIONS else EVIL)
     monkeypatch.setattr(widgets, "_HTML_DESCRIPTIONS", True)
     assert widgets._description(EVIL) == "&lt;script&gt;alert(1)&lt;/script&gt; &amp; co"
+
+
+def test_the_panel_notes_untrained_opt_in_models_in_one_line(bank, reference_image, segmenter):
+    """A headline model missing: its own note. The neighbour and masked runs, not trained: one note naming them
+    and the notebook 03 setting that trains each (bank.missing still holds every one)."""
+    from helpers.sample.bank import ModelBank
+
+    opt_in = [n for n in MODEL_NAMES if MODELS[n].opt_in]
+    missing = {"finetuned-vanilla": "no adapter at runs/vanilla", **{n: f"no adapter for {n}" for n in opt_in}}
+    own = ModelBank(bank.pipe, bank.profile, {"pretrained": bank.models["pretrained"]}, missing, opt_in)
+    panel = SamplingPanel(own, {"ref": reference_image}, segmenter=segmenter)
+    notes = panel.notes.value.split("<br>")
+    assert notes[-2:] == ["<i>finetuned-vanilla is not available: no adapter at runs/vanilla</i>",
+                          f"<i>{html.escape(opt_in_note(opt_in))}</i>"]
+    assert len(opt_in) == 4 and all(f"{n} (" in notes[-1] for n in opt_in) and "TRAIN_NEIGHBOUR = True" in notes[-1]
+    assert own.missing == missing
 
 
 # The reference's mask: shown over the preview, and the background removed before the adapters see it

@@ -2,12 +2,14 @@
 masked reference is the picture with its background filled, and composes with pairing; a changed mask never
 resumes; masked runs have their folders and registry names."""
 import io
+import itertools
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from diffusers import DDPMScheduler
 from PIL import Image, ImageOps
 from safetensors.torch import load_file
 
@@ -21,7 +23,7 @@ from helpers.evaluate.protocol import GRID_MODELS
 from helpers.sample.registry import FINETUNED, MODELS, masked_twins
 from helpers.train.config import RESUME_SETTINGS, TrainConfig
 from helpers.train.loop import train
-from helpers.train.loss import epoch_order, make_batch
+from helpers.train.loss import diffusion_loss, epoch_order
 from helpers.train.masking import FILL, MASKS, cost_line
 from helpers.train.pairing import run_name
 from helpers.train.run import TrainingError, prepare_run, release
@@ -59,45 +61,58 @@ def none_run(data, tmp_path_factory):
 # --------------------------------------------------------------------------------------------------
 
 
-def step_batch_without_masks(run, step):
-    """helpers.train.step.step_batch as it was before masks (commit 74341c2)."""
-    acc, feats, b = run.accelerator, run.feats, run.batch_size
-    global_batch = b * acc.num_processes
-    epoch, pos = divmod(step, run.steps_per_epoch)
-    rows = epoch_order(len(feats["image_embeds"]), epoch, run.config.seed, global_batch)[pos * global_batch:(pos + 1) * global_batch]
-    rows = rows[acc.process_index * b:(acc.process_index + 1) * b]
-    g = torch.Generator().manual_seed(run.config.seed * 1_000_003 + step * 1_009 + acc.process_index)
-    refs = None if run.pairs is None else run.pairs.references(feats, rows, seed=run.config.seed, step=step,
-                                                                 process=acc.process_index)
-    batch = make_batch(feats, rows, g, references=refs)
-    return {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}, g
-
-
-def loss_without_masks(unet, scheduler, batch, generator, scaling_factor, **_):
-    """helpers.train.loss.diffusion_loss as it was before masks (commit 74341c2)."""
-    assert "latent_mask" not in batch
-    mean, std = batch["latent_mean"], batch["latent_std"]
-    device = mean.device
-    eps_latent = torch.randn(mean.shape, generator=generator).to(device)
-    latents = (mean.float() + std.float() * eps_latent) * scaling_factor
-    noise = torch.randn(latents.shape, generator=generator).to(device)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
-    noisy = scheduler.add_noise(latents, noise, t)
-    weight_dtype = next(p for p in unet.parameters() if not p.requires_grad).dtype
-    pred = unet(noisy.to(weight_dtype), t, encoder_hidden_states=batch["text_embeds"].to(weight_dtype),
-                added_cond_kwargs={"image_embeds": [batch["image_embeds"].to(weight_dtype)[:, None]]}).sample
-    target = scheduler.get_velocity(latents, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
-    return F.mse_loss(pred.float(), target.float())
-
-
 def test_mask_none_gives_the_adapter_of_the_recipe_without_the_mask_code(data, none_run, tmp_path, monkeypatch):
-    monkeypatch.setattr(step_module, "step_batch", step_batch_without_masks)
-    monkeypatch.setattr(step_module, "diffusion_loss", loss_without_masks)
+    """The run of MASK none against the same run with the mask code cut off where it enters: prepare_run's _masking
+    (no masks, no cost line, no masked features) and the masked loss (a batch with a latent_mask, or a background
+    weight, fails). Both runs step with helpers.train's own step_batch and diffusion_loss: their unmasked path is
+    pinned on its own (test_pairing: the seed project's batches; below: the loss computed pixel by pixel)."""
+    real_loss = step_module.diffusion_loss
+
+    def unmasked_loss(unet, scheduler, batch, generator, scaling_factor, *, background_weight=None):
+        assert "latent_mask" not in batch and background_weight is None, "MASK none reached the masked loss"
+        return real_loss(unet, scheduler, batch, generator, scaling_factor)
+
+    monkeypatch.setattr(step_module, "diffusion_loss", unmasked_loss)
     monkeypatch.setattr(run_module, "_masking", lambda *a, **k: None)  # no masks, no cost line, no masked features
     before = train(config(data[2], tmp_path / "text_aware"), progress=False)
     assert none_run.losses == before.losses and same_weights(none_run.adapter, before.adapter)
     settings = json.loads((none_run.adapter.parent / "config.json").read_text())
     assert settings["mask"] == "none" and settings["masks"] is None and settings["mask_background_weight"] is None
+
+
+class EchoUNet(torch.nn.Module):
+    """A stand-in UNet with the real one's call: predicts from every input, keeps its last prediction."""
+
+    def __init__(self):
+        super().__init__()
+        self.frozen = torch.nn.Parameter(torch.tensor(0.5), requires_grad=False)  # sets the weight dtype
+
+    def forward(self, noisy, t, encoder_hidden_states, added_cond_kwargs):
+        image = added_cond_kwargs["image_embeds"][0]  # (B, 1, tokens, width)
+        shift = encoder_hidden_states.mean((1, 2)) + image.mean((1, 2, 3)) + t / 1000  # (B,)
+        self.pred = self.frozen * noisy + shift[:, None, None, None]
+        return SimpleNamespace(sample=self.pred)
+
+
+def test_without_a_mask_the_loss_is_the_mean_squared_error_of_the_noise(monkeypatch):
+    """diffusion_loss without latent_mask (MASK none or reference) is the mean over every latent element of
+    (prediction - noise)^2, summed here pixel by pixel; a mask of ones at any background weight gives the same."""
+    scheduler, added = DDPMScheduler(), []
+    real_add_noise = scheduler.add_noise
+    monkeypatch.setattr(scheduler, "add_noise", lambda latents, noise, t: added.append(noise) or real_add_noise(
+        latents, noise, t))
+    g = torch.Generator().manual_seed(0)
+    batch = {"latent_mean": torch.randn(2, 4, 3, 3, generator=g), "latent_std": torch.rand(2, 4, 3, 3, generator=g),
+             "text_embeds": torch.randn(2, 5, 8, generator=g), "image_embeds": torch.randn(2, 3, 8, generator=g)}
+    unet = EchoUNet()
+    loss = diffusion_loss(unet, scheduler, batch, torch.Generator().manual_seed(1), 0.18215)
+    pred, noise = unet.pred.detach(), added[0]
+    squares = [(pred[b, c, y, x].item() - noise[b, c, y, x].item()) ** 2
+               for b, c, y, x in itertools.product(*map(range, pred.shape))]
+    assert loss.item() == pytest.approx(sum(squares) / len(squares), rel=1e-6)
+    ones = diffusion_loss(unet, scheduler, {**batch, "latent_mask": torch.ones(2, 3, 3)},
+                          torch.Generator().manual_seed(1), 0.18215, background_weight=0.1)
+    assert ones.item() == pytest.approx(loss.item(), rel=1e-6) and torch.equal(added[1], noise)
 
 
 # --------------------------------------------------------------------------------------------------
