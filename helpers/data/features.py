@@ -45,7 +45,8 @@ from ..support.disk import check_space
 from ..support.lock import FolderLock
 from .fingerprints import holds, model_stamp, split_fingerprint
 from .images import center_square
-from .prepare import PreparedData, use_prepared
+from .prepare import use_prepared
+from .prepared_folder import PreparedData
 
 CACHE_VERSION = "1"  # bump when a cache would come out different, so old ones are rebuilt
 TRAIN_FEATURES = "train_features.safetensors"

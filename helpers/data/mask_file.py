@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .prepare import FROM_ALPHA, FROM_MASKS_FOLDER
+from .prepared_folder import FROM_ALPHA, FROM_MASKS_FOLDER
 
-FROM_SEGMENTER = "segmenter"  # a row's mask source when CLIPSeg made it (the others: helpers.data.prepare's)
+FROM_SEGMENTER = "segmenter"  # a row's mask source when CLIPSeg made it (the user's: helpers.data.prepared_folder)
 SOURCES = (FROM_MASKS_FOLDER, FROM_ALPHA, FROM_SEGMENTER)
 SPLITS = ("train", "test")
 

@@ -48,7 +48,7 @@ from ..support.lock import FolderLock
 from ..support.loading import loading
 from .fingerprints import data_fingerprint, model_stamp
 from .mask_file import FROM_SEGMENTER, SPLITS, Masks, read_masks, try_read_masks, what_changed
-from .prepare import PreparedData
+from .prepared_folder import PreparedData
 from .subjects import MASK_SUBJECT_DEFAULT, subject_of
 
 MASKS_FILE = "masks.safetensors"
