@@ -54,6 +54,7 @@ from .images import (
     center_square_mask,
     decode_image_and_alpha,
     decode_mask,
+    png_bytes,
 )
 from .prepared_folder import (
     FROM_ALPHA,
@@ -66,7 +67,6 @@ from .prepared_folder import (
     read_manifest,
     remove_unused,
     save_prepared,
-    split_datasets,
     split_features,
 )
 from .sources import (  # noqa: F401  (DataSourceError: public here)
@@ -180,7 +180,7 @@ def _prepare(source, out_dir: Path, key: dict, before: dict | None, *, resolutio
     if before is not None:
         info["replaced"] = (f"{before.get('source')} at {before.get('resolution')} px, test fraction "
                             f"{before.get('test_fraction')} (prepared {before.get('created', '?')})")
-    save_prepared(out_dir, split_datasets(kept, texts, origins, groups, hashes, is_test, user_masks), skipped, info, beat)
+    save_prepared(out_dir, _split_rows(kept, texts, origins, groups, hashes, is_test, user_masks), skipped, info, beat)
     return load_prepared(out_dir)
 
 
@@ -226,6 +226,28 @@ def _captions(kept, captioner, progress: bool, beat=None) -> tuple[list[str], li
         for i, t in zip(missing, new):
             texts[i], origins[i] = t, origin
     return texts, origins, len(missing)
+
+
+def _split_rows(kept, texts, origins, groups, hashes, is_test, user_masks) -> dict:
+    """{"train": Dataset, "test": Dataset} in the prepared folder's columns (mask and mask_source only when
+    some row has a user mask)."""
+    import datasets
+
+    features = split_features(with_masks=any(s is not None for _, s in user_masks))
+    split_rows = {name: {k: [] for k in features} for name in ("train", "test")}
+    for i, (item, im) in enumerate(kept):
+        r = split_rows["test" if is_test[i] else "train"]
+        r["id"].append(item.id)
+        r["image"].append({"bytes": png_bytes(im), "path": None})
+        r["text"].append(texts[i])
+        r["caption_source"].append(origins[i])
+        r["group"].append(int(groups[i]))
+        r["hash"].append(np.packbits(hashes[i]).tobytes().hex())
+        if "mask" in features:
+            mask, source = user_masks[i]
+            r["mask"].append(None if mask is None else {"bytes": png_bytes(mask), "path": None})
+            r["mask_source"].append(source)
+    return {k: datasets.Dataset.from_dict(v, features=features) for k, v in split_rows.items()}
 
 
 def load_prepared(out_dir) -> PreparedData:

@@ -2,7 +2,7 @@
 
     prep = PreparedData(train, test, skipped, out_dir, info)     # what prepare_dataset returns, load_prepared reads
     info = read_manifest(out_dir)                                 # prepared.json, or None (missing, unreadable)
-    save_prepared(out_dir, split_datasets(...), skipped, info)   # write beside the old one, commit, delete the old
+    save_prepared(out_dir, splits, skipped, info)                 # write beside the old one, commit, delete the old
     remove_unused(out_dir, info)                                  # what an interrupted preparation left over
     is_trace(path)                                                # whether a preparation or a cache left it there
 
@@ -36,12 +36,9 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from ..support.atomic import write_json
 from ..support.disk import MB, check_space, disk_errors
 from ..support.lock import TEMPORARY_MARKERS
-from .images import png_bytes
 
 PREPARED_JSON = "prepared.json"  # what was prepared from what, and where; replaced last (the commit): it names a whole one
 SPLITS_PREFIX = "prepared-"  # prepared-<time>/: one preparation's splits and skipped.json, named by prepared.json
@@ -118,28 +115,6 @@ def has_user_masks(info: dict) -> bool:
     """Whether a preparation (prepared.json's contents) kept any user mask: then its splits have mask columns."""
     masks = info.get("user_masks") or {}
     return bool(masks.get(FROM_ALPHA) or masks.get(FROM_MASKS_FOLDER))
-
-
-def split_datasets(kept, texts, origins, groups, hashes, is_test, user_masks) -> dict:
-    """{"train": Dataset, "test": Dataset} in the prepared folder's columns (mask and mask_source only when
-    some row has a user mask)."""
-    import datasets
-
-    features = split_features(with_masks=any(s is not None for _, s in user_masks))
-    split_rows = {name: {k: [] for k in features} for name in ("train", "test")}
-    for i, (item, im) in enumerate(kept):
-        r = split_rows["test" if is_test[i] else "train"]
-        r["id"].append(item.id)
-        r["image"].append({"bytes": png_bytes(im), "path": None})
-        r["text"].append(texts[i])
-        r["caption_source"].append(origins[i])
-        r["group"].append(int(groups[i]))
-        r["hash"].append(np.packbits(hashes[i]).tobytes().hex())
-        if "mask" in features:
-            mask, source = user_masks[i]
-            r["mask"].append(None if mask is None else {"bytes": png_bytes(mask), "path": None})
-            r["mask_source"].append(source)
-    return {k: datasets.Dataset.from_dict(v, features=features) for k, v in split_rows.items()}
 
 
 def save_prepared(out_dir: Path, splits: dict, skipped, info, beat=lambda: None) -> None:
