@@ -10,8 +10,8 @@ encoders.
 Tensors (rows in the split's order; sizes for SD 1.5 + ViT-H/14 at 512 px; see encode_batch, null_features):
     latent_mean, latent_std (N, 4, 64, 64); image_embeds (N, 257, 1280); text_embeds (N, 77, 768);
     null_image_embeds (1, 257, 1280); null_text_embeds (1, 77, 768)
-A cache carries a fingerprint of its data and models (`feature_fingerprint`): an unchanged one is reused,
-a stale one rebuilt.
+A cache carries a fingerprint of its data and models (`feature_fingerprint`, from helpers.data.fingerprints'
+stamps): an unchanged one is reused, a stale one rebuilt.
 
 Faults: a cache is rebuilt under the data folder's lock (helpers.support.lock; a second writer stops with
 FolderInUse, while reading an up-to-date cache needs no lock), written beside the old one and renamed over it
@@ -43,9 +43,10 @@ from ..support import ranks
 from ..support.atomic import replacing
 from ..support.disk import check_space
 from ..support.lock import FolderLock
+from .fingerprints import holds, model_stamp, split_fingerprint
 from .images import center_square
-from .prepare import PreparedData, use_prepared
-from .sources import files_stamp
+from .prepare import use_prepared
+from .prepared_folder import PreparedData
 
 CACHE_VERSION = "1"  # bump when a cache would come out different, so old ones are rebuilt
 TRAIN_FEATURES = "train_features.safetensors"
@@ -55,62 +56,14 @@ class FeatureCacheError(RuntimeError):
     """The feature cache could not be built (out of GPU memory); the message says which setting to change."""
 
 
-def _hub_revision(repo: str) -> str:
-    """The Hub commit of a model repo: asked from the Hub when online, else read from the local HF cache."""
-    from huggingface_hub import constants
-
-    if not constants.HF_HUB_OFFLINE:
-        try:
-            from huggingface_hub import HfApi
-
-            sha = HfApi().model_info(repo, timeout=10).sha
-            if sha:
-                return sha
-        except Exception:  # noqa: BLE001  (no network, gated, rate-limited: fall back to the cache)
-            pass
-    ref = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}" / "refs" / "main"
-    try:
-        return ref.read_text().strip()
-    except OSError:
-        return "unknown"
-
-
-def _model_stamp(spec) -> str:
-    if spec is None:
-        return "default"
-    p = Path(str(spec)).expanduser()
-    if p.exists():
-        stamp = f"local:{p.resolve()}:{files_stamp(p)}"
-        if p.is_file() and (p.parent / "image_encoder").is_dir():  # the default image encoder of an adapter file
-            stamp += f"+image_encoder:{files_stamp(p.parent / 'image_encoder')}"
-        return stamp
-    repo = "/".join(str(spec).split("/")[:2])
-    return f"hub:{spec}@{_hub_revision(repo)}"
-
-
-def _data_fingerprint(split) -> str:
-    """sha256 over (id, image bytes, caption) of every row, in order."""
-    import datasets
-
-    raw = split.select_columns(["id", "image", "text"]).cast_column("image", datasets.Image(decode=False))
-    h = hashlib.sha256()
-    for batch in raw.iter(batch_size=64):
-        for id_, image, text in zip(batch["id"], batch["image"], batch["text"]):
-            data = image["bytes"] if image.get("bytes") else Path(image["path"]).read_bytes()
-            h.update(f"{id_}\0{len(data)}\0".encode())
-            h.update(data)
-            h.update(f"\0{text}\n".encode())
-    return h.hexdigest()
-
-
 def feature_fingerprint(split, *, base_model, ip_adapter, image_encoder=None, resolution: int) -> dict[str, str]:
     """The metadata a cache built now would carry; its "fingerprint" decides reuse."""
     parts = {
         "format": "ipa-feature-cache", "version": CACHE_VERSION, "resolution": str(resolution),
-        "data": _data_fingerprint(split), "rows": str(len(split)),
-        "base_model": str(base_model), "base_model_stamp": _model_stamp(base_model),
-        "ip_adapter": str(ip_adapter), "ip_adapter_stamp": _model_stamp(ip_adapter),
-        "image_encoder": str(image_encoder), "image_encoder_stamp": _model_stamp(image_encoder),
+        "data": split_fingerprint(split), "rows": str(len(split)),
+        "base_model": str(base_model), "base_model_stamp": model_stamp(base_model),
+        "ip_adapter": str(ip_adapter), "ip_adapter_stamp": model_stamp(ip_adapter),
+        "image_encoder": str(image_encoder), "image_encoder_stamp": model_stamp(image_encoder),
     }
     parts["fingerprint"] = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
     return parts
@@ -190,17 +143,17 @@ def cache_features(split, out_dir, *, base_model, ip_adapter, image_encoder=None
     path = Path(out_dir) / filename
     meta = feature_fingerprint(split, base_model=base_model, ip_adapter=ip_adapter, image_encoder=image_encoder,
                                resolution=resolution)
-    if _holds(path, {"fingerprint": meta["fingerprint"]}):
+    if holds(path, {"fingerprint": meta["fingerprint"]}):
         return path
     if len(split) == 0:
         raise ValueError("cache_features: the split is empty")
     with FolderLock(out_dir, "caching features") as lock:
         ranks.wait_for_everyone()  # every process holds the lock (its clean-up of temporaries done) before writing
-        if _holds(path, {"fingerprint": meta["fingerprint"]}):  # another writer built it while this one waited
+        if holds(path, {"fingerprint": meta["fingerprint"]}):  # another writer built it while this one waited
             return path
         jobs = [(s, min(s + batch_size, len(split))) for s in range(0, len(split), batch_size)] + [NULL_JOB]
         shared = ranks.world_size() > 1
-        todo = [j for j in jobs if not _holds(_share_path(path, j), {"fingerprint": meta["fingerprint"]})]
+        todo = [j for j in jobs if not holds(_share_path(path, j), {"fingerprint": meta["fingerprint"]})]
         mine = ranks.my_share(todo)
         encoded, about = {}, None
         if mine:
@@ -279,20 +232,6 @@ def _encode_jobs(pipe, split, jobs, path: Path, resolution: int, progress: bool,
                 bar.update(job[1] - job[0])
             beat()
     return out
-
-
-def _holds(path: Path, meta: dict[str, str]) -> bool:
-    """Whether the safetensors file at path exists, can be read, and carries these metadata values."""
-    from safetensors import safe_open
-
-    if not path.is_file():
-        return False
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            old = f.metadata() or {}
-        return all(old.get(k) == v for k, v in meta.items())
-    except Exception:  # noqa: BLE001  (a damaged file is simply rebuilt)
-        return False
 
 
 def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
@@ -387,10 +326,10 @@ def cache_image_variant(split, cache_path, name: str, transform, *, version: str
     path = variant_cache_path(cache_path, name)
     meta = {"format": f"ipa-{name.replace('_', '-')}-features", "version": version,
             "cache_fingerprint": cache_meta["fingerprint"], "ids": cache_meta["ids"], **(extra_meta or {})}
-    if _holds(path, meta):
+    if holds(path, meta):
         return path
     with FolderLock(path.parent, f"caching {name} features") as lock:  # the same rules as cache_features
-        if _holds(path, meta):
+        if holds(path, meta):
             return path
         pipe = load_pipeline(base_model, ip_adapter, variant="vanilla", image_encoder=image_encoder, device=device)
         chunks = []

@@ -23,15 +23,12 @@ The processor's image part is transformers' ViTImageProcessorPil, named explicit
 (helpers.evaluate.metrics): the default class needs torchvision on transformers 5.15 (Colab) and resizes
 with it where installed, and the PIL class gives the same pixels everywhere.
 
-Stored in the prepared folder, `masks.safetensors` (rows in each split's order, R the resolution):
-    "{split}/image"   uint8 [N, R, R], 1 on the character
-    "{split}/latent"  float16 [N, R/8, R/8], the image mask averaged over 8x8 blocks (to_latent)
-    metadata: format, version, segmenter (name and stamp: its files or Hub revision), threshold, resolution,
-              the data fingerprint (id, image, caption, user mask of every row) and the prompts' hash, and per
-              split the ids, sources and prompts (JSON lists)
-A file whose fingerprint differs (another segmenter, threshold, data or prompt rule) is rebuilt, and one line
-says what changed. It is written beside the old one and renamed over it (helpers.support.atomic) while the
-folder's lock is held (helpers.support.lock), after checking the disk has room (helpers.support.disk).
+Stored in the prepared folder as `masks.safetensors` (MASKS_FILE): its tensors and metadata, and Masks, the
+object a row's mask is read back from, are in helpers.data.mask_file; the data fingerprint and the segmenter's
+stamp come from helpers.data.fingerprints. A file whose fingerprint differs (another segmenter, threshold, data
+or prompt rule) is rebuilt, and one line says what changed. It is written beside the old one and renamed over it
+(helpers.support.atomic) while the folder's lock is held (helpers.support.lock), after checking the disk has room
+(helpers.support.disk).
 """
 
 from __future__ import annotations
@@ -49,14 +46,13 @@ from ..support.atomic import replacing
 from ..support.disk import check_space
 from ..support.lock import FolderLock
 from ..support.loading import loading
-from .prepare import FROM_ALPHA, FROM_MASKS_FOLDER, PreparedData
+from .fingerprints import data_fingerprint, model_stamp
+from .mask_file import FROM_SEGMENTER, SPLITS, Masks, read_masks, try_read_masks, what_changed
+from .prepared_folder import PreparedData
 from .subjects import MASK_SUBJECT_DEFAULT, subject_of
 
 MASKS_FILE = "masks.safetensors"
 MASKS_VERSION = "1"  # bump when masks would come out different, so old files are rebuilt
-FROM_SEGMENTER = "segmenter"
-SOURCES = (FROM_MASKS_FOLDER, FROM_ALPHA, FROM_SEGMENTER)
-SPLITS = ("train", "test")
 LATENT_FACTOR = 8  # the VAE's downsampling
 DEFAULT_THRESHOLD = 0.5  # on the sigmoid probability (profile.mask_threshold)
 NEARLY_EMPTY, NEARLY_FULL = 0.02, 0.9  # coverage that deserves a look: a mask of almost nothing, or of everything
@@ -205,107 +201,6 @@ def fill_background(image: Image.Image, mask: np.ndarray, fill=(255, 255, 255)) 
 # Every row's mask, stored with the prepared data
 # --------------------------------------------------------------------------------------------------
 
-@dataclass
-class Masks:
-    """The masks of every row of a preparation (prepare_masks, load_masks). Rows are named by split ("train",
-    "test") and row id; arrays follow each split's order."""
-
-    path: Path
-    meta: dict[str, str]
-    arrays: dict[str, np.ndarray]  # "{split}/image" uint8 [N, R, R], "{split}/latent" float16 [N, R/8, R/8]
-
-    def __post_init__(self):
-        self.ids = {s: json.loads(self.meta[f"{s}/ids"]) for s in SPLITS}
-        self.sources = {s: json.loads(self.meta[f"{s}/sources"]) for s in SPLITS}
-        self.prompts = {s: json.loads(self.meta[f"{s}/prompts"]) for s in SPLITS}  # None where not segmented
-        self._rows = {s: {r: i for i, r in enumerate(ids)} for s, ids in self.ids.items()}
-
-    @property
-    def segmenter(self) -> str:
-        return self.meta["segmenter"]
-
-    @property
-    def threshold(self) -> float:
-        return float(self.meta["threshold"])
-
-    def index(self, split: str, row_id: str) -> int:
-        if split not in self._rows:
-            raise KeyError(f"no split {split!r} in {self.path}: the splits are {', '.join(SPLITS)}")
-        if row_id not in self._rows[split]:
-            raise KeyError(f"{self.path} has no mask for row {row_id!r} of {split}; the masks were made for other "
-                           "data: run notebook 01's mask cell again")
-        return self._rows[split][row_id]
-
-    def images(self, split: str) -> np.ndarray:
-        """bool [N, R, R], the split's rows in order."""
-        return self.arrays[f"{split}/image"].astype(bool)
-
-    def latents(self, split: str) -> np.ndarray:
-        """float32 [N, R/8, R/8], the split's rows in order."""
-        return self.arrays[f"{split}/latent"].astype(np.float32)
-
-    def image(self, split: str, row_id: str) -> np.ndarray:
-        """bool [R, R]: the row's mask at the image's size, True on the character."""
-        return self.arrays[f"{split}/image"][self.index(split, row_id)].astype(bool)
-
-    def latent(self, split: str, row_id: str) -> np.ndarray:
-        """float32 [R/8, R/8]: the row's mask at the latents' size (to_latent)."""
-        return self.arrays[f"{split}/latent"][self.index(split, row_id)].astype(np.float32)
-
-    def source(self, split: str, row_id: str) -> str:
-        """Where the row's mask came from: "masks folder", "alpha" or "segmenter"."""
-        return self.sources[split][self.index(split, row_id)]
-
-    def prompt(self, split: str, row_id: str) -> str | None:
-        """The words CLIPSeg was prompted with for the row (None for a user's own mask)."""
-        return self.prompts[split][self.index(split, row_id)]
-
-    def coverage(self, split: str) -> np.ndarray:
-        """float [N]: the share of each row's pixels on the character, in the split's order."""
-        image = self.arrays[f"{split}/image"]
-        return image.reshape(len(image), -1).mean(axis=1) if len(image) else np.zeros(0)
-
-    def summary(self) -> str:
-        counts = {s: {src: self.sources[s].count(src) for src in SOURCES if src in self.sources[s]} for s in SPLITS}
-        return (f"{self.path}: masks of {sum(len(v) for v in self.ids.values())} rows "
-                + "; ".join(f"{s} {len(self.ids[s])} ({', '.join(f'{k}: {v}' for k, v in counts[s].items()) or 'none'})"
-                            for s in SPLITS)
-                + f"; segmenter {self.segmenter}, threshold {self.threshold:g}")
-
-
-def _raw_rows(split, columns):
-    import datasets
-
-    raw = split.select_columns(columns)
-    for c in ("image", "mask"):
-        if c in columns:
-            raw = raw.cast_column(c, datasets.Image(decode=False))
-    return raw
-
-
-def _bytes(value) -> bytes:
-    if not value:
-        return b""
-    return value["bytes"] if value.get("bytes") else Path(value["path"]).read_bytes()
-
-
-def data_fingerprint(prep: PreparedData) -> str:
-    """sha256 over every row of both splits: split, id, image bytes, caption, user mask bytes and source."""
-    h = hashlib.sha256()
-    for name in SPLITS:
-        split = getattr(prep, name)
-        user = "mask" in split.column_names
-        raw = _raw_rows(split, ["id", "image", "text"] + (["mask", "mask_source"] if user else []))
-        h.update(f"{name}\0{len(split)}\n".encode())
-        for batch in raw.iter(batch_size=64):
-            for i, id_ in enumerate(batch["id"]):
-                image, mask = _bytes(batch["image"][i]), _bytes(batch["mask"][i]) if user else b""
-                h.update(f"{id_}\0{len(image)}\0".encode() + image)
-                h.update(f"\0{batch['text'][i]}\0{len(mask)}\0".encode() + mask)
-                h.update(f"\0{batch['mask_source'][i] if user else None}\n".encode())
-    return h.hexdigest()
-
-
 def _plan(prep: PreparedData) -> dict[str, dict]:
     """Per split: ids, sources, prompts (None for user masks) and the user masks (bool [R, R] or None)."""
     plan = {}
@@ -321,57 +216,18 @@ def _plan(prep: PreparedData) -> dict[str, dict]:
     return plan
 
 
-def _segmenter_stamp(name: str) -> str:
-    from .features import _model_stamp  # its files (a folder) or its Hub revision, as for the feature cache
-
-    return _model_stamp(name)
-
-
 def masks_fingerprint(prep: PreparedData, segmenter: str, threshold: float, plan=None) -> dict[str, str]:
     """The metadata a masks file made now would carry; its "fingerprint" decides reuse."""
     plan = plan or _plan(prep)
     prompts = hashlib.sha256(json.dumps([plan[s]["prompts"] for s in SPLITS]).encode()).hexdigest()
     parts = {"format": "ipa-masks", "version": MASKS_VERSION, "segmenter": str(segmenter),
-             "segmenter_stamp": _segmenter_stamp(str(segmenter)), "threshold": repr(float(threshold)),
+             "segmenter_stamp": model_stamp(str(segmenter)), "threshold": repr(float(threshold)),
              "resolution": str(prep.info.get("resolution")), "data": data_fingerprint(prep), "prompts": prompts}
     parts["fingerprint"] = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
     for s in SPLITS:
         parts.update({f"{s}/ids": json.dumps(plan[s]["ids"]), f"{s}/sources": json.dumps(plan[s]["sources"]),
                       f"{s}/prompts": json.dumps(plan[s]["prompts"])})
     return parts
-
-
-def _read(path: Path) -> Masks:
-    from safetensors.numpy import load_file
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="numpy") as f:
-        meta = dict(f.metadata() or {})
-    if meta.get("format") != "ipa-masks":
-        raise ValueError("not a masks file written by helpers.data.masks.prepare_masks")
-    return Masks(path, meta, load_file(str(path)))
-
-
-def _try_read(path: Path) -> Masks | None:
-    try:
-        return _read(path) if path.is_file() else None
-    except Exception:  # noqa: BLE001  (a damaged or foreign file is made again)
-        return None
-
-
-def _what_changed(old: dict, new: dict) -> str:
-    said = []
-    if old.get("segmenter") != new["segmenter"] or old.get("segmenter_stamp") != new["segmenter_stamp"]:
-        said.append(f"segmenter {old.get('segmenter')} -> {new['segmenter']}")
-    if old.get("threshold") != new["threshold"]:
-        said.append(f"threshold {old.get('threshold')} -> {new['threshold']}")
-    if old.get("data") != new["data"] or old.get("resolution") != new["resolution"]:
-        said.append("the prepared data changed")
-    if old.get("prompts") != new["prompts"] and old.get("data") == new["data"]:
-        said.append("the prompts changed")
-    if old.get("version") != new["version"]:
-        said.append(f"format version {old.get('version')} -> {new['version']}")
-    return ", ".join(said) or "it changed"
 
 
 def prepare_masks(prep: PreparedData, profile_or_segmenter, *, threshold: float | None = None, batch_size: int = 8,
@@ -398,16 +254,16 @@ def prepare_masks(prep: PreparedData, profile_or_segmenter, *, threshold: float 
     path = Path(prep.out_dir) / MASKS_FILE
     plan = _plan(prep)
     meta = masks_fingerprint(prep, name, threshold, plan)
-    old = _try_read(path)
+    old = try_read_masks(path)
     if old is not None and old.meta.get("fingerprint") == meta["fingerprint"]:
         return old
     with FolderLock(prep.out_dir, "making masks") as lock:
-        old = _try_read(path)
+        old = try_read_masks(path)
         if old is not None and old.meta.get("fingerprint") == meta["fingerprint"]:  # made while this one waited
             return old
         if old is not None:
             print(f"{path} was made with segmenter {old.meta.get('segmenter')} at threshold "
-                  f"{old.meta.get('threshold')}; {_what_changed(old.meta, meta)}: making the masks again.")
+                  f"{old.meta.get('threshold')}; {what_changed(old.meta, meta)}: making the masks again.")
         if any(FROM_SEGMENTER in plan[s]["sources"] for s in SPLITS):  # loaded only when a row needs it
             segmenter = load_segmenter(segmenter, device)
         arrays = {}
@@ -423,7 +279,7 @@ def prepare_masks(prep: PreparedData, profile_or_segmenter, *, threshold: float 
 
         with replacing(path) as tmp:
             save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp), metadata=meta)
-    return _read(path)
+    return read_masks(path)
 
 
 def _split_masks(split, plan: dict, segmenter, threshold, batch_size, progress, resolution) -> np.ndarray:
@@ -454,7 +310,7 @@ def load_masks(prep: PreparedData, *, segmenter: str | None = None, threshold: f
     if not path.is_file():
         raise MasksMissing(f"{path}: no masks here. Notebook 01's mask cell makes every row's mask once. {again}")
     try:
-        masks = _read(path)
+        masks = read_masks(path)
     except Exception as e:  # noqa: BLE001  (a cut or foreign file: say so, with the way out)
         raise MasksError(f"{path} cannot be read as masks ({type(e).__name__}: {e}). {again}") from e
     meta = masks.meta

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..data.prepare import PREPARED_JSON, use_prepared
+from ..data.prepare import use_prepared
+from ..data.prepared_folder import PREPARED_JSON
 
 
 @dataclass

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import torch
 
 from ..data.features import cache_image_variant
-from ..data.masks import Masks, MasksError, fill_background, load_masks, prepare_masks
+from ..data.mask_file import Masks
+from ..data.masks import MasksError, fill_background, load_masks, prepare_masks
 
 MASKS = ("none", "reference", "loss", "both")
 FILL = (255, 255, 255)  # the reference's background: white, as IP-Adapter's full-face model was trained
