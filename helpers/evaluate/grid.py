@@ -152,7 +152,7 @@ def make_reference_masks(references: Sequence[Reference], masks=None, *, segment
                          threshold: float = DEFAULT_THRESHOLD) -> dict:
     """{reference id: bool [H, W]}, each reference's character at its image's size.
 
-    masks: notebook 01's stored masks (helpers.data.masks.Masks, from prepare_masks / load_masks: the references
+    masks: notebook 01's stored masks (helpers.data.mask_file.Masks, from prepare_masks / load_masks: the references
            are test rows, so masks.image("test", id)), whose segmenter and threshold must be `segmenter`'s and
            `threshold`, as the outputs are segmented with them; or {id: bool [H, W]}; or None: each reference
            segmented now with its caption's subject words (helpers.data.masks.mask_prompt), as prepare_masks does

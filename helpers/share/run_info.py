@@ -12,7 +12,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data.prepare import read_manifest
+from ..data.prepared_folder import read_manifest
 from ..evaluate.outputs import (  # 05's files, by their one writer's names, and the adapters they record
     HEADLINE_FILE,
     SUMMARY_FILE,
