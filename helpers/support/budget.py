@@ -585,6 +585,33 @@ def sampling_speed_line(seconds_per_image: float, *, steps: int | None = None, p
     return _speed_line("image", seconds_per_image, image_tflop(steps, budget=budget), SAMPLING, peak_tflops)
 
 
+def feature_cache_tflop(images: int = 1, *, budget: dict | None = None) -> float:
+    """Counted TFLOP of the feature cache (notebook 01) on `images` training images: the VAE encode
+    (VAE_ENCODE_TFLOP) and one image-encoder pass each (the file's figure per reference is two passes, a
+    reference and a zero image). The text encoder, under 1% of it, is left out, as in notebook 01's projection."""
+    s = (budget or t4_budget())["sampling"]
+    return images * (VAE_ENCODE_TFLOP + s["image_encoder_tflop_per_reference"] / 2)
+
+
+def feature_cache_speed_line(seconds: float, images: int = 1, *, peak_tflops: float = T4_FP16_TFLOPS,
+                             budget: dict | None = None) -> str:
+    """Measured seconds for `images` cached images (notebook 01's feature cache; a batch reads better than one
+    image's hundredths of a second) beside the projection, with the fraction of the peak it implies (at
+    SAMPLING's efficiencies, as notebook 01's projection has it)."""
+    what = f"{images} cached images" if images != 1 else "cached image"
+    return _speed_line(what, seconds, feature_cache_tflop(images, budget=budget), SAMPLING, peak_tflops)
+
+
+def segmenter_speed_line(seconds_per_call: float, images: int | None = None, *, peak_tflops: float = T4_FP16_TFLOPS,
+                         budget: dict | None = None) -> str:
+    """A measured second per CLIPSeg call of `images` (image, prompt) pairs (default: the counted call's batch,
+    t4_budget()["segmenter"]["batch"]) beside the projection, with the fraction of the peak it implies (at
+    SAMPLING's efficiencies, as notebooks 01 and 05 project the segmenter)."""
+    images = images or (budget or t4_budget())["segmenter"]["batch"]
+    what = f"segmenter call of {images} image{'s' * (images != 1)}"
+    return _speed_line(what, seconds_per_call, segmenter_tflop(images, budget=budget), SAMPLING, peak_tflops)
+
+
 # --------------------------------------------------------------------------------------------------
 # Memory
 # --------------------------------------------------------------------------------------------------

@@ -218,6 +218,28 @@ def test_a_measured_time_gives_the_fraction_of_the_peak_it_implies():
         budget.image_efficiency(0.0)
 
 
+def test_the_feature_cache_and_the_segmenter_measured_sit_beside_notebook_01s_projection():
+    """bench/gpu_check.py's lines for the cache and CLIPSeg: at the seconds notebook 01 projects per image (and
+    per call of the counted batch), 12% of the peak; the cache's FLOPs are those 01's projection adds up."""
+    b = budget.t4_budget()
+    st, batch = b["settings"], b["segmenter"]["batch"]
+    cache_parts = dict(budget.notebook_projection("01").parts)
+    cache_minutes = next(m for what, m in cache_parts.items() if what.startswith("feature cache"))
+    assert budget.minutes(budget.feature_cache_tflop(st["train_images"]), 0.12) == pytest.approx(cache_minutes)
+    per_image = 60 * cache_minutes / st["train_images"]
+    assert budget.implied_efficiency(per_image, budget.feature_cache_tflop()) == pytest.approx(0.12)
+    text = budget.feature_cache_speed_line(2 * per_image)
+    assert text.startswith(f"measured {2 * per_image:.2f} s per cached image: 6.0% of the T4's 65 TFLOPS")
+    assert f"{per_image:.2f} s at the 12% expected" in text
+    assert budget.feature_cache_speed_line(16 * per_image, 16).startswith(
+        f"measured {16 * per_image:.2f} s per 16 cached images: 12.0% of the T4's")
+    per_call = 60 * budget.minutes(budget.segmenter_tflop(batch), 0.12)
+    text = budget.segmenter_speed_line(per_call)
+    assert text.startswith(f"measured {per_call:.2f} s per segmenter call of {batch} images: 12.0% of the T4's")
+    assert f"({budget.segmenter_tflop(batch):.2f} TFLOP counted)" in text
+    assert "segmenter call of 1 image: 1.5%" in budget.segmenter_speed_line(per_call, 1)  # 1/8 of the work
+
+
 def test_the_notebooks_image_counts_are_what_their_cells_make():
     """The counts notebook_projection uses for 03 and 04 against the helpers those cells call."""
     import inspect
