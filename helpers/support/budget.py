@@ -351,10 +351,10 @@ def _notebook_parts(name: str, *, neighbour: bool, steps: int | None, grid_image
     def images(what, n):
         return _Part(f"{n} {what}", n * one_image, "sampling")
 
-    if name == "01":  # the file's image encoder figure is two passes (a reference, a zero image); the cache makes one
+    if name == "01":
         n, rows = st["train_images"], st["dataset_rows"]
         return [_Part(f"feature cache: {n} images through the VAE and the image encoder",
-                      n * (VAE_ENCODE_TFLOP + s["image_encoder_tflop_per_reference"] / 2), "sampling"),
+                      feature_cache_tflop(n, budget=budget), "sampling"),
                 _Part(f"masks: {rows} rows (train and test) through CLIPSeg", segmenter_tflop(rows, budget=budget),
                       "sampling")]
     if name == "02":
