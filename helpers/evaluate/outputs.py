@@ -5,7 +5,7 @@ helpers.evaluate.results' RESULTS_FILE).
     write_summary(rows, eval_dir)                    summary.csv: each model and scale, per prompt kind
     write_tradeoff(rows, eval_dir, copy_clip_t=...)  tradeoff.png: the trade-off curves (the model card shows it)
     write_headline(rows, eval_dir)                   headline.txt (the model card quotes it) and headline.csv
-    write_headline_draws(gains, eval_dir)            headline_bootstrap.png: the headline's bootstrap draws
+    write_headline_draws(gains, eval_dir, rows)      headline_bootstrap.png: the headline's bootstrap draws
     write_image_grids(rows, prompts, load, eval_dir) side_by_side_<category>.png and scale_sweep.png
     write_evaluation_outputs(rows, eval_dir, ...)    all of them, in that order (what the command line writes)
 
@@ -147,10 +147,10 @@ def write_headline(rows, eval_dir, *, random_weights: bool = False):
     return text, table, gains
 
 
-def write_headline_draws(gains: dict, eval_dir):
-    """headline_bootstrap.png: plots.bootstrap_histogram of the overall comparisons of `gains` (write_headline's).
-    It records no adapters (gains do not carry them; the model card does not show it). Returns the Figure, or
-    None when no comparison has draws (then no file is written)."""
+def write_headline_draws(gains: dict, eval_dir, rows):
+    """headline_bootstrap.png: plots.bootstrap_histogram of the overall comparisons of `gains` (write_headline's
+    of `rows`, whose adapters it records). Returns the Figure, or None when no comparison has draws (then no
+    file is written)."""
     import matplotlib.pyplot as plt
 
     drawn = [g for (_, edit), g in gains.items() if edit is None and g is not None and len(g.boots)]
@@ -158,7 +158,7 @@ def write_headline_draws(gains: dict, eval_dir):
         return None
     with plt.style.context(FIGURE_STYLE):
         fig = bootstrap_histogram(drawn)
-        save_figure(fig, Path(eval_dir) / HEADLINE_DRAWS_FILE, **SAVEFIG)
+        save_figure(fig, Path(eval_dir) / HEADLINE_DRAWS_FILE, **_savefig(rows))
     return fig
 
 
@@ -200,7 +200,7 @@ def write_evaluation_outputs(rows, eval_dir, *, copy_clip_t: float | None = None
     plt.close(write_tradeoff(rows, eval_dir, copy_clip_t=copy_clip_t, random_weights=random_weights))
     text, table, gains = write_headline(rows, eval_dir, random_weights=random_weights)
     names = [SUMMARY_FILE, TRADEOFF_FILE, HEADLINE_FILE, HEADLINE_TABLE_FILE]
-    draws = write_headline_draws(gains, eval_dir)
+    draws = write_headline_draws(gains, eval_dir, rows)
     if draws is not None:
         plt.close(draws)
         names.append(HEADLINE_DRAWS_FILE)

@@ -178,7 +178,10 @@ def bootstrap_histogram(gains: Sequence[MatchedGain], *, title: str | None = Non
         raise ValueError("no bootstrap draws to show (too few references, or the curves never overlap)")
     fig, axes = plt.subplots(1, len(gains), figsize=(4.2 * len(gains), 3.4), squeeze=False, sharey=True)
     for ax, g in zip(axes[0], gains):
-        ax.hist(g.boots, bins=40, color="tab:blue", alpha=0.7)
+        low, high = float(np.min(g.boots)), float(np.max(g.boots))
+        if high - low < 1e-6:  # draws (nearly) all equal: numpy cannot cut so small a range into 40 bins
+            low, high = low - 5e-4, high + 5e-4
+        ax.hist(g.boots, bins=40, range=(low, high), color="tab:blue", alpha=0.7)
         if np.isfinite([g.low, g.high]).all():
             ax.axvspan(g.low, g.high, color="tab:blue", alpha=0.12, label="95% t interval")
         ax.axvline(g.gain, color="black", linewidth=1.2, label=f"estimate {g.gain:+.3f}")

@@ -42,7 +42,7 @@ NOTEBOOK = Path(__file__).parents[2] / "notebooks" / "05_evaluation.ipynb"
 CELLS = ("write_summary(rows, EVAL_DIR)",
          "write_tradeoff(rows, EVAL_DIR, copy_clip_t=copied[EDIT][0], random_weights=profile.random_weights)",
          "write_headline(rows, EVAL_DIR, random_weights=profile.random_weights)",
-         "write_headline_draws(gains, EVAL_DIR)",
+         "write_headline_draws(gains, EVAL_DIR, rows)",
          "write_image_grids(result.rows, prompts, result.samples, EVAL_DIR)")
 # what a notebook kernel may have set (matplotlib-inline once set these; a user may set more)
 NOTEBOOK_RC = {"figure.dpi": 72, "figure.facecolor": (1, 1, 1, 0), "font.size": 10, "savefig.dpi": 80,
@@ -70,7 +70,7 @@ def test_the_command_line_writes_the_files_notebook_05_writes(tiny_profile, runs
         write_summary(rows, EVAL_DIR)
         write_tradeoff(rows, EVAL_DIR, copy_clip_t=copied[EDIT][0], random_weights=profile.random_weights)
         _, _, gains = write_headline(rows, EVAL_DIR, random_weights=profile.random_weights)
-        write_headline_draws(gains, EVAL_DIR)
+        write_headline_draws(gains, EVAL_DIR, rows)
         write_image_grids(result.rows, prompts, result.samples, EVAL_DIR)
     plt.close("all")
     written = sorted(p.name for p in EVAL_DIR.iterdir())
@@ -93,15 +93,17 @@ def test_the_command_line_writes_the_files_notebook_05_writes(tiny_profile, runs
 
 
 def test_the_files_record_the_adapters_their_rows_came_from(tmp_path):
-    """tradeoff.png (a PNG text chunk), headline.txt (its last line) and headline.csv (a column) say which adapter
+    """tradeoff.png and headline_bootstrap.png (a PNG text chunk), headline.txt (its last line) and headline.csv (a column) say which adapter
     files made them, so the model card can tell a plot of an earlier adapter; rows without adapter_sha256 record
     nothing."""
     ids = {"finetuned-text-aware": "0123456789abcdef", "pretrained": "fedcba9876543210"}
     rows = [dict(r, adapter_sha256=ids[r["model"]])
             for r in synthetic_rows({"pretrained": 0.0, "finetuned-text-aware": 0.02}, n_refs=4)]
     plt.close(write_tradeoff(rows, tmp_path / "with"))
-    text, table, _ = write_headline(rows, tmp_path / "with")
+    text, table, gains = write_headline(rows, tmp_path / "with")
+    plt.close(write_headline_draws(gains, tmp_path / "with", rows))
     assert recorded_adapters(tmp_path / "with" / TRADEOFF_FILE) == ids
+    assert recorded_adapters(tmp_path / "with" / HEADLINE_DRAWS_FILE) == ids
     assert recorded_adapters(tmp_path / "with" / HEADLINE_FILE) == ids
     written = (tmp_path / "with" / HEADLINE_FILE).read_text()
     assert written.splitlines()[-1].startswith(ADAPTERS_LINE) and split_headline(written)[0] == text
