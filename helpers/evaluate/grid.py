@@ -11,10 +11,8 @@ background alone) and appended to results.csv before the next job.
 A rerun skips the jobs already in results.csv and runs the others exactly as an uninterrupted run would
 (the same jobs, so the same batches), so its final CSV is the same, row for row and value for value.
 
-Subject-only scores: each output is segmented in memory, by the segmenter that made the references' masks
-(notebook 01's masks.safetensors, `masks=`), loaded once per run like the CLIP and DINO scorers, with its prompt's
-subject words; its character is then scored against the reference's (helpers.evaluate.metrics.subject_scores).
-Scoring happens before the JPEG is written: the saved file, read back, would score slightly differently.
+Scoring (helpers.evaluate.scoring, the subject-only scores included) happens before the JPEG is written: the saved
+file, read back, would score slightly differently. The result is a helpers.evaluate.grid_result.GridResult.
 
 A grid that grows across sittings:
 - The headline comparison comes first, reference by reference: every scale of one reference for each model of
@@ -58,23 +56,22 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from ..data.masks import DEFAULT_THRESHOLD, mask_prompt, segment
+from ..data.masks import DEFAULT_THRESHOLD
 from ..profile import CLIPSEG, DINO, EVAL_CLIP
-from ..sample.generate import MAX_BATCH, OutOfMemory, Sample, as_list, out_of_memory_advice
+from ..sample.generate import MAX_BATCH, OutOfMemory, as_list, out_of_memory_advice
 from ..sample.generate import generate as generate_images
 from ..sample.references import Reference
-from ..sample.registry import label
 from ..sample.saved import sample_filename
 from ..support import ranks
 from ..support.atomic import replacing
 from ..support.lock import FolderLock
-from .metrics import get_clip, get_dino, get_segmenter, output_masks, subject_scores, x100
+from .grid_result import GridResult
+from .metrics import get_clip, get_dino, get_segmenter
 from .protocol import GRID_MODELS, PromptSpec, check_held_out
-from .results import IDENTITY, RESULTS_FILE, ResultsFile, load_samples, merge_shares, row_key, share_path
-from .stats import EDIT
+from .results import IDENTITY, RESULTS_FILE, ResultsFile, merge_shares, row_key, share_path
+from .scoring import make_reference_masks, score_samples
 
 LOCK_PURPOSE = "evaluation"  # what the eval folder's lock says its writer is
 BATCH_KNOB = ("set EVAL_BATCH_SIZE = {k} in notebook 05's Settings cell, or give python -m helpers.evaluate "
@@ -84,12 +81,6 @@ BATCH_KNOB = ("set EVAL_BATCH_SIZE = {k} in notebook 05's Settings cell, or give
 # at most 2 of 255, scores by at most 5e-5 (252 images, 7 models); tests/evaluate/test_grid.py checks it. Not
 # measured on a GPU in fp16, whose rounding is coarser.
 BATCH_TOLERANCE = 1e-3
-# Outputs are segmented one at a time: CLIPSeg's probabilities move by about 1e-5 with the batch around an image
-# (measured on the tiny profile, CPU), which can flip a pixel at the threshold, so a job completed in part (a
-# rerun) would mask an image differently from an uninterrupted run. The cost is small: counted (torch's
-# FlopCounterMode, real shapes), CLIPSeg takes 0.084 TFLOP per image against about 51 to generate it; on this CPU
-# at real shapes one image per call took 1.5 s against 1.4 s in batches of 4. Not measured on a GPU.
-SEGMENT_BATCH = 1
 
 
 class EvaluationOutOfMemory(OutOfMemory):
@@ -97,146 +88,6 @@ class EvaluationOutOfMemory(OutOfMemory):
     --batch-size and says that it may be changed on resume."""
 
 
-def score_samples(samples, references: Sequence[Reference], prompts: Sequence[PromptSpec], *,
-                  clip=EVAL_CLIP, dino=DINO, files=None, segmenter=CLIPSEG, threshold: float = DEFAULT_THRESHOLD,
-                  reference_masks: Mapping | None = None) -> list[dict]:
-    """One row per sample (CSV_COLUMNS): its settings, prompt kind, CLIP-T / CLIP-I / DINO scores, and the
-    subject-only scores (helpers.evaluate.metrics.subject_scores; NaN where a mask is empty) with the share of the
-    output on its character (subject_coverage).
-
-    samples: objects with image, model, reference, prompt, scale, seed (steps, guidance, adapter_sha256
-             optional), e.g. helpers.sample.generate.Sample; their images are scored as they are (in memory)
-    clip, dino, segmenter: ids/folders or loaded helpers.evaluate.metrics scorers / a helpers.data.masks.Segmenter
-             (loaded once and reused); threshold: the segmenter's (profile.mask_threshold)
-    reference_masks: {reference id: bool [H, W]} (make_reference_masks); None: made here with `segmenter`
-    files: optional file name per sample (where the image was saved)
-    """
-    samples = list(samples)
-    by_id = {r.id: r for r in references}
-    kinds = {(p.reference, p.prompt): p for p in prompts}
-    missing = sorted({s.reference for s in samples} - set(by_id))
-    if missing:
-        raise KeyError(f"samples refer to references that were not given: {missing}")
-    clip_s, dino_s, seg = get_clip(clip), get_dino(dino), get_segmenter(segmenter)
-    if reference_masks is None:
-        reference_masks = make_reference_masks([by_id[r] for r in dict.fromkeys(s.reference for s in samples)],
-                                               segmenter=seg, threshold=threshold)
-    images = [s.image for s in samples]
-    refs = [by_id[s.reference].image for s in samples]
-    t = clip_s.text_image(images, [s.prompt for s in samples]) if samples else []
-    i = clip_s.image_image(images, refs) if samples else []
-    d = dino_s.image_image(images, refs) if samples else []
-    masks = output_masks(images, [s.prompt for s in samples], segmenter=seg, threshold=threshold,
-                         batch_size=SEGMENT_BATCH)
-    subject = subject_scores(images, masks, refs, [reference_masks[s.reference] for s in samples], clip=clip_s,
-                             dino=dino_s)
-    rows = []
-    for k, s in enumerate(samples):
-        spec = kinds.get((s.reference, s.prompt), PromptSpec(s.reference, s.prompt, EDIT, ""))
-        rows.append({
-            "model": s.model, IDENTITY: str(getattr(s, IDENTITY, "")), "scale": float(s.scale),
-            "reference": str(s.reference), "prompt": s.prompt,
-            "prompt_kind": spec.kind, "edit": spec.edit, "seed": int(s.seed),
-            "steps": getattr(s, "steps", None), "guidance": getattr(s, "guidance", None),
-            "clip_t": float(t[k]), "clip_t_x100": float(x100(t[k])),
-            "clip_i": float(i[k]), "clip_i_x100": float(x100(i[k])), "dino": float(d[k]),
-            **{name: float(v[k]) for name, v in subject.items()}, "subject_coverage": float(masks[k].mean()),
-            "clip_model": clip_s.name, "dino_model": dino_s.name, "segmenter": seg.name,
-            "mask_threshold": float(threshold),
-            "file": files[k] if files is not None else "",
-        })
-    return rows
-
-
-def make_reference_masks(references: Sequence[Reference], masks=None, *, segmenter=CLIPSEG,
-                         threshold: float = DEFAULT_THRESHOLD) -> dict:
-    """{reference id: bool [H, W]}, each reference's character at its image's size.
-
-    masks: notebook 01's stored masks (helpers.data.mask_file.Masks, from prepare_masks / load_masks: the references
-           are test rows, so masks.image("test", id)), whose segmenter and threshold must be `segmenter`'s and
-           `threshold`, as the outputs are segmented with them; or {id: bool [H, W]}; or None: each reference
-           segmented now with its caption's subject words (helpers.data.masks.mask_prompt), as prepare_masks does
-           for a row without a mask of the user's."""
-    if masks is None:
-        seg = get_segmenter(segmenter)  # one at a time: references may differ in size
-        return {r.id: segment([r.image], [mask_prompt(r.caption)], segmenter=seg, threshold=threshold)[0]
-                for r in references}
-    if isinstance(masks, Mapping):
-        return {r.id: np.asarray(masks[r.id], dtype=bool) for r in references}
-    name = segmenter if isinstance(segmenter, str) else getattr(segmenter, "name", str(segmenter))
-    if str(name) != masks.segmenter or float(threshold) != masks.threshold:
-        raise ValueError(
-            f"{masks.path} was made by segmenter {masks.segmenter} at threshold {masks.threshold:g}, and this "
-            f"evaluation segments its outputs with {name} at {float(threshold):g}: a reference's and an output's "
-            "character must come from one segmenter. Run notebook 01's mask cell (prepare_masks(prep, profile)) "
-            "with the profile this evaluation uses, or give it the masks' segmenter and threshold.")
-    return {r.id: masks.image("test", r.id) for r in references}
-
-
-@dataclass
-class GridResult:
-    """What `run_grid` made or found: one row per image of the grid (grid order), and the CSV path.
-
-    n_generated / n_resumed: images made by this call / rows found in results.csv from an earlier run
-    n_other: rows of results.csv that belong to other settings or earlier adapters (kept in the file, left out
-             of `rows`)
-    n_stale: of those, the rows of an earlier adapter of a model in this grid (regenerated by this call)
-    stopped: an interrupt stopped the grid part way; `rows` are the images scored so far (a rerun continues)
-    samples(rows): helpers.sample.generate.Sample objects for rows (default all), images from memory or from disk
-    done_references(models): the references whose every planned image of `models` is scored
-    progress(): how far the grid got, in one sentence
-    """
-
-    rows: list[dict] = field(repr=False)
-    csv: Path | None
-    n_generated: int
-    n_resumed: int
-    n_other: int
-    seconds_generating: float
-    seconds_scoring: float
-    out_dir: Path | None = None
-    references: list = field(default_factory=list, repr=False)
-    images: dict = field(default_factory=dict, repr=False)  # row key -> PIL image, when nothing was saved
-    n_stale: int = 0
-    planned: list = field(default_factory=list, repr=False)  # every row key of the grid, in generation order
-    headline_models: list = field(default_factory=list)  # the models generated first, reference by reference
-    stopped: bool = False
-
-    @property
-    def complete(self) -> bool:
-        return len(self.rows) == len(self.planned)
-
-    def done_references(self, models=None) -> list[str]:
-        """The ids of the references whose every planned image of `models` (default: the headline comparison's)
-        is scored, in the grid's order."""
-        models = set(self.headline_models if models is None else models)
-        done = {row_key(r) for r in self.rows}
-        missing = {k[3] for k in self.planned if k[0] in models and k not in done}
-        return [r.id for r in self.references if r.id not in missing]
-
-    def progress(self) -> str:
-        """How far the grid got, e.g. "Stopped at 120 of 396 images: the headline comparison (...) is complete on 3
-        of 11 references. The headline uses those; run again to continue (it resumes where it stopped)."."""
-        models = list(dict.fromkeys(k[0] for k in self.planned))
-        others = [m for m in models if m not in self.headline_models]
-        head = f"the headline comparison ({', '.join(map(label, self.headline_models))})"
-        n = len(self.references)
-        if self.complete:
-            return (f"The grid is complete: {len(self.rows)} images, {head}" + (f" and {len(others)} more models"
-                    if others else "") + f" on all {n} references.")
-        rest = f"; the other {len(others)} models on {len(self.done_references(others))}" if others else ""
-        return (f"Stopped at {len(self.rows)} of {len(self.planned)} images: {head} is complete on "
-                f"{len(self.done_references())} of {n} references{rest}. The headline uses those; run again to "
-                "continue (it resumes where it stopped).")
-
-    def samples(self, rows=None) -> list:
-        rows = self.rows if rows is None else list(rows)
-        if self.out_dir is not None:
-            return load_samples(rows, self.out_dir, self.references)
-        refs = {r.id: r.image for r in self.references}
-        return [Sample(self.images[row_key(r)], r["model"], r["reference"], r["prompt"], r["scale"], r["seed"],
-                       r["steps"], r["guidance"], reference_image=refs.get(r["reference"]), adapter_sha256=r[IDENTITY])
-                for r in rows]
 
 
 def headline_first(models) -> list[str]:

@@ -7,5 +7,6 @@
     gallery.py     samples laid out as a labelled grid
     saved.py       samples on disk with the settings that made them
     widgets.py     the interactive panel (ipywidgets 7 and 8)
+    mask_view.py   the panel's reference mask: which mask, and the preview drawn with it
     uploads.py     a reference image from an upload (FileUpload 7 and 8, Colab's dialog)
 """

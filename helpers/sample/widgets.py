@@ -14,14 +14,8 @@ name such as `<b>` or `a & b` shows as typed.
     panel.generate()             # press the buttons from code, and read
     panel.last_images            # {model name: PIL image}
 
-The reference's mask (the character, True; helpers.data.masks): "show mask" lays it over the preview, and
-"background removed" paints everything off it white before the image encoder sees the reference, for every
-ticked model (generate's `masks`; each Sample says background="removed"). Which mask:
-    a test-split reference   notebook 01's stored mask (`masks=load_masks(prep)`), else CLIPSeg now on its
-                             caption's subject words, as notebook 01 makes it (helpers.data.masks.mask_prompt)
-    your own image           CLIPSeg now on the Concept box's words, else the prompt's subject words
-                             (helpers.data.subjects.subject_of, "a cartoon character" when it names none)
-Segmented masks are kept per reference and words; the segmenter (the profile's) loads on first use.
+The reference's mask ("show mask" over the preview, "background removed" for the adapters) and which mask a
+reference gets: helpers.sample.mask_view, whose MaskView the panel inherits.
 
 Your own reference image, three ways: the Upload button (ipywidgets' FileUpload; in Colab it silently loses
 files over about 1 MB, jupyter-widgets/ipywidgets issue 3452, and an upload that arrives empty is reported
@@ -36,15 +30,14 @@ import time
 from pathlib import Path
 
 import ipywidgets as widgets
-import numpy as np
 from PIL import Image
 
 from ..data.images import png_bytes
-from ..data.masks import fill_background, load_segmenter, mask_prompt, segment
-from ..data.subjects import FOUND, MASK_SUBJECT_DEFAULT, find_subject, subject_of
+from ..data.subjects import FOUND, find_subject, subject_of
 from ..support.env import in_colab
 from .bank import ModelBank
 from .generate import GALLERY_PROMPTS, Sample, generate
+from .mask_view import MaskView
 from .saved import save_samples
 from .uploads import COLAB_UPLOAD_LIMIT, UPLOAD_PREFIX, parse_upload
 
@@ -57,7 +50,7 @@ def _thumbnail(image: Image.Image, size: int) -> bytes:
     return png_bytes(im)
 
 
-class SamplingPanel:
+class SamplingPanel(MaskView):
     """The interactive comparison panel (see the module docstring). Widgets are public attributes:
     reference (Dropdown), upload (FileUpload), path + path_button, colab_button (shown in Colab only), prompt,
     negative_prompt, scale, seed, steps, guidance, model_boxes ({name: Checkbox}), generate_button,
@@ -80,12 +73,8 @@ class SamplingPanel:
         self.references = {str(k): v.convert("RGB") for k, v in (references or {}).items()}
         captions = captions if captions is not None else getattr(references, "captions", {})
         self.captions = {str(k): str(v) for k, v in captions.items()}
-        self.masks = masks
-        self.segmenter = segmenter if segmenter is not None else bank.profile.segmenter
-        self.threshold = float(threshold if threshold is not None else bank.profile.mask_threshold)
-        self._segmented: dict[tuple[str, str], np.ndarray] = {}  # (reference id, words) -> bool [H, W]
-        self.last_mask: np.ndarray | None = None
-        self.last_mask_source: str = ""
+        self._init_masks(masks, bank.profile.segmenter if segmenter is None else segmenter,
+                         bank.profile.mask_threshold if threshold is None else threshold)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.image_size = image_size
         self.last_samples: list[Sample] = []
@@ -238,61 +227,6 @@ class SamplingPanel:
                 "background": "removed" if self.remove_background.value else "kept",
                 "models": [name for name, box in self.model_boxes.items() if box.value]}
 
-    def mask_words(self, ref_id: str | None = None) -> str:
-        """The words CLIPSeg is prompted with for a reference (default: the current one) that has no stored
-        mask: its caption's subject words for a test-split reference (as notebook 01), the Concept box's words
-        or else the prompt's subject words for your own image (the module docstring)."""
-        ref_id = self.reference.value if ref_id is None else ref_id
-        if not str(ref_id).startswith(UPLOAD_PREFIX):
-            return mask_prompt(self.captions.get(ref_id, ""))
-        return self.concept.value.strip() or subject_of(self.prompt.value, default=MASK_SUBJECT_DEFAULT)
-
-    def _stored(self, ref_id: str) -> bool:
-        return self.masks is not None and ref_id in self.masks.ids["test"]
-
-    def _mask_how(self, ref_id: str) -> str:
-        """Where the reference's mask comes from, in words (without computing it)."""
-        if self._stored(ref_id):
-            return f"stored by notebook 01 ({self.masks.source('test', ref_id)})"
-        return f"{_name(self.segmenter)} on {self.mask_words(ref_id)!r}, threshold {self.threshold:g}"
-
-    def reference_mask(self, ref_id: str | None = None) -> np.ndarray:
-        """bool [H, W] at the reference's size, True on the character: the stored mask of a test-split
-        reference, else CLIPSeg's now (module docstring; kept per reference and words). Also kept in
-        last_mask, and where it came from in last_mask_source."""
-        ref_id = self.reference.value if ref_id is None else ref_id
-        if ref_id not in self.references:
-            raise ValueError("no reference image: pick a test image or upload one")
-        image = self.references[ref_id]
-        if self._stored(ref_id):
-            mask = self.masks.image("test", ref_id)
-            if mask.shape != (image.height, image.width):
-                raise ValueError(f"{self.masks.path}: the stored mask of {ref_id} is {mask.shape[1]}x{mask.shape[0]}, "
-                                 f"the reference {image.width}x{image.height}: load the masks of the data the "
-                                 "references came from (load_masks(prep) on the same prepared folder)")
-        else:
-            key = (ref_id, self.mask_words(ref_id))
-            if key not in self._segmented:
-                self.segmenter = load_segmenter(self.segmenter, device=self.bank.device)  # once: then it is loaded
-                self._segmented[key] = segment([image], [key[1]], segmenter=self.segmenter,
-                                               threshold=self.threshold)[0]
-            mask = self._segmented[key]
-        self.last_mask, self.last_mask_source = mask, self._mask_how(ref_id)
-        return mask
-
-    def preview_image(self, ref_id: str | None = None) -> Image.Image:
-        """What the preview shows: the reference, painted white off its mask when "background removed" is
-        ticked (what the adapters will see), with the mask laid over it when "show mask" is (the background
-        tinted magenta)."""
-        ref_id = self.reference.value if ref_id is None else ref_id
-        image = self.references[ref_id]
-        if not (self.show_mask.value or self.remove_background.value):
-            return image
-        mask = self.reference_mask(ref_id)
-        if self.remove_background.value:
-            image = fill_background(image, mask)
-        return _overlay(image, mask) if self.show_mask.value else image
-
     def generate(self) -> list[Sample]:
         """One image per ticked model with the current settings, shown as each model finishes; the progress
         bar counts denoising steps. Returns the samples (also kept in last_samples / last_images)."""
@@ -437,17 +371,6 @@ def _concept_line(typed: str, prompt: str) -> str:
     words, how = find_subject(prompt)
     return words if how == FOUND else f"{words} ({how}; type one in Concept)"
 
-
-def _name(segmenter) -> str:
-    """A segmenter's name: a loaded Segmenter's .name, a Hub id's or folder's last part."""
-    return Path(str(getattr(segmenter, "name", segmenter))).name
-
-
-def _overlay(image: Image.Image, mask: np.ndarray, tint=(255, 0, 160), alpha: float = 0.6) -> Image.Image:
-    """The image with the pixels off the mask (bool [H, W]) blended `alpha` of the way to `tint`."""
-    rgb = np.asarray(image.convert("RGB"), np.float32)
-    off = (1 - alpha) * rgb + alpha * np.asarray(tint, np.float32)
-    return Image.fromarray(np.where(np.asarray(mask, bool)[..., None], rgb, off).round().astype(np.uint8), "RGB")
 
 
 def _enlarge(image: Image.Image, size: int) -> Image.Image:

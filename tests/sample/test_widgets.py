@@ -9,7 +9,7 @@ import pytest
 from _adapters import write_finetuned_adapters
 from PIL import Image
 
-import helpers.sample.widgets as widgets_module
+import helpers.sample.mask_view as mask_view_module
 from helpers.data.masks import load_segmenter, mask_prompt, prepare_masks, segment
 from helpers.sample.bank import load_models
 from helpers.sample.generate import generate
@@ -40,7 +40,7 @@ def segment_calls(monkeypatch):
     def spy(images, prompts, **kwargs):
         calls.append((list(images), list(prompts)))
         return segment(images, prompts, **kwargs)
-    monkeypatch.setattr(widgets_module, "segment", spy)
+    monkeypatch.setattr(mask_view_module, "segment", spy)
     return calls
 
 
