@@ -20,7 +20,7 @@ with random weights (nothing is downloaded), it runs the code the counted budget
     cache     the feature cache's encoding (helpers.data.features.encode_batch: VAE, text and image encoder)
               of up to 256 synthetic drawings: images/s
 
-Each measured time goes through helpers.support.budget (training_speed_line, sampling_speed_line,
+Each measured time goes through helpers.support.budget_measured (training_speed_line, sampling_speed_line,
 feature_cache_speed_line, segmenter_speed_line): the fraction of the T4's 65 TFLOPS fp16 peak the counted
 FLOPs in that time imply, beside the T4 projection, and the counted memory beside the measured peak. On a
 GPU that is not a T4 the output says so: the fractions are of the T4's peak, but the times are that card's,
@@ -402,7 +402,7 @@ def _memory(m: dict, prefix: str = "") -> str:
 
 
 def _speed(m: dict, prefix: str = "") -> list[str]:
-    """helpers.support.budget's line for a measured time, and the fraction of this GPU's own peak after it."""
+    """helpers.support.budget_measured's line for a measured time, and the fraction of this GPU's own peak after it."""
     if f"{prefix}t4_line" not in m:
         return []
     own = m.get(f"{prefix}fraction_of_peak")
@@ -411,7 +411,7 @@ def _speed(m: dict, prefix: str = "") -> list[str]:
 
 def check_lines(result: dict) -> list[str]:
     """The results as one block of lines to paste (README, docs): where, when, with what; each part measured,
-    the counted memory beside it, and helpers.support.budget's line for its time; whether the card is a T4.
+    the counted memory beside it, and helpers.support.budget_measured's line for its time; whether the card is a T4.
     Reads only what the JSON file holds (check_lines(json.load(file)) gives the same lines)."""
     mc, gpu, cap = result["machine"], result["machine"]["gpu"], result["t4_emulation"]
     where = (f"{gpu['name']} ({gpu['total_gib']:g} GiB, compute capability {gpu['capability']}) as a T4: memory "
