@@ -20,7 +20,7 @@ with random weights (nothing is downloaded), it runs the code the counted budget
     cache     the feature cache's encoding (helpers.data.features.encode_batch: VAE, text and image encoder)
               of up to 256 synthetic drawings: images/s
 
-Each measured time goes through helpers.support.budget (training_speed_line, sampling_speed_line,
+Each measured time goes through helpers.support.budget_measured (training_speed_line, sampling_speed_line,
 feature_cache_speed_line, segmenter_speed_line): the fraction of the T4's 65 TFLOPS fp16 peak the counted
 FLOPs in that time imply, beside the T4 projection, and the counted memory beside the measured peak. On a
 GPU that is not a T4 the output says so: the fractions are of the T4's peak, but the times are that card's,
@@ -336,9 +336,10 @@ def is_t4(gpu: dict | None) -> bool:
 
 def with_counts(result: dict, device_info: dict, self_test: bool) -> dict:
     """The measured figures beside the counted ones (helpers/support/t4_budget.json), each time turned by
-    helpers.support.budget into the fraction of the T4's fp16 peak it implies (fraction_of_t4_peak, and the
-    projection beside it: t4_line) and of this GPU's own peak (fraction_of_peak). Tiny models: no counts."""
-    from helpers.support import budget as B
+    helpers.support.budget_measured into the fraction of the T4's fp16 peak it implies (fraction_of_t4_peak, and
+    the projection beside it: t4_line) and of this GPU's own peak (fraction_of_peak). Tiny models: no counts."""
+    from helpers.support import budget_counts as B
+    from helpers.support import budget_measured as M
 
     b = B.t4_budget()
     result["counted"] = f"helpers/support/t4_budget.json ({b['settings']['profile']} profile, {b['how']['date']})"
@@ -358,31 +359,31 @@ def with_counts(result: dict, device_info: dict, self_test: bool) -> dict:
         batch = result.get("train_batch_size")
         m.update(counted_peak_gib=B.training_peak_gib(variant),
                  counted_tflop_per_step=B.training_tflop_per_step(variant, batch_size=batch))
-        fractions(m, B.training_step_efficiency, B.training_speed_line, m["median_s_per_step"], variant=variant,
+        fractions(m, M.training_step_efficiency, M.training_speed_line, m["median_s_per_step"], variant=variant,
                   batch_size=batch)
     c = result.get("feature_cache", {})
     if "images_per_s" in c:
         c["counted_tflop_per_image"] = B.feature_cache_tflop()
 
         def cache_efficiency(seconds, peak_tflops=B.T4_FP16_TFLOPS):  # seconds per batch
-            return B.implied_efficiency(seconds, B.feature_cache_tflop(c["batch"]), peak_tflops=peak_tflops)
+            return M.implied_efficiency(seconds, B.feature_cache_tflop(c["batch"]), peak_tflops=peak_tflops)
 
-        fractions(c, cache_efficiency, lambda seconds: B.feature_cache_speed_line(seconds, c["batch"]),
+        fractions(c, cache_efficiency, lambda seconds: M.feature_cache_speed_line(seconds, c["batch"]),
                   c["batch"] / c["images_per_s"])
     s = result.get("sampling", {})
     if "s_per_image" in s:
         s.update(counted_tflop_per_image=B.image_tflop(s["steps"]), counted_peak_gib=b["sampling"]["peak_gib"])
-        fractions(s, B.image_efficiency, B.sampling_speed_line, s["s_per_image"], steps=s["steps"])
+        fractions(s, M.image_efficiency, M.sampling_speed_line, s["s_per_image"], steps=s["steps"])
     g = result.get("segmenter", {})
     if "s_per_call" in g:
         g.update(counted_tflop_per_call=B.segmenter_tflop(g["batch"]), counted_peak_gib=b["segmenter"]["peak_gib"],
                  counted_batch=b["segmenter"]["batch"])
 
         def efficiency(seconds, peak_tflops=B.T4_FP16_TFLOPS):
-            return B.implied_efficiency(seconds, B.segmenter_tflop(g["batch"]), peak_tflops=peak_tflops)
+            return M.implied_efficiency(seconds, B.segmenter_tflop(g["batch"]), peak_tflops=peak_tflops)
 
         def line(seconds):
-            return B.segmenter_speed_line(seconds, g["batch"])
+            return M.segmenter_speed_line(seconds, g["batch"])
 
         fractions(g, efficiency, line, g["model_s_per_call"])  # the counted work: the model call alone
         g["masks_fraction_of_t4_peak"] = efficiency(g["s_per_call"])  # what notebooks 01 and 05 pay per call
@@ -401,7 +402,7 @@ def _memory(m: dict, prefix: str = "") -> str:
 
 
 def _speed(m: dict, prefix: str = "") -> list[str]:
-    """helpers.support.budget's line for a measured time, and the fraction of this GPU's own peak after it."""
+    """helpers.support.budget_measured's line for a measured time, and the fraction of this GPU's own peak after it."""
     if f"{prefix}t4_line" not in m:
         return []
     own = m.get(f"{prefix}fraction_of_peak")
@@ -410,7 +411,7 @@ def _speed(m: dict, prefix: str = "") -> list[str]:
 
 def check_lines(result: dict) -> list[str]:
     """The results as one block of lines to paste (README, docs): where, when, with what; each part measured,
-    the counted memory beside it, and helpers.support.budget's line for its time; whether the card is a T4.
+    the counted memory beside it, and helpers.support.budget_measured's line for its time; whether the card is a T4.
     Reads only what the JSON file holds (check_lines(json.load(file)) gives the same lines)."""
     mc, gpu, cap = result["machine"], result["machine"]["gpu"], result["t4_emulation"]
     where = (f"{gpu['name']} ({gpu['total_gib']:g} GiB, compute capability {gpu['capability']}) as a T4: memory "
@@ -500,7 +501,7 @@ def main(argv=None) -> int:
     install_missing(Path(args.wheels) if args.wheels else None)
     C.quiet_logs()
     from helpers.profile import full_profile, tiny_profile
-    from helpers.support.budget import t4_budget
+    from helpers.support.budget_counts import t4_budget
 
     t0 = time.perf_counter()
     out = Path(args.output) if args.output else (RESULTS if gpu else None)

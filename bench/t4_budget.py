@@ -371,7 +371,8 @@ def segmenter_how(c: dict, date: str | None = None) -> str:
 
 def count_budget(profile, **kwargs) -> dict:
     """The budget file's content: how, settings, counts, projections (helpers.support.budget.projections)."""
-    from helpers.support.budget import EFFICIENCIES, T4_FP16_TFLOPS, projections
+    from helpers.support.budget import projections
+    from helpers.support.budget_counts import EFFICIENCIES, T4_FP16_TFLOPS
 
     counts = count_all(profile, **kwargs)
     out = _rounded({"how": how(counts), **counts})  # the file's figures; the projections come from them
@@ -384,7 +385,8 @@ def update_segmenter(profile, path: Path, say=print) -> dict:
     """The budget file at `path` with its segmenter count made again and its projections recomputed; every other
     count is kept as it is (byte for byte). Refused when the file's settings are not the profile's defaults now
     (then every count is stale: run the full count)."""
-    from helpers.support.budget import EFFICIENCIES, T4_FP16_TFLOPS, projections
+    from helpers.support.budget import projections
+    from helpers.support.budget_counts import EFFICIENCIES, T4_FP16_TFLOPS
 
     old = json.loads(path.read_text())
     settings = _rounded(budget_settings(profile, old["settings"]["train_images"]))

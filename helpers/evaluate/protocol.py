@@ -37,7 +37,7 @@ from PIL import ImageOps
 from ..data.duplicates import MAX_HASH_DISTANCE, dhash
 from ..data.subjects import Subject, find_subject
 from ..sample.registry import MODEL_NAMES, model_order
-from ..support.budget import SAMPLING, seconds_per_image
+from ..support.budget_counts import SAMPLING, seconds_per_image
 from ..profile import EVAL_CLIP
 from ..sample.references import Reference, column, pick_references
 from .metrics import get_clip

@@ -94,9 +94,9 @@ def out_of_memory_advice(batch_size: int, knob: str) -> str:
 
 def pick_batch_size(device, resolution: int = 512, guidance: float = 7.5) -> int:
     """Images per pipeline call: 1 on a CPU (no gain there); on a GPU as many as 70% of the free memory holds,
-    up to MAX_BATCH, by the counted sampling memory (helpers.support.budget.sampling_memory: the denoising
+    up to MAX_BATCH, by the counted sampling memory (helpers.support.budget_counts.sampling_memory: the denoising
     UNet's memory per image plus one image's VAE decode, counted at fp16 with VAE slicing for a T4)."""
-    from ..support.budget import fits_batch
+    from ..support.budget_counts import fits_batch
 
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():

@@ -8,5 +8,8 @@
     atomic.py     writes that an interruption never leaves half done
     disk.py       free space checked before a big write, and a full disk named as such
     lock.py       one writer per folder: a lock file with a heartbeat, shared by the ranks of one launch
-    budget.py     what the full profile costs on a T4, counted (t4_budget.json, written by bench/t4_budget.py)
+    budget_counts.py    the counted T4 budget (t4_budget.json, written by bench/t4_budget.py): the fractions of
+                        the T4's peak assumed, a training step's and an image's TFLOP, minutes and memory
+    budget.py           what the full profile costs on a T4, notebook by notebook, and the README's summary
+    budget_measured.py  a time measured on a GPU as a fraction of the peak, beside the projection
 """

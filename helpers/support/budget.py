@@ -1,103 +1,38 @@
-"""What the full profile costs on a free Colab T4, counted: the figures the notebooks and the README quote.
+"""What the full profile costs on a free Colab T4, notebook by notebook: the figures the notebooks and the
+README quote, projected from the counted budget (helpers.support.budget_counts reads t4_budget.json).
 
     from helpers.support.budget import notebook_projection, series_minutes
     print(notebook_projection("03").line())   # notebook 03's defaults on a T4, with the assumption
     print(f"{series_minutes():.0f} min for the whole series")
 
-The counts live in `t4_budget.json` beside this module (package data, so a pip install from git has it).
-bench/t4_budget.py writes it: SD 1.5 + IP-Adapter Plus at their real sizes, built from their configs as fake
-tensors (shapes and dtypes, no weights, no GPU), run through the project's real training step and the
-sampling call of helpers.sample.generate, as a T4 runs them: frozen weights in fp16, trainable ones in
-fp32, CUDA autocast's cast policy (emulated on the CPU and checked against CUDA's own autocast kernels),
-SDPA as the memory-efficient kernel (a T4, sm75, has no flash attention); and the segmenter, CLIPSeg
-(helpers.data.masks), from its published config, as load_segmenter runs it on a GPU. Memory is torch's MemTracker at the
-second training step (AdamW's state exists then): what `torch.cuda.max_memory_allocated` would report; the
-CUDA context (~0.3-0.5 GiB) and the allocator's slack come on top. FLOPs are torch's FlopCounterMode's
-(matrix multiplies, convolutions, attention). The file's "how" says which torch, when, and what was emulated.
+Each figure is counted FLOPs over the expected fraction of the T4's fp16 peak (budget_counts: TRAINING 8%,
+SAMPLING 12%, each with its sources; CEILING 35%, the best case): quote a figure with its efficiency.
+`summary_lines()` says the whole budget in words (README's block, word for word).
 
 The segmenter's work is counted where it runs: notebook 01 masks every row (train and test) once, notebook
 05 segments every generated image of its grid for the subject scores, and a masked reference in notebook 03
 (`mask="reference"` or `"both"`) costs one more image-encoder pass over the training images with their
 background filled; the masked loss weights an elementwise MSE, nothing a FLOP count sees.
 
-Minutes are projections, not measurements: counted FLOPs over a fraction of the T4's 65 TFLOPS fp16
-tensor-core peak. Projections use the *expected* fractions, which published T4 speeds imply, sampling
-(SAMPLING, 12%) and training (TRAINING, 8%) apart, each with its sources and range; CEILING (35%, what a
-sustained fp16 matrix multiply reaches on a T4) gives the best case. Quote a figure with its efficiency.
-Where a GPU is present, `training_speed_line` / `sampling_speed_line` turn a measured time into the fraction
-of the peak it implies, beside the projection.
-
 N GPUs (Kaggle's free T4 x2): every projection also gives the time on 2xT4 (`notebook_projection(name,
 gpus=N)`; `Projection.line()` says both). Training keeps its global batch over the GPUs, so each does 1/N of a
 step's FLOPs at the same fraction of its peak, and then pays a ring all-reduce of the gradients of the
-trainable parameters, fp32, every step (`allreduce_seconds`: 206 MB for the text-aware adapter, about 0.05 s
-at the assumed ALLREDUCE_GB_PER_S). 05's grid splits by job with nothing to exchange: time / N (notebook 05
-launches it on every GPU, helpers.evaluate.launch). What a notebook does in its own process stays on one GPU:
-02, 04, 03's samples, and 01, whose feature cache (about 1.5 min of a T4) would split under a launch too, but
-a second process would spend about as long loading its models as it saved.
+trainable parameters, fp32, every step (budget_counts.allreduce_seconds). 05's grid splits by job with nothing
+to exchange: time / N (notebook 05 launches it on every GPU, helpers.evaluate.launch). What a notebook does in
+its own process stays on one GPU: 02, 04, 03's samples, and 01, whose feature cache (about 1.5 min of a T4)
+would split under a launch too, but a second process would spend about as long loading its models as it saved.
 
 Reading it needs no torch: the file is JSON, loaded once.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass
-from functools import lru_cache
-from importlib import resources
 
-T4_FP16_TFLOPS = 65  # NVIDIA's datasheet: peak dense fp16 tensor-core rate of a Tesla T4
-BUDGET_FILE = "t4_budget.json"
-
-
-@dataclass(frozen=True)
-class Efficiency:
-    """A fraction of the T4's fp16 peak that projections assume: the figure used, the range the sources give."""
-
-    kind: str  # "sampling", "training" or "ceiling"
-    expected: float  # the fraction projections use
-    low: float  # the published range
-    high: float
-    sources: tuple[str, ...]  # where the range comes from
-    note: str = ""  # how the sources become the range
-
-    def label(self) -> str:
-        """"12% of the T4's 65 TFLOPS fp16 peak (sampling, expected; published T4 speeds: 9-16%)"."""
-        if self.kind == "ceiling":
-            return f"{efficiency_label(self.expected)} (the ceiling: a sustained fp16 GEMM reaches {self.high:.0%})"
-        return (f"{efficiency_label(self.expected)} ({self.kind}, expected; published T4 speeds: "
-                f"{100 * self.low:.0f}-{self.high:.0%})")
-
-
-# Sampling: SD 1.5, 512 px, batch 1, fp16 on a T4, in denoising steps (it) per second. One guided step is two
-# UNet passes: the file's unet_tflop_per_step / batch (1.62 TFLOP), so these speeds are 9-16% of the peak.
-SAMPLING_SPEEDS = {
-    "AUTOMATIC1111/stable-diffusion-webui issue 1078": (3.5, 5.5),  # without xformers, with
-    "TheLastBen/fast-stable-diffusion issue 755": (5.0, 6.5),  # without, with xformers 0.14 (SDPA ~ the same)
-}
-SAMPLING = Efficiency(
-    "sampling", 0.12, 0.09, 0.16,
-    sources=("AUTOMATIC1111/stable-diffusion-webui issue 1078: 3.5 it/s without xformers, 5.5 it/s with",
-             "TheLastBen/fast-stable-diffusion issue 755: about 5 it/s without xformers, 6.5 it/s with "
-             "(issue 2615: SDPA about the same as xformers)"),
-    note="SD 1.5 at 512 px, batch 1, fp16; one guided step is 1.62 TFLOP counted (SAMPLING_SPEEDS)")
-TRAINING = Efficiency(
-    "training", 0.08, 0.05, 0.10,
-    sources=("TheLastBen/fast-stable-diffusion issue 2330: DreamBooth fine-tuning of the full UNet at 640 px, "
-             "0.85 it/s on a T4",),
-    note="roughly 5-10% of the peak for fine-tuning SD 1.5 on a T4; 8% expected")
-CEILING = Efficiency(
-    "ceiling", 0.35, 0.35, 0.37,
-    sources=("NVIDIA developer forum, 'About GPU peak performance': a sustained fp16 cuBLAS 4096^3 GEMM on a T4 "
-             "reaches about 24 TFLOPS (37%), as the card caps itself at 70 W",),
-    note="no real workload beats a large GEMM: the best case")
-# the fractions every projection is quoted at: expected training, expected sampling, the ceiling
-EFFICIENCIES = (TRAINING.expected, SAMPLING.expected, CEILING.expected)
-
-# Counted as the file's figures are (FlopCounterMode, SD 1.5's VAE config at 512 px, fp16): the feature cache's
-# VAE encode of one image (tests/support/test_budget.py recounts it). The file counts sampling's decode (2.515).
-VAE_ENCODE_TFLOP = 1.117
+from .budget_counts import (ALLREDUCE_GB_PER_S, CEILING, SAMPLING, T4_FP16_TFLOPS, TRAINING, allreduce_seconds,
+                            feature_cache_tflop, gradient_mb, image_tflop, images_minutes, minutes,
+                            seconds_per_image, segmenter_tflop, t4_budget, training_minutes, training_peak_gib,
+                            training_tflop_per_step)
 
 # notebook 03's MASK (helpers.train: "none", the default, "reference", "loss", "both"); those with a masked
 # reference encode the training images again with their background filled (one image-encoder pass)
@@ -117,124 +52,6 @@ CARD_GRID_IMAGES = 2 * 2 * 2  # 03's model card (helpers.share.hub.sample_grid):
 SAMPLE_REFERENCES, GALLERY_PROMPTS, SWEEP_SCALES = 3, 4, 4  # 04: profile.sample_references, its prompts, its sweep
 BACKGROUND_IMAGES = 2 * 2  # 04's mask cell: the pretrained and the text-aware model, background kept and removed
 TIMING_IMAGES = 2  # 05's warm-up and timed image before the grid
-
-
-@lru_cache(maxsize=1)
-def t4_budget() -> dict:
-    """The counted budget (t4_budget.json), loaded once. Keys: "how" (what was counted, how, with which torch,
-    when), "settings" (the full profile's defaults it was counted at), "training" ({variant: {"plain",
-    "checkpointing"}: peak_gib, parts_gib, tflop}), "sampling" (per image, per reference, memory),
-    "projections" (`projections()`: minutes at the expected efficiencies and at the ceiling), "emulation_check"."""
-    return json.loads(resources.files(__package__).joinpath(BUDGET_FILE).read_text())
-
-
-def efficiency_label(efficiency: float) -> str:
-    """"12% of the T4's 65 TFLOPS fp16 peak": the words to put beside a projected figure."""
-    return f"{efficiency:.0%} of the T4's {T4_FP16_TFLOPS} TFLOPS fp16 peak"
-
-
-def minutes(tflop: float, efficiency: float) -> float:
-    """Minutes a T4 takes for `tflop` TFLOP when it sustains `efficiency` of its fp16 peak."""
-    if not 0 < efficiency <= 1:
-        raise ValueError(f"efficiency {efficiency!r}: a fraction of the peak, above 0 and at most 1 (e.g. 0.12)")
-    return tflop / (efficiency * T4_FP16_TFLOPS) / 60
-
-
-def training_tflop_per_step(variant: str = "text_aware", *, checkpointing: bool = False, batch_size: int | None = None,
-                            budget: dict | None = None) -> float:
-    """Counted TFLOP of one training step (forward, backward, AdamW) at the profile's batch and resolution,
-    or scaled to `batch_size` (the step's work grows with its batch); with gradient checkpointing the forward
-    runs twice."""
-    budget = budget or t4_budget()
-    scale = 1.0 if batch_size is None else batch_size / budget["settings"]["train_batch_size"]
-    return scale * _training(variant, checkpointing, budget)["tflop"]
-
-
-# --------------------------------------------------------------------------------------------------
-# N GPUs: the gradient all-reduce of data-parallel training
-# --------------------------------------------------------------------------------------------------
-
-# A ring all-reduce of B bytes over N GPUs moves 2(N-1)/N x B through each GPU's link (nccl-tests' "bus
-# bandwidth" counts it so). A T4 sits on PCIe Gen3 x16: 32 GB/s both directions together, 16 GB/s each way
-# (NVIDIA T4 datasheet, "interconnect bandwidth"); Kaggle's two T4s have no NVLink, and a cloud VM may route
-# the traffic through host memory. Assumed: 4 GB/s of all-reduce bus bandwidth, a quarter of one direction's
-# peak. An assumption on the slow side, not a measurement. DDP overlaps the all-reduce with the backward
-# pass; it is added on top here.
-ALLREDUCE_GB_PER_S = 4.0
-ALLREDUCE_SOURCE = ("assumed 4 GB/s of all-reduce bandwidth between the GPUs: a quarter of PCIe Gen3 x16's 16 GB/s "
-                    "each way (NVIDIA T4 datasheet: 32 GB/s interconnect), as no NVLink joins Kaggle's two T4s")
-GRADIENT_BYTES_PER_PARAMETER = 4  # the trainable parameters and their gradients are fp32 (helpers.train.run)
-
-
-def gradient_mb(variant: str = "text_aware", *, budget: dict | None = None) -> float:
-    """MB (10^6 bytes) of one step's gradients that data-parallel training all-reduces: the counted trainable
-    parameters (t4_budget()["training"][variant]["plain"]["trainable_parameters"]) x 4 bytes (fp32)."""
-    n = _training(variant, False, budget)["trainable_parameters"]
-    return n * GRADIENT_BYTES_PER_PARAMETER / 1e6
-
-
-def allreduce_seconds(variant: str = "text_aware", gpus: int = 2, *, budget: dict | None = None,
-                      gb_per_s: float = ALLREDUCE_GB_PER_S) -> float:
-    """Seconds one training step spends all-reducing its gradients over `gpus` GPUs (0 on one): a ring
-    all-reduce, 2 (N-1)/N x gradient_mb through each link at `gb_per_s` (ALLREDUCE_GB_PER_S, assumed)."""
-    if gpus < 1:
-        raise ValueError(f"gpus {gpus!r}: at least 1")
-    return 2 * (gpus - 1) / gpus * gradient_mb(variant, budget=budget) * 1e6 / (gb_per_s * 1e9)
-
-
-def _training(variant: str, checkpointing: bool, budget: dict | None) -> dict:
-    runs = (budget or t4_budget())["training"]
-    if variant not in runs:
-        raise KeyError(f"variant {variant!r}: counted are {', '.join(runs)}")
-    return runs[variant]["checkpointing" if checkpointing else "plain"]
-
-
-def training_minutes(variant: str = "text_aware", steps: int | None = None, efficiency: float | None = None, *,
-                     checkpointing: bool = False, gpus: int = 1, budget: dict | None = None) -> float:
-    """Projected T4 minutes of `steps` training steps (default: the full profile's run, 6 epochs over the
-    training split) of `variant` at `efficiency` of the T4's peak (default: TRAINING's expected 8%). On
-    `gpus` T4s, the same steps of the same global batch: each GPU does 1/gpus of the FLOPs, then every step
-    pays the gradient all-reduce (allreduce_seconds)."""
-    budget = budget or t4_budget()
-    steps = budget["settings"]["steps_per_variant"] if steps is None else steps
-    efficiency = TRAINING.expected if efficiency is None else efficiency
-    compute = minutes(steps * training_tflop_per_step(variant, checkpointing=checkpointing, budget=budget), efficiency)
-    return compute / gpus + steps * allreduce_seconds(variant, gpus, budget=budget) / 60
-
-
-def image_tflop(steps: int | None = None, *, budget: dict | None = None) -> float:
-    """Counted TFLOP of one generated image at `steps` denoising steps (default: the profile's 30): the guided
-    UNet steps at the evaluation's batch plus the VAE decode."""
-    s = (budget or t4_budget())["sampling"]
-    extra = 0 if steps is None else steps - s["steps"]
-    return s["tflop_per_image"] + extra * s["unet_tflop_per_step"] / s["batch"]
-
-
-def segmenter_tflop(images: int = 1, *, budget: dict | None = None) -> float:
-    """Counted TFLOP of the segmenter (CLIPSeg, helpers.data.masks) on `images` images, one prompt each:
-    t4_budget()["segmenter"]["tflop_per_image"] each."""
-    return images * (budget or t4_budget())["segmenter"]["tflop_per_image"]
-
-
-def images_minutes(n_images: int, efficiency: float | None = None, *, references: int = 0, steps: int | None = None,
-                   segmented: bool = False, budget: dict | None = None) -> float:
-    """Projected T4 minutes to generate `n_images` at the profile's sampling settings (`steps` denoising steps,
-    default 30, with guidance: image_tflop), plus the image encoder once for each of `references` reference
-    images, and with `segmented` the segmenter on each image (notebook 05's subject scores), at `efficiency` of
-    the peak (default: SAMPLING's expected 12%). Scoring (CLIP, DINO) is not counted: under 1% of it."""
-    s = (budget or t4_budget())["sampling"]
-    efficiency = SAMPLING.expected if efficiency is None else efficiency
-    tflop = n_images * image_tflop(steps, budget=budget) + references * s["image_encoder_tflop_per_reference"]
-    if segmented:
-        tflop += segmenter_tflop(n_images, budget=budget)
-    return minutes(tflop, efficiency)
-
-
-def seconds_per_image(efficiency: float | None = None, *, steps: int | None = None, segmented: bool = False,
-                      budget: dict | None = None) -> float:
-    """Projected T4 seconds per generated image (images_minutes of one image, in seconds); with `segmented`,
-    and its segmentation (a grid image of notebook 05)."""
-    return 60 * images_minutes(1, efficiency, steps=steps, segmented=segmented, budget=budget)
 
 
 def grid_minutes(efficiency: float | None = None, *, budget: dict | None = None) -> float:
@@ -524,117 +341,3 @@ def summary_lines(budget: dict | None = None) -> list[str]:
                      + ", ".join(f"notebook {n} {_m(two[n].minutes)} min" for n in split) + "; the others as on "
                      f"one; the whole series {_m(series_projection(budget=b, gpus=2).minutes)} min")
     return lines
-
-
-# --------------------------------------------------------------------------------------------------
-# Measured on a GPU: the fraction of the peak a time implies
-# --------------------------------------------------------------------------------------------------
-
-
-def implied_efficiency(seconds: float, tflop: float, *, peak_tflops: float = T4_FP16_TFLOPS) -> float:
-    """The fraction of `peak_tflops` that doing `tflop` TFLOP in `seconds` implies (0.12: 12% of the peak)."""
-    if not seconds > 0:
-        raise ValueError(f"seconds {seconds!r}: a measured time above 0")
-    return tflop / seconds / peak_tflops
-
-
-def training_step_efficiency(seconds_per_step: float, variant: str = "text_aware", *, batch_size: int | None = None,
-                             checkpointing: bool = False, peak_tflops: float = T4_FP16_TFLOPS,
-                             budget: dict | None = None) -> float:
-    """The fraction of the peak one training step of `seconds_per_step` implies: the counted TFLOP of a step
-    (at the profile's resolution; scaled to `batch_size` when given) over the time."""
-    tflop = training_tflop_per_step(variant, checkpointing=checkpointing, batch_size=batch_size, budget=budget)
-    return implied_efficiency(seconds_per_step, tflop, peak_tflops=peak_tflops)
-
-
-def image_efficiency(seconds_per_image: float, *, steps: int | None = None, peak_tflops: float = T4_FP16_TFLOPS,
-                     budget: dict | None = None) -> float:
-    """The fraction of the peak that generating one image in `seconds_per_image` implies (image_tflop at
-    `steps` denoising steps, default the profile's 30, at the profile's resolution)."""
-    return implied_efficiency(seconds_per_image, image_tflop(steps, budget=budget), peak_tflops=peak_tflops)
-
-
-def _speed_line(what: str, seconds: float, tflop: float, expected: Efficiency, peak_tflops: float, *,
-                gpus: int = 1, extra_seconds: float = 0.0) -> str:
-    fraction = implied_efficiency(seconds, tflop, peak_tflops=peak_tflops)
-    peak = (f"{fraction:.1%} of the T4's {T4_FP16_TFLOPS} TFLOPS fp16 peak" if peak_tflops == T4_FP16_TFLOPS
-            else f"{fraction:.1%} of this GPU's {peak_tflops:g} TFLOPS fp16 peak")
-    projected = ", ".join(f"{60 * minutes(tflop, e.expected) + extra_seconds:.2f} s at the {e.expected:.0%} "
-                          f"{'ceiling' if e is CEILING else 'expected'}" for e in (expected, CEILING))
-    where = "a T4" if gpus == 1 else f"{gpus}xT4 (with {extra_seconds:.2f} s of gradient all-reduce)"
-    per_gpu = "" if gpus == 1 else " per GPU"
-    return (f"measured {seconds:.2f} s per {what}: {peak}{per_gpu} ({tflop:.2f} TFLOP counted{per_gpu}); on {where}, "
-            f"projected {projected}")
-
-
-def training_speed_line(seconds_per_step: float, variant: str = "text_aware", *, batch_size: int | None = None,
-                        checkpointing: bool = False, gpus: int = 1, peak_tflops: float = T4_FP16_TFLOPS,
-                        budget: dict | None = None) -> str:
-    """A measured second per training step beside the projection, with the fraction of the peak it implies:
-    "measured 1.40 s per training step: 8% of the T4's 65 TFLOPS fp16 peak (6.94 TFLOP counted); on a T4,
-    projected 1.33 s at the 8% expected, 0.31 s at the 35% ceiling". On `gpus` GPUs, `batch_size` is the
-    batch of one GPU (per process): the FLOPs are one GPU's, and the projection adds the all-reduce."""
-    tflop = training_tflop_per_step(variant, checkpointing=checkpointing, batch_size=batch_size, budget=budget)
-    return _speed_line("training step", seconds_per_step, tflop, TRAINING, peak_tflops, gpus=gpus,
-                       extra_seconds=allreduce_seconds(variant, gpus, budget=budget))
-
-
-def sampling_speed_line(seconds_per_image: float, *, steps: int | None = None, peak_tflops: float = T4_FP16_TFLOPS,
-                        budget: dict | None = None) -> str:
-    """A measured second per generated image beside the projection, with the fraction of the peak it implies."""
-    return _speed_line("image", seconds_per_image, image_tflop(steps, budget=budget), SAMPLING, peak_tflops)
-
-
-def feature_cache_tflop(images: int = 1, *, budget: dict | None = None) -> float:
-    """Counted TFLOP of the feature cache (notebook 01) on `images` training images: the VAE encode
-    (VAE_ENCODE_TFLOP) and one image-encoder pass each (the file's figure per reference is two passes, a
-    reference and a zero image). The text encoder, under 1% of it, is left out, as in notebook 01's projection."""
-    s = (budget or t4_budget())["sampling"]
-    return images * (VAE_ENCODE_TFLOP + s["image_encoder_tflop_per_reference"] / 2)
-
-
-def feature_cache_speed_line(seconds: float, images: int = 1, *, peak_tflops: float = T4_FP16_TFLOPS,
-                             budget: dict | None = None) -> str:
-    """Measured seconds for `images` cached images (notebook 01's feature cache; a batch reads better than one
-    image's hundredths of a second) beside the projection, with the fraction of the peak it implies (at
-    SAMPLING's efficiencies, as notebook 01's projection has it)."""
-    what = f"{images} cached images" if images != 1 else "cached image"
-    return _speed_line(what, seconds, feature_cache_tflop(images, budget=budget), SAMPLING, peak_tflops)
-
-
-def segmenter_speed_line(seconds_per_call: float, images: int | None = None, *, peak_tflops: float = T4_FP16_TFLOPS,
-                         budget: dict | None = None) -> str:
-    """A measured second per CLIPSeg call of `images` (image, prompt) pairs (default: the counted call's batch,
-    t4_budget()["segmenter"]["batch"]) beside the projection, with the fraction of the peak it implies (at
-    SAMPLING's efficiencies, as notebooks 01 and 05 project the segmenter)."""
-    images = images or (budget or t4_budget())["segmenter"]["batch"]
-    what = f"segmenter call of {images} image{'s' * (images != 1)}"
-    return _speed_line(what, seconds_per_call, segmenter_tflop(images, budget=budget), SAMPLING, peak_tflops)
-
-
-# --------------------------------------------------------------------------------------------------
-# Memory
-# --------------------------------------------------------------------------------------------------
-
-
-def training_peak_gib(variant: str = "text_aware", *, checkpointing: bool = False, budget: dict | None = None) -> float:
-    """Counted peak GiB of a training step (parts in t4_budget()["training"][variant][...]["parts_gib"])."""
-    return _training(variant, checkpointing, budget)["peak_gib"]
-
-
-def sampling_memory(resolution: int = 512, guidance: float = 7.5, *, budget: dict | None = None) -> tuple[float, float]:
-    """(GiB per image in a pipeline call, GiB a call needs besides), on top of the loaded models, counted at
-    the profile's 512 px with guidance and scaled by pixels (and halved per image without guidance, which
-    halves the UNet's batch). The per-image part is the denoising UNet's; the rest is the VAE decode of one
-    image (generate decodes one at a time)."""
-    s = (budget or t4_budget())["sampling"]
-    area = (resolution / s.get("resolution", 512)) ** 2
-    return s["gib_per_image"] * area * (1.0 if guidance > 1 else 0.5), s["call_overhead_gib"] * area
-
-
-def fits_batch(free_gib: float, resolution: int = 512, guidance: float = 7.5, *, margin: float = 0.7,
-               most: int = 8, budget: dict | None = None) -> int:
-    """Images per pipeline call that fit `margin` of `free_gib` (what the GPU has free with the models loaded),
-    from the counted sampling memory; at least 1, at most `most`."""
-    per_image, overhead = sampling_memory(resolution, guidance, budget=budget)
-    return int(max(1, min(most, math.floor((margin * free_gib - overhead) / per_image))))

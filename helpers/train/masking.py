@@ -159,10 +159,10 @@ def prepare_masking(mask: str, prep, profile, cache_path, feats: dict[str, torch
 def cost_line(mask: str, variant: str, steps: int, train_images: int, *, checkpointing: bool = False,
               gpus: int = 1, mirror: bool = False) -> str:
     """What a masked run costs on a T4, before it starts: its training steps projected as notebook 03's runs are
-    (helpers.support.budget.training_minutes: counted FLOPs of the full profile's step, at the expected
+    (helpers.support.budget_counts.training_minutes: counted FLOPs of the full profile's step, at the expected
     efficiency), and for reference masking the one image-encoder pass over the training drawings (two with
     mirror pairing) that the masked references' features take."""
-    from ..support.budget import SAMPLING, TRAINING, minutes, t4_budget, training_minutes
+    from ..support.budget_counts import SAMPLING, TRAINING, minutes, t4_budget, training_minutes
 
     where = "a T4" if gpus == 1 else f"{gpus} T4s"
     train = training_minutes(variant, steps, checkpointing=checkpointing, gpus=gpus)

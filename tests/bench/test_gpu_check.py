@@ -1,7 +1,7 @@
 """bench/gpu_check.py (./run.sh gpu-check) without a GPU: it says so plainly, and its CPU self-test (--tiny)
 runs every part (the segmenter through helpers.data.masks's own code) on the tiny models and writes its JSON
-and the block to paste; with_counts turns measured times into helpers.support.budget's lines. Which wheels
-it installs: never torch and its kin, never a package the machine has at that version or newer."""
+and the block to paste; with_counts turns measured times into helpers.support.budget_measured's lines. Which
+wheels it installs: never torch and its kin, never a package the machine has at that version or newer."""
 
 import importlib.metadata
 import json
@@ -21,7 +21,8 @@ import _t4_steps  # noqa: E402
 import gpu_check  # noqa: E402
 
 from helpers.profile import tiny_profile  # noqa: E402
-from helpers.support import budget  # noqa: E402
+from helpers.support import budget_counts as counts  # noqa: E402
+from helpers.support import budget_measured as measured  # noqa: E402
 
 
 def _run(*args, env=None):
@@ -61,7 +62,7 @@ def test_the_cpu_self_test_runs_every_part_and_writes_its_json(self_test):
     assert result["sampling"]["s_per_image"] > 0
     assert result["sampling"]["steps"] == tiny_profile("test").num_inference_steps
     g = result["segmenter"]
-    assert g["batch"] == budget.t4_budget()["segmenter"]["batch"] and g["calls"] == g["model_calls"] == 2
+    assert g["batch"] == counts.t4_budget()["segmenter"]["batch"] and g["calls"] == g["model_calls"] == 2
     assert g["s_per_call"] > 0 and g["model_s_per_call"] > 0 and g["model_text_positions"] == 77
     assert "t4_line" not in g
 
@@ -79,7 +80,7 @@ def test_the_block_to_paste_is_printed_and_read_back_from_the_json(self_test):
 @pytest.mark.parametrize("gpu_name, t4", [("NVIDIA H100 80GB HBM3", False), ("Tesla T4", True)])
 def test_on_a_gpu_each_time_goes_through_the_budgets_own_lines(self_test, gpu_name, t4):
     """The self-test's measured times as a GPU run's: with_counts turns each into the fraction of the T4's
-    peak by helpers.support.budget's functions, with their lines; a card that is not a T4 is called so."""
+    peak by helpers.support.budget_measured's functions, with their lines; a card that is not a T4 is called so."""
     result = json.loads(json.dumps(self_test[1]))
     result.update(self_test=False, profile="full", train_batch_size=4)
     peak = _common.fp16_peak_tflops(gpu_name)
@@ -89,21 +90,21 @@ def test_on_a_gpu_each_time_goes_through_the_budgets_own_lines(self_test, gpu_na
         m.update(peak_allocated_gib=1.0, peak_reserved_gib=1.5)
     result = json.loads(json.dumps(gpu_check.with_counts(result, result["machine"], self_test=False)))
     t = result["training"]["vanilla"]["median_s_per_step"]
-    assert result["training"]["vanilla"]["fraction_of_t4_peak"] == budget.training_step_efficiency(t, "vanilla")
+    assert result["training"]["vanilla"]["fraction_of_t4_peak"] == measured.training_step_efficiency(t, "vanilla")
     assert result["training"]["vanilla"]["fraction_of_peak"] == pytest.approx(
-        budget.training_step_efficiency(t, "vanilla", peak_tflops=peak))
-    assert result["training"]["vanilla"]["t4_line"] == budget.training_speed_line(t, "vanilla", batch_size=4)
-    assert result["training"]["vanilla"]["counted_peak_gib"] == budget.training_peak_gib("vanilla")
+        measured.training_step_efficiency(t, "vanilla", peak_tflops=peak))
+    assert result["training"]["vanilla"]["t4_line"] == measured.training_speed_line(t, "vanilla", batch_size=4)
+    assert result["training"]["vanilla"]["counted_peak_gib"] == counts.training_peak_gib("vanilla")
     s = result["sampling"]
-    assert s["t4_line"] == budget.sampling_speed_line(s["s_per_image"], steps=s["steps"])
+    assert s["t4_line"] == measured.sampling_speed_line(s["s_per_image"], steps=s["steps"])
     c = result["feature_cache"]
-    assert c["t4_line"] == budget.feature_cache_speed_line(c["batch"] / c["images_per_s"], c["batch"])
-    assert c["fraction_of_t4_peak"] == pytest.approx(budget.implied_efficiency(1 / c["images_per_s"],
-                                                                               budget.feature_cache_tflop()))
+    assert c["t4_line"] == measured.feature_cache_speed_line(c["batch"] / c["images_per_s"], c["batch"])
+    assert c["fraction_of_t4_peak"] == pytest.approx(measured.implied_efficiency(1 / c["images_per_s"],
+                                                                                 counts.feature_cache_tflop()))
     g = result["segmenter"]
-    assert g["t4_line"] == budget.segmenter_speed_line(g["model_s_per_call"], g["batch"])
-    assert g["masks_t4_line"] == budget.segmenter_speed_line(g["s_per_call"], g["batch"])
-    assert g["counted_peak_gib"] == budget.t4_budget()["segmenter"]["peak_gib"]
+    assert g["t4_line"] == measured.segmenter_speed_line(g["model_s_per_call"], g["batch"])
+    assert g["masks_t4_line"] == measured.segmenter_speed_line(g["s_per_call"], g["batch"])
+    assert g["counted_peak_gib"] == counts.t4_budget()["segmenter"]["peak_gib"]
     lines = gpu_check.check_lines(result)
     assert f"    {g['t4_line']}; {g['fraction_of_peak']:.1%} of this GPU's own fp16 peak" in lines
     assert any(f"(counted {g['counted_peak_gib']:.2f})" in line for line in lines)
@@ -150,7 +151,7 @@ def test_on_a_gpu_the_segmenter_is_the_published_clipseg_at_the_counted_batch(tm
     from helpers.data.masks import segment
     from helpers.profile import full_profile
 
-    counted = budget.t4_budget()["segmenter"]
+    counted = counts.t4_budget()["segmenter"]
     seg = gpu_check.check_segmenter(full_profile("test"), device="meta", folder=tmp_path)
     assert seg.name == counted["model"] == "CIDAS/clipseg-rd64-refined"
     assert sum(p.numel() for p in seg.model.parameters()) == counted["parameters"]

@@ -163,7 +163,7 @@ def test_the_text_aware_training_step_fits_a_t4_at_the_profiles_defaults():
     assert parts["optimizer_state"] == pytest.approx(8 * c["trainable_parameters"] / gib, rel=1e-2)
     # the figures the notebooks and README quote (helpers/support/t4_budget.json) are this count's: a change to
     # the models or the step that moves them by more than 1% asks for `python bench/t4_budget.py`
-    from helpers.support.budget import t4_budget as shipped
+    from helpers.support.budget_counts import t4_budget as shipped
 
     quoted = shipped()["training"]["text_aware"]["plain"]
     stale = "helpers/support/t4_budget.json is stale: rerun python bench/t4_budget.py"
@@ -181,7 +181,7 @@ def test_clipseg_is_counted_at_its_published_size_and_input():
 
     from helpers.data.masks import segment
     from helpers.profile import full_profile
-    from helpers.support.budget import t4_budget as shipped
+    from helpers.support.budget_counts import t4_budget as shipped
 
     c = t4_budget.count_segmenter(full_profile("the T4 budget test"))
     assert c["model"] == "CIDAS/clipseg-rd64-refined" and c["image_size"] == 352 and c["text_positions"] == 77

@@ -186,7 +186,7 @@ def test_default_size_comes_from_the_counted_t4_budget():
     eval_minutes on a T4 at GRID_EFFICIENCY (the expected 12%) of its peak, counted (helpers.support.budget),
     and never fewer than MIN_REFERENCES."""
     from helpers.profile import full_profile
-    from helpers.support.budget import SAMPLING, images_minutes
+    from helpers.support.budget_counts import SAMPLING, images_minutes
 
     full = full_profile("test")
     assert full.eval_num_references is None and full.eval_edits_per_reference > 1  # sized, not typed

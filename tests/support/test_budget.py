@@ -1,5 +1,6 @@
-"""helpers.support.budget reads the counted T4 budget (helpers/support/t4_budget.json); bench/t4_budget.py
-counts it, here at the tiny profile's shapes (the plumbing: the real sizes are tests/bench/test_t4_budget.py's)."""
+"""helpers.support.budget projects each notebook's minutes from the counted T4 budget (helpers/support/t4_budget.json,
+read by budget_counts); bench/t4_budget.py counts it, here at the tiny profile's shapes (the plumbing: the real
+sizes are tests/bench/test_t4_budget.py's)."""
 
 import json
 import math
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from helpers.support import budget
+from helpers.support import budget_counts as counts
+from helpers.support import budget_measured as measured
 
 ROOT = Path(__file__).parents[2]
 
@@ -21,80 +24,29 @@ def _close(a, b, rel=2e-3):
     return a == pytest.approx(b, rel=rel)
 
 
-def test_the_packaged_budget_is_read_once_and_says_how_it_was_counted():
-    b = budget.t4_budget()
-    assert budget.t4_budget() is b
-    assert {"how", "settings", "training", "sampling", "segmenter", "projections", "emulation_check"} <= set(b)
-    assert b["how"]["torch"] and b["how"]["date"] and b["how"]["emulated"]
-    assert b["emulation_check"]["ops"] > 1000 and b["emulation_check"]["mismatches"] == []
-    for variant in ("vanilla", "text_aware"):
-        for kind in ("plain", "checkpointing"):
-            c = b["training"][variant][kind]
-            assert sum(c["parts_gib"].values()) == pytest.approx(c["peak_gib"], rel=2e-3)
-    assert budget.training_peak_gib("text_aware") <= b["settings"]["memory_limit_gib"]
-    assert budget.training_peak_gib("text_aware", checkpointing=True) < budget.training_peak_gib("text_aware")
-
-
-def test_minutes_are_the_counted_flops_over_the_named_fraction_of_the_t4s_peak():
-    b = budget.t4_budget()
-    tflop, steps = b["training"]["text_aware"]["plain"]["tflop"], b["settings"]["steps_per_variant"]
-    assert budget.training_minutes("text_aware", efficiency=0.25) == pytest.approx(steps * tflop / (0.25 * 65 * 60))
-    assert budget.training_minutes("text_aware", 10, 0.5) == pytest.approx(10 * tflop / (0.5 * 65 * 60))
-    s = b["sampling"]
-    assert budget.images_minutes(100, 0.12, references=5) == pytest.approx(
-        (100 * s["tflop_per_image"] + 5 * s["image_encoder_tflop_per_reference"]) / (0.12 * 65 * 60))
-    # fewer denoising steps: fewer guided UNet steps, the same decode
-    assert budget.image_tflop(30) == s["tflop_per_image"]
-    assert budget.image_tflop(20) == pytest.approx(s["tflop_per_image"] - 10 * s["unet_tflop_per_step"] / s["batch"])
-    assert budget.efficiency_label(0.12) == "12% of the T4's 65 TFLOPS fp16 peak"
-    with pytest.raises(ValueError, match="fraction"):
-        budget.minutes(1.0, 25)
-    with pytest.raises(KeyError, match="counted are"):
-        budget.training_minutes("no_such_variant")
-
-
-def test_projections_use_the_expected_efficiencies_the_published_t4_speeds_give():
-    """Sampling 12% and training 8% by default, each inside the range its sources give; 35% the ceiling."""
-    b = budget.t4_budget()
-    s = b["sampling"]
-    step = s["unet_tflop_per_step"] / s["batch"]  # one guided denoising step of one image (two UNet passes)
-    speeds = [v for pair in budget.SAMPLING_SPEEDS.values() for v in pair]  # it/s, SD 1.5 at 512 px on a T4
-    assert budget.SAMPLING.low == round(min(speeds) * step / 65, 2) == 0.09
-    assert budget.SAMPLING.high == round(max(speeds) * step / 65, 2) == 0.16
-    for e in (budget.SAMPLING, budget.TRAINING, budget.CEILING):
-        assert e.low <= e.expected <= e.high and e.sources and all("issue" in x or "forum" in x for x in e.sources)
-    assert (budget.SAMPLING.expected, budget.TRAINING.expected, budget.CEILING.expected) == (0.12, 0.08, 0.35)
-    assert set(budget.SAMPLING_SPEEDS) <= {x.split(":")[0] for x in budget.SAMPLING.sources}
-    assert budget.training_minutes() == pytest.approx(budget.training_minutes(efficiency=0.08))
-    assert budget.images_minutes(10) == pytest.approx(budget.images_minutes(10, 0.12))
-    assert budget.seconds_per_image() == pytest.approx(s["tflop_per_image"] / (0.12 * 65))
-    assert "12% of the T4's 65 TFLOPS fp16 peak (sampling, expected; published T4 speeds: 9-16%)" == \
-        budget.SAMPLING.label()
-
-
 def test_each_notebooks_minutes_add_up_its_gpu_work():
-    b = budget.t4_budget()
+    b = counts.t4_budget()
     st, s = b["settings"], b["sampling"]
     three = budget.notebook_projection("03")
-    runs = budget.training_minutes("vanilla") + budget.training_minutes("text_aware")
-    assert three.minutes == pytest.approx(runs + budget.images_minutes(3 + budget.CARD_GRID_IMAGES))
+    runs = counts.training_minutes("vanilla") + counts.training_minutes("text_aware")
+    assert three.minutes == pytest.approx(runs + counts.images_minutes(3 + budget.CARD_GRID_IMAGES))
     assert budget.notebook_minutes(3, neighbour=True) == pytest.approx(
-        three.minutes + budget.training_minutes("text_aware") + budget.images_minutes(1))
+        three.minutes + counts.training_minutes("text_aware") + counts.images_minutes(1))
     assert budget.notebook_minutes("03", steps=10) < three.minutes
     # 05: the grid, CLIPSeg on each of its images (the subject scores), the timing images
     five, seg = budget.notebook_projection("05"), b["segmenter"]["tflop_per_image"]
-    assert five.minutes == pytest.approx(budget.images_minutes(st["grid_images"] + 2, references=st["grid_references"])
-                                         + budget.minutes(st["grid_images"] * seg, 0.12))
-    assert budget.grid_minutes() == pytest.approx(budget.images_minutes(
+    assert five.minutes == pytest.approx(counts.images_minutes(st["grid_images"] + 2, references=st["grid_references"])
+                                         + counts.minutes(st["grid_images"] * seg, 0.12))
+    assert budget.grid_minutes() == pytest.approx(counts.images_minutes(
         st["grid_images"], references=st["grid_references"], segmented=True)) == pytest.approx(five.minutes - dict(
             five.parts)["2 timing images"])
     assert budget.notebook_minutes("05", grid_images=100, references=4) == pytest.approx(
-        budget.images_minutes(102, references=4) + budget.minutes(100 * seg, 0.12))
-    assert budget.seconds_per_image(segmented=True) == pytest.approx(budget.seconds_per_image() + seg / (0.12 * 65))
+        counts.images_minutes(102, references=4) + counts.minutes(100 * seg, 0.12))
+    assert counts.seconds_per_image(segmented=True) == pytest.approx(counts.seconds_per_image() + seg / (0.12 * 65))
     # 01: the feature cache of the training split, and CLIPSeg's mask of every row, train and test
     assert st["dataset_rows"] > st["train_images"]
-    assert budget.notebook_minutes("01") == pytest.approx(budget.minutes(
-        st["train_images"] * (budget.VAE_ENCODE_TFLOP + s["image_encoder_tflop_per_reference"] / 2)
+    assert budget.notebook_minutes("01") == pytest.approx(counts.minutes(
+        st["train_images"] * (counts.VAE_ENCODE_TFLOP + s["image_encoder_tflop_per_reference"] / 2)
         + st["dataset_rows"] * seg, 0.12))
     assert budget.notebook_minutes("04", inference_steps=15) < budget.notebook_minutes("04")
     series = budget.series_projection()
@@ -111,12 +63,12 @@ def test_a_masked_reference_adds_one_image_encoder_pass_to_notebook_03_and_the_m
     """Issue 27 part 2: MASK "reference" (and "both") encodes the training images again with their background
     filled: one image-encoder pass (the file's figure per reference is two: the image and a zero image), once
     for every run of 03; "loss" weights an elementwise MSE. The default, "none", is 03 as it was."""
-    b = budget.t4_budget()
+    b = counts.t4_budget()
     st, enc = b["settings"], b["sampling"]["image_encoder_tflop_per_reference"]
     none = budget.notebook_projection("03")
     assert budget.notebook_minutes("03", mask="none") == none.minutes
     assert budget.notebook_minutes("03", mask="loss") == pytest.approx(none.minutes)
-    pass_ = budget.minutes(st["train_images"] * enc / 2, 0.12)
+    pass_ = counts.minutes(st["train_images"] * enc / 2, 0.12)
     assert budget.masked_reference_minutes() == pytest.approx(pass_) and 0 < pass_ < 1
     for mask in ("reference", "both"):
         masked = budget.notebook_projection("03", mask=mask)
@@ -134,23 +86,23 @@ def test_on_two_t4s_training_splits_and_pays_the_gradient_all_reduce_the_grid_an
     """Issue 28: each GPU does 1/N of a training step's FLOPs (the global batch is kept), then all-reduces the
     fp32 gradients of the trainable parameters, 2(N-1)/N of their bytes at ALLREDUCE_GB_PER_S; the feature
     cache and 05's grid split by job with nothing to exchange; 02, 04 and 03's samples stay on one GPU."""
-    b = budget.t4_budget()
+    b = counts.t4_budget()
     st, trainable = b["settings"], b["training"]["text_aware"]["plain"]["trainable_parameters"]
-    assert budget.gradient_mb("text_aware") == pytest.approx(4 * trainable / 1e6) == pytest.approx(205.8, abs=0.1)
-    assert budget.gradient_mb("vanilla") < budget.gradient_mb("text_aware")
-    one_step = 4 * trainable / (budget.ALLREDUCE_GB_PER_S * 1e9)
-    assert budget.allreduce_seconds("text_aware", 1) == 0
-    assert budget.allreduce_seconds("text_aware", 2) == pytest.approx(one_step)
-    assert budget.allreduce_seconds("text_aware", 4) == pytest.approx(1.5 * one_step)
+    assert counts.gradient_mb("text_aware") == pytest.approx(4 * trainable / 1e6) == pytest.approx(205.8, abs=0.1)
+    assert counts.gradient_mb("vanilla") < counts.gradient_mb("text_aware")
+    one_step = 4 * trainable / (counts.ALLREDUCE_GB_PER_S * 1e9)
+    assert counts.allreduce_seconds("text_aware", 1) == 0
+    assert counts.allreduce_seconds("text_aware", 2) == pytest.approx(one_step)
+    assert counts.allreduce_seconds("text_aware", 4) == pytest.approx(1.5 * one_step)
     steps = st["steps_per_variant"]
-    assert budget.training_minutes("text_aware", gpus=2) == pytest.approx(
-        budget.training_minutes("text_aware") / 2 + steps * one_step / 60)
+    assert counts.training_minutes("text_aware", gpus=2) == pytest.approx(
+        counts.training_minutes("text_aware") / 2 + steps * one_step / 60)
     with pytest.raises(ValueError, match="at least 1"):
         budget.notebook_projection("03", gpus=0)
 
     five, five_on_two = budget.notebook_projection("05"), budget.notebook_projection("05", gpus=2)
-    grid = budget.images_minutes(st["grid_images"], references=st["grid_references"], segmented=True)
-    assert five_on_two.minutes == pytest.approx(grid / 2 + budget.images_minutes(budget.TIMING_IMAGES))
+    grid = counts.images_minutes(st["grid_images"], references=st["grid_references"], segmented=True)
+    assert five_on_two.minutes == pytest.approx(grid / 2 + counts.images_minutes(budget.TIMING_IMAGES))
     assert "(the grid split over the GPUs; the rest on one GPU)" in five.line()
     assert five.minutes_on(2) == pytest.approx(five_on_two.minutes) and five_on_two.minutes_on(1) == five.minutes
     for alone in ("01", "02", "04"):  # 01 makes its feature cache and masks in its own process
@@ -158,8 +110,8 @@ def test_on_two_t4s_training_splits_and_pays_the_gradient_all_reduce_the_grid_an
         assert "this notebook runs on one GPU" in budget.notebook_projection(alone).line()
     three = budget.notebook_projection("03", gpus=2)
     assert three.minutes == pytest.approx(
-        budget.training_minutes("vanilla", gpus=2) + budget.training_minutes("text_aware", gpus=2)
-        + budget.images_minutes(3 + budget.CARD_GRID_IMAGES))
+        counts.training_minutes("vanilla", gpus=2) + counts.training_minutes("text_aware", gpus=2)
+        + counts.images_minutes(3 + budget.CARD_GRID_IMAGES))
     assert three.best < budget.notebook_projection("03").best and len(three.parts) == 2
 
     line = budget.notebook_projection("03").line()
@@ -170,7 +122,7 @@ def test_on_two_t4s_training_splits_and_pays_the_gradient_all_reduce_the_grid_an
     series = budget.series_projection()
     assert series.minutes_on(2) == pytest.approx(sum(budget.notebook_projection(n, gpus=2).minutes
                                                      for n in budget.NOTEBOOKS))
-    text = budget.training_speed_line(1.0, batch_size=2, gpus=2)
+    text = measured.training_speed_line(1.0, batch_size=2, gpus=2)
     assert "per GPU" in text and f"on 2xT4 (with {one_step:.2f} s of gradient all-reduce)" in text
 
 
@@ -199,47 +151,6 @@ def test_the_full_profiles_defaults_fit_one_sitting():
     assert budget.notebook_minutes("03", **{**now, "neighbour": True}) > limit["03"]
 
 
-def test_a_measured_time_gives_the_fraction_of_the_peak_it_implies():
-    b = budget.t4_budget()
-    at_expected = 60 * budget.training_minutes("text_aware", 1)  # seconds of one step at 8% of the peak
-    assert budget.training_step_efficiency(at_expected) == pytest.approx(0.08)
-    assert budget.training_step_efficiency(at_expected, batch_size=8) == pytest.approx(0.16)  # twice the work
-    assert budget.image_efficiency(budget.seconds_per_image()) == pytest.approx(0.12)
-    assert budget.image_efficiency(budget.seconds_per_image(steps=15), steps=15) == pytest.approx(0.12)
-    assert budget.implied_efficiency(2.0, 13.0) == pytest.approx(0.1)
-    assert budget.implied_efficiency(2.0, 13.0, peak_tflops=130) == pytest.approx(0.05)
-    text = budget.training_speed_line(2 * at_expected)
-    assert text.startswith(f"measured {2 * at_expected:.2f} s per training step: 4.0% of the T4's 65 TFLOPS")
-    assert f"{at_expected:.2f} s at the 8% expected" in text
-    tflop = b["sampling"]["tflop_per_image"]
-    assert f"({tflop:.2f} TFLOP counted)" in budget.sampling_speed_line(5.0)
-    assert "of this GPU's 312 TFLOPS fp16 peak" in budget.sampling_speed_line(1.0, peak_tflops=312)
-    with pytest.raises(ValueError, match="above 0"):
-        budget.image_efficiency(0.0)
-
-
-def test_the_feature_cache_and_the_segmenter_measured_sit_beside_notebook_01s_projection():
-    """bench/gpu_check.py's lines for the cache and CLIPSeg: at the seconds notebook 01 projects per image (and
-    per call of the counted batch), 12% of the peak; the cache's FLOPs are those 01's projection adds up."""
-    b = budget.t4_budget()
-    st, batch = b["settings"], b["segmenter"]["batch"]
-    cache_parts = dict(budget.notebook_projection("01").parts)
-    cache_minutes = next(m for what, m in cache_parts.items() if what.startswith("feature cache"))
-    assert budget.minutes(budget.feature_cache_tflop(st["train_images"]), 0.12) == pytest.approx(cache_minutes)
-    per_image = 60 * cache_minutes / st["train_images"]
-    assert budget.implied_efficiency(per_image, budget.feature_cache_tflop()) == pytest.approx(0.12)
-    text = budget.feature_cache_speed_line(2 * per_image)
-    assert text.startswith(f"measured {2 * per_image:.2f} s per cached image: 6.0% of the T4's 65 TFLOPS")
-    assert f"{per_image:.2f} s at the 12% expected" in text
-    assert budget.feature_cache_speed_line(16 * per_image, 16).startswith(
-        f"measured {16 * per_image:.2f} s per 16 cached images: 12.0% of the T4's")
-    per_call = 60 * budget.minutes(budget.segmenter_tflop(batch), 0.12)
-    text = budget.segmenter_speed_line(per_call)
-    assert text.startswith(f"measured {per_call:.2f} s per segmenter call of {batch} images: 12.0% of the T4's")
-    assert f"({budget.segmenter_tflop(batch):.2f} TFLOP counted)" in text
-    assert "segmenter call of 1 image: 1.5%" in budget.segmenter_speed_line(per_call, 1)  # 1/8 of the work
-
-
 def test_the_notebooks_image_counts_are_what_their_cells_make():
     """The counts notebook_projection uses for 03 and 04 against the helpers those cells call."""
     import inspect
@@ -256,29 +167,6 @@ def test_the_notebooks_image_counts_are_what_their_cells_make():
     assert "GALLERY_PROMPTS[1:3]" in inspect.getsource(sample_grid)
 
 
-def test_the_feature_caches_vae_encode_is_counted_as_the_file_counts_its_decode():
-    """VAE_ENCODE_TFLOP recounted: FlopCounterMode on SD 1.5's VAE (meta tensors, fp16, 512 px); the same count of
-    the decode gives the file's decode_tflop_per_image."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    sys.path.insert(0, str(ROOT / "bench"))
-    from bench_train import real_size_vae_and_text
-
-    from helpers.tiny.shapes import no_init
-
-    with torch.device("meta"), no_init():
-        vae = real_size_vae_and_text(0)[0].half()
-    counted = []
-    for run in (lambda: vae.encode(torch.empty(1, 3, 512, 512, dtype=torch.half, device="meta")),
-                lambda: vae.decode(torch.empty(1, 4, 64, 64, dtype=torch.half, device="meta"))):
-        with FlopCounterMode(display=False) as flops, torch.no_grad():
-            run()
-        counted.append(flops.get_total_flops() / 1e12)
-    assert counted[0] == pytest.approx(budget.VAE_ENCODE_TFLOP, rel=1e-3)
-    assert counted[1] == pytest.approx(budget.t4_budget()["sampling"]["decode_tflop_per_image"], rel=2e-3)
-
-
 def test_the_budget_was_counted_at_the_full_profiles_defaults_and_todays_grid():
     """Fails when the profile's defaults or the registry's models change: then run python bench/t4_budget.py."""
     from helpers.evaluate import protocol
@@ -286,7 +174,7 @@ def test_the_budget_was_counted_at_the_full_profiles_defaults_and_todays_grid():
     from helpers.profile import full_profile
     from helpers.sample.registry import MODEL_NAMES
 
-    full, st = full_profile("test"), budget.t4_budget()["settings"]
+    full, st = full_profile("test"), counts.t4_budget()["settings"]
     references, models = protocol.grid_references(full, 10**6), len(protocol.grid_models(full))
     counted = {k: st[k] for k in ("resolution", "train_batch_size", "epochs", "scheduler", "inference_steps",
                                   "guidance_scale", "grid_references", "grid_models", "grid_images",
@@ -302,18 +190,10 @@ def test_the_budget_was_counted_at_the_full_profiles_defaults_and_todays_grid():
     assert st["steps_per_variant"] == full.num_epochs * math.ceil(st["train_images"] / full.train_batch_size)
 
 
-def test_batch_sizes_fit_the_counted_sampling_memory():
-    per_image, overhead = budget.sampling_memory()
-    assert 0 < per_image < 1 and 0 < overhead < 2  # GiB
-    assert budget.fits_batch((overhead + 3 * per_image) / 0.7 * 1.0001) == 3
-    assert budget.fits_batch((overhead + 3 * per_image) / 0.7 * 0.9999) == 2
-    assert budget.fits_batch(0.0) == 1 and budget.fits_batch(1000.0) == 8 and budget.fits_batch(1000.0, most=5) == 5
-    assert budget.sampling_memory(256)[0] == pytest.approx(per_image / 4)  # pixels
-    assert budget.sampling_memory(guidance=1.0)[0] == pytest.approx(per_image / 2)  # half the UNet's batch
-
-
 def test_reading_the_budget_imports_no_torch():
-    code = ("import sys; from helpers.support import budget; budget.grid_minutes(); budget.training_minutes(); "
+    """Each of the three budget modules, and a figure from each, without torch or diffusers."""
+    code = ("import sys; from helpers.support import budget, budget_counts, budget_measured; budget.grid_minutes(); "
+            "budget.summary_lines(); budget_counts.training_minutes(); budget_measured.training_speed_line(1.0); "
             "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
@@ -363,7 +243,7 @@ def test_the_benchmark_at_tiny_shapes_writes_a_budget_the_reader_reads(tiny_prof
     assert g["parts_gib"]["parameters"] == pytest.approx(2 * g["parameters"] / 2**30, rel=0.05)  # fp16, 512 B blocks
     assert g["tflop_per_image"] > 0 and g["peak_gib"] > g["parts_gib"]["parameters"]
     assert _close(budget.projections(b), b["projections"])
-    assert budget.training_minutes("text_aware", efficiency=0.25, budget=b) > 0
+    assert counts.training_minutes("text_aware", efficiency=0.25, budget=b) > 0
     assert "03" not in b["projections"]["notebook_minutes"] and "series" not in b["projections"]["notebook_minutes"]
 
 
